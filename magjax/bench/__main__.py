@@ -1,0 +1,18 @@
+"""Dispatches ``python -m magjax.bench NAME ARGS...`` to ``magjax.bench.NAME.main(ARGS)``."""
+
+import importlib
+import sys
+
+BENCHMARKS = ("head", "backbone", "input")
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in BENCHMARKS:
+        print(f"usage: python -m magjax.bench {{{','.join(BENCHMARKS)}}} [options]", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"magjax.bench.{argv[0]}")
+    return module.main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

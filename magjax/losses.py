@@ -1,0 +1,471 @@
+"""Margin losses for face recognition as pure, jit-able functions of arrays.
+
+Notation (as in ../shared/docs/official-losses.md): ``x_i`` raw embedding, ``W_j`` class centre
+(a row of ``W``, shape ``[C, d]``), ``c_ij = x̂_i · Ŵ_j`` the cosine, ``θ = arccos c``, ``s`` the
+scale, ``y_i`` the label.
+
+Every margin changes only the target entry ``c_{i,y_i}`` of each row, so the margin functions map
+the vector of target cosines ``[B]`` to new target values ``[B]``; :func:`margin_logits` writes
+them back into the ``[B, C]`` matrix with a one-hot. The one-hot may be all zero for a row: in
+the class-sharded head (``magjax.head``) a row whose label lives on another shard gets no margin
+there, exactly as arcface_torch marks it with label ``-1``. Cross entropy takes an optional mesh
+axis name, so the same code computes the softmax over one device's classes or, inside
+``jax.shard_map``, over every shard with ``pmax``/``psum``.
+
+Head math runs in float32 even for bfloat16 embeddings (float64 when x64 inputs are given).
+Clamps use :func:`clamp`, whose gradient passes at the bounds as ``torch.clamp`` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# arcface_torch's DistCrossEntropy floors the target probability at 1e-30 (loss cap 69.0776).
+INSIGHTFACE_PROBABILITY_FLOOR = 1e-30
+# AdaFace's initial EMA buffers (head.py: batch_mean = 20, batch_std = 100).
+ADAFACE_INITIAL_STATE = {"batch_mean": 20.0, "batch_std": 100.0}
+
+ARCFACE_VARIANTS = ("insightface", "paper", "classic", "easy")
+COMBINED_VARIANTS = ("insightface", "paper")
+
+
+def head_dtype(dtype: Any) -> jnp.dtype:
+    """float32 for float32/bf16/fp16 inputs, float64 for float64 inputs."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def clamp(x: jax.Array, low: Any, high: Any) -> jax.Array:
+    """``min(max(x, low), high)`` with ``torch.clamp``'s gradient: 1 inside *and at* the bounds.
+
+    ``jnp.clip`` splits the gradient at a tie; the official code keeps it whole.
+    """
+    return jnp.where(x < low, low, jnp.where(x > high, high, x))
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+    """``x / max(||x||, eps)`` along ``axis`` (``torch.nn.functional.normalize``)."""
+    norm = jnp.linalg.norm(x, axis=axis, keepdims=True)
+    return x / jnp.maximum(norm, eps)
+
+
+def cosine_similarity(embeddings: jax.Array, weight: jax.Array) -> jax.Array:
+    """``c_ij = x̂_i · Ŵ_j`` for raw embeddings ``[B, d]`` and raw class centres ``[C, d]`` (rows).
+
+    Both are normalised in the head dtype (float32 for bf16 inputs); no clamp is applied here,
+    each loss clamps as its official code does.
+    """
+    dtype = head_dtype(jnp.result_type(embeddings, weight))
+    x = l2_normalize(embeddings.astype(dtype))
+    w = l2_normalize(weight.astype(dtype))
+    return jnp.einsum("bd,cd->bc", x, w, preferred_element_type=dtype)
+
+
+def _sin_from_cos(c: jax.Array) -> jax.Array:
+    """``sqrt(1 - c^2)``; the derivative is infinite at ``c = ±1`` (as in the official code)."""
+    return jnp.sqrt(jnp.maximum(1.0 - c * c, 0.0))
+
+
+def _cos_add(c: jax.Array, margin: Any) -> jax.Array:
+    """``cos(θ + m) = c cos m - sin θ sin m`` with ``θ = arccos c``."""
+    return c * jnp.cos(margin) - _sin_from_cos(c) * jnp.sin(margin)
+
+
+# --------------------------------------------------------------------------------------------
+# Target-entry margins: each maps target cosines [B] to target values [B] (before the scale s).
+
+
+def arcface_target(c: jax.Array, m: float, variant: str = "insightface") -> jax.Array:
+    """ArcFace additive angular margin on the target cosine: ``cos(θ + m)``.
+
+    variant:
+      * ``"insightface"`` — arcface_torch (``ArcFace`` and ``CombinedMarginLoss`` with m1=1,
+        m3=0): forward ``cos(arccos(c) + m)`` with no fallback when ``θ + m > π`` (the value
+        rises again there), gradient straight-through (``∂/∂c = 1``: the margin is computed
+        under ``stop_gradient``).
+      * ``"paper"`` — the paper's loss with exact autodiff, no fallback.
+      * ``"classic"`` — original MXNet ArcFace and InsightFace_TF: ``cos(θ + m)`` while
+        ``θ + m ≤ π`` (``c > cos(π - m)``), else ``c - m sin m``; exact autodiff.
+      * ``"easy"`` — easy margin: ``cos(θ + m)`` where ``c > 0``, else ``c``; exact autodiff.
+    """
+    if variant == "insightface":
+        return c + lax.stop_gradient(jnp.cos(jnp.arccos(c) + m) - c)
+    if variant == "paper":
+        return _cos_add(c, m)
+    if variant == "classic":
+        return jnp.where(c > math.cos(math.pi - m), _cos_add(c, m), c - m * math.sin(m))
+    if variant == "easy":
+        return jnp.where(c > 0, _cos_add(c, m), c)
+    raise ValueError(f"unknown ArcFace variant {variant!r}; expected one of {ARCFACE_VARIANTS}")
+
+
+def cosface_target(c: jax.Array, m: float) -> jax.Array:
+    """CosFace additive cosine margin: ``c - m`` (arcface_torch ``CosFace``; exact gradient)."""
+    return c - m
+
+
+def combined_target(
+    c: jax.Array, m1: float, m2: float, m3: float, variant: str = "insightface"
+) -> jax.Array:
+    """Combined margin ``cos(m1 θ + m2) - m3`` (ArcFace paper, eq. 4; SphereFace's m1 included).
+
+    variant:
+      * ``"paper"`` — the formula with exact autodiff (``θ = arccos c``, no fallback).
+      * ``"insightface"`` — arcface_torch ``CombinedMarginLoss`` as coded: with ``m1 == 1`` and
+        ``m3 == 0`` the ``"insightface"`` ArcFace path with margin ``m2``; otherwise with
+        ``m3 > 0`` *only* CosFace with ``m3`` (``m2`` is ignored, e.g. (1, 0.3, 0.2) is CosFace
+        0.2); any other setting is an error there too (``m1`` is never applied).
+    """
+    if variant == "paper":
+        return jnp.cos(m1 * jnp.arccos(c) + m2) - m3
+    if variant != "insightface":
+        raise ValueError(f"unknown combined variant {variant!r}; expected {COMBINED_VARIANTS}")
+    if m1 == 1.0 and m3 == 0.0:
+        return arcface_target(c, m2, "insightface")
+    if m3 > 0:
+        return cosface_target(c, m3)
+    raise ValueError(
+        f"arcface_torch CombinedMarginLoss supports (1, m2, 0) or m3 > 0, got ({m1}, {m2}, {m3});"
+        " use variant='paper' for the general combined margin"
+    )
+
+
+def magface_magnitude(norms: jax.Array, l_a: float, u_a: float) -> jax.Array:
+    """MagFace magnitude ``a = clamp(||x||, l_a, u_a)``; *not* detached (official MagLinear)."""
+    return clamp(norms, l_a, u_a)
+
+
+def magface_margin(a: jax.Array, l_a: float, u_a: float, l_m: float, u_m: float) -> jax.Array:
+    """``m(a) = (u_m - l_m)/(u_a - l_a) · (a - l_a) + l_m``, linear in the magnitude."""
+    return (u_m - l_m) / (u_a - l_a) * (a - l_a) + l_m
+
+
+def magface_regularizer(a: jax.Array, u_a: float) -> jax.Array:
+    """``g(a) = a/u_a² + 1/a``, convex and minimal at ``a = u_a`` (per sample)."""
+    return a / u_a**2 + 1.0 / a
+
+
+def magface_target(c: jax.Array, margin: jax.Array, easy_margin: bool = True) -> jax.Array:
+    """MagFace target with a per-sample margin ``m(a)``, exact autodiff (official ``MagLinear``).
+
+    ``easy_margin=True`` (the official default, used by the trainer): ``cos(θ + m)`` where
+    ``c > 0`` else ``c``. ``easy_margin=False``: ``cos(θ + m)`` where ``c > cos(π - m)``, else
+    ``c - m sin m``. Gradient flows into ``margin`` (hence into the magnitude).
+    """
+    cos_theta_m = _cos_add(c, margin)
+    if easy_margin:
+        return jnp.where(c > 0, cos_theta_m, c)
+    return jnp.where(c > jnp.cos(math.pi - margin), cos_theta_m, c - jnp.sin(math.pi - margin) * margin)
+
+
+def magface_min_lambda_g(s: float, l_a: float, u_a: float, l_m: float, u_m: float) -> float:
+    """Smallest ``λ_g`` for which the MagFace paper's convexity guarantee holds.
+
+    ``λ_g ≥ s · k · u_a² l_a² / (u_a² - l_a²)`` with ``k = (u_m - l_m)/(u_a - l_a)``
+    (≈ 22.6 for the defaults; the official trainer prints it in red below the bound).
+    """
+    k = (u_m - l_m) / (u_a - l_a)
+    return s * k * u_a**2 * l_a**2 / (u_a**2 - l_a**2)
+
+
+def adaface_update_state(
+    norms: jax.Array, state: dict, t_alpha: float, mask: jax.Array | None = None
+) -> dict:
+    """EMA of the feature-norm mean and *unbiased* std (``torch.std``, ddof 1; NaN for one row).
+
+    ``norms`` are the detached, clipped norms of the whole global batch (``mask`` drops padded
+    rows). magjax takes the statistics over the global batch, so every device holds the same
+    state; the official code takes them per GPU over its local batch (no all-reduce).
+    """
+    norms = lax.stop_gradient(norms)
+    weights = jnp.ones_like(norms) if mask is None else mask.astype(norms.dtype)
+    count = weights.sum()
+    mean = (weights * norms).sum() / count
+    std = jnp.sqrt((weights * (norms - mean) ** 2).sum() / (count - 1))
+    return {
+        "batch_mean": t_alpha * mean + (1 - t_alpha) * state["batch_mean"],
+        "batch_std": t_alpha * std + (1 - t_alpha) * state["batch_std"],
+    }
+
+
+def adaface_margin_scaler(norms: jax.Array, state: dict, h: float, eps: float = 1e-3) -> jax.Array:
+    """``ẑ = clip(h · (||z|| - μ)/(σ + eps), -1, 1)`` from detached norms and the updated EMA."""
+    scaler = h * (lax.stop_gradient(norms) - state["batch_mean"]) / (state["batch_std"] + eps)
+    return clamp(scaler, -1.0, 1.0)
+
+
+def adaface_target(c: jax.Array, scaler: jax.Array, m: float, eps: float = 1e-3) -> jax.Array:
+    """AdaFace target ``cos(clip(θ - m ẑ, eps, π - eps)) - m (1 + ẑ)`` (official head, exact grad).
+
+    The official head also clips every non-target angle to ``[eps, π - eps]``; since its cosines
+    are clamped to ``±(1 - eps)`` first and ``cos(eps) > 1 - eps``, that clip never changes a
+    non-target value, so only the target is transformed here.
+    """
+    theta = clamp(jnp.arccos(c) - m * scaler, eps, math.pi - eps)
+    return jnp.cos(theta) - m * (1.0 + scaler)
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax cross entropy, dense or over class shards.
+
+
+def softmax_cross_entropy(
+    logits: jax.Array,
+    onehot: jax.Array,
+    *,
+    probability_floor: float | None = None,
+    mask: jax.Array | None = None,
+    axis_name: str | None = None,
+) -> jax.Array:
+    """Mean over rows of ``-log softmax(logits)[y]``, in the logits' (float32+) dtype.
+
+    ``onehot`` marks the target column of each row (all zero in a shard that does not own it).
+    With ``axis_name`` the class axis is split over that mesh axis: the row max is combined with
+    ``pmax`` and the sum of exponentials and the target logit with ``psum`` (arcface_torch's
+    DistCrossEntropy), so no device holds the ``[B, C]`` logits of another.
+
+    ``probability_floor`` (arcface_torch: 1e-30) computes ``-log(max(p, floor))`` forward, i.e.
+    caps each row's loss at ``-log(floor)`` (69.0776), while the gradient is the uncapped
+    ``(softmax - onehot)/B`` as in DistCrossEntropy's hand-written backward. ``mask`` (rows)
+    excludes padded rows: the mean is over the rows it keeps.
+    """
+    row_max = lax.stop_gradient(logits.max(axis=-1))
+    if axis_name is not None:
+        row_max = lax.pmax(row_max, axis_name)
+    sum_exp = jnp.exp(logits - row_max[:, None]).sum(axis=-1)
+    target = (logits * onehot).sum(axis=-1)
+    if axis_name is not None:
+        sum_exp = lax.psum(sum_exp, axis_name)
+        target = lax.psum(target, axis_name)
+    per_row = jnp.log(sum_exp) + row_max - target
+    if probability_floor is not None:
+        cap = -math.log(probability_floor)
+        per_row = per_row + lax.stop_gradient(jnp.minimum(per_row, cap) - per_row)
+    return masked_mean(per_row, mask)
+
+
+def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Mean of ``values`` over the rows where ``mask`` is true (all rows without a mask)."""
+    if mask is None:
+        return values.mean()
+    weights = mask.astype(values.dtype)
+    return (weights * values).sum() / weights.sum()
+
+
+# --------------------------------------------------------------------------------------------
+# The losses as configured: which margin, which official behaviour.
+
+
+@dataclasses.dataclass(frozen=True)
+class MarginLoss:
+    """One configured margin loss; hashable, so it can be a static argument of ``jax.jit``.
+
+    ``name`` selects the loss; the fields each loss reads are listed in :func:`margin_logits`.
+    Defaults are the official ones (arcface_torch for ArcFace/CosFace/combined, the MagFace run
+    scripts, the AdaFace run scripts).
+    """
+
+    name: str = "arcface"
+    s: float = 64.0
+    m: float = 0.5
+    arcface_variant: str = "insightface"
+    m1: float = 1.0
+    m2: float = 0.5
+    m3: float = 0.0
+    combined_variant: str = "insightface"
+    # arcface_torch CombinedMarginLoss(interclass_filtering_threshold); 0 is off.
+    interclass_filtering_threshold: float = 0.0
+    l_a: float = 10.0
+    u_a: float = 110.0
+    l_m: float = 0.45
+    u_m: float = 0.8
+    lambda_g: float = 35.0
+    easy_margin: bool = True
+    h: float = 0.333
+    t_alpha: float = 0.01
+    adaface_eps: float = 1e-3
+    # None: plain log-softmax CE (MagFace, AdaFace); 1e-30 reproduces DistCrossEntropy.
+    probability_floor: float | None = None
+
+    @classmethod
+    def create(cls, name: str, **hparams: Any) -> MarginLoss:
+        """Official defaults for ``name`` updated with ``hparams`` (unknown keys are errors)."""
+        defaults: dict[str, Any] = {
+            "arcface": {"m": 0.5, "probability_floor": INSIGHTFACE_PROBABILITY_FLOOR},
+            "cosface": {"m": 0.4, "probability_floor": INSIGHTFACE_PROBABILITY_FLOOR},
+            "combined": {"probability_floor": INSIGHTFACE_PROBABILITY_FLOOR},
+            "magface": {},
+            "adaface": {"m": 0.4},
+        }
+        if name not in defaults:
+            raise ValueError(f"unknown loss {name!r}; expected one of {sorted(defaults)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(hparams) - fields
+        if unknown:
+            raise ValueError(f"unknown hyper-parameters {sorted(unknown)} for loss {name!r}")
+        return cls(name=name, **{**defaults[name], **hparams})
+
+    @property
+    def cosine_bound(self) -> float:
+        """Cosines are clamped to ``±bound`` before the margin (AdaFace: ``1 - eps``)."""
+        return 1.0 - self.adaface_eps if self.name == "adaface" else 1.0
+
+    @property
+    def has_state(self) -> bool:
+        return self.name == "adaface"
+
+    def initial_state(self) -> dict:
+        """The loss's carried state (AdaFace's EMA statistics; empty for the others)."""
+        return dict(ADAFACE_INITIAL_STATE) if self.has_state else {}
+
+
+def margin_logits(
+    cos: jax.Array,
+    onehot: jax.Array,
+    norms: jax.Array,
+    loss: MarginLoss,
+    state: dict,
+    *,
+    row_mask: jax.Array | None = None,
+) -> tuple[jax.Array, dict, dict]:
+    """Scaled logits ``s · (c with the margin on the target)`` for one block of classes.
+
+    Args:
+      cos: raw cosines ``[B, C_block]`` (clamped here as the loss's official code does).
+      onehot: ``[B, C_block]`` one-hot of the labels within this block (zero rows allowed).
+      norms: raw embedding norms ``||x_i||`` ``[B]``, with gradient (MagFace uses it).
+      loss: the configured loss.
+      state: the loss state (AdaFace EMA), ``{}`` for stateless losses.
+      row_mask: valid rows (padding excluded from statistics), or None.
+
+    Returns:
+      ``(logits, aux, new_state)``; ``aux`` holds per-row terms the total loss needs
+      (``"magface_g"``: ``g(a)`` per row) and diagnostics (``"margin"``).
+    """
+    dtype = cos.dtype
+    bound = loss.cosine_bound
+    cos = clamp(cos, -bound, bound)
+    onehot = onehot.astype(dtype)
+    aux: dict[str, jax.Array] = {}
+    new_state = state
+    c_target = (cos * onehot).sum(axis=-1)
+
+    if loss.name == "arcface":
+        target = arcface_target(c_target, loss.m, loss.arcface_variant)
+    elif loss.name == "cosface":
+        target = cosface_target(c_target, loss.m)
+    elif loss.name == "combined":
+        target = combined_target(c_target, loss.m1, loss.m2, loss.m3, loss.combined_variant)
+    elif loss.name == "magface":
+        a = magface_magnitude(norms.astype(dtype), loss.l_a, loss.u_a)
+        margin = magface_margin(a, loss.l_a, loss.u_a, loss.l_m, loss.u_m)
+        target = magface_target(c_target, margin, loss.easy_margin)
+        aux["magface_g"] = magface_regularizer(a, loss.u_a)
+        aux["margin"] = margin
+    elif loss.name == "adaface":
+        safe_norms = clamp(lax.stop_gradient(norms.astype(dtype)), 0.001, 100.0)
+        new_state = adaface_update_state(safe_norms, state, loss.t_alpha, row_mask)
+        scaler = adaface_margin_scaler(safe_norms, new_state, loss.h, loss.adaface_eps)
+        target = adaface_target(c_target, scaler, loss.m, loss.adaface_eps)
+        aux["margin_scaler"] = scaler
+    else:
+        raise ValueError(f"unknown loss {loss.name!r}")
+
+    if loss.interclass_filtering_threshold > 0:
+        # arcface_torch zeroes non-target cosines above the threshold (mask built without
+        # gradient). Officially only rows whose label lives on the same GPU are filtered; here
+        # every valid row is, which equals the official result on one GPU.
+        keep = (cos <= loss.interclass_filtering_threshold) | (onehot > 0)
+        if row_mask is not None:
+            keep = keep | ~row_mask[:, None]
+        cos = cos * lax.stop_gradient(keep.astype(dtype))
+
+    logits = loss.s * (cos + onehot * (target - c_target)[:, None])
+    return logits, aux, new_state
+
+
+def margin_loss(
+    cos: jax.Array,
+    onehot: jax.Array,
+    norms: jax.Array,
+    loss: MarginLoss,
+    state: dict,
+    *,
+    row_mask: jax.Array | None = None,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, dict, dict]:
+    """Total loss of one class block: cross entropy (+ ``λ_g · mean g(a)`` for MagFace).
+
+    With ``axis_name`` the classes are sharded over that mesh axis (see
+    :func:`softmax_cross_entropy`); ``cos``, ``norms`` and ``row_mask`` then cover the global
+    batch on every shard. Returns ``(loss, metrics, new_state)`` where ``metrics`` has
+    ``loss_ce``, for MagFace ``loss_g`` (the mean of ``g(a)``, before ``λ_g``), and this block's
+    ``logits`` (dropped by jit when unused).
+    """
+    logits, aux, new_state = margin_logits(cos, onehot, norms, loss, state, row_mask=row_mask)
+    loss_ce = softmax_cross_entropy(
+        logits,
+        onehot,
+        probability_floor=loss.probability_floor,
+        mask=row_mask,
+        axis_name=axis_name,
+    )
+    metrics = {"loss_ce": loss_ce, "logits": logits}
+    total = loss_ce
+    if "magface_g" in aux:
+        loss_g = masked_mean(aux["magface_g"], row_mask)
+        metrics["loss_g"] = loss_g
+        total = total + loss.lambda_g * loss_g
+    return total, metrics, new_state
+
+
+def dense_loss(
+    embeddings: jax.Array,
+    weight: jax.Array,
+    labels: jax.Array,
+    loss: MarginLoss,
+    state: dict | None = None,
+) -> tuple[jax.Array, dict, dict]:
+    """The whole margin loss on one device: raw embeddings ``[B, d]``, centres ``[C, d]``.
+
+    Returns ``(loss, metrics, new_state)`` as :func:`margin_loss`.
+    """
+    state = loss.initial_state() if state is None else state
+    cos = cosine_similarity(embeddings, weight)
+    norms = jnp.linalg.norm(embeddings.astype(cos.dtype), axis=-1)
+    onehot = jax.nn.one_hot(labels, weight.shape[0], dtype=cos.dtype)
+    return margin_loss(cos, onehot, norms, loss, state)
+
+
+def value_and_grads(
+    embeddings: jax.Array,
+    weight: jax.Array,
+    labels: jax.Array,
+    loss: MarginLoss,
+    state: dict | None = None,
+) -> dict[str, Any]:
+    """:func:`dense_loss` and its gradients, in the field names of the reference files.
+
+    Returns ``logits``, ``loss``, ``loss_ce``, ``loss_g`` (MagFace), ``grad_embeddings``,
+    ``grad_weight`` and ``state_after``.
+    """
+
+    def total(embeddings, weight):
+        value, metrics, new_state = dense_loss(embeddings, weight, labels, loss, state)
+        return value, (metrics, new_state)
+
+    (value, (metrics, new_state)), (grad_x, grad_w) = jax.value_and_grad(
+        total, argnums=(0, 1), has_aux=True
+    )(embeddings, weight)
+    return {
+        **metrics,
+        "loss": value,
+        "grad_embeddings": grad_x,
+        "grad_weight": grad_w,
+        "state_after": new_state,
+    }

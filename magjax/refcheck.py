@@ -1,0 +1,161 @@
+"""Checks magjax against reference values produced by running the official code.
+
+    python -m magjax.refcheck ../shared/refs/loss_refs.json [--dtype float32] [--mesh 8]
+    python -m magjax.refcheck ../shared/refs/eval_refs.json
+
+Prints one line per case with the largest error of each field, then ``K/K cases match``; exits
+non-zero if any case fails. Formats:
+
+* ``magjax-loss-refs/1``: each case names a loss and its hyper-parameters; it runs through
+  :class:`magjax.losses.MarginLoss` with the option that reproduces that official code
+  (``arcface``/``cosface``/``combined``: arcface_torch with its 1e-30 probability floor and
+  straight-through ArcFace gradient; ``magface``: official MagFace; ``adaface``: official
+  AdaFace head, EMA state carried across the case's steps). With ``--mesh N`` every case runs
+  through the class-sharded head on N devices instead of the dense loss.
+* ``magjax-eval-refs/1``: verification and IJB cases, checked by :mod:`magjax.eval.refs`.
+
+Pass rule per field: ``max|got - expected| <= tol * max(1, max|expected|)`` with tol 1e-8 in
+float64 and 1e-4 in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+
+TOLERANCE = {"float64": 1e-8, "float32": 1e-4}
+# Reference hyper-parameter names that differ from MarginLoss field names.
+HPARAM_ALIASES = {"eps": "adaface_eps"}
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m magjax.refcheck", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="+", help="reference JSON files")
+    parser.add_argument("--dtype", choices=sorted(TOLERANCE), default="float64")
+    parser.add_argument("--mesh", type=int, default=0,
+                        help="run loss cases through the class-sharded head on N devices")
+    return parser.parse_args(argv)
+
+
+def _provide_devices(count: int) -> None:
+    """Asks XLA for ``count`` fake CPU devices; must run before jax is first imported."""
+    if count > 1 and "jax" not in sys.modules:
+        flag = f"--xla_force_host_platform_device_count={count}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+
+
+def loss_from_case(case: dict):
+    """The :class:`magjax.losses.MarginLoss` that reproduces the official code of ``case``."""
+    from magjax import losses
+
+    hparams = {HPARAM_ALIASES.get(k, k): v for k, v in case["hparams"].items()}
+    return losses.MarginLoss.create(case["loss"], **hparams)
+
+
+def field_error(got, expected) -> tuple[float, float]:
+    """``(max |got - expected|, max(1, max |expected|))`` over arrays or scalars."""
+    import numpy as np
+
+    got = np.asarray(got, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if got.shape != expected.shape:
+        raise ValueError(f"shape {got.shape} != expected {expected.shape}")
+    if not np.isfinite(got).all() and np.array_equal(np.isnan(got), np.isnan(expected)):
+        finite = ~np.isnan(expected)
+        got, expected = got[finite], expected[finite]
+    error = float(np.max(np.abs(got - expected))) if got.size else 0.0
+    scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
+    return error, scale
+
+
+def run_loss_case(case: dict, dtype: str, mesh_devices: int) -> dict[str, list]:
+    """Runs every step of a loss case; returns ``{field: [got, expected]}`` per step, flattened."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from magjax import losses
+
+    loss = loss_from_case(case)
+    weight = jnp.asarray(np.asarray(case["weight"]), dtype=dtype)
+    state = case.get("initial_state") or loss.initial_state()
+    state = {k: jnp.asarray(v, dtype=dtype) for k, v in state.items()}
+    if mesh_devices:
+        from magjax import head
+
+        step_fn = head.reference_step(loss, mesh_devices)
+    else:
+        step_fn = jax.jit(functools.partial(losses.value_and_grads, loss=loss))
+
+    pairs: dict[str, list] = {}
+    for step_index, step in enumerate(case["steps"]):
+        embeddings = jnp.asarray(np.asarray(step["embeddings"]), dtype=dtype)
+        labels = jnp.asarray(np.asarray(step["labels"]), dtype=jnp.int32)
+        got = step_fn(embeddings, weight, labels, state)
+        state = got["state_after"]
+        for name, expected in step["expected"].items():
+            if expected is None:
+                continue
+            key = name if len(case["steps"]) == 1 else f"{name}@{step_index}"
+            value = got[name]
+            if isinstance(expected, dict):
+                value = [value[k] for k in sorted(expected)]
+                expected = [expected[k] for k in sorted(expected)]
+            pairs[key] = [np.asarray(value, dtype=np.float64), expected]
+    return pairs
+
+
+def check_loss_case(case: dict, dtype: str, mesh_devices: int) -> tuple[bool, str]:
+    tol = TOLERANCE[dtype]
+    passed = True
+    worst: dict[str, float] = {}
+    for key, (got, expected) in run_loss_case(case, dtype, mesh_devices).items():
+        error, scale = field_error(got, expected)
+        field = key.split("@")[0]
+        worst[field] = max(worst.get(field, 0.0), error / scale)
+        passed &= error <= tol * scale
+    detail = " ".join(f"{k}={v:.1e}" for k, v in worst.items())
+    return passed, detail
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    _provide_devices(args.mesh)
+    import jax
+
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    if args.mesh and jax.device_count() < args.mesh:
+        print(f"--mesh {args.mesh} needs {args.mesh} devices, have {jax.device_count()} "
+              "(jax was imported before the fake devices could be set up)", file=sys.stderr)
+        return 2
+
+    total = matched = 0
+    for path in args.files:
+        with open(path) as f:
+            refs = json.load(f)
+        fmt = refs.get("format")
+        for case in refs["cases"]:
+            if fmt == "magjax-loss-refs/1":
+                ok, detail = check_loss_case(case, args.dtype, args.mesh)
+            elif fmt == "magjax-eval-refs/1":
+                from magjax.eval import refs as eval_refs
+
+                ok, detail = eval_refs.check_case(case, args.dtype)
+            else:
+                print(f"{path}: unknown format {fmt!r}; expected magjax-loss-refs/1 or "
+                      "magjax-eval-refs/1", file=sys.stderr)
+                return 2
+            total += 1
+            matched += ok
+            print(f"{'ok  ' if ok else 'FAIL'} {case['name']}: {detail}", flush=True)
+    print(f"{matched}/{total} cases match")
+    return 0 if matched == total else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

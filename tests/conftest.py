@@ -1,0 +1,24 @@
+"""Test set-up: 8 fake CPU devices, which XLA reads once, before jax is first imported."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def x64():
+    """Enables float64 for one test and restores the previous setting afterwards."""
+    import jax
+
+    previous = jax.config.read("jax_enable_x64")
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", previous)
