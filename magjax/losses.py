@@ -160,7 +160,8 @@ def magface_target(c: jax.Array, margin: jax.Array, easy_margin: bool = True) ->
     cos_theta_m = _cos_add(c, margin)
     if easy_margin:
         return jnp.where(c > 0, cos_theta_m, c)
-    return jnp.where(c > jnp.cos(math.pi - margin), cos_theta_m, c - jnp.sin(math.pi - margin) * margin)
+    threshold = jnp.cos(math.pi - margin)
+    return jnp.where(c > threshold, cos_theta_m, c - jnp.sin(math.pi - margin) * margin)
 
 
 def magface_min_lambda_g(s: float, l_a: float, u_a: float, l_m: float, u_m: float) -> float:

@@ -21,7 +21,6 @@ float64 and 1e-4 in float32.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -89,7 +88,7 @@ def run_loss_case(case: dict, dtype: str, mesh_devices: int) -> dict[str, list]:
 
         step_fn = head.reference_step(loss, mesh_devices)
     else:
-        step_fn = jax.jit(functools.partial(losses.value_and_grads, loss=loss))
+        step_fn = jax.jit(lambda x, w, y, state: losses.value_and_grads(x, w, y, loss, state))
 
     pairs: dict[str, list] = {}
     for step_index, step in enumerate(case["steps"]):
