@@ -221,6 +221,7 @@ def softmax_cross_entropy(
     *,
     probability_floor: float | None = None,
     mask: jax.Array | None = None,
+    class_mask: jax.Array | None = None,
     axis_name: str | None = None,
 ) -> jax.Array:
     """Mean over rows of ``-log softmax(logits)[y]``, in the logits' (float32+) dtype.
@@ -233,13 +234,16 @@ def softmax_cross_entropy(
     ``probability_floor`` (arcface_torch: 1e-30) computes ``-log(max(p, floor))`` forward, i.e.
     caps each row's loss at ``-log(floor)`` (69.0776), while the gradient is the uncapped
     ``(softmax - onehot)/B`` as in DistCrossEntropy's hand-written backward. ``mask`` (rows)
-    excludes padded rows: the mean is over the rows it keeps.
+    excludes padded rows: the mean is over the rows it keeps. ``class_mask`` (columns) excludes
+    padded classes from the softmax.
     """
+    if class_mask is not None:
+        logits = jnp.where(class_mask, logits, -jnp.inf)
     row_max = lax.stop_gradient(logits.max(axis=-1))
     if axis_name is not None:
         row_max = lax.pmax(row_max, axis_name)
     sum_exp = jnp.exp(logits - row_max[:, None]).sum(axis=-1)
-    target = (logits * onehot).sum(axis=-1)
+    target = jnp.where(onehot > 0, logits, 0.0).sum(axis=-1)
     if axis_name is not None:
         sum_exp = lax.psum(sum_exp, axis_name)
         target = lax.psum(target, axis_name)
@@ -398,13 +402,14 @@ def margin_loss(
     state: dict,
     *,
     row_mask: jax.Array | None = None,
+    class_mask: jax.Array | None = None,
     axis_name: str | None = None,
 ) -> tuple[jax.Array, dict, dict]:
     """Total loss of one class block: cross entropy (+ ``λ_g · mean g(a)`` for MagFace).
 
     With ``axis_name`` the classes are sharded over that mesh axis (see
     :func:`softmax_cross_entropy`); ``cos``, ``norms`` and ``row_mask`` then cover the global
-    batch on every shard. Returns ``(loss, metrics, new_state)`` where ``metrics`` has
+    batch on every shard. ``class_mask`` marks the real (not padding) columns of ``cos``. Returns ``(loss, metrics, new_state)`` where ``metrics`` has
     ``loss_ce``, for MagFace ``loss_g`` (the mean of ``g(a)``, before ``λ_g``), and this block's
     ``logits`` (dropped by jit when unused).
     """
@@ -414,6 +419,7 @@ def margin_loss(
         onehot,
         probability_floor=loss.probability_floor,
         mask=row_mask,
+        class_mask=class_mask,
         axis_name=axis_name,
     )
     metrics = {"loss_ce": loss_ce, "logits": logits}

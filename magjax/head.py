@@ -1,0 +1,222 @@
+"""The class-sharded margin head, with optional Partial FC negative sampling.
+
+The classifier ``W [C_pad, d]`` is split by rows over the mesh axis ``data``: device ``k`` owns
+classes ``[k·C_local, (k+1)·C_local)`` with ``C_local = ceil(C/N)``; rows from ``C`` on are
+padding, masked out of the softmax (``C`` need not divide the device count). Inside
+``jax.shard_map`` each device
+
+1. all-gathers the embeddings, labels and row mask of the global batch (the transpose of this
+   gather reduce-scatters the embedding gradients back to their devices),
+2. computes the cosines against its own class rows only (``[B, C_local]``: no device ever holds
+   ``[B, C]``), applies the margin where it owns the label,
+3. joins the softmax over shards with ``pmax``/``psum`` (:func:`magjax.losses.softmax_cross_entropy`).
+
+This is hand-written because no library shards a margin softmax by class. The loss math itself
+is :mod:`magjax.losses`; this module only lays it out over devices.
+
+Partial FC (An et al., 2021; arcface_torch ``PartialFC_V2``), ``sample_rate r < 1``: each shard
+keeps per step every class centre that is a positive of the global batch plus uniformly sampled
+negatives, ``K`` centres in all (static under jit). ``K = max(int(r·C_local), min(B, C_local))``
+with ``B`` the global batch: the budget always has room for every positive the shard can hold.
+arcface_torch uses ``int(r·C_local)`` and, when positives exceed it, only the positives; the two
+agree whenever ``int(r·C_local) ≥ min(B, C_local)``, the regime of every real configuration.
+Sampling draws a uniform score per class, forces positives to 2 and takes the top ``K`` (as the
+official code), with the key folded with the shard index. Unsampled rows get exactly zero
+gradient; whether momentum and weight decay still move them is the optimizer's choice
+(``magjax.train``: arcface_torch keeps them in one SGD, so they do).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from magjax import losses
+from magjax.parallel import DATA_AXIS, padded_size
+
+MARGIN_STATE = "margin_state"
+
+
+def partial_fc_budget(sample_rate: float, classes_per_shard: int, global_batch: int) -> int:
+    """Centres kept per shard and step (see the module docstring)."""
+    if sample_rate >= 1.0:
+        return classes_per_shard
+    return max(int(sample_rate * classes_per_shard), min(global_batch, classes_per_shard))
+
+
+def sharded_margin_loss(
+    loss: losses.MarginLoss,
+    mesh: Mesh,
+    num_classes: int,
+    *,
+    sample_rate: float = 1.0,
+    return_logits: bool = False,
+):
+    """Builds ``fn(embeddings, weight, labels, row_mask, state, key) -> (loss, metrics, state)``.
+
+    ``embeddings [B, d]``, ``labels [B]`` and ``row_mask [B]`` are split over ``data`` (``B``
+    divisible by the device count; pad with masked rows); ``weight [C_pad, d]`` by rows.
+    ``metrics`` has ``loss_ce`` (and ``loss_g``), ``sampled`` (``[C_pad]`` bool: rows used this
+    step) and, with ``return_logits``, ``logits [B, C_pad]`` (zero for unsampled classes).
+    """
+    devices = mesh.shape[DATA_AXIS]
+    classes_per_shard = padded_size(num_classes, devices) // devices
+
+    def local(embeddings, weight, labels, row_mask, state, key):
+        gather = functools.partial(lax.all_gather, axis_name=DATA_AXIS, tiled=True, to="invarying")
+        x, labels, row_mask = gather(embeddings), gather(labels), gather(row_mask)
+        start = lax.axis_index(DATA_AXIS) * classes_per_shard
+        local_label = labels - start
+        owned = (local_label >= 0) & (local_label < classes_per_shard) & row_mask
+        class_ids = start + jnp.arange(classes_per_shard)
+
+        budget = partial_fc_budget(sample_rate, classes_per_shard, x.shape[0])
+        if budget < classes_per_shard:
+            scores = jax.random.uniform(jax.random.fold_in(key, lax.axis_index(DATA_AXIS)),
+                                        (classes_per_shard,))
+            positive = jnp.zeros(classes_per_shard, bool).at[
+                jnp.where(owned, local_label, classes_per_shard)].set(True, mode="drop")
+            scores = jnp.where(positive, 2.0, jnp.where(class_ids < num_classes, scores, -1.0))
+            index = jnp.sort(lax.top_k(scores, budget)[1])
+            local_label = jnp.searchsorted(index, local_label)
+            weight = weight[index]
+            class_ids = class_ids[index]
+            sampled = jnp.zeros(classes_per_shard, bool).at[index].set(True)
+        else:
+            index = None
+            sampled = jnp.ones(classes_per_shard, bool)
+
+        cos = losses.cosine_similarity(x, weight)
+        onehot = jax.nn.one_hot(jnp.where(owned, local_label, -1), weight.shape[0],
+                                dtype=cos.dtype)
+        norms = jnp.linalg.norm(x.astype(cos.dtype), axis=-1)
+        total, metrics, new_state = losses.margin_loss(
+            cos, onehot, norms, loss, state, row_mask=row_mask,
+            class_mask=class_ids < num_classes, axis_name=DATA_AXIS,
+        )
+        logits = metrics.pop("logits")
+        if return_logits:
+            if index is not None:
+                logits = jnp.zeros((x.shape[0], classes_per_shard), logits.dtype).at[
+                    :, index].set(logits)
+            metrics["logits"] = logits
+        metrics["sampled"] = sampled
+        return total, metrics, new_state
+
+    metric_specs = {"loss_ce": P(), "sampled": P(DATA_AXIS)}
+    if loss.name == "magface":
+        metric_specs["loss_g"] = P()
+    if return_logits:
+        metric_specs["logits"] = P(None, DATA_AXIS)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(DATA_AXIS), P(DATA_AXIS, None), P(DATA_AXIS), P(DATA_AXIS), P(), P()),
+        out_specs=(P(), metric_specs, P()),
+    )
+
+
+def init_weight(kind: str, num_classes: int):
+    """Class-centre initialiser; rows from ``num_classes`` on (padding) are zero.
+
+    ``"normal"``: N(0, 0.01²) as arcface_torch's PartialFC_V2. ``"unit"``: random unit rows,
+    as MagFace's and AdaFace's uniform/renorm initialisation ends up (each centre of norm 1).
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        if kind == "normal":
+            w = 0.01 * jax.random.normal(key, shape, dtype)
+        elif kind == "unit":
+            w = losses.l2_normalize(jax.random.uniform(key, shape, dtype, -1.0, 1.0))
+        else:
+            raise ValueError(f"unknown head init {kind!r}; expected 'normal' or 'unit'")
+        return jnp.where(jnp.arange(shape[0])[:, None] < num_classes, w, 0.0)
+
+    return init
+
+
+class MarginHead(nn.Module):
+    """Class-sharded margin softmax over ``mesh`` (Flax module holding ``W`` and the loss state).
+
+    ``W`` is the parameter ``weight [C_pad, d]``; AdaFace's EMA statistics live in the variable
+    collection ``margin_state`` (initial mean 20, std 100 as the official head), updated when
+    called with ``mutable=["margin_state"]`` and checkpointed with the rest of the train state.
+    """
+
+    num_classes: int
+    embedding_dim: int
+    loss: losses.MarginLoss
+    mesh: Mesh
+    sample_rate: float = 1.0
+    weight_init: str = "normal"
+
+    @property
+    def padded_classes(self) -> int:
+        return padded_size(self.num_classes, self.mesh.shape[DATA_AXIS])
+
+    @nn.compact
+    def __call__(self, embeddings, labels, row_mask=None, *, sample_key=None,
+                 return_logits: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+        weight = self.param("weight", init_weight(self.weight_init, self.num_classes),
+                            (self.padded_classes, self.embedding_dim))
+        state_vars = {
+            name: self.variable(MARGIN_STATE, name, lambda v=value: jnp.asarray(v, jnp.float32))
+            for name, value in self.loss.initial_state().items()
+        }
+        if row_mask is None:
+            row_mask = jnp.ones(labels.shape, bool)
+        if sample_key is None:
+            sample_key = jax.random.key(0)
+        fn = sharded_margin_loss(self.loss, self.mesh, self.num_classes,
+                                 sample_rate=self.sample_rate, return_logits=return_logits)
+        state = {name: var.value for name, var in state_vars.items()}
+        total, metrics, new_state = fn(embeddings, weight, labels, row_mask, state, sample_key)
+        if not self.is_initializing() and self.is_mutable_collection(MARGIN_STATE):
+            for name, var in state_vars.items():
+                var.value = new_state[name].astype(var.value.dtype)
+        metrics.update({f"adaface_{k}": v for k, v in new_state.items()})
+        return total, metrics
+
+
+def reference_step(loss: losses.MarginLoss, devices: int, sample_rate: float = 1.0):
+    """A jitted ``fn(embeddings, weight, labels, state) -> dict`` that runs the sharded head on
+    ``devices`` devices and returns the fields of the reference files (as
+    :func:`magjax.losses.value_and_grads`). Batch and classes are padded here, so any shapes
+    work; the padding is checked to contribute nothing by slicing it off.
+    """
+    from magjax.parallel import make_mesh
+
+    mesh = make_mesh(devices)
+
+    def step(embeddings, weight, labels, state):
+        batch, classes = embeddings.shape[0], weight.shape[0]
+        rows = padded_size(batch, devices)
+        x = jnp.pad(embeddings, ((0, rows - batch), (0, 0)))
+        y = jnp.pad(labels, (0, rows - batch))
+        mask = jnp.arange(rows) < batch
+        w = jnp.pad(weight, ((0, padded_size(classes, devices) - classes), (0, 0)))
+        fn = sharded_margin_loss(loss, mesh, classes, sample_rate=sample_rate, return_logits=True)
+
+        def total(x, w):
+            value, metrics, new_state = fn(x, w, y, mask, state, jax.random.key(0))
+            return value, (metrics, new_state)
+
+        (value, (metrics, new_state)), (gx, gw) = jax.value_and_grad(
+            total, argnums=(0, 1), has_aux=True)(x, w)
+        return {
+            **metrics,
+            "logits": metrics["logits"][:batch, :classes],
+            "loss": value,
+            "grad_embeddings": gx[:batch],
+            "grad_weight": gw[:classes],
+            "state_after": new_state,
+        }
+
+    return jax.jit(step)

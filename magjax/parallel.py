@@ -1,0 +1,73 @@
+"""Mesh, shardings and multi-host helpers.
+
+magjax uses one mesh axis, ``data``: the batch is split over it for the backbone (plain
+``jax.jit``; XLA then computes BatchNorm statistics over the global batch), and the classifier
+``W [C, d]`` is split by class rows over the same axis for the margin head (``jax.shard_map``
+in :mod:`magjax.head`). This replaces pmap, which JAX now implements on top of jit + shard_map.
+
+The mesh is built with ``AxisType.Auto`` (classic GSPMD propagation): the backbone needs no
+sharding annotations beyond its inputs, and optax/orbax create arrays inside jit without a
+``jax.set_mesh`` context (jax-stack.md, pitfall 1).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+# Parameters sharded by rows over the data axis (class centres); everything else replicated.
+CLASS_SHARDED = re.compile(r"(^|/)head/weight$")
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+    """A 1-D mesh over the first ``num_devices`` devices (all of them by default)."""
+    devices = jax.devices()
+    count = len(devices) if num_devices is None else num_devices
+    if count > len(devices):
+        raise ValueError(f"asked for {count} devices, only {len(devices)} available")
+    return jax.make_mesh((count,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=devices[:count])
+
+
+def padded_size(size: int, multiple: int) -> int:
+    """``size`` rounded up to a multiple of ``multiple``."""
+    return math.ceil(size / multiple) * multiple
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over ``data``."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def _path_name(path: tuple) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                    for k in path)
+
+
+def state_shardings(tree: Any, mesh: Mesh) -> Any:
+    """Shardings for a train-state pytree: class centres (and their optimizer moments, which
+    share the path suffix ``head/weight``) by rows over ``data``, every other leaf replicated."""
+
+    def sharding(path, leaf):
+        if CLASS_SHARDED.search(_path_name(path)) and getattr(leaf, "ndim", 0) == 2:
+            return NamedSharding(mesh, P(DATA_AXIS, None))
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(sharding, tree)
+
+
+def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Assembles each host's slice of the batch into global arrays sharded on ``data``."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
