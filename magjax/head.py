@@ -9,7 +9,8 @@ padding, masked out of the softmax (``C`` need not divide the device count). Ins
    gather reduce-scatters the embedding gradients back to their devices),
 2. computes the cosines against its own class rows only (``[B, C_local]``: no device ever holds
    ``[B, C]``), applies the margin where it owns the label,
-3. joins the softmax over shards with ``pmax``/``psum`` (:func:`magjax.losses.softmax_cross_entropy`).
+3. joins the softmax over shards with ``pmax``/``psum``
+   (:func:`magjax.losses.softmax_cross_entropy`).
 
 This is hand-written because no library shards a margin softmax by class. The loss math itself
 is :mod:`magjax.losses`; this module only lays it out over devices.

@@ -409,7 +409,8 @@ def margin_loss(
 
     With ``axis_name`` the classes are sharded over that mesh axis (see
     :func:`softmax_cross_entropy`); ``cos``, ``norms`` and ``row_mask`` then cover the global
-    batch on every shard. ``class_mask`` marks the real (not padding) columns of ``cos``. Returns ``(loss, metrics, new_state)`` where ``metrics`` has
+    batch on every shard. ``class_mask`` marks the real (not padding) columns of ``cos``.
+    Returns ``(loss, metrics, new_state)`` where ``metrics`` has
     ``loss_ce``, for MagFace ``loss_g`` (the mean of ``g(a)``, before ``λ_g``), and this block's
     ``logits`` (dropped by jit when unused).
     """
