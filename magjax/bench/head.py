@@ -1,0 +1,130 @@
+"""Margin-head benchmark: one forward+backward against the matrix-product floor, and memory.
+
+    python -m magjax.bench head --batch 256 --classes 100000 --dim 512 --devices 1
+    python -m magjax.bench head --abstract --classes 29000000 --devices 64 --sample-rate 0.1
+
+The step is what training runs for the head: all-gather of the embeddings, cosine logits per
+class shard, margin, softmax cross entropy over shards, and the gradients with respect to the
+embeddings and the class centres. The floor, measured in the same run on one device at the
+per-device shapes, is the three matrix products no implementation can avoid: the logits
+``[B, d] x [d, C_local]``, the embedding gradient ``[B, C_local] x [C_local, d]`` and the centre
+gradient ``[C_local, B] x [B, d]`` (with Partial FC, ``C_local`` is the sampled count).
+``bytes_per_device`` is XLA's compiled memory analysis (arguments + outputs + temporaries).
+``--abstract`` compiles on shapes only (no allocation, no timing), so that millions of classes
+over 8-512 devices can be sized on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="python -m magjax.bench head", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=256, help="global batch")
+    parser.add_argument("--classes", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--sample-rate", type=float, default=1.0)
+    parser.add_argument("--loss", default="arcface",
+                        choices=["arcface", "cosface", "combined", "magface", "adaface"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--abstract", action="store_true", help="compile on shapes only")
+    parser.add_argument("--json", action="store_true", help="(the last line is always JSON)")
+    return parser.parse_args(argv)
+
+
+def _time(fn, *args, repeats):
+    import jax
+
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def _memory(compiled) -> int:
+    stats = compiled.memory_analysis()
+    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+               + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def main(argv: list[str]) -> int:
+    args = _parse(argv)
+    if args.devices > 1 and "jax" not in sys.modules:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={args.devices}")
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from magjax import head, losses
+    from magjax.parallel import DATA_AXIS, make_mesh, padded_size
+
+    mesh = make_mesh(args.devices)
+    loss = losses.MarginLoss.create(args.loss)
+    padded = padded_size(args.classes, args.devices)
+    batch = padded_size(args.batch, args.devices)
+    per_shard = padded // args.devices
+    active = head.partial_fc_budget(args.sample_rate, per_shard, batch)
+    fn = head.sharded_margin_loss(loss, mesh, args.classes, sample_rate=args.sample_rate)
+
+    def step(x, w, y, mask, key):
+        def total(x, w):
+            return fn(x, w, y, mask, loss.initial_state(), key)[0]
+
+        return jax.value_and_grad(total, argnums=(0, 1))(x, w)
+
+    rows = NamedSharding(mesh, P(DATA_AXIS))
+    shapes = (
+        jax.ShapeDtypeStruct((batch, args.dim), jnp.float32, sharding=rows),
+        jax.ShapeDtypeStruct((padded, args.dim), jnp.float32,
+                             sharding=NamedSharding(mesh, P(DATA_AXIS, None))),
+        jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
+        jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=rows),
+        jax.eval_shape(lambda: jax.random.key(0)),
+    )
+    compiled = jax.jit(step).lower(*shapes).compile()
+    result = {
+        "loss": args.loss, "batch": batch, "classes": args.classes, "dim": args.dim,
+        "devices": args.devices, "sample_rate": args.sample_rate,
+        "centres_per_device": active, "bytes_per_device": _memory(compiled),
+        "weight_bytes_per_device": per_shard * args.dim * 4,
+    }
+    if not args.abstract:
+        keys = jax.random.split(jax.random.key(0), 2)
+        x = jax.device_put(jax.random.normal(keys[0], (batch, args.dim)), rows)
+        w = jax.device_put(0.01 * jax.random.normal(keys[1], (padded, args.dim)),
+                           NamedSharding(mesh, P(DATA_AXIS, None)))
+        y = jax.device_put(jnp.arange(batch, dtype=jnp.int32) % args.classes, rows)
+        mask = jax.device_put(jnp.ones(batch, bool), rows)
+        step_ms = _time(compiled, x, w, y, mask, jax.random.key(1), repeats=args.repeats)
+
+        @jax.jit
+        def floor(x, w, g):
+            logits = x @ w.T  # [B, C_local]
+            return logits, g @ w, g.T @ x  # + embedding and centre gradients
+
+        xf = jnp.ones((batch, args.dim))
+        wf = jnp.ones((active, args.dim))
+        gf = jnp.ones((batch, active))
+        floor_ms = _time(floor, xf, wf, gf, repeats=args.repeats)
+        flops = 3 * 2 * batch * active * args.dim
+        result.update(step_ms=round(step_ms, 2), floor_ms=round(floor_ms, 2),
+                      ratio=round(step_ms / floor_ms, 3),
+                      floor_gflops_per_s=round(flops / floor_ms / 1e6, 1))
+        print(f"head step {step_ms:.1f} ms, floor {floor_ms:.1f} ms, "
+              f"ratio {step_ms / floor_ms:.2f}")
+    print(f"bytes per device {result['bytes_per_device'] / 2**20:.1f} MiB "
+          f"(class centres {result['weight_bytes_per_device'] / 2**20:.1f} MiB)")
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,139 @@
+"""The class-sharded head on 8 fake devices against the dense single-device loss, and Partial FC."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FIXTURES
+
+from magjax import head, losses, refcheck
+from magjax.parallel import make_mesh, padded_size
+
+LOSS_REFS = json.loads((FIXTURES / "loss_refs.json").read_text())
+
+LOSSES = {
+    "arcface": losses.MarginLoss.create("arcface"),
+    "arcface_paper": losses.MarginLoss.create("arcface", arcface_variant="paper",
+                                              probability_floor=None),
+    "cosface_filtered": losses.MarginLoss.create("cosface", interclass_filtering_threshold=0.1),
+    "combined_paper": losses.MarginLoss.create("combined", m1=1.2, m2=0.3, m3=0.1,
+                                               combined_variant="paper"),
+    "magface": losses.MarginLoss.create("magface"),
+    "magface_hard": losses.MarginLoss.create("magface", easy_margin=False),
+    "adaface": losses.MarginLoss.create("adaface", t_alpha=0.5),
+}
+
+
+def random_problem(seed, batch, classes, dim=16):
+    rng = np.random.default_rng(seed)
+    W = rng.normal(0, 0.05, (classes, dim))
+    y = rng.integers(0, classes, batch)
+    x = rng.normal(size=(batch, dim)) * rng.uniform(5, 120, (batch, 1))
+    x[: batch // 2] += 3 * W[y[: batch // 2]] / 0.05  # some rows near their centre
+    return x, W, y
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("batch,classes", [(16, 40), (13, 37), (5, 3)])
+def test_sharded_equals_dense(name, batch, classes, x64):
+    """Values, gradients and AdaFace state, 8 devices vs one, with uneven batch and classes."""
+    loss = LOSSES[name]
+    x, W, y = random_problem(batch * classes, batch, classes)
+    state = {k: jnp.asarray(v, jnp.float64) for k, v in loss.initial_state().items()}
+    dense = jax.jit(lambda x, W, y, s: losses.value_and_grads(x, W, y, loss, s))(x, W, y, state)
+    sharded = head.reference_step(loss, 8)(x, W, y, state)
+    for key in ("loss", "logits", "grad_embeddings", "grad_weight"):
+        expected = np.asarray(dense[key])
+        scale = max(1.0, np.abs(expected).max())
+        np.testing.assert_allclose(sharded[key], expected, rtol=0, atol=1e-9 * scale, err_msg=key)
+    for key in state:
+        np.testing.assert_allclose(sharded["state_after"][key], dense["state_after"][key],
+                                   rtol=1e-12)
+
+
+@pytest.mark.parametrize("case", LOSS_REFS["cases"], ids=lambda c: c["name"])
+def test_reference_cases_through_sharded_head(case, x64):
+    passed, detail = refcheck.check_loss_case(case, "float64", mesh_devices=8)
+    assert passed, detail
+
+
+def pfc_step(loss, x, W, y, sample_rate, key, devices=8):
+    """Runs the sharded head with Partial FC; returns loss, metrics and gradients."""
+    mesh = make_mesh(devices)
+    classes = W.shape[0]
+    Wp = jnp.pad(W, ((0, padded_size(classes, devices) - classes), (0, 0)))
+    fn = head.sharded_margin_loss(loss, mesh, classes, sample_rate=sample_rate,
+                                  return_logits=True)
+    mask = jnp.ones(len(y), bool)
+
+    def total(x, w):
+        value, metrics, _ = fn(x, w, jnp.asarray(y), mask, loss.initial_state(), key)
+        return value, metrics
+
+    (value, metrics), (gx, gw) = jax.jit(jax.value_and_grad(total, argnums=(0, 1),
+                                                            has_aux=True))(x, Wp)
+    return value, jax.tree.map(np.asarray, metrics), np.asarray(gx), np.asarray(gw)[:classes]
+
+
+@pytest.mark.parametrize("name", ["arcface", "magface", "adaface"])
+def test_partial_fc_semantics(name, x64):
+    loss = LOSSES[name]
+    classes, batch, rate = 203, 16, 0.25
+    x, W, y = random_problem(7, batch, classes)
+    key = jax.random.key(3)
+    value, metrics, gx, gw = pfc_step(loss, x, W, y, rate, key)
+    sampled = metrics["sampled"][:classes]
+    per_shard = padded_size(classes, 8) // 8
+    budget = head.partial_fc_budget(rate, per_shard, batch)
+    # Every positive is kept; each shard keeps exactly its budget; padding is never chosen
+    # while real classes remain.
+    assert sampled[y].all()
+    assert (metrics["sampled"].reshape(8, per_shard).sum(1) == budget).all()
+    assert not metrics["sampled"][classes:].any() or budget > classes - 7 * per_shard
+    # Unsampled centres get exactly zero gradient; sampled ones do not.
+    assert (gw[~sampled] == 0).all() and (np.abs(gw[sampled]).sum(1) > 0).all()
+    # The loss equals the dense loss over the sampled centres (labels remapped into them).
+    kept = np.flatnonzero(sampled)
+    remap = np.searchsorted(kept, y)
+    dense = losses.value_and_grads(x, W[kept], remap, loss, loss.initial_state())
+    np.testing.assert_allclose(value, dense["loss"], rtol=1e-12)
+    np.testing.assert_allclose(gx, dense["grad_embeddings"], rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(gw[kept], dense["grad_weight"], rtol=1e-9, atol=1e-15)
+    # Reproducible for a key, different for another.
+    again = pfc_step(loss, x, W, y, rate, key)[1]["sampled"]
+    other = pfc_step(loss, x, W, y, rate, jax.random.key(4))[1]["sampled"]
+    np.testing.assert_array_equal(again, metrics["sampled"])
+    assert (other != metrics["sampled"]).any()
+
+
+def test_partial_fc_rate_one_is_the_full_head(x64):
+    loss = LOSSES["arcface"]
+    x, W, y = random_problem(8, 16, 50)
+    full = head.reference_step(loss, 8)(x, W, y, {})
+    value, metrics, gx, gw = pfc_step(loss, x, W, y, 1.0, jax.random.key(0))
+    assert metrics["sampled"][:50].all()
+    np.testing.assert_array_equal(value, full["loss"])
+    np.testing.assert_array_equal(gw, full["grad_weight"])
+
+
+def test_margin_head_module_updates_adaface_state(x64):
+    """The Flax module: W sharded by rows, EMA state in 'margin_state' updated only if mutable."""
+    mesh = make_mesh(8)
+    loss = LOSSES["adaface"]
+    module = head.MarginHead(num_classes=30, embedding_dim=16, loss=loss, mesh=mesh,
+                             weight_init="unit")
+    x, _, y = random_problem(9, 16, 30)
+    variables = module.init(jax.random.key(0), jnp.asarray(x), jnp.asarray(y))
+    weight = variables["params"]["weight"]
+    assert weight.shape == (32, 16) and (weight[30:] == 0).all()
+    np.testing.assert_allclose(np.linalg.norm(weight[:30], axis=1), 1.0, rtol=1e-6)
+    assert float(variables["margin_state"]["batch_mean"]) == 20.0
+    value, updated = module.apply(variables, jnp.asarray(x), jnp.asarray(y),
+                                  mutable=["margin_state"])
+    norms = np.clip(np.linalg.norm(x, axis=1), 1e-3, 100)
+    np.testing.assert_allclose(updated["margin_state"]["batch_mean"],
+                               0.5 * norms.mean() + 0.5 * 20.0, rtol=1e-6)
+    dense = losses.dense_loss(x, np.asarray(weight[:30]), y, loss)[0]
+    np.testing.assert_allclose(value[0], dense, rtol=1e-6)
