@@ -53,3 +53,60 @@ def load_inference_model(directory: str | pathlib.Path) -> tuple[Any, dict]:
     with ocp.StandardCheckpointer() as checkpointer:
         variables = checkpointer.restore(directory / MODEL_VARIABLES)
     return variables, meta
+
+
+class TrainCheckpoints:
+    """Training checkpoints under ``WORKDIR/checkpoints``: asynchronous, atomic, last K kept.
+
+    Each step directory holds the train state (``StandardSave``) and a JSON ``meta`` (input
+    pipeline position, configuration facts). Orbax writes into a temporary directory and renames
+    it when complete, so a crash mid-save leaves the previous checkpoint as the latest.
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, *, every_steps: int, keep: int):
+        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, save_interval_steps=every_steps,
+                enable_async_checkpointing=True, create=True,
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
+        """Starts an asynchronous save if ``step`` is due (or ``force``); returns whether it did."""
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    meta=ocp.args.JsonSave(meta)),
+            force=force,
+        )
+
+    def restore_meta(self, step: int) -> dict:
+        return self._manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """Restores into ``abstract_state`` (ShapeDtypeStructs carrying the target shardings).
+
+        ``strict=False`` lets orbax pad or truncate: the class-centre matrix is padded to a
+        multiple of the device count, so a checkpoint written on N devices restores on M with
+        the zero padding rows re-laid out (callers check that the class count is unchanged).
+        """
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state, strict=False),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored["state"], restored["meta"]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()

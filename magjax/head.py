@@ -97,7 +97,7 @@ def sharded_margin_loss(
         cos = losses.cosine_similarity(x, weight)
         onehot = jax.nn.one_hot(jnp.where(owned, local_label, -1), weight.shape[0],
                                 dtype=cos.dtype)
-        norms = jnp.linalg.norm(x.astype(cos.dtype), axis=-1)
+        norms = losses.safe_norm(x.astype(cos.dtype))
         total, metrics, new_state = losses.margin_loss(
             cos, onehot, norms, loss, state, row_mask=row_mask,
             class_mask=class_ids < num_classes, axis_name=DATA_AXIS,

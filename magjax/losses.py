@@ -48,10 +48,16 @@ def clamp(x: jax.Array, low: Any, high: Any) -> jax.Array:
     return jnp.where(x < low, low, jnp.where(x > high, high, x))
 
 
+def safe_norm(x: jax.Array, axis: int = -1, keepdims: bool = False, eps: float = 1e-12
+              ) -> jax.Array:
+    """``max(||x||, eps)`` with a finite gradient at ``x = 0`` (``jnp.linalg.norm``'s is NaN,
+    which would poison the zero rows that pad the class centres and the batch)."""
+    return jnp.sqrt(jnp.maximum((x * x).sum(axis=axis, keepdims=keepdims), eps * eps))
+
+
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
     """``x / max(||x||, eps)`` along ``axis`` (``torch.nn.functional.normalize``)."""
-    norm = jnp.linalg.norm(x, axis=axis, keepdims=True)
-    return x / jnp.maximum(norm, eps)
+    return x / safe_norm(x, axis=axis, keepdims=True, eps=eps)
 
 
 def cosine_similarity(embeddings: jax.Array, weight: jax.Array) -> jax.Array:
@@ -65,7 +71,7 @@ def cosine_similarity(embeddings: jax.Array, weight: jax.Array) -> jax.Array:
     weight = weight.astype(dtype)
     # Scaling the [B, C] product by 1/||W_j|| instead of normalising W saves writing (and, in
     # the backward pass, reading) a normalised copy of the [C, d] centres.
-    inv_norm = 1.0 / jnp.maximum(jnp.linalg.norm(weight, axis=-1), 1e-12)
+    inv_norm = 1.0 / safe_norm(weight)
     return jnp.einsum("bd,cd->bc", x, weight, preferred_element_type=dtype) * inv_norm
 
 
@@ -448,7 +454,7 @@ def dense_loss(
     """
     state = loss.initial_state() if state is None else state
     cos = cosine_similarity(embeddings, weight)
-    norms = jnp.linalg.norm(embeddings.astype(cos.dtype), axis=-1)
+    norms = safe_norm(embeddings.astype(cos.dtype))
     onehot = jax.nn.one_hot(labels, weight.shape[0], dtype=cos.dtype)
     return margin_loss(cos, onehot, norms, loss, state)
 

@@ -50,7 +50,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def _path_name(path: tuple) -> str:
+def path_name(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
                     for k in path)
 
@@ -60,7 +60,7 @@ def state_shardings(tree: Any, mesh: Mesh) -> Any:
     share the path suffix ``head/weight``) by rows over ``data``, every other leaf replicated."""
 
     def sharding(path, leaf):
-        if CLASS_SHARDED.search(_path_name(path)) and getattr(leaf, "ndim", 0) == 2:
+        if CLASS_SHARDED.search(path_name(path)) and getattr(leaf, "ndim", 0) == 2:
             return NamedSharding(mesh, P(DATA_AXIS, None))
         return replicated(mesh)
 
@@ -71,3 +71,23 @@ def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Arra
     """Assembles each host's slice of the batch into global arrays sharded on ``data``."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def to_host(tree: Any) -> Any:
+    """Host numpy copies of the leaves of ``tree``, also when they span several processes.
+
+    Replicated leaves are read from a local device; sharded ones are gathered from every
+    process (a collective: every process must call this together).
+    """
+    from jax.experimental import multihost_utils
+
+    def fetch(leaf):
+        if not isinstance(leaf, jax.Array):
+            return np.asarray(leaf)
+        if leaf.is_fully_replicated:
+            return np.asarray(leaf.addressable_data(0))
+        if leaf.is_fully_addressable:
+            return np.asarray(leaf)
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+
+    return jax.tree.map(fetch, tree)

@@ -8,7 +8,8 @@ BENCHMARKS = ("head", "backbone", "input")
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in BENCHMARKS:
-        print(f"usage: python -m magjax.bench {{{','.join(BENCHMARKS)}}} [options]", file=sys.stderr)
+        names = ",".join(BENCHMARKS)
+        print(f"usage: python -m magjax.bench {{{names}}} [options]", file=sys.stderr)
         return 2
     module = importlib.import_module(f"magjax.bench.{argv[0]}")
     return module.main(argv[1:]) or 0

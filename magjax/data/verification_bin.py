@@ -1,0 +1,222 @@
+"""insightface verification sets (``lfw.bin``, ``cfp_fp.bin``, ``agedb_30.bin`` ...): read, write.
+
+Format (../shared/docs/field.md section 3b): a pickle of ``(bins, issame_list)`` where ``bins``
+holds 2P encoded images (py2 ``str`` in the original releases, numpy uint8 arrays from
+``cv2.imencode`` in newer ones) and pair i is ``bins[2i], bins[2i+1]``.
+
+A pickle can run arbitrary code, and these files are downloaded from mirrors, so they are read
+through :class:`RestrictedUnpickler`, which resolves only the few globals that rebuild uint8
+numpy arrays (and the latin-1 bytes helper of protocol-2 pickles written by Python 3); anything
+else is refused with an error naming the file and the global. The check has to be written by
+hand: the standard library offers only the ``find_class`` hook for it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pathlib
+import pickle
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A ``.bin`` file asked for a global that a verification set never needs."""
+
+
+def _ndarray_only(cls, *args):
+    if cls is not np.ndarray:
+        raise UnsafePickleError(f"_reconstruct called with {cls!r}, only numpy.ndarray is allowed")
+    return np.ndarray.__new__(np.ndarray, *args)
+
+
+def _uint8_dtype(name, *args):
+    if name not in ("u1", b"u1"):
+        raise UnsafePickleError(f"numpy.dtype({name!r}) refused: only uint8 ('u1') is allowed")
+    return np.dtype("u1")
+
+
+def _frombuffer(buf, dtype, shape, order):
+    if np.dtype(dtype) != np.uint8:
+        raise UnsafePickleError(f"array of dtype {dtype} refused: only uint8 is allowed")
+    return np.frombuffer(buf, np.uint8).reshape(shape, order=order)
+
+
+def _latin1_encode(text, encoding="utf-8"):
+    # Python 3 pickles bytes as _codecs.encode(str, 'latin1') under protocol 2.
+    if encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError(f"_codecs.encode with encoding {encoding!r} refused")
+    return text.encode("latin1")
+
+
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"): _ndarray_only,
+    ("numpy._core.multiarray", "_reconstruct"): _ndarray_only,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _uint8_dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler whose ``find_class`` resolves only the uint8-array globals in ``_ALLOWED``."""
+
+    def __init__(self, file, *, source: str, **kwargs):
+        super().__init__(file, **kwargs)
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"{self.source}: refused to load global '{module}.{name}': a verification .bin "
+                "may only contain encoded images (bytes or uint8 arrays) and a list of bools"
+            ) from None
+
+
+def _restricted_load(data: bytes, source: str):
+    # Try the default (ASCII) decoding first, as insightface does, then encoding='bytes' for
+    # Python 2 pickles whose JPEG ``str`` objects are not ASCII.
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), source=source).load()
+    except UnicodeDecodeError:
+        return RestrictedUnpickler(io.BytesIO(data), source=source, encoding="bytes").load()
+
+
+def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
+    """Reads a verification ``.bin`` safely: (2P encoded images as bytes, issame bool [P])."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: verification .bin not found")
+    try:
+        obj = _restricted_load(path.read_bytes(), str(path))
+    except UnsafePickleError:
+        raise
+    except Exception as e:  # any other unpickling failure means a damaged or foreign file
+        raise ValueError(f"{path}: not a readable verification .bin pickle ({e})") from e
+    if not (isinstance(obj, tuple | list) and len(obj) == 2):
+        raise ValueError(f"{path}: expected a pickled (bins, issame_list) pair, got {type(obj)}")
+    bins, issame = obj
+    out: list[bytes] = []
+    for i, b in enumerate(bins):
+        if isinstance(b, bytes | bytearray):
+            out.append(bytes(b))
+        elif isinstance(b, np.ndarray) and b.dtype == np.uint8:
+            out.append(b.tobytes())
+        else:
+            raise ValueError(f"{path}: image {i} is {type(b).__name__}, expected bytes or uint8")
+    flags = []
+    for i, s in enumerate(issame):
+        if not isinstance(s, bool | int) or s not in (0, 1):
+            raise ValueError(f"{path}: issame[{i}] is {s!r}, expected a bool")
+        flags.append(bool(s))
+    if len(out) != 2 * len(flags):
+        raise ValueError(
+            f"{path}: {len(out)} images for {len(flags)} pairs, expected 2 images per pair"
+        )
+    return out, np.asarray(flags, dtype=bool)
+
+
+_warned_resize = False
+
+
+def decode_image(data: bytes, image_size: int = 112, *, what: str = "image") -> np.ndarray:
+    """Decodes encoded image bytes to uint8 RGB [image_size, image_size, 3] with Pillow.
+
+    Images of another size are resized (bilinear) with a one-time warning, as insightface's
+    evaluation does for non-112 sets.
+    """
+    global _warned_resize
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        if im.size != (image_size, image_size):
+            if not _warned_resize:
+                log.warning(
+                    "%s is %dx%d, resizing to %d (warned once)", what, *im.size, image_size
+                )
+                _warned_resize = True
+            im = im.resize((image_size, image_size), Image.BILINEAR)
+        return np.asarray(im)
+
+
+def load_bin(path: str | os.PathLike, image_size: int = 112) -> tuple[np.ndarray, np.ndarray]:
+    """Loads a verification set: (images uint8 [2P, S, S, 3] RGB, issame bool [P]).
+
+    A corrupt image is an error naming the file and the image index: dropping it silently would
+    break the pairing and change the protocol.
+    """
+    bins, issame = read_bin(path)
+    images = np.empty((len(bins), image_size, image_size, 3), np.uint8)
+    for i, b in enumerate(bins):
+        try:
+            images[i] = decode_image(b, image_size, what=f"{path} image {i}")
+        except OSError as e:
+            raise ValueError(f"{path}: image {i} (pair {i // 2}) cannot be decoded: {e}") from e
+    return images, issame
+
+
+def write_bin(
+    path: str | os.PathLike,
+    images_or_jpeg_bytes: np.ndarray | Sequence[bytes],
+    issame: Sequence[bool] | np.ndarray,
+    *,
+    jpeg_quality: int = 95,
+) -> pathlib.Path:
+    """Writes a verification ``.bin`` that insightface's ``verification.py`` and magjax read.
+
+    ``images_or_jpeg_bytes`` is uint8 RGB [2P, H, W, 3] (JPEG-encoded here) or 2P encoded byte
+    strings (stored as they are). The pickle holds ``bytes`` objects (protocol 4), which both
+    loaders turn into arrays with ``np.frombuffer``.
+    """
+    path = pathlib.Path(path)
+    if isinstance(images_or_jpeg_bytes, np.ndarray):
+        if images_or_jpeg_bytes.dtype != np.uint8 or images_or_jpeg_bytes.ndim != 4:
+            raise ValueError("images must be uint8 [2P, H, W, 3] RGB")
+        bins = []
+        for img in images_or_jpeg_bytes:
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG", quality=jpeg_quality)
+            bins.append(buf.getvalue())
+    else:
+        bins = [bytes(b) for b in images_or_jpeg_bytes]
+    flags = [bool(s) for s in np.asarray(issame).reshape(-1)]
+    if len(bins) != 2 * len(flags):
+        raise ValueError(f"{len(bins)} images for {len(flags)} pairs: need exactly 2 per pair")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump((bins, flags), f, protocol=4)
+    tmp.replace(path)
+    return path
+
+
+def inspect_bin(path: str | os.PathLike) -> dict:
+    """Summary of a verification set for ``python -m magjax.data inspect FILE.bin``."""
+    bins, issame = read_bin(path)
+    sizes: dict[str, int] = {}
+    corrupt = []
+    for i, b in enumerate(bins):
+        try:
+            with Image.open(io.BytesIO(b)) as im:
+                im.load()
+                key = f"{im.size[0]}x{im.size[1]}"
+            sizes[key] = sizes.get(key, 0) + 1
+        except OSError:
+            corrupt.append(i)
+    return {
+        "path": str(path),
+        "num_pairs": int(len(issame)),
+        "num_same": int(issame.sum()),
+        "num_images": len(bins),
+        "image_sizes": sizes,
+        "corrupt_images": corrupt,
+    }

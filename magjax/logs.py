@@ -1,0 +1,64 @@
+"""Training logs: TensorBoard event files, ``metrics.jsonl`` and a console progress line.
+
+One JSON object per log or eval event, with ``step`` and ``kind`` ("train" or "eval"), so that a
+run can be plotted or compared without TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+import time
+
+from tensorboardX import SummaryWriter
+
+
+class MetricsLogger:
+    def __init__(self, workdir: pathlib.Path, *, enabled: bool = True):
+        self.enabled = enabled
+        self._start = time.time()
+        self._first_step: int | None = None
+        if enabled:
+            self._writer = SummaryWriter(str(workdir / "tensorboard"))
+            self._jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 (kept open)
+
+    def write(self, step: int, scalars: dict, *, kind: str = "train",
+              total_steps: int | None = None) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "kind": kind, **scalars}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for name, value in scalars.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._writer.add_scalar(f"{kind}/{name}", value, step)
+        self._writer.flush()
+        if kind == "train":
+            self._progress(step, scalars, total_steps)
+        else:
+            shown = " ".join(f"{k}={v:.4f}" for k, v in scalars.items()
+                             if isinstance(v, float))
+            print(f"[eval {step}] {shown}", file=sys.stderr, flush=True)
+
+    def _progress(self, step: int, scalars: dict, total_steps: int | None) -> None:
+        if self._first_step is None:
+            self._first_step, self._start = step, time.time()
+        done = step - self._first_step
+        elapsed = time.time() - self._start
+        eta = ""
+        if total_steps and done > 0:
+            remaining = elapsed / done * (total_steps - step)
+            eta = f" eta {int(remaining // 60)}m{int(remaining % 60):02d}s"
+        extra = "".join(f" {k} {scalars[k]:.3g}" for k in
+                        ("loss_g", "feature_norm", "adaface_batch_mean", "adaface_batch_std")
+                        if k in scalars)
+        print(f"[{step}/{total_steps}] loss {scalars['loss']:.4f} lr {scalars['lr']:.4g}"
+              f"{extra} {scalars.get('images_per_s', 0):.0f} img/s{eta}",
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._writer.close()
+            self._jsonl.close()

@@ -1,0 +1,95 @@
+"""Optimizer and learning-rate schedules of the official recipes, built from optax pieces.
+
+PyTorch ``SGD(momentum=0.9, weight_decay=wd)`` adds ``wd · p`` to the gradient before the
+momentum buffer; the optax equivalent is ``add_decayed_weights`` followed by ``sgd(momentum)``.
+arcface_torch clips the backbone gradient norm at 5 before that (not the class centres).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+
+def learning_rate_schedule(optim: Any, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+    """``optim.schedule``:
+
+    * ``"poly"`` (arcface_torch ``PolynomialLRWarmup``, power 1): linear warm-up over
+      ``warmup_epochs``, then linear decay to 0 at ``total_steps``, stepped every iteration;
+    * ``"step"`` (MagFace, AdaFace ``MultiStepLR``): ``lr`` times 0.1 at each epoch in
+      ``milestones``, applied per epoch.
+    """
+    if optim.schedule == "poly":
+        warmup = int(optim.warmup_epochs * steps_per_epoch)
+        decay = optax.linear_schedule(optim.lr, 0.0, max(total_steps - warmup, 1))
+        if warmup == 0:
+            return decay
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup])
+    if optim.schedule == "step":
+        boundaries = {int(epoch * steps_per_epoch): 0.1 for epoch in optim.milestones}
+        return optax.piecewise_constant_schedule(optim.lr, boundaries)
+    raise ValueError(f"optim.schedule must be 'poly' or 'step', got {optim.schedule!r}")
+
+
+def _is_batchnorm(path: tuple[str, ...], module_params: dict) -> bool:
+    # Flax BatchNorm parameters are 'scale' and 'bias'; Dense/Conv have a 'kernel'.
+    return "scale" in module_params and "kernel" not in module_params
+
+
+def weight_decay_mask(params: Any, trainable: Any, decay_batchnorm: bool) -> Any:
+    """True where weight decay applies: every trainable parameter, minus BatchNorm parameters
+    when ``decay_batchnorm`` is False (AdaFace decays only non-BN backbone weights and the head)."""
+    flat = traverse_util.flatten_dict(params)
+    flat_trainable = traverse_util.flatten_dict(trainable)
+    modules: dict[tuple, dict] = {}
+    for path in flat:
+        modules.setdefault(path[:-1], {})[path[-1]] = True
+    mask = {}
+    for path in flat:
+        decays = bool(flat_trainable[path])
+        if not decay_batchnorm and _is_batchnorm(path, modules[path[:-1]]):
+            decays = False
+        mask[path] = decays
+    return traverse_util.unflatten_dict(mask)
+
+
+def _part_labels(params: Any) -> Any:
+    return {part: jax.tree.map(lambda _, part=part: part, params[part]) for part in params}
+
+
+def make_optimizer(optim: Any, schedule: optax.Schedule, decay_mask: Any
+                   ) -> optax.GradientTransformation:
+    """SGD with momentum and decoupled-from-clipping weight decay, as the official trainers.
+
+    Parameters are ``{"backbone": ..., "head": ...}``; the gradient-norm clip (if set) applies to
+    the backbone only. ``accumulate_steps > 1`` sums that many micro-batch gradients per update
+    (``optax.MultiSteps``, which averages them).
+    """
+    clip = (optax.clip_by_global_norm(optim.grad_clip_norm) if optim.grad_clip_norm
+            else optax.identity())
+    tx = optax.chain(
+        optax.multi_transform({"backbone": clip, "head": optax.identity()}, _part_labels),
+        optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
+        optax.sgd(schedule, momentum=optim.momentum),
+    )
+    if optim.accumulate_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=optim.accumulate_steps)
+    return tx
+
+
+def keep_unsampled_rows(new: Any, old: Any, sampled: jax.Array, row_leaf) -> Any:
+    """Partial FC with ``freeze_unsampled``: class-centre rows not sampled this step keep their
+    previous values in every leaf ``row_leaf(path, leaf)`` selects (the centres and their
+    momentum), so neither momentum nor weight decay moves them."""
+
+    def select(path, new_leaf, old_leaf):
+        if row_leaf(path, new_leaf):
+            return jnp.where(sampled[:, None], new_leaf, old_leaf)
+        return new_leaf
+
+    return jax.tree_util.tree_map_with_path(select, new, old)

@@ -1,0 +1,177 @@
+"""The official training recipes as ml_collections configs (shared by ``configs/*.py``).
+
+Each ``configs/<loss>.py`` calls :func:`get_config` with its loss name and the argument after
+the colon of ``--config configs/<loss>.py:ARG``. ``ARG`` is a comma-separated list of variants:
+
+* backbone: ``r18`` ``r34`` ``r50`` ``r100`` ``r200`` (the loss's official family: arcface_torch
+  iresnet, MagFace iresnet or AdaFace IR), ``mbf``, ``tiny``;
+* dataset: ``ms1mv2`` ``ms1mv3`` ``glint360k`` ``webface4m`` ``webface12m`` ``webface42m``
+  (sets the class and image counts; the prepared data still comes from ``--config.data.dir``);
+* ``pfcR``: Partial FC with sample rate R, e.g. ``pfc0.1``;
+* ``demo``: a small backbone on synthetic identities on CPU, building them on first use.
+
+Sources of the defaults: ../shared/docs/official-losses.md section 6.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_collections
+
+from magjax import losses
+
+DATASETS = {  # name: (identities, images)
+    "ms1mv2": (85_742, 5_822_653),
+    "ms1mv3": (93_431, 5_179_510),
+    "glint360k": (360_232, 17_091_657),
+    "webface4m": (205_990, 4_235_242),
+    "webface12m": (617_970, 12_720_066),
+    "webface42m": (2_059_906, 42_474_557),
+}
+DEPTHS = ("18", "34", "50", "100", "200")
+
+
+def _arch(loss: str, depth: str) -> str:
+    if loss == "magface":
+        return f"magface_iresnet{depth}"
+    if loss == "adaface":
+        return f"ir_{101 if depth == '100' else depth}"
+    return f"iresnet{depth}"
+
+
+def default_cache_dir() -> str:
+    """Where the demo's synthetic dataset is built once and reused."""
+    root = os.environ.get("MAGJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache"))
+    return os.path.join(root, "magjax")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.num_devices = ml_collections.config_dict.placeholder(int)  # None: every device
+    c.data = dict(
+        dir=ml_collections.config_dict.placeholder(str),  # a prepared dataset directory
+        dataset="ms1mv2",
+        num_classes=ml_collections.config_dict.placeholder(int),  # checked against the data
+        num_examples=ml_collections.config_dict.placeholder(int),
+        augment="flip",
+        num_workers=0,
+        # Build synthetic identities on first use (demo); keys are magjax.data prepare options.
+        synthetic=False,
+        synthetic_options=ml_collections.ConfigDict(),
+    )
+    c.model = dict(arch="iresnet50", dtype="bfloat16", dropout=ml_collections.config_dict
+                   .placeholder(float), embedding_dim=512)
+    c.loss = _loss_fields("arcface")  # magjax.losses.MarginLoss fields
+    c.head = dict(sample_rate=1.0, weight_init="normal",
+                  # Partial FC: True keeps momentum and weight decay off unsampled centres;
+                  # False (arcface_torch) lets one SGD move every centre each step.
+                  freeze_unsampled=False)
+    c.optim = dict(
+        lr=0.1, momentum=0.9, weight_decay=5e-4,
+        decay_batchnorm=True,  # AdaFace: False (no weight decay on BatchNorm parameters)
+        schedule="poly",  # "poly": linear warm-up then linear decay to 0 per step; "step"
+        warmup_epochs=0.0,
+        milestones=(),  # "step": x0.1 at these epochs
+        grad_clip_norm=ml_collections.config_dict.placeholder(float),  # on the backbone only
+        accumulate_steps=1,
+    )
+    c.global_batch = 1024
+    c.epochs = 20.0
+    c.total_steps = ml_collections.config_dict.placeholder(int)  # overrides epochs when set
+    c.nan_policy = "stop"  # "stop": fail naming the step range; "skip": drop that update
+    c.log_every_steps = 50
+    c.eval = dict(
+        every_steps=2000,
+        # Verification .bin files and a quality set (.npz with images and quality levels, from
+        # synthetic data); relative paths are resolved against data.dir.
+        bins=(),
+        quality_set="",
+        batch_size=256,
+    )
+    c.checkpoint = dict(every_steps=2000, keep=3)
+    return c
+
+
+def _loss_fields(name: str) -> ml_collections.ConfigDict:
+    """Every :class:`magjax.losses.MarginLoss` field with the loss's official default, so that
+    any of them can be overridden from the command line."""
+    fields = dataclasses.asdict(losses.MarginLoss.create(name))
+    fields["probability_floor"] = ml_collections.FieldReference(
+        fields["probability_floor"], field_type=float)
+    return ml_collections.ConfigDict(fields)
+
+
+def get_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """The official recipe of ``loss`` with the variants named in ``arg``."""
+    c = base_config()
+    c.loss = _loss_fields(loss)
+    if loss in ("arcface", "cosface", "combined"):
+        # insightface arcface_torch: ms1mv2/wf configs, 8 GPUs x 128, 20 epochs, poly decay.
+        c.data.dataset = "webface4m" if loss == "cosface" else "ms1mv2"
+        c.model.arch = "iresnet50"
+        c.loss.s = 64.0
+        c.loss.m = 0.4 if loss == "cosface" else 0.5
+        c.optim.grad_clip_norm = 5.0
+        c.global_batch = 1024
+        c.epochs = 20.0
+    elif loss == "magface":
+        # MagFace run/run.sh: iresnet50, 512 on 8 GPUs, 25 epochs, x0.1 at 10/18/22.
+        c.model.arch = "magface_iresnet50"
+        c.loss.update(s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0,
+                      easy_margin=True)
+        c.head.weight_init = "unit"
+        c.optim.update(schedule="step", milestones=(10, 18, 22))
+        c.global_batch = 512
+        c.epochs = 25.0
+    elif loss == "adaface":
+        # AdaFace scripts/run_ir50_ms1mv2.sh: ir_50, 512 on 2 GPUs, 26 epochs, 12/20/24.
+        c.model.arch = "ir_50"
+        c.loss.update(s=64.0, m=0.4, h=0.333, t_alpha=0.01)
+        c.head.weight_init = "unit"
+        c.data.augment = "adaface"
+        c.optim.update(schedule="step", milestones=(12, 20, 24), decay_batchnorm=False)
+        c.global_batch = 512
+        c.epochs = 26.0
+    else:
+        raise ValueError(f"no recipe for loss {loss!r}")
+
+    for variant in filter(None, (arg or "").replace(":", ",").split(",")):
+        if variant in DATASETS:
+            c.data.dataset = variant
+        elif variant.startswith("r") and variant[1:] in DEPTHS:
+            c.model.arch = _arch(loss, variant[1:])
+        elif variant in ("mbf", "tiny"):
+            c.model.arch = variant
+        elif variant.startswith("pfc"):
+            c.head.sample_rate = float(variant[3:])
+        elif variant == "demo":
+            _demo(c)
+        else:
+            raise ValueError(f"unknown config variant {variant!r} in {arg!r}; see "
+                             "magjax/recipes.py for the list")
+    if c.data.dataset in DATASETS and not c.data.synthetic:
+        c.data.num_classes, c.data.num_examples = DATASETS[c.data.dataset]
+    return c
+
+
+def _demo(c: ml_collections.ConfigDict) -> None:
+    """CPU demo: the tiny backbone on synthetic identities, minutes on 2 cores."""
+    c.data.dataset = "synthetic"
+    c.data.synthetic = True
+    c.data.dir = os.path.join(default_cache_dir(), "synthetic_demo")
+    c.data.num_classes = None
+    c.data.num_examples = None
+    c.data.augment = "flip"
+    c.model.arch = "tiny"
+    c.model.dtype = "float32"  # bf16 is emulated (slow) on most CPUs
+    c.model.dropout = 0.0
+    c.global_batch = 128
+    c.epochs = 6.0
+    c.optim.update(lr=0.1, schedule="poly", warmup_epochs=0.5, milestones=())
+    c.log_every_steps = 20
+    c.eval.update(every_steps=200, bins=("verification.bin",), quality_set="quality.npz",
+                  batch_size=256)
+    c.checkpoint.update(every_steps=200, keep=2)

@@ -1,0 +1,418 @@
+"""The training loop: data-parallel backbone, class-sharded margin head, orbax checkpoints.
+
+Shape of a run (``train_and_evaluate``): mesh -> input pipeline -> model, head, optimizer ->
+sharded train state (restored from ``WORKDIR/checkpoints`` when present) -> jitted
+``train_step`` -> periodic logging, checkpoints and verification -> final checkpoint, exported
+inference model (``WORKDIR/model``) and ``summary.json``.
+
+The train state is a plain dict pytree: ``params`` (``backbone``, ``head``), ``batch_stats``,
+``margin_state`` (AdaFace's EMA), ``opt_state`` and ``step``. Randomness is derived from the seed
+folded with the step, so nothing random is carried and a resumed run draws the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import scipy.stats
+
+from magjax import checkpoint, head, losses, models, optim, parallel
+from magjax.data import pipeline as data_pipeline
+from magjax.logs import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Components:
+    """Everything a train step needs besides the state (static under jit)."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    backbone: Any
+    head: head.MarginHead
+    loss: losses.MarginLoss
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    input_spec: dict
+    compute_dtype: Any
+
+
+def margin_loss_from_config(loss_config: ml_collections.ConfigDict) -> losses.MarginLoss:
+    fields = dict(loss_config)
+    return losses.MarginLoss.create(fields.pop("name"), **fields)
+
+
+def build_components(config, mesh, num_classes: int, steps_per_epoch: int, total_steps: int
+                     ) -> Components:
+    compute_dtype = jnp.dtype(config.model.dtype)
+    backbone = models.build(config.model.arch, dtype=compute_dtype, dropout=config.model.dropout,
+                            embedding_dim=config.model.embedding_dim)
+    loss = margin_loss_from_config(config.loss)
+    margin_head = head.MarginHead(
+        num_classes=num_classes, embedding_dim=config.model.embedding_dim, loss=loss, mesh=mesh,
+        sample_rate=config.head.sample_rate, weight_init=config.head.weight_init)
+    updates_per_epoch = max(steps_per_epoch // config.optim.accumulate_steps, 1)
+    schedule = optim.learning_rate_schedule(
+        config.optim, updates_per_epoch, max(total_steps // config.optim.accumulate_steps, 1))
+    abstract = jax.eval_shape(functools.partial(_init_variables, backbone, margin_head, config),
+                              jax.random.key(0))
+    trainable = {"backbone": models.trainable_mask(config.model.arch,
+                                                   abstract["params"]["backbone"]),
+                 "head": jax.tree.map(lambda _: True, abstract["params"]["head"])}
+    decay_mask = optim.weight_decay_mask(abstract["params"], trainable,
+                                         config.optim.decay_batchnorm)
+    tx = optim.make_optimizer(config.optim, schedule, decay_mask)
+    return Components(config, mesh, backbone, margin_head, loss, tx, schedule,
+                      models.input_spec(config.model.arch), compute_dtype)
+
+
+def _init_variables(backbone, margin_head, config, key):
+    k_backbone, k_head = jax.random.split(key)
+    images = jnp.zeros((1, *models.INPUT_SHAPE), jnp.float32)
+    backbone_vars = backbone.init(k_backbone, images, train=False)
+    embeddings = jnp.zeros((margin_head.mesh.shape[parallel.DATA_AXIS],
+                            config.model.embedding_dim), jnp.float32)
+    labels = jnp.zeros((embeddings.shape[0],), jnp.int32)
+    head_vars = margin_head.init(k_head, embeddings, labels)
+    return {
+        "params": {"backbone": backbone_vars["params"], "head": head_vars["params"]},
+        "batch_stats": backbone_vars.get("batch_stats", {}),
+        "margin_state": head_vars.get(head.MARGIN_STATE, {}),
+    }
+
+
+def init_state(components: Components, key: jax.Array) -> dict:
+    """The initial train state, created directly in its shards."""
+
+    def init(key):
+        variables = _init_variables(components.backbone, components.head, components.config, key)
+        return {**variables, "opt_state": components.tx.init(variables["params"]),
+                "step": jnp.zeros((), jnp.int32)}
+
+    shardings = parallel.state_shardings(jax.eval_shape(init, key), components.mesh)
+    return jax.jit(init, out_shardings=shardings)(key)
+
+
+def _is_class_rows(path, leaf) -> bool:
+    return bool(parallel.CLASS_SHARDED.search(parallel.path_name(path))) and leaf.ndim == 2
+
+
+def make_train_step(components: Components, base_key: jax.Array):
+    """The pure train step ``(state, batch) -> (state, metrics)`` (jit it with shardings)."""
+    c = components
+    config = c.config
+    skip_nonfinite = config.nan_policy == "skip"
+    freeze_unsampled = config.head.freeze_unsampled and config.head.sample_rate < 1.0
+
+    def train_step(state, batch):
+        step = state["step"]
+        dropout_key, sample_key = jax.random.split(jax.random.fold_in(base_key, step))
+        images = models.preprocess(batch["image"], c.input_spec).astype(c.compute_dtype)
+
+        def loss_fn(params):
+            embeddings, backbone_updates = c.backbone.apply(
+                {"params": params["backbone"], "batch_stats": state["batch_stats"]}, images,
+                train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key})
+            head_vars = {"params": params["head"]}
+            if state["margin_state"]:
+                head_vars[head.MARGIN_STATE] = state["margin_state"]
+            (total, metrics), head_updates = c.head.apply(
+                head_vars, embeddings, batch["label"], sample_key=sample_key,
+                mutable=[head.MARGIN_STATE])
+            norms = jnp.linalg.norm(embeddings.astype(jnp.float32), axis=-1)
+            metrics["feature_norm"] = norms.mean()
+            return total, (metrics, backbone_updates.get("batch_stats", {}),
+                           head_updates.get(head.MARGIN_STATE, {}))
+
+        (loss, (metrics, batch_stats, margin_state)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = c.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        sampled = metrics.pop("sampled")
+        if freeze_unsampled:
+            params = optim.keep_unsampled_rows(params, state["params"], sampled, _is_class_rows)
+            opt_state = optim.keep_unsampled_rows(opt_state, state["opt_state"], sampled,
+                                                  _is_class_rows)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = {"params": params, "batch_stats": batch_stats, "margin_state": margin_state,
+                     "opt_state": opt_state, "step": step + 1}
+        if skip_nonfinite:
+            old = {**state, "step": step + 1}
+            new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, old)
+        metrics.update(loss=loss, grad_norm=grad_norm, nonfinite=~finite,
+                       lr=c.schedule(step // config.optim.accumulate_steps))
+        if "loss_g" in metrics:
+            metrics["lambda_g_loss_g"] = c.loss.lambda_g * metrics["loss_g"]
+        return new_state, metrics
+
+    return train_step
+
+
+def params_sha256(params: Any) -> str:
+    """A hash of the parameter bytes, in a fixed (sorted-path) order."""
+    digest = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(parallel.to_host(params))[0]
+    for path, leaf in sorted(leaves, key=lambda item: parallel.path_name(item[0])):
+        digest.update(parallel.path_name(path).encode())
+        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return digest.hexdigest()
+
+
+class Evaluator:
+    """Verification on ``.bin`` sets and the norm-vs-quality correlation on a quality set."""
+
+    def __init__(self, config, components: Components, data_dir: pathlib.Path):
+        from magjax.data import verification_bin
+        from magjax.encoder import FaceEncoder
+
+        self.sets = {}
+        for path in config.eval.bins:
+            path = data_dir / path
+            self.sets[path.stem] = verification_bin.load_bin(path)
+        self.quality = None
+        if config.eval.quality_set:
+            with np.load(data_dir / config.eval.quality_set) as q:
+                self.quality = (q["images"], q["quality"])
+        self.encoder = None
+        if self.sets or self.quality is not None:
+            abstract = {"params": None, "batch_stats": None}
+            self.encoder = FaceEncoder(config.model.arch, abstract, components.input_spec,
+                                       embedding_dim=config.model.embedding_dim,
+                                       batch_size=config.eval.batch_size,
+                                       dtype=components.compute_dtype)
+
+    def __call__(self, state: dict) -> dict:
+        from magjax.eval import verification
+
+        if self.encoder is None:
+            return {}
+        self.encoder.variables = parallel.to_host({"params": state["params"]["backbone"],
+                                                   "batch_stats": state["batch_stats"]})
+        results: dict[str, Any] = {"verification": {}}
+        for name, (images, issame) in self.sets.items():
+            r = verification.run(self.encoder.embed_raw, images, issame,
+                                 batch_size=self.encoder.batch_size)
+            results["verification"][name] = {"accuracy": float(r["accuracy"]),
+                                             "std": float(r["std"]), "xnorm": float(r["xnorm"])}
+        if self.quality is not None:
+            images, levels = self.quality
+            _, norms = self.encoder.encode(images)
+            rho = scipy.stats.spearmanr(norms, levels).statistic
+            results["quality"] = {"spearman_norm_vs_quality": float(rho),
+                                  "mean_norm_per_level": {
+                                      int(q): float(norms[levels == q].mean())
+                                      for q in np.unique(levels)}}
+        return results
+
+
+def resolve_data_dir(config) -> pathlib.Path:
+    """The prepared dataset directory; builds the synthetic demo set on first use."""
+    if config.data.synthetic:
+        from magjax import data
+
+        return pathlib.Path(data.prepare("synthetic", None, config.data.dir,
+                                         **dict(config.data.synthetic_options)))
+    if not config.data.dir:
+        raise ValueError(
+            "config.data.dir is not set: pass --config.data.dir=/path/to/dataset prepared with "
+            "`python -m magjax.data prepare --format rec|folder --src SRC --out DIR`, or run "
+            "the CPU demo with --config configs/<loss>.py:demo")
+    return pathlib.Path(config.data.dir)
+
+
+class _Preemption:
+    """SIGTERM (Cloud TPU preemption, SLURM time limit) asks the loop to save and stop."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint and stopping")
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+    """Trains (or resumes) in ``workdir``; returns the summary, or None when preempted."""
+    workdir_path = pathlib.Path(workdir).absolute()
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    primary = jax.process_index() == 0
+    mesh = parallel.make_mesh(config.num_devices)
+    devices = mesh.shape[parallel.DATA_AXIS]
+    if config.global_batch % devices:
+        raise ValueError(f"global_batch {config.global_batch} must be a multiple of the "
+                         f"{devices} devices")
+
+    data_dir = resolve_data_dir(config)
+    pipeline = data_pipeline.TrainPipeline(
+        data_dir, global_batch=config.global_batch, seed=config.seed,
+        augment=config.data.augment, process_index=jax.process_index(),
+        process_count=jax.process_count(), num_workers=config.data.num_workers)
+    for key, actual in (("num_classes", pipeline.num_classes),
+                        ("num_examples", pipeline.num_examples)):
+        expected = config.data[key]
+        if expected is not None and expected != actual:
+            raise ValueError(f"config.data.{key} is {expected} but {data_dir} has {actual}; "
+                             f"set --config.data.{key}={actual} if that is the data you mean")
+    steps_per_epoch = pipeline.steps_per_epoch
+    total_steps = config.total_steps or max(int(config.epochs * steps_per_epoch), 1)
+
+    components = build_components(config, mesh, pipeline.num_classes, steps_per_epoch,
+                                  total_steps)
+    init_key, base_key = jax.random.split(jax.random.key(config.seed))
+    state = init_state(components, init_key)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    checkpoints = checkpoint.TrainCheckpoints(workdir_path, every_steps=config.checkpoint
+                                              .every_steps, keep=config.checkpoint.keep)
+    run_facts = {"num_classes": pipeline.num_classes, "arch": config.model.arch,
+                 "loss": config.loss.name}
+    best = {"accuracy": -1.0, "step": 0}
+    latest = checkpoints.latest_step()
+    if latest is not None:
+        saved = checkpoints.restore_meta(latest)
+        for key, value in run_facts.items():
+            if saved["run"].get(key) != value:
+                raise ValueError(f"{workdir_path} holds a run with {key}={saved['run'].get(key)!r}"
+                                 f", this config has {value!r}: use another --workdir")
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                               sharding=x.sharding), state)
+        state, meta = checkpoints.restore(latest, abstract)
+        pipeline.set_state(meta["pipeline"])
+        best = meta.get("best", best)
+        log.info("resumed from step %d (saved on %d devices, now %d)", latest,
+                 meta["devices"], devices)
+
+    batch_sharding = parallel.batch_sharding(mesh)
+    train_step = jax.jit(make_train_step(components, base_key), donate_argnums=(0,),
+                         in_shardings=(shardings, batch_sharding),
+                         out_shardings=(shardings, parallel.replicated(mesh)))
+    evaluator = Evaluator(config, components, data_dir)
+    logger = MetricsLogger(workdir_path, enabled=primary)
+    preemption = _Preemption()
+    start_step = int(state["step"])
+    start_time = time.time()
+    images_per_step = config.global_batch
+    pending: list[dict] = []
+    last_loss = float("nan")
+    evaluation: dict = {}
+
+    def meta_now(step):
+        return {"pipeline": pipeline.get_state(), "devices": devices, "run": run_facts,
+                "best": best, "step": step}
+
+    def export(directory, state, step):
+        checkpoint.save_inference_model(
+            workdir_path / directory,
+            parallel.to_host({"params": state["params"]["backbone"],
+                              "batch_stats": state["batch_stats"]}),
+            {"arch": config.model.arch, "family": models.family(config.model.arch),
+             "input_spec": components.input_spec, "embedding_dim": config.model.embedding_dim,
+             "trained_with": config.loss.name, "step": step})
+
+    def flush(step):
+        nonlocal last_loss
+        if not pending:
+            return
+        fetched = jax.device_get(pending)
+        pending.clear()
+        bad = [step - len(fetched) + i + 1 for i, m in enumerate(fetched) if m["nonfinite"]]
+        if bad and config.nan_policy == "stop":
+            raise FloatingPointError(
+                f"loss or gradients became NaN/Inf within steps [{bad[0]}, {bad[-1]}]; "
+                "lower optim.lr, or set nan_policy='skip' to drop such updates")
+        mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]
+                if np.ndim(fetched[0][k]) == 0}
+        mean["skipped_nonfinite"] = len(bad)
+        elapsed = time.time() - step_timer[0]
+        mean["images_per_s"] = len(fetched) * images_per_step / max(elapsed, 1e-9)
+        step_timer[0] = time.time()
+        last_loss = mean["loss"]
+        logger.write(step, mean, total_steps=total_steps)
+
+    step_timer = [time.time()]
+    step = start_step
+    try:
+        while step < total_steps:
+            batch = parallel.global_batch(mesh, next(pipeline))
+            state, metrics = train_step(state, batch)
+            pending.append(metrics)
+            step += 1
+            due_log = step % config.log_every_steps == 0 or step == total_steps
+            due_eval = step % config.eval.every_steps == 0 or step == total_steps
+            due_ckpt = step % config.checkpoint.every_steps == 0
+            if due_log or due_eval or due_ckpt or preemption.requested:
+                flush(step)
+            if due_eval:
+                evaluation = evaluator(state)
+                if evaluation:
+                    logger.write(step, _flatten(evaluation), kind="eval")
+                    accuracy = _first_accuracy(evaluation)
+                    if accuracy is not None and accuracy > best["accuracy"]:
+                        best = {"accuracy": accuracy, "step": step}
+                        if primary:
+                            export("model_best", state, step)
+            if due_ckpt or preemption.requested or step == total_steps:
+                checkpoints.save(step, state, meta_now(step),
+                                 force=preemption.requested or step == total_steps)
+            if preemption.requested:
+                checkpoints.wait()
+                log.warning("stopped at step %d after SIGTERM; rerun the same command to "
+                            "resume", step)
+                return None
+    finally:
+        checkpoints.wait()
+        checkpoints.close()
+        preemption.restore()
+
+    if primary:
+        export("model", state, step)
+    summary = {
+        "steps": step,
+        "wall_s": time.time() - start_time,
+        "final_loss": last_loss,
+        "params_sha256": params_sha256(state["params"]),
+        "devices": devices,
+        "processes": jax.process_count(),
+        "best": best,
+        **evaluation,
+    }
+    summary.setdefault("verification", {})
+    logger.close()
+    if primary:
+        (workdir_path / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "/"))
+        else:
+            out[name] = value
+    return out
+
+
+def _first_accuracy(evaluation: dict) -> float | None:
+    for result in evaluation.get("verification", {}).values():
+        return result["accuracy"]
+    return None

@@ -1,0 +1,191 @@
+"""The training program on a tiny synthetic dataset: every loss on 1 and 8 devices, exact
+resume after SIGTERM, restore on another device count, config errors, and 2 processes."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from magjax import checkpoint, recipes, train
+from magjax.data import pipeline as data_pipeline
+
+REPO = pathlib.Path(__file__).parent.parent
+SYNTHETIC = dict(num_identities=12, images_per_identity=4, num_heldout=4, num_pairs=20,
+                 quality_images_per_level=1)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from magjax import data
+
+    return data.prepare("synthetic", None, tmp_path_factory.mktemp("data") / "tiny",
+                        **SYNTHETIC)
+
+
+def tiny_config(loss, dataset, **overrides):
+    config = recipes.get_config(loss, "demo")
+    config.data.dir = str(dataset)
+    config.data.synthetic = False
+    config.model.embedding_dim = 32
+    config.global_batch = 16
+    config.total_steps = 2
+    config.log_every_steps = 1
+    config.eval.every_steps = 1000  # evaluated once, at the end
+    config.checkpoint.every_steps = 1000
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config
+
+
+def exported_params(workdir):
+    variables, _ = checkpoint.load_inference_model(pathlib.Path(workdir) / "model")
+    return variables
+
+
+@pytest.mark.parametrize("loss", ["arcface", "cosface", "magface", "adaface"])
+def test_two_steps_on_one_and_eight_devices_agree(loss, dataset, tmp_path):
+    summaries, params = {}, {}
+    for devices in (1, 8):
+        workdir = tmp_path / f"d{devices}"
+        summaries[devices] = train.train_and_evaluate(
+            tiny_config(loss, dataset, num_devices=devices), str(workdir))
+        params[devices] = exported_params(workdir)
+    for s in summaries.values():
+        assert s["steps"] == 2 and np.isfinite(s["final_loss"])
+        assert 0.0 <= s["verification"]["verification"]["accuracy"] <= 1.0
+        assert -1.0 <= s["quality"]["spearman_norm_vs_quality"] <= 1.0
+    # The same global batch on 8 devices (class-sharded head, global BatchNorm statistics)
+    # gives the parameters of the single-device run, up to float32 reduction order.
+    np.testing.assert_allclose(summaries[8]["final_loss"], summaries[1]["final_loss"],
+                               rtol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5),
+                 params[8], params[1])
+    records = [json.loads(line) for line in (tmp_path / "d8/metrics.jsonl").open()]
+    assert {r["step"] for r in records if r["kind"] == "train"} == {1, 2}
+    assert all("lr" in r and "images_per_s" in r for r in records if r["kind"] == "train")
+    if loss == "adaface":
+        assert {"adaface_batch_mean", "adaface_batch_std"} <= set(records[0])
+    if loss == "magface":
+        assert "lambda_g_loss_g" in records[0]
+
+
+def _sigterm_at(monkeypatch, step):
+    """Sends SIGTERM to this process when the input pipeline is about to yield batch ``step``."""
+    original = data_pipeline.TrainPipeline.__next__
+
+    def next_batch(self):
+        if self.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self)
+
+    monkeypatch.setattr(data_pipeline.TrainPipeline, "__next__", next_batch)
+
+
+@pytest.mark.parametrize("resume_devices", [8, 4])
+def test_sigterm_then_resume_continues_exactly(resume_devices, dataset, tmp_path, monkeypatch):
+    config = tiny_config("adaface", dataset, total_steps=5, num_devices=8,
+                         **{"checkpoint.every_steps": 2})
+    straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+
+    workdir = str(tmp_path / "interrupted")
+    with monkeypatch.context() as patch:
+        _sigterm_at(patch, 3)
+        assert train.train_and_evaluate(config, workdir) is None  # preempted: saved, stopped
+    saved = checkpoint.TrainCheckpoints(workdir, every_steps=2, keep=3)
+    assert saved.latest_step() == 4  # the signal arrived during step 4; it finished and saved
+    saved.close()
+    assert not (pathlib.Path(workdir) / "summary.json").exists()
+
+    config.num_devices = resume_devices
+    resumed = train.train_and_evaluate(config, workdir)
+    assert resumed["steps"] == 5
+    if resume_devices == 8:
+        # Same devices: bit-identical parameters (input position, RNG and state all restored).
+        assert resumed["params_sha256"] == straight["params_sha256"]
+    else:
+        # 8 -> 4 devices: class centres re-laid out (16 padded rows -> 12); equal up to the
+        # order of float32 reductions.
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5),
+                     exported_params(workdir), exported_params(tmp_path / "straight"))
+
+
+def test_resume_refuses_a_different_run(dataset, tmp_path):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(tiny_config("arcface", dataset), workdir)
+    with pytest.raises(ValueError, match="loss='arcface'.*'cosface'|loss"):
+        train.train_and_evaluate(tiny_config("cosface", dataset), workdir)
+
+
+def test_nan_policy_stop_names_the_steps(dataset, tmp_path):
+    config = tiny_config("arcface", dataset, **{"optim.lr": float("nan")})
+    with pytest.raises(FloatingPointError, match=r"within steps \[1, 1\]"):
+        train.train_and_evaluate(config, str(tmp_path / "nan"))
+    config = tiny_config("arcface", dataset, nan_policy="skip", **{"optim.lr": float("nan")})
+    summary = train.train_and_evaluate(config, str(tmp_path / "skip"))
+    assert summary["steps"] == 2  # every update dropped, parameters unchanged
+    fresh = train.train_and_evaluate(tiny_config("arcface", dataset, total_steps=1,
+                                                 **{"optim.lr": 0.0}), str(tmp_path / "lr0"))
+    assert summary["params_sha256"] == fresh["params_sha256"]
+
+
+def _run_main(args, env=None, **kwargs):
+    return subprocess.run([sys.executable, "-m", "magjax.main", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    result = _run_main(["--config", "configs/magface.py:demo", "--workdir", str(tmp_path),
+                        "--config.optim.lerning_rate=0.1"])
+    assert result.returncode != 0
+    assert "lerning_rate" in result.stderr
+
+
+def test_missing_dataset_points_to_the_demo(tmp_path):
+    with pytest.raises(ValueError, match="configs/<loss>.py:demo"):
+        train.train_and_evaluate(recipes.get_config("magface"), str(tmp_path))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process(dataset, tmp_path):
+    """2 processes x 4 CPU devices through the real training step = 1 process x 8 devices."""
+    overrides = [f"--config.data.dir={dataset}", "--config.data.synthetic=False",
+                 "--config.model.embedding_dim=32", "--config.global_batch=16",
+                 "--config.total_steps=2", "--config.eval.bins=()",
+                 "--config.eval.quality_set="]
+    single = _run_main(["--config", "configs/arcface.py:demo", "--workdir",
+                        str(tmp_path / "single"), *overrides])
+    assert single.returncode == 0, single.stderr[-3000:]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "magjax.main", "--config", "configs/arcface.py:demo",
+         "--workdir", str(tmp_path / "multi"), *overrides,
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    multi = json.loads((tmp_path / "multi/summary.json").read_text())
+    one = json.loads((tmp_path / "single/summary.json").read_text())
+    assert multi["processes"] == 2 and multi["devices"] == 8 and one["devices"] == 8
+    np.testing.assert_allclose(multi["final_loss"], one["final_loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 exported_params(tmp_path / "multi"), exported_params(tmp_path / "single"))
