@@ -1,0 +1,184 @@
+"""Face-recognition backbones matching the official PyTorch architectures, in Flax linen.
+
+``build(arch)`` returns a module whose ``__call__(images, *, train)`` maps normalised NHWC float
+images [B, 112, 112, 3] to the RAW (un-normalised) float32 embedding [B, embedding_dim]; the
+margin losses normalise it and read its norm. Variables: ``params`` (always float32) and
+``batch_stats``; with dropout > 0 a training call needs the ``dropout`` rng.
+
+Families (the official repository each architecture reproduces, which fixes the input
+convention and the checkpoint layout ``magjax.convert`` reads):
+
+* ``arcface_torch``: ``iresnet18/34/50/100/200``, ``mbf`` (insightface arcface_torch), and
+  ``tiny``, a small iresnet-style net for the CPU demo (not an official architecture);
+* ``magface``: ``magface_iresnet18/34/50/100`` (MagFace's iresnet variant);
+* ``adaface``: ``ir_18/34/50/101`` (AdaFace's IR nets).
+
+BatchNorm under data parallelism: the train step runs the backbone under plain ``jax.jit``
+with the batch sharded on mesh axis ``data``; XLA computes the BatchNorm statistics over the
+global batch (as synchronised BatchNorm would), so no module sets ``axis_name``.
+
+Frozen parameter: arcface_torch fixes the final BatchNorm1d scale (``features/scale``) to 1.
+It is a counted, loadable parameter whose gradient is exactly zero (read through
+``stop_gradient``); optimisers that decay weights outside the gradient must mask it out with
+:func:`trainable_mask`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from magjax.models import ir, iresnet, mobilefacenet
+
+ARCHS = (
+    "iresnet18",
+    "iresnet34",
+    "iresnet50",
+    "iresnet100",
+    "iresnet200",
+    "magface_iresnet18",
+    "magface_iresnet34",
+    "magface_iresnet50",
+    "magface_iresnet100",
+    "ir_18",
+    "ir_34",
+    "ir_50",
+    "ir_101",
+    "mbf",
+    "tiny",
+)
+FAMILIES = ("arcface_torch", "magface", "adaface")
+INPUT_SHAPE = (112, 112, 3)
+
+# x_float = (x_uint8 / 255 - mean) / std, channels in `channel_order` (field.md section 1).
+_INPUT_SPECS = {
+    "arcface_torch": {"channel_order": "RGB", "mean": 0.5, "std": 0.5},
+    "magface": {"channel_order": "BGR", "mean": 0.0, "std": 1.0},
+    "adaface": {"channel_order": "BGR", "mean": 0.5, "std": 0.5},
+}
+# Dropout each official family trains with by default.
+DEFAULT_DROPOUT = {"arcface_torch": 0.0, "magface": 0.4, "adaface": 0.4}
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(ARCHS)}")
+
+
+def family(arch: str) -> str:
+    """The official repository ``arch`` reproduces: arcface_torch, magface or adaface."""
+    _check_arch(arch)
+    if arch.startswith("magface_"):
+        return "magface"
+    if arch.startswith("ir_"):
+        return "adaface"
+    return "arcface_torch"
+
+
+def input_spec(arch: str) -> dict:
+    """The input convention of ``arch`` (JSON-serialisable), for :func:`preprocess`."""
+    return dict(_INPUT_SPECS[family(arch)])
+
+
+def preprocess(images_uint8_rgb: jax.Array, spec: dict) -> jax.Array:
+    """uint8 RGB images [..., H, W, 3] -> float32 network input following ``spec``.
+
+    Pure jnp, so it runs on device inside the jitted train/eval step.
+    """
+    order = spec.get("channel_order")
+    if order not in ("RGB", "BGR"):
+        raise ValueError(f"input spec channel_order must be 'RGB' or 'BGR', got {order!r}")
+    if images_uint8_rgb.shape[-1] != 3:
+        raise ValueError(f"expected images [..., H, W, 3], got shape {images_uint8_rgb.shape}")
+    x = jnp.asarray(images_uint8_rgb).astype(jnp.float32) / 255.0
+    if order == "BGR":
+        x = x[..., ::-1]
+    mean = jnp.asarray(spec["mean"], jnp.float32)
+    std = jnp.asarray(spec["std"], jnp.float32)
+    return (x - mean) / std
+
+
+def build(
+    arch: str,
+    *,
+    dtype: Any = jnp.float32,
+    dropout: float | None = None,
+    embedding_dim: int = 512,
+) -> nn.Module:
+    """The Flax backbone ``arch``; ``dtype`` is the compute dtype (parameters stay float32).
+
+    ``dropout=None`` takes the official family's default (arcface_torch 0.0, MagFace and
+    AdaFace 0.4); ``mbf`` has no dropout layer.
+    """
+    _check_arch(arch)
+    fam = family(arch)
+    rate = DEFAULT_DROPOUT[fam] if dropout is None else float(dropout)
+    if arch == "mbf":
+        if rate:
+            raise ValueError(f"mbf has no dropout layer; got dropout={dropout}")
+        return mobilefacenet.MobileFaceNet(embedding_dim=embedding_dim, dtype=dtype)
+    if arch == "tiny":
+        # CPU-demo net: the 56x56 layers dominate CPU time, so an 8-channel stride-2 stem, then
+        # one block per stage (16/32/64/128): 112 -> 56 -> 28 -> 14 -> 7 -> 4, head 4*4*128.
+        return iresnet.IResNet(
+            stage_blocks=(1, 1, 1, 1),
+            widths=(16, 32, 64, 128),
+            stem_width=8,
+            stem_stride=2,
+            family="arcface_torch",
+            dropout=rate,
+            embedding_dim=embedding_dim,
+            dtype=dtype,
+        )
+    depth = int(arch.rsplit("iresnet", 1)[-1] if "iresnet" in arch else arch[len("ir_") :])
+    if fam == "adaface":
+        blocks = ir.STAGE_BLOCKS[100 if depth == 101 else depth]
+        return ir.IRNet(blocks, dropout=rate, embedding_dim=embedding_dim, dtype=dtype)
+    return iresnet.IResNet(
+        iresnet.STAGE_BLOCKS[depth],
+        family=fam,
+        dropout=rate,
+        embedding_dim=embedding_dim,
+        dtype=dtype,
+    )
+
+
+def abstract_variables(arch: str, **build_kwargs: Any) -> dict:
+    """Shapes/dtypes of ``{"params", "batch_stats"}`` via ``jax.eval_shape`` (no allocation)."""
+    model = build(arch, **build_kwargs)
+    images = jax.ShapeDtypeStruct((1, *INPUT_SHAPE), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+
+
+def count_params(arch: str, **build_kwargs: Any) -> int:
+    """Number of parameters as the official code counts them (frozen ones included, BatchNorm
+    running statistics excluded, PReLU slopes included)."""
+    params = abstract_variables(arch, **build_kwargs)["params"]
+    return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree.leaves(params)))
+
+
+def frozen_params(arch: str) -> tuple[tuple[str, ...], ...]:
+    """Paths of the parameters the official code never trains (arcface_torch's fixed scale)."""
+    _check_arch(arch)
+    if family(arch) == "arcface_torch" and arch != "mbf":
+        return (("features", "scale"),)
+    return ()
+
+
+def trainable_mask(arch: str, params: Any) -> Any:
+    """A pytree of bools like ``params``: False for the frozen parameters of ``arch``.
+
+    Use with e.g. ``optax.masked(optax.add_decayed_weights(wd), mask)`` or
+    ``optax.multi_transform`` so that weight decay cannot move a frozen parameter.
+    """
+    frozen = set(frozen_params(arch))
+    flat = traverse_util.flatten_dict(params)
+    missing = frozen - set(flat)
+    if missing:
+        raise ValueError(f"params of {arch} lack frozen parameter(s) {sorted(missing)}")
+    return traverse_util.unflatten_dict({path: path not in frozen for path in flat})

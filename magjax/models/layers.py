@@ -1,0 +1,130 @@
+"""Building blocks shared by the backbones: PyTorch-compatible layers and initialisers.
+
+Every layer here reproduces the PyTorch layer the official repositories use, with the
+differences in conventions made explicit:
+
+* BatchNorm momentum: PyTorch's ``momentum`` is the weight of the *new* batch statistic,
+  flax's is the weight of the *old* running value, so ``flax_momentum = 1 - torch_momentum``
+  (:func:`batch_norm` takes the PyTorch value to keep the official numbers visible).
+* Padding: PyTorch pads symmetrically (``padding=1`` on a 3x3 kernel); flax's ``"SAME"`` pads
+  ``(0, 1)`` for stride 2 on an even input, which would shift every strided feature map, so all
+  convolutions take explicit padding.
+* Initialisers are written against PyTorch's definitions (fan computed from the kernel as
+  PyTorch does; for HWIO kernels jax's ``variance_scaling`` computes the same fans).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# kaiming_normal_(mode="fan_out", nonlinearity="relu"): N(0, 2 / fan_out), not truncated.
+KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# PyTorch's default Linear/Conv weight init, kaiming_uniform_(a=sqrt(5)): U(+-1/sqrt(fan_in)).
+TORCH_DEFAULT_KERNEL = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias(fan_in: int) -> nn.initializers.Initializer:
+    """PyTorch's default Linear bias init U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def conv(
+    features: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    kernel_init: nn.initializers.Initializer,
+    dtype: Dtype,
+    name: str,
+) -> nn.Conv:
+    """A bias-free ``torch.nn.Conv2d`` equivalent (NHWC, HWIO kernel, symmetric padding)."""
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        feature_group_count=groups,
+        use_bias=False,
+        kernel_init=kernel_init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+class FrozenScaleBatchNorm(nn.BatchNorm):
+    """BatchNorm whose ``scale`` stays a parameter but never receives a gradient.
+
+    arcface_torch fixes the final ``BatchNorm1d`` weight to 1 and sets ``requires_grad=False``.
+    Here the parameter exists (it is counted and loaded from ``features.weight``) and is read
+    through ``stop_gradient``, so its gradient is exactly zero. An optimiser that adds weight
+    decay outside the gradient must still skip it: see ``magjax.models.trainable_mask``.
+    """
+
+    def param(self, name, init_fn, *args, **kwargs):
+        value = super().param(name, init_fn, *args, **kwargs)
+        return jax.lax.stop_gradient(value) if name == "scale" else value
+
+
+def batch_norm(
+    train: bool,
+    *,
+    eps: float,
+    torch_momentum: float,
+    dtype: Dtype,
+    name: str,
+    affine: bool = True,
+    frozen_scale: bool = False,
+) -> nn.BatchNorm:
+    """``torch.nn.BatchNorm{1,2}d(eps, momentum=torch_momentum, affine)`` over the last axis.
+
+    Training mode normalises with the statistics of the batch the module sees; under plain
+    ``jax.jit`` with the batch sharded over devices, that is the global batch (XLA inserts the
+    cross-device reduction), so no ``axis_name`` is used.
+    """
+    cls = FrozenScaleBatchNorm if frozen_scale else nn.BatchNorm
+    return cls(
+        use_running_average=not train,
+        momentum=1.0 - torch_momentum,
+        epsilon=eps,
+        use_scale=affine,
+        use_bias=affine,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+class PReLU(nn.Module):
+    """``torch.nn.PReLU(num_parameters=C)``: one slope per channel (last axis), initialised 0.25.
+
+    Written by hand because ``flax.linen.PReLU`` has a single shared slope.
+    """
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        slope = self.param("weight", nn.initializers.constant(0.25), (x.shape[-1],), jnp.float32)
+        x = x.astype(self.dtype)
+        return jnp.where(x >= 0, x, slope.astype(self.dtype) * x)
+
+
+def flatten(x: jax.Array) -> jax.Array:
+    """Flattens NHWC feature maps to [B, H*W*C] (PyTorch flattens NCHW as C*H*W: the converter
+    permutes the following Linear's input rows, so no transpose is needed at run time)."""
+    return x.reshape(x.shape[0], -1)
