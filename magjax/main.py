@@ -33,8 +33,9 @@ def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if _COORDINATOR.value:
-        if jax.default_backend() == "cpu" or not jax.devices():
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Cross-process collectives on CPU need gloo; the setting is ignored on TPU/GPU. Asking
+        # jax for its backend here would initialise it, which distributed.initialize forbids.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                    num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)

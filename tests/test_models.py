@@ -338,3 +338,31 @@ def test_dropout_defaults():
     assert models.build("magface_iresnet18").dropout == 0.4
     assert models.build("ir_50").dropout == 0.4
     assert models.build("ir_50", dropout=0.0).dropout == 0.0
+
+
+def test_batchnorm_statistics_are_global_under_data_parallel_jit():
+    """The train step runs the backbone under plain jit with the batch sharded over ``data``:
+    BatchNorm must see the global batch (as the single-device run does), not per-device shards."""
+    devices = jax.devices()
+    assert len(devices) == 8  # tests/conftest.py
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    batch = jax.sharding.NamedSharding(mesh, jax.P("data"))
+    model = models.build("tiny")
+    x = _images(16, size=32)
+    variables = _random_variables(model, x)
+
+    @jax.jit
+    def train_apply(variables, x):
+        return model.apply(variables, x, train=True, mutable=["batch_stats"])
+
+    single_out, single_stats = train_apply(variables, x)
+    sharded_out, sharded_stats = train_apply(variables, jax.device_put(x, batch))
+    assert len(sharded_out.sharding.device_set) == 8
+    np.testing.assert_allclose(sharded_out, single_out, rtol=1e-4, atol=1e-4)
+    for got, want in zip(
+        jax.tree.leaves(sharded_stats), jax.tree.leaves(single_stats), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # Per-device statistics would give other outputs: the check above can tell them apart.
+    per_device_out, _ = train_apply(variables, x[:2])
+    assert not np.allclose(per_device_out, single_out[:2], atol=1e-2)

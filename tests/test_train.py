@@ -128,10 +128,11 @@ def test_resume_refuses_a_different_run(dataset, tmp_path):
 
 
 def test_nan_policy_stop_names_the_steps(dataset, tmp_path):
-    config = tiny_config("arcface", dataset, **{"optim.lr": float("nan")})
+    # An infinite scale makes every loss and gradient non-finite from the first step on.
+    config = tiny_config("arcface", dataset, **{"loss.s": float("inf")})
     with pytest.raises(FloatingPointError, match=r"within steps \[1, 1\]"):
         train.train_and_evaluate(config, str(tmp_path / "nan"))
-    config = tiny_config("arcface", dataset, nan_policy="skip", **{"optim.lr": float("nan")})
+    config = tiny_config("arcface", dataset, nan_policy="skip", **{"loss.s": float("inf")})
     summary = train.train_and_evaluate(config, str(tmp_path / "skip"))
     assert summary["steps"] == 2  # every update dropped, parameters unchanged
     fresh = train.train_and_evaluate(tiny_config("arcface", dataset, total_steps=1,
