@@ -24,7 +24,8 @@ MODEL_VARIABLES = "variables"
 def save_inference_model(directory: str | pathlib.Path, variables: Any, meta: dict) -> None:
     """Writes backbone ``variables`` (``{"params", "batch_stats"}``) and ``meta`` atomically.
 
-    ``meta`` must hold at least ``arch`` and ``input_spec`` (see ``magjax.models``).
+    ``meta`` must hold at least ``arch`` and ``input_spec`` (see ``magjax.models``). With several
+    processes every one must call this (orbax synchronises them); process 0 writes the files.
     """
     directory = pathlib.Path(directory).absolute()
     for key in ("arch", "input_spec"):
@@ -34,6 +35,8 @@ def save_inference_model(directory: str | pathlib.Path, variables: Any, meta: di
     host_variables = jax.tree.map(np.asarray, jax.device_get(variables))
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / MODEL_VARIABLES, host_variables, force=True)
+    if jax.process_index() != 0:
+        return
     # The meta is written last and through a rename: a directory with model.json is complete.
     tmp = directory / (MODEL_META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))

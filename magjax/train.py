@@ -319,6 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
                 "best": best, "step": step}
 
     def export(directory, state, step):
+        # Every process calls this: gathering sharded leaves and orbax's save are collectives.
         checkpoint.save_inference_model(
             workdir_path / directory,
             parallel.to_host({"params": state["params"]["backbone"],
@@ -367,8 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
                     accuracy = _first_accuracy(evaluation)
                     if accuracy is not None and accuracy > best["accuracy"]:
                         best = {"accuracy": accuracy, "step": step}
-                        if primary:
-                            export("model_best", state, step)
+                        export("model_best", state, step)
             if due_ckpt or preemption.requested or step == total_steps:
                 checkpoints.save(step, state, meta_now(step),
                                  force=preemption.requested or step == total_steps)
@@ -382,8 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
         checkpoints.close()
         preemption.restore()
 
-    if primary:
-        export("model", state, step)
+    export("model", state, step)
     summary = {
         "steps": step,
         "wall_s": time.time() - start_time,
