@@ -222,10 +222,10 @@ def convert(ckpt: str | pathlib.Path, source: str, arch: str, out: str | pathlib
     """Reads ``ckpt`` (an official ``source`` checkpoint), writes the inference model to ``out``
     and returns its meta."""
     family = models.family(arch)  # also rejects unknown archs, listing the valid ones
-    if arch == "tiny":
-        raise ConversionError("tiny is magjax's demo net; no official checkpoint exists for it")
+    if arch in models.DEMO_ARCHS:
+        raise ConversionError(f"{arch} is magjax's demo net; no official checkpoint exists for it")
     if family != source:
-        valid = [a for a in models.ARCHS if models.family(a) == source and a != "tiny"]
+        valid = [a for a in models.ARCHS if models.family(a) == source and a not in models.DEMO_ARCHS]
         raise ConversionError(
             f"arch {arch!r} belongs to family {family!r}, not {source!r}; "
             f"{source} archs: {', '.join(valid)}"

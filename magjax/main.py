@@ -32,6 +32,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if _CONFIG.value.cpu_devices:
+        # Must happen before the backend starts; it only affects the CPU platform.
+        jax.config.update("jax_num_cpu_devices", _CONFIG.value.cpu_devices)
     if _COORDINATOR.value:
         # Cross-process collectives on CPU need gloo; the setting is ignored on TPU/GPU. Asking
         # jax for its backend here would initialise it, which distributed.initialize forbids.

@@ -51,6 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.num_devices = ml_collections.config_dict.placeholder(int)  # None: every device
+    # On a CPU host, the number of XLA devices to split it into (set by magjax.main before JAX
+    # starts). XLA's CPU convolution weight gradient slows down superlinearly with the batch per
+    # device, so the demo trains data-parallel over 4 CPU devices (BENCHMARKS.md).
+    c.cpu_devices = ml_collections.config_dict.placeholder(int)
     c.data = dict(
         dir=ml_collections.config_dict.placeholder(str),  # a prepared dataset directory
         dataset="ms1mv2",
@@ -143,8 +147,10 @@ def get_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
             c.data.dataset = variant
         elif variant.startswith("r") and variant[1:] in DEPTHS:
             c.model.arch = _arch(loss, variant[1:])
-        elif variant in ("mbf", "tiny"):
+        elif variant == "mbf":
             c.model.arch = variant
+        elif variant == "tiny":
+            c.model.arch = "magface_tiny" if loss == "magface" else "tiny"
         elif variant.startswith("pfc"):
             c.head.sample_rate = float(variant[3:])
         elif variant == "demo":
@@ -161,17 +167,23 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     """CPU demo: the tiny backbone on synthetic identities, minutes on 2 cores."""
     c.data.dataset = "synthetic"
     c.data.synthetic = True
-    c.data.dir = os.path.join(default_cache_dir(), "synthetic_demo")
+    # 300 identities x 50 images: with more images per identity than the 1000 x 20 default,
+    # the net fits its training identities within the few epochs a CPU allows, and only then do
+    # MagFace magnitudes start to follow quality (BENCHMARKS.md).
+    c.data.synthetic_options = ml_collections.ConfigDict(
+        dict(num_identities=300, images_per_identity=50))
+    c.data.dir = os.path.join(default_cache_dir(), "synthetic_300x50")
     c.data.num_classes = None
     c.data.num_examples = None
     c.data.augment = "flip"
-    c.model.arch = "tiny"
+    c.model.arch = "magface_tiny" if c.loss.name == "magface" else "tiny"
     c.model.dtype = "float32"  # bf16 is emulated (slow) on most CPUs
     c.model.dropout = 0.0
+    c.cpu_devices = 4
     c.global_batch = 128
-    c.epochs = 6.0
+    c.epochs = 3.3
     c.optim.update(lr=0.1, schedule="poly", warmup_epochs=0.5, milestones=())
     c.log_every_steps = 20
-    c.eval.update(every_steps=200, bins=("verification.bin",), quality_set="quality.npz",
+    c.eval.update(every_steps=130, bins=("verification.bin",), quality_set="quality.npz",
                   batch_size=256)
-    c.checkpoint.update(every_steps=200, keep=2)
+    c.checkpoint.update(every_steps=130, keep=2)

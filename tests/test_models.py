@@ -162,6 +162,20 @@ def test_tiny_forward_shape_and_dtypes():
     assert models.count_params("tiny") < 2_000_000
 
 
+def test_magface_tiny_is_tiny_with_a_trainable_final_scale():
+    """The MagFace demo net: same layers as ``tiny``, MagFace family (input convention, trainable
+    final BatchNorm scale that lets the mean feature magnitude move)."""
+    assert models.family("magface_tiny") == "magface"
+    assert models.input_spec("magface_tiny") == models.input_spec("magface_iresnet18")
+    assert models.count_params("magface_tiny") == models.count_params("tiny")
+    model = models.build("magface_tiny", dropout=0.0)
+    x = _images(4, size=32)
+    variables = _random_variables(model, x)
+    grads = jax.jit(lambda v: _loss_grads(model, v, x))(variables)
+    assert np.any(np.asarray(grads["features"]["scale"]) != 0.0)
+    assert all(jax.tree.leaves(models.trainable_mask("magface_tiny", variables["params"])))
+
+
 def test_bf16_compute_keeps_float32_params_and_embedding():
     x = _images(2, size=32)
     for model32, model16 in [

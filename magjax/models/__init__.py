@@ -10,6 +10,8 @@ convention and the checkpoint layout ``magjax.convert`` reads):
 
 * ``arcface_torch``: ``iresnet18/34/50/100/200``, ``mbf`` (insightface arcface_torch), and
   ``tiny``, a small iresnet-style net for the CPU demo (not an official architecture);
+  ``magface_tiny`` is the same net in the MagFace family (trainable final BatchNorm scale, so
+  that feature magnitudes can spread: with arcface_torch's fixed scale their mean is pinned);
 * ``magface``: ``magface_iresnet18/34/50/100`` (MagFace's iresnet variant);
 * ``adaface``: ``ir_18/34/50/101`` (AdaFace's IR nets).
 
@@ -51,7 +53,14 @@ ARCHS = (
     "ir_101",
     "mbf",
     "tiny",
+    "magface_tiny",
 )
+DEMO_ARCHS = ("tiny", "magface_tiny")  # magjax's CPU-demo nets; no official checkpoint exists
+# The demo nets: a stride-2 stem, then one block per stage, 112 -> 56 -> 28 -> 14 -> 7 -> 4 and a
+# 4*4*64 head. Narrow because XLA's CPU convolution weight gradients at 56x56 and 28x28 dominate
+# the step (BENCHMARKS.md); 0.6 M parameters.
+TINY_STAGE_BLOCKS = (1, 1, 1, 1)
+TINY_WIDTHS = (8, 16, 32, 64)
 FAMILIES = ("arcface_torch", "magface", "adaface")
 INPUT_SHAPE = (112, 112, 3)
 
@@ -122,15 +131,13 @@ def build(
         if rate:
             raise ValueError(f"mbf has no dropout layer; got dropout={dropout}")
         return mobilefacenet.MobileFaceNet(embedding_dim=embedding_dim, dtype=dtype)
-    if arch == "tiny":
-        # CPU-demo net: the 56x56 layers dominate CPU time, so an 8-channel stride-2 stem, then
-        # one block per stage (16/32/64/128): 112 -> 56 -> 28 -> 14 -> 7 -> 4, head 4*4*128.
+    if arch in DEMO_ARCHS:
         return iresnet.IResNet(
-            stage_blocks=(1, 1, 1, 1),
-            widths=(16, 32, 64, 128),
-            stem_width=8,
+            stage_blocks=TINY_STAGE_BLOCKS,
+            widths=TINY_WIDTHS,
+            stem_width=TINY_WIDTHS[0],
             stem_stride=2,
-            family="arcface_torch",
+            family=fam,
             dropout=rate,
             embedding_dim=embedding_dim,
             dtype=dtype,

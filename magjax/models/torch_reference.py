@@ -226,8 +226,9 @@ def build_torch(arch: str, dropout: float | None = None) -> nn.Module:
     rate = models.DEFAULT_DROPOUT[fam] if dropout is None else dropout
     if arch == "mbf":
         return MobileFaceNet()
-    if arch == "tiny":
-        return IResNet((1, 1, 1, 1), "arcface_torch", (16, 32, 64, 128), 8, 2, rate, spatial=4)
+    if arch in models.DEMO_ARCHS:
+        return IResNet(models.TINY_STAGE_BLOCKS, fam, models.TINY_WIDTHS, models.TINY_WIDTHS[0],
+                       2, rate, spatial=4)
     if fam == "adaface":
         depth = int(arch[len("ir_") :])
         return IRNet(ir.STAGE_BLOCKS[100 if depth == 101 else depth], rate)
