@@ -225,7 +225,8 @@ def convert(ckpt: str | pathlib.Path, source: str, arch: str, out: str | pathlib
     if arch in models.DEMO_ARCHS:
         raise ConversionError(f"{arch} is magjax's demo net; no official checkpoint exists for it")
     if family != source:
-        valid = [a for a in models.ARCHS if models.family(a) == source and a not in models.DEMO_ARCHS]
+        valid = [a for a in models.ARCHS
+                 if models.family(a) == source and a not in models.DEMO_ARCHS]
         raise ConversionError(
             f"arch {arch!r} belongs to family {family!r}, not {source!r}; "
             f"{source} archs: {', '.join(valid)}"

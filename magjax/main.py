@@ -11,6 +11,7 @@ cluster); elsewhere give ``--coordinator_address``, ``--num_processes`` and ``--
 
 import json
 import logging
+import os
 
 import jax
 from absl import app, flags
@@ -32,8 +33,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if _CONFIG.value.cpu_devices:
-        # Must happen before the backend starts; it only affects the CPU platform.
+    forced = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+    if _CONFIG.value.cpu_devices and not forced:
+        # Must happen before the backend starts; it only affects the CPU platform. A device
+        # count forced through XLA_FLAGS (tests, users) takes precedence.
         jax.config.update("jax_num_cpu_devices", _CONFIG.value.cpu_devices)
     if _COORDINATOR.value:
         # Cross-process collectives on CPU need gloo; the setting is ignored on TPU/GPU. Asking

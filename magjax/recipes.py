@@ -52,8 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.num_devices = ml_collections.config_dict.placeholder(int)  # None: every device
     # On a CPU host, the number of XLA devices to split it into (set by magjax.main before JAX
-    # starts). XLA's CPU convolution weight gradient slows down superlinearly with the batch per
-    # device, so the demo trains data-parallel over 4 CPU devices (BENCHMARKS.md).
+    # starts, unless XLA_FLAGS forces a device count). XLA's CPU convolution weight gradient
+    # slows down superlinearly with the batch per device, so the demo trains data-parallel over
+    # 4 CPU devices (BENCHMARKS.md).
     c.cpu_devices = ml_collections.config_dict.placeholder(int)
     c.data = dict(
         dir=ml_collections.config_dict.placeholder(str),  # a prepared dataset directory

@@ -152,6 +152,19 @@ def test_unknown_config_key_is_named(tmp_path):
     assert "lerning_rate" in result.stderr
 
 
+def test_main_splits_the_cpu_into_config_cpu_devices(dataset, tmp_path):
+    """The demo's ``cpu_devices=4`` gives 4 CPU devices when XLA_FLAGS forces no count."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = _run_main(["--config", "configs/magface.py:demo", "--workdir", str(tmp_path),
+                        f"--config.data.dir={dataset}", "--config.data.synthetic=False",
+                        "--config.model.embedding_dim=32", "--config.global_batch=8",
+                        "--config.total_steps=1", "--config.eval.bins=()",
+                        "--config.eval.quality_set="], env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["devices"] == 4 and summary["steps"] == 1
+
+
 def test_missing_dataset_points_to_the_demo(tmp_path):
     with pytest.raises(ValueError, match="configs/<loss>.py:demo"):
         train.train_and_evaluate(recipes.get_config("magface"), str(tmp_path))
