@@ -41,6 +41,11 @@ def _arch(loss: str, depth: str) -> str:
     return f"iresnet{depth}"
 
 
+def _tiny_arch(loss: str) -> str:
+    # MagFace needs the trainable final BatchNorm scale of its family (magjax/models).
+    return "magface_tiny" if loss == "magface" else "tiny"
+
+
 def default_cache_dir() -> str:
     """Where the demo's synthetic dataset is built once and reused."""
     root = os.environ.get("MAGJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache"))
@@ -151,7 +156,7 @@ def get_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
         elif variant == "mbf":
             c.model.arch = variant
         elif variant == "tiny":
-            c.model.arch = "magface_tiny" if loss == "magface" else "tiny"
+            c.model.arch = _tiny_arch(loss)
         elif variant.startswith("pfc"):
             c.head.sample_rate = float(variant[3:])
         elif variant == "demo":
@@ -177,7 +182,7 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     c.data.num_classes = None
     c.data.num_examples = None
     c.data.augment = "flip"
-    c.model.arch = "magface_tiny" if c.loss.name == "magface" else "tiny"
+    c.model.arch = _tiny_arch(c.loss.name)
     c.model.dtype = "float32"  # bf16 is emulated (slow) on most CPUs
     c.model.dropout = 0.0
     c.cpu_devices = 4
