@@ -7,10 +7,11 @@ padding, masked out of the softmax (``C`` need not divide the device count). Ins
 
 1. all-gathers the embeddings, labels and row mask of the global batch (the transpose of this
    gather reduce-scatters the embedding gradients back to their devices),
-2. computes the cosines against its own class rows only (``[B, C_local]``: no device ever holds
-   ``[B, C]``), applies the margin where it owns the label,
+2. computes the cosines against its own class rows only (class-major ``[C_local, B]``: no
+   device ever holds the cosines of all ``C`` classes), applies the margin where it owns the
+   label,
 3. joins the softmax over shards with ``pmax``/``psum``
-   (:func:`magjax.losses.softmax_cross_entropy`).
+   (:func:`magjax.losses.margin_cross_entropy`).
 
 This is hand-written because no library shards a margin softmax by class. The loss math itself
 is :mod:`magjax.losses`; this module only lays it out over devices.
@@ -94,15 +95,17 @@ def sharded_margin_loss(
             index = None
             sampled = jnp.ones(classes_per_shard, bool)
 
-        cos = losses.cosine_similarity(x, weight)
-        onehot = jax.nn.one_hot(jnp.where(owned, local_label, -1), weight.shape[0],
-                                dtype=cos.dtype)
+        local_label = jnp.where(owned, local_label, -1)
+        # Cast to varying: this shard's cosine gradient w.r.t. x is a per-shard term, summed over
+        # shards by the cast's transpose (cosine_similarity's hand-written VJP cannot psum).
+        cos, target_cos = losses.cosine_similarity(lax.pcast(x, DATA_AXIS, to="varying"),
+                                                   weight, local_label)
         norms = losses.safe_norm(x.astype(cos.dtype))
         total, metrics, new_state = losses.margin_loss(
-            cos, onehot, norms, loss, state, row_mask=row_mask,
+            cos, target_cos, local_label, norms, loss, state, row_mask=row_mask,
             class_mask=class_ids < num_classes, axis_name=DATA_AXIS,
         )
-        logits = metrics.pop("logits")
+        logits = metrics.pop("logits").T
         if return_logits:
             if index is not None:
                 logits = jnp.zeros((x.shape[0], classes_per_shard), logits.dtype).at[

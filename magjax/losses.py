@@ -4,13 +4,19 @@ Notation (as in ../shared/docs/official-losses.md): ``x_i`` raw embedding, ``W_j
 (a row of ``W``, shape ``[C, d]``), ``c_ij = x̂_i · Ŵ_j`` the cosine, ``θ = arccos c``, ``s`` the
 scale, ``y_i`` the label.
 
-Every margin changes only the target entry ``c_{i,y_i}`` of each row, so the margin functions map
-the vector of target cosines ``[B]`` to new target values ``[B]``; :func:`margin_logits` writes
-them back into the ``[B, C]`` matrix with a one-hot. The one-hot may be all zero for a row: in
-the class-sharded head (``magjax.head``) a row whose label lives on another shard gets no margin
-there, exactly as arcface_torch marks it with label ``-1``. Cross entropy takes an optional mesh
-axis name, so the same code computes the softmax over one device's classes or, inside
-``jax.shard_map``, over every shard with ``pmax``/``psum``.
+Every margin changes only the target entry ``c_{i,y_i}`` of each sample, so the margin functions
+map the vector of target cosines ``[B]`` to new target values ``[B]`` (:func:`margin_targets`);
+the cross entropy takes them beside the cosine matrix and the labels. A sample's label may
+be missing from a block of classes: in the class-sharded head (``magjax.head``) a sample whose
+label lives on another shard gets no margin there, exactly as arcface_torch marks it with label
+``-1``. Cross entropy takes an optional mesh axis name, so the same code computes the softmax
+over one device's classes or, inside ``jax.shard_map``, over every shard with ``pmax``/``psum``.
+
+The cosine and logit matrices are class-major, ``[C, B]`` (entry ``[j, i]`` pairs class ``j``
+with sample ``i``), so every softmax reduction runs over the leading axis: XLA on CPU
+vectorises that reduction across the samples and runs it about ten times faster than the same
+reduction over the minor axis of a ``[B, C]`` matrix (BENCHMARKS.md, head step). The reference
+files and :func:`value_and_grads` keep the usual ``[B, C]`` logits.
 
 Head math runs in float32 even for bfloat16 embeddings (float64 when x64 inputs are given).
 Clamps use :func:`clamp`, whose gradient passes at the bounds as ``torch.clamp`` does.
@@ -19,6 +25,7 @@ Clamps use :func:`clamp`, whose gradient passes at the bounds as ``torch.clamp``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -30,6 +37,9 @@ from jax import lax
 INSIGHTFACE_PROBABILITY_FLOOR = 1e-30
 # AdaFace's initial EMA buffers (head.py: batch_mean = 20, batch_std = 100).
 ADAFACE_INITIAL_STATE = {"batch_mean": 20.0, "batch_std": 100.0}
+
+# torch.nn.functional.normalize's eps: norms are floored here.
+_NORM_EPS = 1e-12
 
 ARCFACE_VARIANTS = ("insightface", "paper", "classic", "easy")
 COMBINED_VARIANTS = ("insightface", "paper")
@@ -48,31 +58,77 @@ def clamp(x: jax.Array, low: Any, high: Any) -> jax.Array:
     return jnp.where(x < low, low, jnp.where(x > high, high, x))
 
 
-def safe_norm(x: jax.Array, axis: int = -1, keepdims: bool = False, eps: float = 1e-12
+def safe_norm(x: jax.Array, axis: int = -1, keepdims: bool = False, eps: float = _NORM_EPS
               ) -> jax.Array:
     """``max(||x||, eps)`` with a finite gradient at ``x = 0`` (``jnp.linalg.norm``'s is NaN,
     which would poison the zero rows that pad the class centres and the batch)."""
     return jnp.sqrt(jnp.maximum((x * x).sum(axis=axis, keepdims=keepdims), eps * eps))
 
 
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = _NORM_EPS) -> jax.Array:
     """``x / max(||x||, eps)`` along ``axis`` (``torch.nn.functional.normalize``)."""
     return x / safe_norm(x, axis=axis, keepdims=True, eps=eps)
 
 
-def cosine_similarity(embeddings: jax.Array, weight: jax.Array) -> jax.Array:
-    """``c_ij = x̂_i · Ŵ_j`` for raw embeddings ``[B, d]`` and raw class centres ``[C, d]`` (rows).
+def cosine_similarity(
+    embeddings: jax.Array, weight: jax.Array, labels: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Class-major cosines and each sample's target cosine, for raw embeddings ``[B, d]``, raw
+    class centres ``[C, d]`` (rows) and labels ``[B]``.
 
-    Both are normalised in the head dtype (float32 for bf16 inputs); no clamp is applied here,
-    each loss clamps as its official code does.
+    Returns ``(cos, target_cos)``: ``cos [C, B]`` with entry ``[j, i] = x̂_i · Ŵ_j``, and
+    ``target_cos [B] = cos[y_i, i]``, 0 where ``y_i`` is outside ``[0, C)`` (a label this block
+    of classes does not hold). Both are normalised in the head dtype (float32 for bf16 inputs);
+    no clamp is applied here, each loss clamps as its official code does.
     """
     dtype = head_dtype(jnp.result_type(embeddings, weight))
-    x = l2_normalize(embeddings.astype(dtype))
-    weight = weight.astype(dtype)
-    # Scaling the [B, C] product by 1/||W_j|| instead of normalising W saves writing (and, in
-    # the backward pass, reading) a normalised copy of the [C, d] centres.
-    inv_norm = 1.0 / safe_norm(weight)
-    return jnp.einsum("bd,cd->bc", x, weight, preferred_element_type=dtype) * inv_norm
+    x_unit = l2_normalize(embeddings.astype(dtype))
+    return _cosines_by_class(x_unit, weight.astype(dtype), labels)
+
+
+# Hand-written VJP, for memory traffic: the head's cost beyond its three matrix products is the
+# number of passes over [C, B] arrays. The centres are not normalised in memory: the [C, B]
+# product is scaled by 1/||W_j||, which saves writing and reading back a normalised [C, d]
+# copy. Autodiff of that scaling would keep the cosine gradient and the gradient of the raw
+# product as two [C, B] arrays and fold the norm's gradient into a separate [C, d] pass; here
+# one [C, B] array (the target entries added in place) feeds both matrix products and the
+# norm's term is added to the centre gradient as it is written. Gathering the target cosines
+# reads B entries where a one-hot reduction would read all C·B.
+@jax.custom_vjp
+def _cosines_by_class(x_unit, weight, labels):
+    return _cosines_forward(x_unit, weight, labels)[0]
+
+
+def _target_index(labels, num_classes):
+    """Rows of the targets (clipped into range) and whether each label is in this block."""
+    return jnp.clip(labels, 0, num_classes - 1), (labels >= 0) & (labels < num_classes)
+
+
+def _cosines_forward(x_unit, weight, labels):
+    norm = safe_norm(weight)
+    raw = jnp.einsum("cd,bd->cb", weight, x_unit, preferred_element_type=x_unit.dtype)
+    cos = raw * (1.0 / norm)[:, None]
+    rows, owned = _target_index(labels, weight.shape[0])
+    target_cos = jnp.where(owned, jnp.take_along_axis(cos, rows[None, :], axis=0)[0], 0.0)
+    return (cos, target_cos), (x_unit, weight, labels, raw, norm)
+
+
+def _cosines_backward(residuals, cotangents):
+    x_unit, weight, labels, raw, norm = residuals
+    grad_cos, grad_target = cotangents
+    inv_norm = 1.0 / norm
+    rows, owned = _target_index(labels, weight.shape[0])
+    grad_raw = (grad_cos * inv_norm[:, None]).at[rows, jnp.arange(labels.shape[0])].add(
+        jnp.where(owned, grad_target * inv_norm[rows], 0.0))
+    # ∂(1/||W_j||)/∂W_j = -W_j/||W_j||³ and Σ_i grad_cos_ji raw_ji = ||W_j|| Σ_i grad_raw_ji
+    # raw_ji; safe_norm's floor (norm = eps: the zero padding rows) passes no gradient.
+    radial = jnp.where(norm > _NORM_EPS, (grad_raw * raw).sum(axis=1) * inv_norm**2, 0.0)
+    grad_weight = jnp.einsum("cb,bd->cd", grad_raw, x_unit) - radial[:, None] * weight
+    grad_x = jnp.einsum("cb,cd->bd", grad_raw, weight)
+    return grad_x, grad_weight, None
+
+
+_cosines_by_class.defvjp(_cosines_forward, _cosines_backward)
 
 
 def _sin_from_cos(c: jax.Array) -> jax.Array:
@@ -220,51 +276,8 @@ def adaface_target(c: jax.Array, scaler: jax.Array, m: float, eps: float = 1e-3)
     return jnp.cos(theta) - m * (1.0 + scaler)
 
 
-# --------------------------------------------------------------------------------------------
-# Softmax cross entropy, dense or over class shards.
-
-
-def softmax_cross_entropy(
-    logits: jax.Array,
-    onehot: jax.Array,
-    *,
-    probability_floor: float | None = None,
-    mask: jax.Array | None = None,
-    class_mask: jax.Array | None = None,
-    axis_name: str | None = None,
-) -> jax.Array:
-    """Mean over rows of ``-log softmax(logits)[y]``, in the logits' (float32+) dtype.
-
-    ``onehot`` marks the target column of each row (all zero in a shard that does not own it).
-    With ``axis_name`` the class axis is split over that mesh axis: the row max is combined with
-    ``pmax`` and the sum of exponentials and the target logit with ``psum`` (arcface_torch's
-    DistCrossEntropy), so no device holds the ``[B, C]`` logits of another.
-
-    ``probability_floor`` (arcface_torch: 1e-30) computes ``-log(max(p, floor))`` forward, i.e.
-    caps each row's loss at ``-log(floor)`` (69.0776), while the gradient is the uncapped
-    ``(softmax - onehot)/B`` as in DistCrossEntropy's hand-written backward. ``mask`` (rows)
-    excludes padded rows: the mean is over the rows it keeps. ``class_mask`` (columns) excludes
-    padded classes from the softmax.
-    """
-    if class_mask is not None:
-        logits = jnp.where(class_mask, logits, -jnp.inf)
-    row_max = lax.stop_gradient(logits.max(axis=-1))
-    if axis_name is not None:
-        row_max = lax.pmax(row_max, axis_name)
-    sum_exp = jnp.exp(logits - row_max[:, None]).sum(axis=-1)
-    target = jnp.where(onehot > 0, logits, 0.0).sum(axis=-1)
-    if axis_name is not None:
-        sum_exp = lax.psum(sum_exp, axis_name)
-        target = lax.psum(target, axis_name)
-    per_row = jnp.log(sum_exp) + row_max - target
-    if probability_floor is not None:
-        cap = -math.log(probability_floor)
-        per_row = per_row + lax.stop_gradient(jnp.minimum(per_row, cap) - per_row)
-    return masked_mean(per_row, mask)
-
-
 def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """Mean of ``values`` over the rows where ``mask`` is true (all rows without a mask)."""
+    """Mean of ``values`` over the entries where ``mask`` is true (all without a mask)."""
     if mask is None:
         return values.mean()
     weights = mask.astype(values.dtype)
@@ -279,7 +292,7 @@ def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
 class MarginLoss:
     """One configured margin loss; hashable, so it can be a static argument of ``jax.jit``.
 
-    ``name`` selects the loss; the fields each loss reads are listed in :func:`margin_logits`.
+    ``name`` selects the loss; the fields each loss reads are listed in :func:`margin_targets`.
     Defaults are the official ones (arcface_torch for ArcFace/CosFace/combined, the MagFace run
     scripts, the AdaFace run scripts).
     """
@@ -338,37 +351,30 @@ class MarginLoss:
         return dict(ADAFACE_INITIAL_STATE) if self.has_state else {}
 
 
-def margin_logits(
-    cos: jax.Array,
-    onehot: jax.Array,
+def margin_targets(
+    c_target: jax.Array,
     norms: jax.Array,
     loss: MarginLoss,
     state: dict,
     *,
     row_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict, dict]:
-    """Scaled logits ``s · (c with the margin on the target)`` for one block of classes.
+    """The loss's margin on the target cosines, before the scale ``s``.
 
     Args:
-      cos: raw cosines ``[B, C_block]`` (clamped here as the loss's official code does).
-      onehot: ``[B, C_block]`` one-hot of the labels within this block (zero rows allowed).
+      c_target: clamped target cosines ``c_{i,y_i}`` ``[B]`` (anything where not owned).
       norms: raw embedding norms ``||x_i||`` ``[B]``, with gradient (MagFace uses it).
       loss: the configured loss.
       state: the loss state (AdaFace EMA), ``{}`` for stateless losses.
-      row_mask: valid rows (padding excluded from statistics), or None.
+      row_mask: valid samples ``[B]`` (padding excluded from statistics), or None.
 
     Returns:
-      ``(logits, aux, new_state)``; ``aux`` holds per-row terms the total loss needs
-      (``"magface_g"``: ``g(a)`` per row) and diagnostics (``"margin"``).
+      ``(target [B], aux, new_state)``; ``aux`` holds per-sample terms the total loss needs
+      (``"magface_g"``: ``g(a)`` per sample) and diagnostics (``"margin"``).
     """
-    dtype = cos.dtype
-    bound = loss.cosine_bound
-    cos = clamp(cos, -bound, bound)
-    onehot = onehot.astype(dtype)
+    dtype = c_target.dtype
     aux: dict[str, jax.Array] = {}
     new_state = state
-    c_target = (cos * onehot).sum(axis=-1)
-
     if loss.name == "arcface":
         target = arcface_target(c_target, loss.m, loss.arcface_variant)
     elif loss.name == "cosface":
@@ -389,23 +395,147 @@ def margin_logits(
         aux["margin_scaler"] = scaler
     else:
         raise ValueError(f"unknown loss {loss.name!r}")
+    return target, aux, new_state
 
+
+def non_target_logits(cos: jax.Array, loss: MarginLoss) -> jax.Array:
+    """``s · clamp(c, ±bound)`` for the non-target entries, elementwise.
+
+    With ``interclass_filtering_threshold > 0``, arcface_torch's inter-class filtering: cosines
+    above the threshold become 0 with no gradient. Officially only samples whose label lives on
+    the same GPU are filtered; here every sample is (the official result on one GPU; padded
+    samples are filtered too, which changes nothing as they are masked out of the loss).
+    """
+    bound = loss.cosine_bound
+    cos = clamp(cos, -bound, bound)
     if loss.interclass_filtering_threshold > 0:
-        # arcface_torch zeroes non-target cosines above the threshold (mask built without
-        # gradient). Officially only rows whose label lives on the same GPU are filtered; here
-        # every valid row is, which equals the official result on one GPU.
-        keep = (cos <= loss.interclass_filtering_threshold) | (onehot > 0)
-        if row_mask is not None:
-            keep = keep | ~row_mask[:, None]
-        cos = cos * lax.stop_gradient(keep.astype(dtype))
+        cos = jnp.where(cos > loss.interclass_filtering_threshold, 0.0, cos)
+    return loss.s * cos
 
-    logits = loss.s * (cos + onehot * (target - c_target)[:, None])
-    return logits, aux, new_state
+
+# --------------------------------------------------------------------------------------------
+# Softmax cross entropy over class-major cosines, dense or over class shards.
+
+
+def _non_target(labels: jax.Array, class_mask: jax.Array | None, num_classes: int) -> jax.Array:
+    """``[C, B]`` mask of the entries that enter the softmax besides each sample's target."""
+    classes = lax.broadcasted_iota(labels.dtype, (num_classes, labels.shape[0]), 0)
+    keep = classes != labels
+    return keep if class_mask is None else keep & class_mask[:, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sum_exp_over_classes(logit_fn, cos, labels, class_mask, shift):
+    """``Σ_j exp(logit_fn(cos)_ji - shift_i)`` over the non-target classes ``j`` (axis 0), ``[B]``.
+
+    Autodiff would keep the exponentials and the masks inside ``logit_fn`` as ``[C, B]``
+    residuals, each written to memory in the forward pass and read back in the backward one;
+    this VJP keeps only ``cos`` and recomputes them in the one backward pass over ``[C, B]``.
+    ``shift`` (stopped, as in every log-sum-exp) gets no gradient.
+    """
+    return _shifted_exp(logit_fn(cos), labels, class_mask, shift).sum(axis=0)
+
+
+def _shifted_exp(logits, labels, class_mask, shift):
+    """``exp(z - shift)`` at the non-target entries, 0 elsewhere (the mask inside the exponent
+    keeps it one elementwise pass)."""
+    keep = _non_target(labels, class_mask, logits.shape[0])
+    return jnp.exp(jnp.where(keep, logits - shift, -jnp.inf))
+
+
+def _sum_exp_forward(logit_fn, cos, labels, class_mask, shift):
+    value = _sum_exp_over_classes(logit_fn, cos, labels, class_mask, shift)
+    return value, (cos, labels, class_mask, shift)
+
+
+def _sum_exp_backward(logit_fn, residuals, grad):
+    cos, labels, class_mask, shift = residuals
+    logits, pullback = jax.vjp(logit_fn, cos)
+    (grad_cos,) = pullback(grad * _shifted_exp(logits, labels, class_mask, shift))
+    return grad_cos, None, None, jnp.zeros_like(shift)
+
+
+_sum_exp_over_classes.defvjp(_sum_exp_forward, _sum_exp_backward)
+
+
+def _lowest_shift(loss: MarginLoss, dtype: Any) -> float | None:
+    """``c0 = s · bound - K``, the log-sum-exp shift's floor, or None if ``dtype`` has no room.
+
+    With the shift ``max(target_i, c0)``, each term ``exp(z - shift)`` is at most ``e^K`` (every
+    non-target logit is at most ``s · bound``), so up to 2^31 classes sum below the dtype's max;
+    and the largest term is at least ``e^(K - 2 s · bound)`` (non-target logits are at least
+    ``-s · bound``), kept 7 e-folds above the smallest normal number.
+    """
+    info = jnp.finfo(dtype)
+    headroom = math.log(info.max) - 31 * math.log(2) - 1  # K
+    top = loss.s * loss.cosine_bound
+    if headroom < 2 * top + math.log(info.tiny) + 7:
+        return None
+    return top - headroom
+
+
+def margin_cross_entropy(
+    cos: jax.Array,
+    labels: jax.Array,
+    target_logit: jax.Array,
+    loss: MarginLoss,
+    *,
+    mask: jax.Array | None = None,
+    class_mask: jax.Array | None = None,
+    axis_name: str | None = None,
+) -> jax.Array:
+    """Mean over samples of ``-log softmax(z_·i)[y_i]``, in the cosines' (float32+) dtype.
+
+    The logits are :func:`non_target_logits` of ``cos`` for every class but the target, whose
+    logit is ``target_logit_i``. ``cos`` is class-major ``[C, B]``; ``labels`` ``[B]`` index its
+    rows, and a label outside ``[0, C)`` marks a sample whose class is not in this block (a
+    shard that does not own it), where ``target_logit`` is ignored. The ``[C, B]`` logits are
+    never stored: the sum of exponentials and, in the backward pass, the softmax are computed
+    from ``cos`` where they are needed.
+
+    The log-sum-exp is shifted by ``max(target_logit_i, c0)`` with a constant ``c0`` (see
+    :func:`_lowest_shift`) rather than by the largest logit: no pass over ``[C, B]`` for a max,
+    and the same accuracy (the loss is ``log Σ`` when the target dominates, else a sum of two
+    positive terms). Scales too large for the dtype (float32: ``s > 73``) fall back to
+    ``s · clamp(max_j c_ji)``.
+
+    With ``axis_name`` the class axis is split over that mesh axis: the shift is combined with
+    ``pmax`` and the sum of exponentials and the target logit with ``psum`` (arcface_torch's
+    DistCrossEntropy), so no device holds the logits of another's classes.
+
+    ``loss.probability_floor`` (arcface_torch: 1e-30) computes ``-log(max(p, floor))`` forward, i.e.
+    caps each sample's loss at ``-log(floor)`` (69.0776), while the gradient is the uncapped
+    ``(softmax - onehot)/B`` as in DistCrossEntropy's hand-written backward. ``mask`` ``[B]``
+    excludes padded samples: the mean is over the samples it keeps. ``class_mask`` ``[C]``
+    excludes padded classes from the softmax.
+    """
+    logit_fn = functools.partial(non_target_logits, loss=loss)
+    owned = (labels >= 0) & (labels < cos.shape[0])
+    target_logit = jnp.where(owned, target_logit, -jnp.inf)
+    lowest_shift = _lowest_shift(loss, cos.dtype)
+    if lowest_shift is None:
+        bound = loss.cosine_bound
+        lowest_shift = loss.s * clamp(lax.stop_gradient(cos).max(axis=0), -bound, bound)
+    shift = jnp.maximum(lax.stop_gradient(target_logit), lowest_shift)
+    if axis_name is not None:
+        shift = lax.pmax(shift, axis_name)
+    sum_exp = (_sum_exp_over_classes(logit_fn, cos, labels, class_mask, shift)
+               + jnp.exp(target_logit - shift))
+    target = jnp.where(owned, target_logit, 0.0)
+    if axis_name is not None:
+        sum_exp = lax.psum(sum_exp, axis_name)
+        target = lax.psum(target, axis_name)
+    per_sample = jnp.log(sum_exp) + shift - target
+    if loss.probability_floor is not None:
+        cap = -math.log(loss.probability_floor)
+        per_sample = per_sample + lax.stop_gradient(jnp.minimum(per_sample, cap) - per_sample)
+    return masked_mean(per_sample, mask)
 
 
 def margin_loss(
     cos: jax.Array,
-    onehot: jax.Array,
+    target_cos: jax.Array,
+    labels: jax.Array,
     norms: jax.Array,
     loss: MarginLoss,
     state: dict,
@@ -414,24 +544,31 @@ def margin_loss(
     class_mask: jax.Array | None = None,
     axis_name: str | None = None,
 ) -> tuple[jax.Array, dict, dict]:
-    """Total loss of one class block: cross entropy (+ ``λ_g · mean g(a)`` for MagFace).
+    """Total loss of one block of classes: cross entropy (+ ``λ_g · mean g(a)`` for MagFace).
 
-    With ``axis_name`` the classes are sharded over that mesh axis (see
-    :func:`softmax_cross_entropy`); ``cos``, ``norms`` and ``row_mask`` then cover the global
-    batch on every shard. ``class_mask`` marks the real (not padding) columns of ``cos``.
-    Returns ``(loss, metrics, new_state)`` where ``metrics`` has
-    ``loss_ce``, for MagFace ``loss_g`` (the mean of ``g(a)``, before ``λ_g``), and this block's
-    ``logits`` (dropped by jit when unused).
+    Args:
+      cos: raw class-major cosines ``[C_block, B]`` (clamped as the loss's official code does).
+      target_cos: ``cos[labels_i, i]`` ``[B]`` (any value where the block does not hold it), as
+        :func:`cosine_similarity` returns it.
+      labels: ``[B]`` each sample's class within this block, outside ``[0, C_block)`` when the
+        block does not hold it.
+      norms, loss, state, row_mask: as :func:`margin_targets`.
+      class_mask: the real (not padding) classes ``[C_block]``, or None.
+      axis_name: the mesh axis the classes are sharded over (see
+        :func:`margin_cross_entropy`); ``cos``, ``norms`` and ``row_mask`` then cover the global
+        batch on every shard.
+
+    Returns:
+      ``(loss, metrics, new_state)`` where ``metrics`` has ``loss_ce``, for MagFace ``loss_g``
+      (the mean of ``g(a)``, before ``λ_g``), and this block's class-major ``logits``
+      ``[C_block, B]``, ``s · (c with the margin on the target)`` (dropped by jit when unused).
     """
-    logits, aux, new_state = margin_logits(cos, onehot, norms, loss, state, row_mask=row_mask)
-    loss_ce = softmax_cross_entropy(
-        logits,
-        onehot,
-        probability_floor=loss.probability_floor,
-        mask=row_mask,
-        class_mask=class_mask,
-        axis_name=axis_name,
-    )
+    c_target = clamp(target_cos, -loss.cosine_bound, loss.cosine_bound)
+    target, aux, new_state = margin_targets(c_target, norms, loss, state, row_mask=row_mask)
+    loss_ce = margin_cross_entropy(cos, labels, loss.s * target, loss, mask=row_mask,
+                                   class_mask=class_mask, axis_name=axis_name)
+    is_target = lax.broadcasted_iota(labels.dtype, cos.shape, 0) == labels
+    logits = jnp.where(is_target, loss.s * target, non_target_logits(cos, loss))
     metrics = {"loss_ce": loss_ce, "logits": logits}
     total = loss_ce
     if "magface_g" in aux:
@@ -453,10 +590,9 @@ def dense_loss(
     Returns ``(loss, metrics, new_state)`` as :func:`margin_loss`.
     """
     state = loss.initial_state() if state is None else state
-    cos = cosine_similarity(embeddings, weight)
+    cos, target_cos = cosine_similarity(embeddings, weight, labels)
     norms = safe_norm(embeddings.astype(cos.dtype))
-    onehot = jax.nn.one_hot(labels, weight.shape[0], dtype=cos.dtype)
-    return margin_loss(cos, onehot, norms, loss, state)
+    return margin_loss(cos, target_cos, labels, norms, loss, state)
 
 
 def value_and_grads(
@@ -468,8 +604,8 @@ def value_and_grads(
 ) -> dict[str, Any]:
     """:func:`dense_loss` and its gradients, in the field names of the reference files.
 
-    Returns ``logits``, ``loss``, ``loss_ce``, ``loss_g`` (MagFace), ``grad_embeddings``,
-    ``grad_weight`` and ``state_after``.
+    Returns ``logits`` (``[B, C]``), ``loss``, ``loss_ce``, ``loss_g`` (MagFace),
+    ``grad_embeddings``, ``grad_weight`` and ``state_after``.
     """
 
     def total(embeddings, weight):
@@ -481,6 +617,7 @@ def value_and_grads(
     )(embeddings, weight)
     return {
         **metrics,
+        "logits": metrics["logits"].T,
         "loss": value,
         "grad_embeddings": grad_x,
         "grad_weight": grad_w,

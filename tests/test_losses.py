@@ -99,9 +99,15 @@ def test_cosface_matches_numpy(labels, x64):
 
 def test_probability_floor_caps_loss_but_not_gradient(x64):
     """A row with p < 1e-30 contributes exactly 69.0776 but the full softmax gradient."""
-    logits = jnp.array([[0.0, 100.0, 0.0], [1.0, 0.0, 0.0]])
-    onehot = jax.nn.one_hot(jnp.array([0, 0]), 3)
-    f = lambda z: losses.softmax_cross_entropy(z, onehot, probability_floor=1e-30)  # noqa: E731
+    logits = jnp.array([[0.0, 100.0, 0.0], [1.0, 0.0, 0.0]])  # [B, C]; targets in column 0
+    labels = jnp.array([0, 0])
+    onehot = jax.nn.one_hot(labels, 3)
+    loss = losses.MarginLoss.create("cosface", s=100.0, m=0.0)
+
+    def f(z):
+        cos = z.T / loss.s
+        return losses.margin_cross_entropy(cos, labels, z[:, 0], loss)
+
     value, grad = jax.value_and_grad(f)(logits)
     row1 = -np.log(np.exp(1.0) / (np.exp(1.0) + 2))
     np.testing.assert_allclose(value, (-np.log(1e-30) + row1) / 2, rtol=1e-13)
@@ -217,11 +223,10 @@ def test_masked_rows_change_nothing(x64):
     mask = np.arange(8) < 5
 
     def total(x, W, y, mask):
-        cos = losses.cosine_similarity(x, W)
-        onehot = jax.nn.one_hot(y, W.shape[0], dtype=cos.dtype)
+        cos, target_cos = losses.cosine_similarity(x, W, y)
         norms = jnp.linalg.norm(x, axis=-1)
-        value, _, state = losses.margin_loss(cos, onehot, norms, loss, loss.initial_state(),
-                                             row_mask=mask)
+        value, _, state = losses.margin_loss(cos, target_cos, y, norms, loss,
+                                             loss.initial_state(), row_mask=mask)
         return value, state
 
     (v1, s1), g1 = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(x, W, y, None)
@@ -247,6 +252,55 @@ def test_interclass_filtering_zeroes_confusing_negatives(x64):
     expected[rows, y] = logits[rows, y]
     np.testing.assert_allclose(logits_f, expected, rtol=1e-12, atol=1e-12)
     assert (logits_f != logits).any()
+
+
+def test_cosine_vjp_matches_autodiff_of_normalised_product(x64):
+    """The hand-written VJP of the class-major cosines (centres scaled, not normalised, target
+    cosines gathered) equals autodiff of the textbook formula, a zero centre included."""
+    rng = np.random.default_rng(5)
+    x, W = rng.normal(size=(6, 8)) * 3.0, rng.normal(size=(7, 8)) * 0.2
+    W[2] = 0.0  # a padding row: safe_norm's floor, no gradient through the norm
+    labels = np.array([0, 3, 6, 3, -1, 9])  # -1 and 9: labels this block does not hold
+    cotangent_cos, cotangent_target = rng.normal(size=(7, 6)), rng.normal(size=6)
+
+    def textbook(x, W):
+        cos = losses.l2_normalize(W) @ losses.l2_normalize(x).T
+        held = (labels >= 0) & (labels < 7)
+        target = jnp.where(held, cos[np.clip(labels, 0, 6), np.arange(6)], 0.0)
+        return (cos * cotangent_cos).sum() + (target * cotangent_target).sum()
+
+    def ours(x, W):
+        cos, target = losses.cosine_similarity(x, W, jnp.asarray(labels))
+        return (cos * cotangent_cos).sum() + (target * cotangent_target).sum()
+
+    expected = jax.value_and_grad(textbook, (0, 1))(x, W)
+    got = jax.value_and_grad(ours, (0, 1))(x, W)
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-13)
+    for g, e in zip(got[1], expected[1], strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-11, atol=1e-14)
+
+
+@pytest.mark.parametrize("s", [64.0, 100.0])  # s = 100: float32 shifts by the largest cosine
+@pytest.mark.parametrize("scenario", ["all_opposite", "confidently_wrong"])
+def test_float32_extreme_cosines_match_float64(scenario, s, x64):
+    """Every cosine near -1 (the sum of exponentials must not underflow), or a non-target near
+    +1 over a target near -1 (must not overflow): float32 agrees with float64."""
+    rng = np.random.default_rng(11)
+    u = rng.normal(size=16)
+    u /= np.linalg.norm(u)
+    W = -u + 0.02 * rng.normal(size=(5, 16))
+    if scenario == "confidently_wrong":
+        W[4] = u + 0.02 * rng.normal(size=16)
+    x = np.stack([30.0 * u, 45.0 * u])
+    y = np.array([0, 1])
+    loss = losses.MarginLoss.create("magface", s=s)
+    exact = jax_loss(loss, x, W, y)
+    single = jax_loss(loss, x.astype(np.float32), W.astype(np.float32), y)
+    assert single["loss"].dtype == np.float32
+    np.testing.assert_allclose(single["loss"], exact["loss"], rtol=2e-6)
+    for name in ("grad_embeddings", "grad_weight"):
+        scale = np.abs(exact[name]).max()
+        np.testing.assert_allclose(single[name], exact[name], rtol=1e-3, atol=1e-5 * scale)
 
 
 def test_bf16_embeddings_give_float32_head():

@@ -8,7 +8,9 @@ class shard, margin, softmax cross entropy over shards, and the gradients with r
 embeddings and the class centres. The floor, measured in the same run on one device at the
 per-device shapes, is the three matrix products no implementation can avoid: the logits
 ``[B, d] x [d, C_local]``, the embedding gradient ``[B, C_local] x [C_local, d]`` and the centre
-gradient ``[C_local, B] x [B, d]`` (with Partial FC, ``C_local`` is the sampled count).
+gradient ``[C_local, B] x [B, d]`` (with Partial FC, ``C_local`` is the sampled count), timed
+in the head's class-major layout and in the batch-major one, the faster of the two counting.
+Step and floors are timed in turn, best of ``--repeats`` each.
 ``bytes_per_device`` is XLA's compiled memory analysis (arguments + outputs + temporaries).
 ``--abstract`` compiles on shapes only (no allocation, no timing), so that millions of classes
 over 8-512 devices can be sized on one machine.
@@ -39,16 +41,20 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
-def _time(fn, *args, repeats):
+def _time_alternating(calls, repeats):
+    """Best wall time in ms of each ``(fn, args)``, the calls taken in turn so that all of them
+    see the same machine (a shared VM's speed drifts between runs)."""
     import jax
 
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    best = float("inf")
+    for fn, args in calls:
+        jax.block_until_ready(fn(*args))  # compile and warm up
+    best = [float("inf")] * len(calls)
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+        for k, (fn, args) in enumerate(calls):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            best[k] = min(best[k], time.perf_counter() - start)
+    return [b * 1e3 for b in best]
 
 
 def _memory(compiled) -> int:
@@ -107,19 +113,29 @@ def main(argv: list[str]) -> int:
                            NamedSharding(mesh, P(DATA_AXIS, None)))
         y = jax.device_put(jnp.arange(batch, dtype=jnp.int32) % args.classes, rows)
         mask = jax.device_put(jnp.ones(batch, bool), rows)
-        step_ms = _time(compiled, x, w, y, mask, jax.random.key(1), repeats=args.repeats)
 
         @jax.jit
-        def floor(x, w, g):
+        def floor_class_major(x, w, g):
+            logits = w @ x.T  # [C_local, B], as the head computes them
+            return logits, g.T @ w, g @ x  # + embedding and centre gradients
+
+        @jax.jit
+        def floor_batch_major(x, w, g):
             logits = x @ w.T  # [B, C_local]
-            return logits, g @ w, g.T @ x  # + embedding and centre gradients
+            return logits, g @ w, g.T @ x
 
         xf = jnp.ones((batch, args.dim))
         wf = jnp.ones((active, args.dim))
-        gf = jnp.ones((batch, active))
-        floor_ms = _time(floor, xf, wf, gf, repeats=args.repeats)
+        step_ms, *floors_ms = _time_alternating(
+            [(compiled, (x, w, y, mask, jax.random.key(1))),
+             (floor_class_major, (xf, wf, jnp.ones((active, batch)))),
+             (floor_batch_major, (xf, wf, jnp.ones((batch, active))))],
+            args.repeats)
+        floor_ms = min(floors_ms)
         flops = 3 * 2 * batch * active * args.dim
         result.update(step_ms=round(step_ms, 2), floor_ms=round(floor_ms, 2),
+                      floor_class_major_ms=round(floors_ms[0], 2),
+                      floor_batch_major_ms=round(floors_ms[1], 2),
                       ratio=round(step_ms / floor_ms, 3),
                       floor_gflops_per_s=round(flops / floor_ms / 1e6, 1))
         print(f"head step {step_ms:.1f} ms, floor {floor_ms:.1f} ms, "
