@@ -105,8 +105,9 @@ def sharded_margin_loss(
             cos, target_cos, local_label, norms, loss, state, row_mask=row_mask,
             class_mask=class_ids < num_classes, axis_name=DATA_AXIS,
         )
-        logits = metrics.pop("logits").T
+        logits = metrics.pop("logits")
         if return_logits:
+            logits = logits.T  # [B, C_local], as the reference files lay them out
             if index is not None:
                 logits = jnp.zeros((x.shape[0], classes_per_shard), logits.dtype).at[
                     :, index].set(logits)

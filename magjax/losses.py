@@ -430,7 +430,8 @@ def _sum_exp_over_classes(logit_fn, cos, labels, class_mask, shift):
 
     Autodiff would keep the exponentials and the masks inside ``logit_fn`` as ``[C, B]``
     residuals, each written to memory in the forward pass and read back in the backward one;
-    this VJP keeps only ``cos`` and recomputes them in the one backward pass over ``[C, B]``.
+    this VJP needs only ``cos`` and forms the logit gradient in one backward pass over
+    ``[C, B]`` (XLA reuses the forward's exponentials there: one stored array in all).
     ``shift`` (stopped, as in every log-sum-exp) gets no gradient.
     """
     return _shifted_exp(logit_fn(cos), labels, class_mask, shift).sum(axis=0)
