@@ -491,8 +491,7 @@ def margin_cross_entropy(
     logit is ``target_logit_i``. ``cos`` is class-major ``[C, B]``; ``labels`` ``[B]`` index its
     rows, and a label outside ``[0, C)`` marks a sample whose class is not in this block (a
     shard that does not own it), where ``target_logit`` is ignored. The ``[C, B]`` logits are
-    never stored: the sum of exponentials and, in the backward pass, the softmax are computed
-    from ``cos`` where they are needed.
+    never stored (their exponentials are, once): they are computed from ``cos`` where needed.
 
     The log-sum-exp is shifted by ``max(target_logit_i, c0)`` with a constant ``c0`` (see
     :func:`_lowest_shift`) rather than by the largest logit: no pass over ``[C, B]`` for a max,
