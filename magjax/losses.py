@@ -510,7 +510,7 @@ def margin_cross_entropy(
     excludes padded classes from the softmax.
     """
     logit_fn = functools.partial(non_target_logits, loss=loss)
-    owned = (labels >= 0) & (labels < cos.shape[0])
+    _, owned = _target_index(labels, cos.shape[0])
     target_logit = jnp.where(owned, target_logit, -jnp.inf)
     lowest_shift = _lowest_shift(loss, cos.dtype)
     if lowest_shift is None:
@@ -567,8 +567,8 @@ def margin_loss(
     target, aux, new_state = margin_targets(c_target, norms, loss, state, row_mask=row_mask)
     loss_ce = margin_cross_entropy(cos, labels, loss.s * target, loss, mask=row_mask,
                                    class_mask=class_mask, axis_name=axis_name)
-    is_target = lax.broadcasted_iota(labels.dtype, cos.shape, 0) == labels
-    logits = jnp.where(is_target, loss.s * target, non_target_logits(cos, loss))
+    non_target = _non_target(labels, None, cos.shape[0])
+    logits = jnp.where(non_target, non_target_logits(cos, loss), loss.s * target)
     metrics = {"loss_ce": loss_ce, "logits": logits}
     total = loss_ce
     if "magface_g" in aux:
