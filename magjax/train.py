@@ -187,7 +187,7 @@ class Evaluator:
         self.quality = None
         if config.eval.quality_set:
             with np.load(data_dir / config.eval.quality_set) as q:
-                self.quality = (q["images"], q["quality"])
+                self.quality = (q["images"], q["quality"], q["labels"])
         self.encoder = None
         if self.sets or self.quality is not None:
             abstract = {"params": None, "batch_stats": None}
@@ -197,7 +197,8 @@ class Evaluator:
                                        dtype=components.compute_dtype)
 
     def __call__(self, state: dict) -> dict:
-        from magjax.eval import verification
+        from magjax.data import synthetic
+        from magjax.eval import quality, verification
 
         if self.encoder is None:
             return {}
@@ -210,13 +211,16 @@ class Evaluator:
             results["verification"][name] = {"accuracy": float(r["accuracy"]),
                                              "std": float(r["std"]), "xnorm": float(r["xnorm"])}
         if self.quality is not None:
-            images, levels = self.quality
-            _, norms = self.encoder.encode(images)
+            images, levels, identities = self.quality
+            embeddings, norms = self.encoder.encode(images)
             rho = scipy.stats.spearmanr(norms, levels).statistic
-            results["quality"] = {"spearman_norm_vs_quality": float(rho),
-                                  "mean_norm_per_level": {
-                                      int(q): float(norms[levels == q].mean())
-                                      for q in np.unique(levels)}}
+            results["quality"] = {
+                "spearman_norm_vs_quality": float(rho),
+                # What the norm's correlation can be compared with (magjax.eval.quality).
+                "spearman_recognisability_vs_quality": quality.recognisability_vs_quality(
+                    embeddings, identities, levels, clean_level=synthetic.CLEAN),
+                "mean_norm_per_level": {int(q): float(norms[levels == q].mean())
+                                        for q in np.unique(levels)}}
         return results
 
 
@@ -303,7 +307,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
     batch_sharding = parallel.batch_sharding(mesh)
     train_step = jax.jit(make_train_step(components, base_key), donate_argnums=(0,),
                          in_shardings=(shardings, batch_sharding),
-                         out_shardings=(shardings, parallel.replicated(mesh)))
+                         out_shardings=(shardings, parallel.replicated(mesh)),
+                         compiler_options=parallel.compiler_options())
     evaluator = Evaluator(config, components, data_dir)
     logger = MetricsLogger(workdir_path, enabled=primary)
     preemption = _Preemption()

@@ -1,10 +1,12 @@
 """Quality evaluation: error-versus-reject on synthetic data whose noise depends on quality, the
-exact ERC definition against a slow loop, and the plots as valid PNGs of the stated sizes."""
+exact ERC definition against a slow loop, the plots as valid PNGs of the stated sizes, and the
+recognisability of quality levels against a loop."""
 
 import csv
 
 import numpy as np
 import pytest
+import scipy.stats
 from PIL import Image
 
 from magjax.eval import quality
@@ -121,3 +123,45 @@ def test_plots_and_csv(tmp_path):
     assert np.all(np.diff(brightness[counts > 0]) > 0)
     quality.plot_mean_faces(faces, edges, counts, tmp_path / "mean_faces.png")
     assert png_size(tmp_path / "mean_faces.png") == (6 * 160, 200)
+
+
+def _levelled(seed, noise_by_level, identities=80, per_level=2, dim=16):
+    """Raw embeddings of 5 quality levels (4 = clean): identity centre + noise of the given
+    size per level, at random magnitudes (recognisability must ignore them)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(identities, dim))
+    ident = np.repeat(np.arange(identities), 5 * per_level)
+    levels = np.tile(np.repeat(np.arange(5), per_level), identities)
+    noise = rng.normal(size=(ident.size, dim)) * np.asarray(noise_by_level)[levels, None]
+    raw = (centres[ident] + noise) * rng.uniform(5, 50, (ident.size, 1))
+    return raw, ident, levels
+
+
+def test_recognisability_vs_quality():
+    raw, ident, levels = _levelled(0, [2.0, 1.5, 1.0, 0.6, 0.3])
+    rho = quality.recognisability_vs_quality(raw, ident, levels, clean_level=4)
+    # Independent computation: a loop over images, the reference the mean unit clean embedding.
+    unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    cosines, scored_levels = [], []
+    for i in range(len(raw)):
+        if levels[i] == 4:
+            continue
+        ref = unit[(ident == ident[i]) & (levels == 4)].sum(0)
+        cosines.append(unit[i] @ ref / np.linalg.norm(ref))
+        scored_levels.append(levels[i])
+    assert rho == pytest.approx(scipy.stats.spearmanr(cosines, scored_levels).statistic, abs=1e-12)
+    assert rho > 0.5
+    # Magnitudes do not matter; noise independent of the level gives ~0; reversed, negative.
+    scale = np.random.default_rng(1).uniform(0.1, 10, (len(raw), 1))
+    assert quality.recognisability_vs_quality(raw * scale, ident, levels, 4) == pytest.approx(rho)
+    flat = quality.recognisability_vs_quality(*_levelled(2, [1.0] * 5), clean_level=4)
+    assert abs(flat) < 0.1
+    assert quality.recognisability_vs_quality(
+        *_levelled(3, [0.3, 0.6, 1.0, 1.5, 0.3]), clean_level=4) < -0.5
+
+
+def test_recognisability_needs_a_clean_reference_per_identity():
+    raw, ident, levels = _levelled(0, [1.0] * 5)
+    keep = ~((ident == 7) & (levels == 4))
+    with pytest.raises(ValueError, match=r"identities \[7\] have no image at quality level 4"):
+        quality.recognisability_vs_quality(raw[keep], ident[keep], levels[keep], clean_level=4)

@@ -65,6 +65,13 @@ def test_two_steps_on_one_and_eight_devices_agree(loss, dataset, tmp_path):
         assert s["steps"] == 2 and np.isfinite(s["final_loss"])
         assert 0.0 <= s["verification"]["verification"]["accuracy"] <= 1.0
         assert -1.0 <= s["quality"]["spearman_norm_vs_quality"] <= 1.0
+        assert -1.0 <= s["quality"]["spearman_recognisability_vs_quality"] <= 1.0
+    # The quality evaluation sees the same model on 1 and 8 devices.
+    one, eight = summaries[1]["quality"], summaries[8]["quality"]
+    for level, norm in one["mean_norm_per_level"].items():
+        np.testing.assert_allclose(eight["mean_norm_per_level"][level], norm, rtol=2e-3)
+    for key in ("spearman_norm_vs_quality", "spearman_recognisability_vs_quality"):
+        np.testing.assert_allclose(eight[key], one[key], atol=0.02)
     # The same global batch on 8 devices (class-sharded head, global BatchNorm statistics)
     # gives the parameters of the single-device run, up to float32 reduction order.
     np.testing.assert_allclose(summaries[8]["final_loss"], summaries[1]["final_loss"],

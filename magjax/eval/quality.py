@@ -24,6 +24,7 @@ import csv
 import pathlib
 
 import numpy as np
+import scipy.stats
 
 ERC_FRACTIONS = np.round(np.arange(0.0, 0.951, 0.05), 10)
 # Figure sizes in inches at 100 dpi; the PNGs have exactly these sizes times 100 in pixels.
@@ -36,6 +37,35 @@ MEAN_FACE_PANEL = (1.6, 2.0)
 def magnitudes(embeddings: np.ndarray) -> np.ndarray:
     """L2 norm of each raw embedding row: the MagFace quality score (AdaFace: the feature norm)."""
     return np.linalg.norm(np.asarray(embeddings, np.float64), axis=1)
+
+
+def recognisability_vs_quality(
+    embeddings: np.ndarray, identities: np.ndarray, levels: np.ndarray, clean_level: int
+) -> float:
+    """Spearman correlation between the quality level of degraded images and how recognisable
+    they are to the model: each image's cosine to the mean unit embedding of its identity's
+    ``clean_level`` images.
+
+    The reference for a magnitude's correlation with quality levels: it says how much the
+    recorded levels change what the model sees. Where nuisance (pose, light, expression) rather
+    than degradation decides how recognisable an image is, this is low, and so is any quality
+    score that follows recognisability, as MagFace's magnitude does. Images at ``clean_level``
+    are the reference and not scored; every identity needs at least one.
+    """
+    unit = np.asarray(embeddings, np.float64)
+    unit = unit / np.linalg.norm(unit, axis=1, keepdims=True)
+    identities, levels = np.asarray(identities), np.asarray(levels)
+    clean = levels == clean_level
+    ids, index = np.unique(identities, return_inverse=True)
+    counts = np.bincount(index[clean], minlength=ids.size)
+    if counts.min() == 0:
+        raise ValueError(f"identities {ids[counts == 0][:5].tolist()} have no image at quality "
+                         f"level {clean_level}, the reference")
+    reference = np.zeros((ids.size, unit.shape[1]))
+    np.add.at(reference, index[clean], unit[clean])
+    reference /= np.linalg.norm(reference, axis=1, keepdims=True)
+    cosine = np.einsum("nd,nd->n", unit[~clean], reference[index[~clean]])
+    return float(scipy.stats.spearmanr(cosine, levels[~clean]).statistic)
 
 
 def threshold_at_fmr(impostor_scores: np.ndarray, fmr: float = 1e-3) -> float:
