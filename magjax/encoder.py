@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magjax import checkpoint, models, parallel
+from magjax import checkpoint, models
 from magjax.checkpoint import MODEL_META
 
 
@@ -91,7 +91,7 @@ class FaceEncoder:
             x = models.preprocess(images_uint8, spec)
             return module.apply(variables, x, train=False).astype(jnp.float32)
 
-        self._forward = jax.jit(forward, compiler_options=parallel.compiler_options())
+        self._forward = jax.jit(forward)
 
     @classmethod
     def load(

@@ -26,20 +26,6 @@ DATA_AXIS = "data"
 CLASS_SHARDED = re.compile(r"(^|/)head/weight$")
 
 
-def compiler_options() -> dict[str, str]:
-    """XLA options for magjax's compiled steps on the default backend (empty off CPU).
-
-    On CPU, YNNPACK fusions off: jaxlib 0.10's XLA:CPU hands matrix products, reductions and
-    elementwise chains to YNNPACK by default, and on the 2-core machine this project is measured
-    on that made an iresnet18 training step 2-2.3x slower than XLA's own kernels, and the
-    class-sharded head step 7-17 % slower in four comparisons of five (Eigen runs its products
-    faster; BENCHMARKS.md). TPU and GPU have no such option.
-    """
-    if jax.default_backend() != "cpu":
-        return {}
-    return {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
 def make_mesh(num_devices: int | None = None) -> Mesh:
     """A 1-D mesh over the first ``num_devices`` devices (all of them by default)."""
     devices = jax.devices()

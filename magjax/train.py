@@ -307,8 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
     batch_sharding = parallel.batch_sharding(mesh)
     train_step = jax.jit(make_train_step(components, base_key), donate_argnums=(0,),
                          in_shardings=(shardings, batch_sharding),
-                         out_shardings=(shardings, parallel.replicated(mesh)),
-                         compiler_options=parallel.compiler_options())
+                         out_shardings=(shardings, parallel.replicated(mesh)))
     evaluator = Evaluator(config, components, data_dir)
     logger = MetricsLogger(workdir_path, enabled=primary)
     preemption = _Preemption()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import FIXTURES
 
-from magjax import head, losses, parallel, refcheck
+from magjax import head, losses, refcheck
 from magjax.parallel import make_mesh, padded_size
 
 LOSS_REFS = json.loads((FIXTURES / "loss_refs.json").read_text())
@@ -139,24 +139,3 @@ def test_margin_head_module_updates_adaface_state(x64):
                                0.5 * norms.mean() + 0.5 * 20.0, rtol=1e-6)
     dense = losses.dense_loss(x, np.asarray(weight[:30]), y, loss)[0]
     np.testing.assert_allclose(value[0], dense, rtol=1e-6)
-
-
-def test_cpu_compiler_options_turn_ynnpack_off_and_keep_results():
-    """magjax compiles its steps with YNNPACK fusions off on CPU (parallel.compiler_options):
-    the option must take effect and change results only by float32 rounding."""
-    loss = losses.MarginLoss.create("magface")
-    x, W, y = random_problem(3, 64, 500, dim=32)
-    x, W = jnp.asarray(x, jnp.float32), jnp.asarray(W, jnp.float32)
-    fn = head.sharded_margin_loss(loss, make_mesh(1), W.shape[0])
-    mask = jnp.ones(x.shape[0], bool)
-
-    def step(x, W):
-        return jax.value_and_grad(
-            lambda x, W: fn(x, W, jnp.asarray(y), mask, loss.initial_state(), None)[0],
-            argnums=(0, 1))(x, W)
-
-    default, tuned = jax.jit(step), jax.jit(step, compiler_options=parallel.compiler_options())
-    assert "__ynn_fusion" in default.lower(x, W).compile().as_text()  # what the option is for
-    assert "__ynn_fusion" not in tuned.lower(x, W).compile().as_text()
-    for a, b in zip(jax.tree.leaves(tuned(x, W)), jax.tree.leaves(default(x, W)), strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6 * float(np.abs(b).max()))

@@ -1,8 +1,7 @@
 """``python -m magjax.bench backbone --arch ARCH --batch B``: backbone training throughput.
 
 Times one training step of the backbone alone (forward in train mode with BatchNorm statistic
-updates, backward, SGD-momentum update) under ``jax.jit`` with the XLA options of the training
-program (:func:`magjax.parallel.compiler_options`) after a warm-up, in images/s. In
+updates, backward, SGD-momentum update) under ``jax.jit`` after a warm-up, in images/s. In
 the same run, when torch is installed, it times the same step of the PyTorch definition of
 the architecture (``magjax.models.torch_reference``: forward, backward, ``torch.optim.SGD``
 step) on the same CPU threads. The loss is a squared error of the raw embedding against a fixed
@@ -18,7 +17,6 @@ figure taken under contention can be told apart.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -29,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from magjax import models, parallel
+from magjax import models
 
 
 def _time_steps(step, steps: int, warmup: int) -> tuple[float, float]:
@@ -55,7 +53,7 @@ def bench_jax(arch: str, batch: int, dtype: str, steps: int, warmup: int) -> tup
     tx = optax.sgd(0.1, momentum=0.9)
     state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
 
-    @functools.partial(jax.jit, compiler_options=parallel.compiler_options())
+    @jax.jit
     def train_step(state, images, target, key):
         params, batch_stats, opt_state = state
 
