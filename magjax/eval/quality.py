@@ -26,6 +26,8 @@ import pathlib
 import numpy as np
 import scipy.stats
 
+from magjax.eval import cluster, verification
+
 ERC_FRACTIONS = np.round(np.arange(0.0, 0.951, 0.05), 10)
 # Figure sizes in inches at 100 dpi; the PNGs have exactly these sizes times 100 in pixels.
 DPI = 100
@@ -52,19 +54,17 @@ def recognisability_vs_quality(
     score that follows recognisability, as MagFace's magnitude does. Images at ``clean_level``
     are the reference and not scored; every identity needs at least one.
     """
-    unit = np.asarray(embeddings, np.float64)
-    unit = unit / np.linalg.norm(unit, axis=1, keepdims=True)
+    unit = verification.l2_normalize(np.asarray(embeddings, np.float64))
     identities, levels = np.asarray(identities), np.asarray(levels)
     clean = levels == clean_level
-    ids, index = np.unique(identities, return_inverse=True)
-    counts = np.bincount(index[clean], minlength=ids.size)
-    if counts.min() == 0:
-        raise ValueError(f"identities {ids[counts == 0][:5].tolist()} have no image at quality "
-                         f"level {clean_level}, the reference")
-    reference = np.zeros((ids.size, unit.shape[1]))
-    np.add.at(reference, index[clean], unit[clean])
-    reference /= np.linalg.norm(reference, axis=1, keepdims=True)
-    cosine = np.einsum("nd,nd->n", unit[~clean], reference[index[~clean]])
+    missing = np.setdiff1d(identities, identities[clean])
+    if missing.size:
+        raise ValueError(f"identities {missing[:5].tolist()} have no image at quality level "
+                         f"{clean_level}, the reference")
+    reference, _, ids = cluster.template_embeddings(unit[clean], identities[clean],
+                                                    identities[clean])
+    rows = np.searchsorted(ids, identities[~clean])
+    cosine = np.einsum("nd,nd->n", unit[~clean], reference[rows])
     return float(scipy.stats.spearmanr(cosine, levels[~clean]).statistic)
 
 
