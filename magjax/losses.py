@@ -122,8 +122,12 @@ def _cosines_backward(residuals, cotangents):
         jnp.where(owned, grad_target * inv_norm[rows], 0.0))
     # ∂(1/||W_j||)/∂W_j = -W_j/||W_j||³ and Σ_i grad_cos_ji raw_ji = ||W_j|| Σ_i grad_raw_ji
     # raw_ji; safe_norm's floor (norm = eps: the zero padding rows) passes no gradient.
-    radial = jnp.where(norm > _NORM_EPS, (grad_raw * raw).sum(axis=1) * inv_norm**2, 0.0)
-    grad_weight = jnp.einsum("cb,bd->cd", grad_raw, x_unit) - radial[:, None] * weight
+    # The per-class factor multiplies the [C, d] rows, not the row sums: XLA:CPU (YNNPACK) runs
+    # a row reduction that ends in a [C] elementwise factor ~5x slower than the bare reduction.
+    radial_scale = jnp.where(norm > _NORM_EPS, inv_norm**2, 0.0)
+    radial = (grad_raw * raw).sum(axis=1)
+    grad_weight = (jnp.einsum("cb,bd->cd", grad_raw, x_unit)
+                   - radial[:, None] * (radial_scale[:, None] * weight))
     grad_x = jnp.einsum("cb,cd->bd", grad_raw, weight)
     return grad_x, grad_weight, None
 

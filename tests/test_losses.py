@@ -1,6 +1,7 @@
 """magjax.losses against an independent float64 NumPy implementation, finite differences, the
 official reference values, and the float32/bf16/jit/vmap paths."""
 
+import functools
 import json
 
 import jax
@@ -278,6 +279,48 @@ def test_cosine_vjp_matches_autodiff_of_normalised_product(x64):
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-13)
     for g, e in zip(got[1], expected[1], strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-11, atol=1e-14)
+
+
+@pytest.mark.parametrize("loss", [
+    losses.MarginLoss.create("arcface"),
+    losses.MarginLoss.create("adaface"),  # bound 1 - eps
+    losses.MarginLoss.create("cosface", interclass_filtering_threshold=0.3),
+], ids=["arcface", "adaface", "cosface_filtered"])
+def test_sum_exp_vjp_matches_autodiff_at_clamped_and_filtered_cosines(loss, x64):
+    """The sum of exponentials' hand-written VJP equals autodiff of the plain formula where the
+    clamp and the filter cut the gradient, at the bound itself (torch.clamp passes it there),
+    and with masked classes and labels outside the block."""
+    rng = np.random.default_rng(11)
+    bound = loss.cosine_bound
+    cos = rng.uniform(-1.0, 1.0, (9, 5))
+    cos[0, :] = [bound + 1e-3, -bound - 1e-3, bound, -bound, 0.5]  # beyond, at the bound
+    cos[1, :] = [0.31, 0.29, 0.99, -0.99, 1.2]  # around the filter's threshold
+    labels = jnp.array([2, 3, 8, -1, 11])  # -1, 11: labels this block does not hold
+    class_mask = jnp.arange(9) < 8  # class 8: padding
+    shift = jnp.asarray(rng.uniform(0.0, 10.0, 5))
+    cotangent = rng.normal(size=5)
+
+    logit_fn = functools.partial(losses.non_target_logits, loss=loss)
+
+    def ours(cos):
+        return (losses._sum_exp_over_classes(logit_fn, cos, labels, class_mask, shift)
+                * cotangent).sum()
+
+    def plain(cos):
+        logits = losses.non_target_logits(cos, loss)
+        return (losses._shifted_exp(logits, labels, class_mask, shift).sum(axis=0)
+                * cotangent).sum()
+
+    value, grad = jax.value_and_grad(ours)(jnp.asarray(cos))
+    expected_value, expected_grad = jax.value_and_grad(plain)(jnp.asarray(cos))
+    np.testing.assert_allclose(value, expected_value, rtol=1e-13)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-12, atol=1e-300)
+    grad = np.asarray(grad)
+    assert grad[0, 0] == 0 and grad[0, 1] == 0  # beyond the bound: cut
+    assert grad[0, 3] != 0  # at the bound: passed
+    assert (grad[0, 2] == 0) == (loss.interclass_filtering_threshold > 0)  # +bound: filtered
+    if loss.interclass_filtering_threshold > 0:
+        np.testing.assert_array_equal(grad[1] == 0, [True, False, True, False, True])
 
 
 @pytest.mark.parametrize("s", [64.0, 100.0])  # s = 100: float32 shifts by the largest cosine
