@@ -92,8 +92,9 @@ def cosine_similarity(
 # copy. Autodiff of that scaling would keep the cosine gradient and the gradient of the raw
 # product as two [C, B] arrays and fold the norm's gradient into a separate [C, d] pass; here
 # one [C, B] array (the target entries added in place) feeds both matrix products and the
-# norm's term is added to the centre gradient as it is written. Gathering the target cosines
-# reads B entries where a one-hot reduction would read all C·B.
+# norm's term is formed from the centre gradient, so that no [C, B] array of this function is
+# kept for the backward pass. Gathering the target cosines reads B entries where a one-hot
+# reduction would read all C·B.
 @jax.custom_vjp
 def _cosines_by_class(x_unit, weight, labels):
     return _cosines_forward(x_unit, weight, labels)[0]
@@ -110,24 +111,26 @@ def _cosines_forward(x_unit, weight, labels):
     cos = raw * (1.0 / norm)[:, None]
     rows, owned = _target_index(labels, weight.shape[0])
     target_cos = jnp.where(owned, jnp.take_along_axis(cos, rows[None, :], axis=0)[0], 0.0)
-    return (cos, target_cos), (x_unit, weight, labels, raw, norm)
+    return (cos, target_cos), (x_unit, weight, labels, norm)
 
 
 def _cosines_backward(residuals, cotangents):
-    x_unit, weight, labels, raw, norm = residuals
+    x_unit, weight, labels, norm = residuals
     grad_cos, grad_target = cotangents
     inv_norm = 1.0 / norm
     rows, owned = _target_index(labels, weight.shape[0])
     grad_raw = (grad_cos * inv_norm[:, None]).at[rows, jnp.arange(labels.shape[0])].add(
         jnp.where(owned, grad_target * inv_norm[rows], 0.0))
-    # ∂(1/||W_j||)/∂W_j = -W_j/||W_j||³ and Σ_i grad_cos_ji raw_ji = ||W_j|| Σ_i grad_raw_ji
-    # raw_ji; safe_norm's floor (norm = eps: the zero padding rows) passes no gradient.
-    # The per-class factor multiplies the [C, d] rows, not the row sums: XLA:CPU (YNNPACK) runs
-    # a row reduction that ends in a [C] elementwise factor ~5x slower than the bare reduction.
+    grad_product = jnp.einsum("cb,bd->cd", grad_raw, x_unit)
+    # ∂(1/||W_j||)/∂W_j = -W_j/||W_j||³, and Σ_i grad_cos_ji raw_ji = ||W_j|| Σ_i grad_raw_ji
+    # raw_ji = ||W_j|| W_j · grad_product_j: a row reduction over [C, d], so that the [C, B]
+    # product is not kept for the backward pass. safe_norm's floor (norm = eps: the zero
+    # padding rows) passes no gradient. The per-class factor multiplies the [C, d] rows, not
+    # the row sums: XLA:CPU (YNNPACK) runs a row reduction that ends in a [C] elementwise
+    # factor ~5x slower than the bare reduction.
     radial_scale = jnp.where(norm > _NORM_EPS, inv_norm**2, 0.0)
-    radial = (grad_raw * raw).sum(axis=1)
-    grad_weight = (jnp.einsum("cb,bd->cd", grad_raw, x_unit)
-                   - radial[:, None] * (radial_scale[:, None] * weight))
+    radial = (weight * grad_product).sum(axis=1)
+    grad_weight = grad_product - radial[:, None] * (radial_scale[:, None] * weight)
     grad_x = jnp.einsum("cb,cd->bd", grad_raw, weight)
     return grad_x, grad_weight, None
 
@@ -429,16 +432,18 @@ def _non_target(labels: jax.Array, class_mask: jax.Array | None, num_classes: in
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _sum_exp_over_classes(logit_fn, cos, labels, class_mask, shift):
-    """``Σ_j exp(logit_fn(cos)_ji - shift_i)`` over the non-target classes ``j`` (axis 0), ``[B]``.
+def _sum_exp_over_classes(loss, cos, labels, class_mask, shift):
+    """``Σ_j exp(z_ji - shift_i)`` over the non-target classes ``j`` (axis 0), ``[B]``, with
+    ``z = non_target_logits(cos, loss)``.
 
-    Autodiff would keep the exponentials and the masks inside ``logit_fn`` as ``[C, B]``
-    residuals, each written to memory in the forward pass and read back in the backward one;
-    this VJP needs only ``cos`` and forms the logit gradient in one backward pass over
-    ``[C, B]`` (XLA reuses the forward's exponentials there: one stored array in all).
-    ``shift`` (stopped, as in every log-sum-exp) gets no gradient.
+    Autodiff would keep the exponentials and the masks inside ``non_target_logits`` as ``[C, B]``
+    residuals, each written to memory in the forward pass and read back in the backward one.
+    Here the one residual is the exponentials, negated where the logit passes no gradient (a
+    clamped or filtered cosine: the slope of ``z`` is ``s`` or 0), so that the cosines are not
+    kept for the backward pass, which forms the cosine gradient ``grad_i · s · max(e_ji, 0)``
+    from that array alone. ``shift`` (stopped, as in every log-sum-exp) gets no gradient.
     """
-    return _shifted_exp(logit_fn(cos), labels, class_mask, shift).sum(axis=0)
+    return _shifted_exp(non_target_logits(cos, loss), labels, class_mask, shift).sum(axis=0)
 
 
 def _shifted_exp(logits, labels, class_mask, shift):
@@ -448,16 +453,19 @@ def _shifted_exp(logits, labels, class_mask, shift):
     return jnp.exp(jnp.where(keep, logits - shift, -jnp.inf))
 
 
-def _sum_exp_forward(logit_fn, cos, labels, class_mask, shift):
-    value = _sum_exp_over_classes(logit_fn, cos, labels, class_mask, shift)
-    return value, (cos, labels, class_mask, shift)
+def _sum_exp_forward(loss, cos, labels, class_mask, shift):
+    logits, slope = jax.jvp(functools.partial(non_target_logits, loss=loss), (cos,),
+                            (jnp.ones_like(cos),))
+    # The barrier stores the signed array itself; without it XLA stores the exponentials and
+    # recomputes the sign from the cosines in the backward pass, keeping them alive.
+    signed_exp = lax.optimization_barrier(
+        jnp.where(slope != 0, 1.0, -1.0) * _shifted_exp(logits, labels, class_mask, shift))
+    return jnp.abs(signed_exp).sum(axis=0), (signed_exp, shift)
 
 
-def _sum_exp_backward(logit_fn, residuals, grad):
-    cos, labels, class_mask, shift = residuals
-    logits, pullback = jax.vjp(logit_fn, cos)
-    (grad_cos,) = pullback(grad * _shifted_exp(logits, labels, class_mask, shift))
-    return grad_cos, None, None, jnp.zeros_like(shift)
+def _sum_exp_backward(loss, residuals, grad):
+    signed_exp, shift = residuals
+    return (grad * loss.s) * jnp.maximum(signed_exp, 0.0), None, None, jnp.zeros_like(shift)
 
 
 _sum_exp_over_classes.defvjp(_sum_exp_forward, _sum_exp_backward)
@@ -513,7 +521,6 @@ def margin_cross_entropy(
     excludes padded samples: the mean is over the samples it keeps. ``class_mask`` ``[C]``
     excludes padded classes from the softmax.
     """
-    logit_fn = functools.partial(non_target_logits, loss=loss)
     _, owned = _target_index(labels, cos.shape[0])
     target_logit = jnp.where(owned, target_logit, -jnp.inf)
     lowest_shift = _lowest_shift(loss, cos.dtype)
@@ -523,7 +530,7 @@ def margin_cross_entropy(
     shift = jnp.maximum(lax.stop_gradient(target_logit), lowest_shift)
     if axis_name is not None:
         shift = lax.pmax(shift, axis_name)
-    sum_exp = (_sum_exp_over_classes(logit_fn, cos, labels, class_mask, shift)
+    sum_exp = (_sum_exp_over_classes(loss, cos, labels, class_mask, shift)
                + jnp.exp(target_logit - shift))
     target = jnp.where(owned, target_logit, 0.0)
     if axis_name is not None:
