@@ -74,6 +74,9 @@ def sharded_margin_loss(
     def local(embeddings, weight, labels, row_mask, state, key):
         gather = functools.partial(lax.all_gather, axis_name=DATA_AXIS, tiled=True, to="invarying")
         x, labels, row_mask = gather(embeddings), gather(labels), gather(row_mask)
+        # Gathered in the backbone's dtype (bf16 halves the traffic), widened once: the cosine
+        # and norm paths then add their embedding gradients in float32 and round once.
+        x = x.astype(losses.head_dtype(x.dtype))
         start = lax.axis_index(DATA_AXIS) * classes_per_shard
         local_label = labels - start
         owned = (local_label >= 0) & (local_label < classes_per_shard) & row_mask
@@ -100,7 +103,7 @@ def sharded_margin_loss(
         # shards by the cast's transpose (cosine_similarity's hand-written VJP cannot psum).
         cos, target_cos = losses.cosine_similarity(lax.pcast(x, DATA_AXIS, to="varying"),
                                                    weight, local_label)
-        norms = losses.safe_norm(x.astype(cos.dtype))
+        norms = losses.safe_norm(x)
         total, metrics, new_state = losses.margin_loss(
             cos, target_cos, local_label, norms, loss, state, row_mask=row_mask,
             class_mask=class_ids < num_classes, axis_name=DATA_AXIS,

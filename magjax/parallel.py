@@ -26,9 +26,10 @@ DATA_AXIS = "data"
 CLASS_SHARDED = re.compile(r"(^|/)head/weight$")
 
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh over the first ``num_devices`` devices (all of them by default)."""
-    devices = jax.devices()
+def make_mesh(num_devices: int | None = None, devices: list | None = None) -> Mesh:
+    """A 1-D mesh over the first ``num_devices`` of ``devices`` (default: all of this
+    platform's; ahead-of-time compilation passes the abstract devices of a TPU topology)."""
+    devices = jax.devices() if devices is None else list(devices)
     count = len(devices) if num_devices is None else num_devices
     if count > len(devices):
         raise ValueError(f"asked for {count} devices, only {len(devices)} available")

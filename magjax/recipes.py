@@ -16,6 +16,7 @@ Sources of the defaults: ../shared/docs/official-losses.md section 6.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 
 import ml_collections
@@ -31,6 +32,9 @@ DATASETS = {  # name: (identities, images)
     "webface42m": (2_059_906, 42_474_557),
 }
 DEPTHS = ("18", "34", "50", "100", "200")
+# GPUs of the official runs, whose global batch each recipe keeps: arcface_torch 8 x 128,
+# MagFace 8 x 64 (DataParallel), AdaFace 2 x 256 (official-losses.md section 6).
+OFFICIAL_GPUS = {"arcface": 8, "cosface": 8, "combined": 8, "magface": 8, "adaface": 2}
 
 
 def _arch(loss: str, depth: str) -> str:
@@ -196,3 +200,21 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     c.eval.update(every_steps=130, bins=("verification.bin",), quality_set="quality.npz",
                   batch_size=256)
     c.checkpoint.update(every_steps=130, keep=2)
+
+
+def official_per_device_batch(config: ml_collections.ConfigDict) -> int:
+    """Images per GPU in the official run that ``config``'s recipe follows."""
+    return config.global_batch // OFFICIAL_GPUS[config.loss.name]
+
+
+def config_from_file(spec: str) -> ml_collections.ConfigDict:
+    """The config of ``--config``-style ``spec``: ``configs/arcface.py:r100,pfc0.2`` calls that
+    file's ``get_config("r100,pfc0.2")`` (what ml_collections' config flag does for
+    ``magjax.main``, for entry points that take argparse options)."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} not found (from {spec!r})")
+    module_spec = importlib.util.spec_from_file_location("magjax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)

@@ -29,9 +29,10 @@ import numpy as np
 import optax
 import scipy.stats
 
-from magjax import checkpoint, head, losses, models, optim, parallel
-from magjax.data import pipeline as data_pipeline
-from magjax.logs import MetricsLogger
+# The train step (build_components, init_state, make_train_step) needs only jax, flax and optax:
+# `python -m magjax.bench train|compile` build it on machines without the data and checkpoint
+# stack (tfds, grain, orbax/tensorstore, tensorboardX), so the loop imports those itself.
+from magjax import head, losses, models, optim, parallel
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +96,47 @@ def _init_variables(backbone, margin_head, config, key):
     }
 
 
-def init_state(components: Components, key: jax.Array) -> dict:
-    """The initial train state, created directly in its shards."""
-
+def _state_init_fn(components: Components):
     def init(key):
         variables = _init_variables(components.backbone, components.head, components.config, key)
         return {**variables, "opt_state": components.tx.init(variables["params"]),
                 "step": jnp.zeros((), jnp.int32)}
 
+    return init
+
+
+def init_state(components: Components, key: jax.Array) -> dict:
+    """The initial train state, created directly in its shards."""
+    init = _state_init_fn(components)
     shardings = parallel.state_shardings(jax.eval_shape(init, key), components.mesh)
     return jax.jit(init, out_shardings=shardings)(key)
+
+
+def abstract_state(components: Components) -> dict:
+    """The train state's shapes, dtypes and shardings, without allocating it (ahead-of-time
+    compilation for devices this host does not have)."""
+    shapes = jax.eval_shape(_state_init_fn(components), jax.random.key(0))
+    shardings = parallel.state_shardings(shapes, components.mesh)
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                                 sharding=sharding),
+                        shapes, shardings)
+
+
+def abstract_batch(mesh: jax.sharding.Mesh, global_batch: int) -> dict:
+    """Shapes of one global batch as the input pipeline feeds it (uint8 RGB images)."""
+    sharding = parallel.batch_sharding(mesh)
+    return {"image": jax.ShapeDtypeStruct((global_batch, *models.INPUT_SHAPE), jnp.uint8,
+                                          sharding=sharding),
+            "label": jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=sharding)}
+
+
+def jit_train_step(components: Components, base_key: jax.Array, state_shardings: Any):
+    """``make_train_step`` jitted as training runs it: the state donated and kept in its
+    shardings, the batch split over ``data``, the metrics replicated."""
+    mesh = components.mesh
+    return jax.jit(make_train_step(components, base_key), donate_argnums=(0,),
+                   in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, parallel.replicated(mesh)))
 
 
 def _is_class_rows(path, leaf) -> bool:
@@ -256,6 +288,10 @@ class _Preemption:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
     """Trains (or resumes) in ``workdir``; returns the summary, or None when preempted."""
+    from magjax import checkpoint
+    from magjax.data import pipeline as data_pipeline
+    from magjax.logs import MetricsLogger
+
     workdir_path = pathlib.Path(workdir).absolute()
     workdir_path.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
@@ -304,10 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
         log.info("resumed from step %d (saved on %d devices, now %d)", latest,
                  meta["devices"], devices)
 
-    batch_sharding = parallel.batch_sharding(mesh)
-    train_step = jax.jit(make_train_step(components, base_key), donate_argnums=(0,),
-                         in_shardings=(shardings, batch_sharding),
-                         out_shardings=(shardings, parallel.replicated(mesh)))
+    train_step = jit_train_step(components, base_key, shardings)
     evaluator = Evaluator(config, components, data_dir)
     logger = MetricsLogger(workdir_path, enabled=primary)
     preemption = _Preemption()

@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-BENCHMARKS = ("head", "backbone", "input")
+BENCHMARKS = ("head", "backbone", "input", "train", "compile", "capacity")
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,130 @@
+"""``python -m magjax.bench capacity``: how many identities a recipe's train step fits per chip.
+
+    python -m magjax.bench capacity --topology v5p:4x4x4 --config configs/arcface.py:r100,pfc0.1
+    python -m magjax.bench capacity --topology v5e:16x16 --config configs/arcface.py:r100 --json
+
+For the recipe's sample rate and for r = 1.0 (the full softmax), finds the largest number of
+classes whose train step (``python -m magjax.bench compile``: the step ``magjax.main`` runs,
+compiled ahead of time for the topology) fits in a chip's HBM, to within ``--tolerance``. Each
+probe is one abstract compile; a chip's memory grows almost linearly with the class count
+(centres, their momentum and gradient, the ``[C/D, B]`` logits), so the search steps to where
+the line through the last probes meets the HBM, inside the bracket of the largest count that
+fits and the smallest that does not (a bisection whose midpoint is the linear estimate). The
+last line is JSON: per sample rate the capacity, the bytes per chip there and every probe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+
+
+def largest_fitting(bytes_at: Callable[[int], int], budget: int, start: int, multiple: int,
+                    tolerance: float = 0.01, max_probes: int = 12) -> tuple[int, dict[int, int]]:
+    """The largest multiple of ``multiple`` whose ``bytes_at`` is at most ``budget``, to within
+    a relative ``tolerance``, and every probe made (``{count: bytes}``).
+
+    ``bytes_at`` must grow with the count; the search is fastest when it grows linearly. The
+    answer ``n`` fits and a count at most ``n * (1 + tolerance)`` (or ``n + multiple``) was
+    probed and does not, unless ``max_probes`` ran out first. 0 when ``multiple`` does not fit.
+    """
+    probes: dict[int, int] = {}
+    fitting, failing = 0, None  # the bracket: largest count that fits, smallest that does not
+    outcomes: list[bool] = []
+
+    def round_down(count: float) -> int:
+        return max(int(count) // multiple * multiple, multiple)
+
+    def line_estimate(c0: int, c1: int) -> float | None:
+        """Where the line through the probes at c0 and c1 meets the budget."""
+        b0, b1 = probes[c0], probes[c1]
+        return None if b1 == b0 else c0 + (budget - b0) * (c1 - c0) / (b1 - b0)
+
+    count = round_down(start)
+    while len(probes) < max_probes:
+        probes[count] = bytes_at(count)
+        fits = probes[count] <= budget
+        outcomes.append(fits)
+        if fits:
+            fitting = max(fitting, count)
+        else:
+            failing = count if failing is None else min(failing, count)
+        if failing == multiple:
+            return 0, probes
+        if failing is not None and failing - fitting <= max(tolerance * fitting, multiple):
+            break
+        if fitting and failing is not None:
+            estimate = line_estimate(fitting, failing) or (fitting + failing) / 2
+        else:
+            others = [c for c in probes if c != count]
+            estimate = line_estimate(others[-1], count) if others else None
+            if estimate is None or (estimate <= count if fits else estimate >= count):
+                estimate = 2 * count if fits else count / 2  # no usable line yet
+        # Aim just past the estimate, on the side the last probe did not reach, so that with a
+        # linear memory the next probe closes the bracket.
+        aimed = estimate * (1 + tolerance / 2 if fits else 1 - tolerance / 2)
+        if fitting and failing is not None:
+            aimed = aimed if fitting < aimed < failing else estimate
+            estimate = min(max(aimed, fitting + multiple), failing - multiple)
+            if len(outcomes) >= 2 and outcomes[-1] == outcomes[-2] and count > start:
+                estimate = (fitting + failing) / 2  # the line keeps missing: bisect
+        else:
+            estimate = aimed
+        count = round_down(estimate)
+        if count in probes:  # rounding landed on a probe: halve the bracket instead
+            count = round_down((fitting + (failing or 2 * fitting)) / 2)
+            if count in probes:
+                break
+    return fitting, probes
+
+
+def main(argv: list[str]) -> int:
+    from magjax.bench import compile as compile_bench
+
+    parser = argparse.ArgumentParser(prog="python -m magjax.bench capacity", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    compile_bench.add_common_options(parser)
+    parser.add_argument("--tolerance", type=float, default=0.01,
+                        help="relative precision of the capacity (default 1%%)")
+    parser.add_argument("--max-probes", type=int, default=8, help="compiles per sample rate")
+    args = parser.parse_args(argv)
+
+    from magjax import recipes
+
+    config = recipes.config_from_file(args.config)
+    hbm, _ = compile_bench.chip_facts(args.topology)
+    chips = len(compile_bench.topology_devices(args.topology))
+    rates = sorted({config.head.sample_rate, 1.0})
+    result = {"topology": args.topology, "chips": chips, "config": args.config,
+              "hbm_bytes_per_chip": hbm, "capacity": {}}
+    for rate in rates:
+        config.head.sample_rate = rate
+        runs: dict[int, dict] = {}
+
+        def bytes_at(classes: int, config=config, runs=runs, rate=rate) -> int:
+            runs[classes] = compile_bench.run(args.topology, config, args.per_chip_batch,
+                                              classes)
+            r = runs[classes]
+            print(f"r = {rate}: {classes:,} classes -> {r['bytes_per_chip'] / 2**30:.2f} GiB "
+                  f"per chip ({'fits' if r['fits'] else 'does not fit'}, compiled in "
+                  f"{r['compile_s']:.0f} s)", flush=True)
+            return r["bytes_per_chip"]
+
+        # Counts are multiples of the chips x 8 rows (a TPU tile) so that no probe pays padding.
+        capacity, probes = largest_fitting(bytes_at, hbm, config.data.num_classes,
+                                           multiple=8 * chips, tolerance=args.tolerance,
+                                           max_probes=args.max_probes)
+        bound = min((c for c, b in probes.items() if b > hbm), default=None)
+        result["capacity"][str(rate)] = {
+            "classes": capacity, "first_failing": bound,
+            "bytes_per_chip": probes.get(capacity),
+            "probes": {str(c): b for c, b in sorted(probes.items())},
+            "per_chip_batch": next(iter(runs.values()))["per_chip_batch"],
+        }
+        print(f"r = {rate}: at most {capacity:,} identities fit on {args.topology} "
+              f"({chips} chips)" + (f"; {bound:,} do not" if bound else ""))
+        if capacity:  # the next sample rate starts where this one ended
+            config.data.num_classes = capacity
+    print(json.dumps(result))
+    return 0
