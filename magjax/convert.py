@@ -175,6 +175,11 @@ def backbone_state_dict(checkpoint_obj: Any, source: str, path: str = "checkpoin
     if not isinstance(checkpoint_obj, Mapping):
         raise ConversionError(f"{path}: expected a dict, got {type(checkpoint_obj).__name__}")
     if source == "arcface_torch":
+        if "state_dict" in checkpoint_obj and "state_dict_backbone" not in checkpoint_obj:
+            raise ConversionError(
+                f"{path}: holds a 'state_dict' entry, as magface and adaface checkpoints do, "
+                "not an arcface_torch backbone: check --from"
+            )
         state = checkpoint_obj.get("state_dict_backbone", checkpoint_obj)
         prefixes, skip = ("module.", ""), ()
     else:

@@ -381,3 +381,10 @@ def test_wrong_from_for_an_adaface_checkpoint_says_so(tmp_path):
     text = str(info.value)
     assert "holds argparse.Namespace hyper-parameters" in text and "--from adaface" in text
     assert "weights_only" not in text and "pickled objects other than tensors" not in text
+
+
+def test_wrong_from_for_a_magface_checkpoint_says_so():
+    magface_layout = {"epoch": 25, "state_dict": {"module.features.fc.bias": torch.zeros(2)}}
+    with pytest.raises(convert.ConversionError, match="m.pth: holds a 'state_dict' entry, as "
+                                                      "magface and adaface checkpoints do"):
+        convert.backbone_state_dict(magface_layout, "arcface_torch", "m.pth")
