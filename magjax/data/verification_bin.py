@@ -8,7 +8,9 @@ A pickle can run arbitrary code, and these files are downloaded from mirrors, so
 through :class:`RestrictedUnpickler`, which resolves only the few globals that rebuild uint8
 numpy arrays (and the latin-1 bytes helper of protocol-2 pickles written by Python 3); anything
 else is refused with an error naming the file and the global. The check has to be written by
-hand: the standard library offers only the ``find_class`` hook for it.
+hand: the standard library offers only the ``find_class`` hook for it. A tiny pickle could also
+declare huge arrays or reference one image many times; what a ``.bin`` may declare is bounded
+by its own size (:func:`read_bin`) before anything is allocated or copied.
 """
 
 from __future__ import annotations
@@ -143,7 +145,8 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
             raise
         raise UnsafePickleError(f"{path}: {e}") from None
     except Exception as e:  # any other unpickling failure means a damaged or foreign file
-        raise UserError(f"{path}: not a readable verification .bin pickle ({e})") from e
+        reason = str(e) or type(e).__name__  # MemoryError: a length no file can back
+        raise UserError(f"{path}: not a readable verification .bin pickle ({reason})") from e
     if not (isinstance(obj, tuple | list) and len(obj) == 2):
         raise UserError(
             f"{path}: expected a pickled (bins, issame_list) pair, got {type(obj).__name__}"
