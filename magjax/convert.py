@@ -13,7 +13,9 @@ Reads the checkpoint layout of each official repository:
   tensors (the ``head.*`` tensors of the AdaFace head, its kernel and norm statistics, are
   skipped) next to ``hyper_parameters``, which can be an ``argparse.Namespace``.
 
-Checkpoints are read with ``torch.load(weights_only=True)``: no pickled code runs. The only
+Checkpoints are read with ``torch.load(weights_only=True)``: no pickled code runs. Before that
+the zip archive's CRC-32 checksums are verified (torch does not), so a damaged download is an
+error naming the corrupt member rather than silently wrong weights. The only
 extra type allowed is ``argparse.Namespace`` for AdaFace's hyper-parameters; a checkpoint that
 needs anything else is refused (never re-read with ``weights_only=False``).
 
@@ -39,6 +41,8 @@ import pathlib
 import pickle
 import re
 import sys
+import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,6 +50,7 @@ import numpy as np
 from flax import traverse_util
 
 from magjax import checkpoint, models
+from magjax.errors import UserError
 
 SOURCES = models.FAMILIES
 
@@ -64,7 +69,7 @@ _LEAF_TO_TORCH = {
 }
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A checkpoint that cannot be converted (layout, tensor names or shapes, unsafe pickle)."""
 
 
@@ -79,27 +84,83 @@ def _import_torch():
     return torch
 
 
+def check_archive(path: pathlib.Path) -> None:
+    """Checks that ``path`` can be a PyTorch checkpoint before torch reads it.
+
+    ``torch.save`` writes a zip archive whose members carry CRC-32 checksums that torch never
+    verifies: every member is read here and a mismatch names the member. A file that is not a
+    zip archive must be a legacy (torch < 1.6) pickle, which starts with the PROTO opcode.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise ConversionError(f"{path}: empty file (0 bytes), not a PyTorch checkpoint")
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:
+            raise ConversionError(
+                f"{path}: damaged zip archive ({error}); download the checkpoint again"
+            ) from None
+        if bad is not None:
+            raise ConversionError(
+                f"{path}: damaged checkpoint: member '{bad}' fails its CRC-32 check (the file "
+                "was altered or cut short); download it again"
+            )
+        return
+    with open(path, "rb") as f:
+        start = f.read(2)
+    if start[:1] != pickle.PROTO:
+        raise ConversionError(
+            f"{path}: not a PyTorch checkpoint: neither a zip archive (what torch.save writes) "
+            f"nor a legacy torch pickle (starts with {start!r})"
+        )
+
+
+def _refusal(path: pathlib.Path, source: str, error: pickle.UnpicklingError) -> ConversionError:
+    """A readable message for torch's weights-only refusal, without its advice to load with
+    ``weights_only=False``."""
+    text = str(error)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found is None:
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        reason = detail[0] if detail and "weights_only" not in detail[0] else type(error).__name__
+        return ConversionError(f"{path}: damaged or foreign file: its pickle cannot be read "
+                               f"({reason})")
+    name = found.group(1)
+    if name == "argparse.Namespace":
+        return ConversionError(
+            f"{path}: holds argparse.Namespace hyper-parameters, as AdaFace's Lightning "
+            f"checkpoints do, not a {source} checkpoint: use --from adaface if it is one"
+        )
+    return ConversionError(
+        f"{path}: refusing to load: it contains the pickled object GLOBAL {name}, which a "
+        "checkpoint of tensors and plain containers never needs, and magjax never unpickles code"
+    )
+
+
 def load_checkpoint(path: str | pathlib.Path, source: str) -> Any:
-    """``torch.load`` of ``path`` without executing pickled code (``weights_only=True``)."""
+    """``torch.load`` of ``path`` without executing pickled code (``weights_only=True``), after
+    :func:`check_archive`; every failure is a :class:`ConversionError` naming the file."""
     if source not in SOURCES:
         raise ConversionError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     torch = _import_torch()
+    check_archive(path)
     # Lightning stores AdaFace's argparse hyper-parameters; Namespace only restores attributes.
     allowed = [argparse.Namespace] if source == "adaface" else []
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        # torch's message is mostly advice to use weights_only=False; keep the culprit only.
-        found = re.search(r"WeightsUnpickler error: (.*?)(?:\. |\.?$)", str(error), re.M)
-        reason = found.group(1) if found else " ".join(str(error).split())
+        raise _refusal(path, source, error) from None
+    except (EOFError, RuntimeError, OSError) as error:  # cut short, or a zip torch cannot read
+        reason = " ".join(str(error).split()) or type(error).__name__
         raise ConversionError(
-            f"{path}: refusing to load: it contains pickled objects other than tensors and plain "
-            f"containers, and magjax never unpickles code ({reason})"
-        ) from error
+            f"{path}: cannot be read as a PyTorch checkpoint ({reason})"
+        ) from None
 
 
 def _strip(key: str, prefix: str) -> str | None:
@@ -114,6 +175,11 @@ def backbone_state_dict(checkpoint_obj: Any, source: str, path: str = "checkpoin
     if not isinstance(checkpoint_obj, Mapping):
         raise ConversionError(f"{path}: expected a dict, got {type(checkpoint_obj).__name__}")
     if source == "arcface_torch":
+        if "state_dict" in checkpoint_obj and "state_dict_backbone" not in checkpoint_obj:
+            raise ConversionError(
+                f"{path}: holds a 'state_dict' entry, as magface and adaface checkpoints do, "
+                "not an arcface_torch backbone: check --from"
+            )
         state = checkpoint_obj.get("state_dict_backbone", checkpoint_obj)
         prefixes, skip = ("module.", ""), ()
     else:
@@ -199,7 +265,10 @@ def convert_state_dict(state: Mapping[str, np.ndarray], arch: str) -> dict:
             module = key[: -len(".weight")]
             if module in _FLATTENED_LINEAR:
                 # Rows in PyTorch's (C, H, W) flatten order -> Flax's (H, W, C) order.
-                channels = state[f"{_FLATTENED_LINEAR[module]}.running_mean"].shape[0]
+                bn_mean = f"{_FLATTENED_LINEAR[module]}.running_mean"
+                if bn_mean not in state:
+                    continue  # reported as a missing tensor below
+                channels = state[bn_mean].shape[0]
                 side = math.isqrt(value.shape[1] // channels)
                 value = value.reshape(value.shape[0], channels, side, side)
                 value = value.transpose(0, 2, 3, 1).reshape(value.shape[0], -1)

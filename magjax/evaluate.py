@@ -121,16 +121,20 @@ def _crop_box(path: pathlib.Path, columns: dict, row: int) -> np.ndarray:
     """The protocol row's face box (if the CSV has one) resized to 112x112 RGB."""
     from PIL import Image
 
+    from magjax.data.images import UnreadableImageError, read_image
+    from magjax.errors import UserError
+
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if all(c in columns for c in ("FACE_X", "FACE_Y", "FACE_WIDTH", "FACE_HEIGHT")):
-                x, y, w, h = (float(columns[c][row]) for c in
-                              ("FACE_X", "FACE_Y", "FACE_WIDTH", "FACE_HEIGHT"))
-                img = img.crop((round(x), round(y), round(x + w), round(y + h)))
-            return np.asarray(img.resize((112, 112), Image.Resampling.BILINEAR), np.uint8)
-    except (OSError, ValueError) as e:
-        raise OSError(f"cannot read clustering image {path} (protocol row {row + 2}): {e}") from e
+        img = read_image(path).convert("RGB")
+        if all(c in columns for c in ("FACE_X", "FACE_Y", "FACE_WIDTH", "FACE_HEIGHT")):
+            x, y, w, h = (float(columns[c][row]) for c in
+                          ("FACE_X", "FACE_Y", "FACE_WIDTH", "FACE_HEIGHT"))
+            img = img.crop((round(x), round(y), round(x + w), round(y + h)))
+        return np.asarray(img.resize((112, 112), Image.Resampling.BILINEAR), np.uint8)
+    except UnreadableImageError as e:  # names the path
+        raise UnreadableImageError(f"clustering protocol row {row + 2}: {e}") from e
+    except ValueError as e:
+        raise UserError(f"{path} (clustering protocol row {row + 2}): bad face box: {e}") from e
 
 
 def cluster_inputs(encoder, spec: str, root: str | None, batch_size: int):

@@ -54,17 +54,19 @@ def list_images(spec: str | pathlib.Path) -> list[pathlib.Path]:
 
 
 def read_face(path: str | pathlib.Path, size: int = IMAGE_SIZE) -> np.ndarray:
-    """An image as uint8 RGB [size, size, 3] (resized bilinearly if it is not that size)."""
+    """An image as uint8 RGB [size, size, 3] (resized bilinearly if it is not that size).
+
+    An unreadable file (``magjax.data.images``: corrupt, truncated, a corrupt JPEG scan, a
+    decompression bomb) raises ``UnreadableImageError``, an ``OSError`` naming the path.
+    """
     from PIL import Image
 
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
-    except (OSError, ValueError) as e:
-        raise OSError(f"cannot read image {path}: {e}") from e
+    from magjax.data.images import read_image
+
+    img = read_image(path).convert("RGB")  # UnreadableImageError (an OSError) names the path
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
 
 
 def iter_batches(

@@ -39,7 +39,8 @@ def decode(data: bytes, image_size: int = 112) -> Image.Image:
     """Decodes encoded image bytes to an RGB Pillow image of image_size x image_size.
 
     Raises OSError for corrupt or truncated data. Other sizes are resized (bilinear) with a
-    one-time warning.
+    one-time warning. Pillow only: prepared data was checked under the stricter policy of
+    ``magjax.data.images`` when it was prepared.
     """
     global _warned_size
     im = Image.open(io.BytesIO(data))

@@ -7,7 +7,8 @@ identities. All write ``array_record`` files with JPEG bytes (no TensorFlow need
 ``label`` (ClassLabel) and ``source_id`` (record key / file number in the source, for logs);
 the synthetic set adds ``quality`` (0 worst .. 4 clean) and ``degradation`` (bit mask).
 
-Every image is decoded once with Pillow at prepare time: a corrupt or truncated one is skipped,
+Every image is decoded once at prepare time: an unreadable one (corrupt, truncated, a JPEG with
+corrupt scan data, or a decompression bomb; the policy of ``magjax.data.images``) is skipped,
 counted and logged with its source record (``skipped`` in the metadata, which ``inspect``
 prints); an image that is not 112x112 is resized and re-encoded with a one-time warning, or is an
 error when ``on_size_mismatch="error"``.
@@ -35,7 +36,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from magjax.data import augment, recordio, synthetic, verification_bin
+from magjax.data import images, recordio, synthetic, verification_bin
+from magjax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +116,9 @@ class _FaceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if not self.validate:
             return data
         try:
-            im = Image.open(io.BytesIO(data))
-            im.load()
-        except augment.DECODE_ERRORS as e:
-            if len(self.skipped) < _MAX_LOGGED_SKIPS:
-                log.warning(
-                    "skipping %s: cannot decode image (%s)", self._source_name(source_id), e
-                )
-            self.skipped.append(source_id)
+            im = images.open_image(data, self._source_name(source_id))
+        except images.UnreadableImageError as e:
+            self._skip(source_id, e)
             return None
         size = im.size
         if size == (IMAGE_SIZE, IMAGE_SIZE):
@@ -143,6 +140,12 @@ class _FaceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         im.save(buf, format="JPEG", quality=95)
         return buf.getvalue()
 
+    def _skip(self, source_id: int, reason: Exception) -> None:
+        """Counts an unreadable record (and logs the first ones)."""
+        if len(self.skipped) < _MAX_LOGGED_SKIPS:
+            log.warning("skipping %s", reason)
+        self.skipped.append(source_id)
+
     def _generate_examples(self):
         key = 0
         for source_id, label, data, extra in self._records():
@@ -151,12 +154,16 @@ class _FaceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 continue
             yield key, {"image": image, "label": label, "source_id": source_id, **extra}
             key += 1
+        if key == 0:
+            source = self._extra_metadata().get("source", type(self).__name__)
+            raise UserError(f"{source}: no readable image ({len(self.skipped)} skipped, see the "
+                            "log)")
         # Written into metadata.json when the split is finalised.
         self.info.metadata["skipped"] = len(self.skipped)
         self.info.metadata["skipped_source_ids"] = self.skipped[:_MAX_LOGGED_SKIPS]
         self.info.metadata["resized"] = self.resized
         if self.skipped:
-            log.warning("skipped %d undecodable images in total", len(self.skipped))
+            log.warning("skipped %d unreadable images in total", len(self.skipped))
 
 
 class FaceRec(_FaceBuilder, skip_registration=True):
@@ -174,8 +181,34 @@ class FaceRec(_FaceBuilder, skip_registration=True):
         return f"{self.rec.reader.rec_path} record {source_id}"
 
     def _records(self):
-        for key, label, data in self.rec:
+        # A damaged record (a .rec cut short inside its last record, say) is skipped and
+        # counted like an undecodable image; the labels read check the property's class count.
+        labels, damaged = set(), 0
+        for key in self.rec.image_keys:
+            try:
+                label, data = self.rec.read(key)
+            except recordio.DamagedRecordError as e:
+                self._skip(key, e)
+                damaged += 1
+                continue
+            labels.add(label)
             yield key, label, data, {}
+        self._check_num_classes(labels, damaged)
+
+    def _check_num_classes(self, labels: set[int], damaged: int) -> None:
+        """The property's class count must be what the labels use (labels 0 .. C-1); each
+        damaged record may hide one class above the largest label read."""
+        used = max(labels) + 1 if labels else 0
+        if used + damaged < self.num_classes:
+            raise recordio.RecordIOError(
+                f"{self.rec.dir / 'property'}: says {self.num_classes} classes, but the labels "
+                f"in {self.rec.reader.rec_path} use {used} (0..{used - 1}); fix num_classes on "
+                "its first line"
+            )
+        if len(labels) < self.num_classes:
+            log.warning("%d of %d classes have no readable image in %s",
+                        self.num_classes - len(labels), self.num_classes,
+                        self.rec.reader.rec_path)
 
 
 def list_image_folder(root: str | os.PathLike, layout: str = "auto") -> tuple[list[str], list]:
@@ -184,17 +217,19 @@ def list_image_folder(root: str | os.PathLike, layout: str = "auto") -> tuple[li
     ``flat``: ``root/<identity>/<image>``; ``split``: ``root/<part>/<identity>/<image>`` with the
     identities of all parts merged (WebFace42M's ``0..9``); ``auto`` picks ``split`` when every
     top-level directory holds only directories. Labels are the positions of the identity names in
-    sorted order (torchvision ImageFolder). Returns (identity names, [(path, label)]).
+    sorted order (torchvision ImageFolder). Hidden entries (names starting with ``.``) are
+    ignored; identity folders without image files are not classes (logged); a folder name with
+    a line break is an error. Returns (identity names, [(path, label)]).
     """
     root = pathlib.Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: image folder not found")
-    top = sorted((e for e in os.scandir(root) if e.is_dir()), key=lambda e: e.name)
+    top = sorted(_subdirs(root), key=lambda e: e.name)
     if not top:
-        raise ValueError(f"{root}: expected one sub-directory per identity, found none")
+        raise UserError(f"{root}: expected one sub-directory per identity, found none")
     if layout == "auto":
         def only_dirs(d):
-            entries = list(os.scandir(d.path))
+            entries = _visible(d.path)
             return bool(entries) and all(e.is_dir() for e in entries)
 
         layout = "split" if all(only_dirs(d) for d in top) else "flat"
@@ -203,26 +238,43 @@ def list_image_folder(root: str | os.PathLike, layout: str = "auto") -> tuple[li
     elif layout == "split":
         identity_dirs = {}
         for part in top:
-            for d in os.scandir(part.path):
-                if not d.is_dir():
-                    continue
+            for d in _subdirs(part.path):
                 if d.name in identity_dirs:
-                    raise ValueError(
+                    raise UserError(
                         f"identity '{d.name}' appears in {identity_dirs[d.name]} and {d.path}: "
                         "identity names must be unique across the parts of a split folder"
                     )
                 identity_dirs[d.name] = d.path
     else:
         raise ValueError(f"layout must be 'auto', 'flat' or 'split', not {layout!r}")
-    names = sorted(identity_dirs)
-    files = []
-    for label, name in enumerate(names):
-        for f in sorted(os.scandir(identity_dirs[name]), key=lambda e: e.name):
-            if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS):
-                files.append((f.path, label))
+    for name, path in identity_dirs.items():
+        if "".join(name.splitlines()) != name:
+            # classes.txt holds one name per line: a line break would shift every later name.
+            raise UserError(f"{path!r}: an identity folder name may not contain a line break")
+    images_of = {}
+    for name, path in identity_dirs.items():
+        images_of[name] = sorted(
+            f.path for f in _visible(path)
+            if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS)
+        )
+    empty = sorted(identity_dirs[n] for n, found in images_of.items() if not found)
+    if empty:
+        log.warning("skipping %d identity folders without image files (not classes): %s%s",
+                    len(empty), ", ".join(empty[:10]), " ..." if len(empty) > 10 else "")
+    names = sorted(n for n, found in images_of.items() if found)
+    files = [(path, label) for label, name in enumerate(names) for path in images_of[name]]
     if not files:
-        raise ValueError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
+        raise UserError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
     return names, files
+
+
+def _visible(path) -> list[os.DirEntry]:
+    """The entries of a directory except hidden ones (``.DS_Store``, ``.git``, ``._x.jpg``)."""
+    return [e for e in os.scandir(path) if not e.name.startswith(".")]
+
+
+def _subdirs(path) -> list[os.DirEntry]:
+    return [e for e in _visible(path) if e.is_dir()]
 
 
 class FaceFolder(_FaceBuilder, skip_registration=True):
@@ -276,6 +328,19 @@ class SyntheticFaces(_FaceBuilder, skip_registration=True):
 # ----------------------------------------------------------------------------- prepare / inspect
 
 
+def read_manifest(path: pathlib.Path) -> dict:
+    """The JSON object of a ``magjax_dataset.json``; a damaged one is an error naming it."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: damaged dataset manifest, not JSON ({e}); prepare the dataset "
+                        "again into a new --out") from None
+    if not isinstance(manifest, dict) or "dataset_dir" not in manifest:
+        raise UserError(f"{path}: damaged dataset manifest (expected an object with "
+                        "'dataset_dir'); prepare the dataset again into a new --out")
+    return manifest
+
+
 def find_dataset_dir(path: str | os.PathLike) -> pathlib.Path:
     """The TFDS version directory of a prepared dataset, given it or its root."""
     path = pathlib.Path(path)
@@ -283,7 +348,7 @@ def find_dataset_dir(path: str | os.PathLike) -> pathlib.Path:
         return path
     manifest = path / MANIFEST
     if manifest.is_file():
-        return path / json.loads(manifest.read_text())["dataset_dir"]
+        return path / read_manifest(manifest)["dataset_dir"]
     found = sorted(path.glob("*/*/dataset_info.json"))
     if len(found) == 1:
         return found[0].parent
@@ -321,7 +386,7 @@ def _prepare(format: str, src, out: pathlib.Path, **options) -> pathlib.Path:
     request = _normalise({"format": format, "src": str(src) if src else None, "options": options})
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(manifest_path)
         if manifest.get("complete") and {k: manifest.get(k) for k in request} == request:
             return out
         raise FileExistsError(
@@ -410,7 +475,7 @@ def inspect_dataset(path: str | os.PathLike) -> dict:
     }
     manifest = pathlib.Path(path) / MANIFEST
     if manifest.is_file():
-        m = json.loads(manifest.read_text())
+        m = read_manifest(manifest)
         summary.update({k: m[k] for k in ("format", "src", "options", "verification_bins",
                                           "quality_set", "classes") if k in m})
     return summary

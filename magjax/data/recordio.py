@@ -27,14 +27,20 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from magjax.errors import UserError
+
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _LEN_MASK = (1 << 29) - 1
 _IR_FORMAT = struct.Struct("<IfQQ")
 
 
-class RecordIOError(ValueError):
+class RecordIOError(UserError):
     """A RecordIO file does not have the expected structure (message names file and record)."""
+
+
+class DamagedRecordError(RecordIOError):
+    """One record cannot be read (cut short, bad magic or part flags): the rest may be intact."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +68,17 @@ def pack(header: IRHeader, data: bytes) -> bytes:
 def unpack(payload: bytes) -> tuple[IRHeader, bytes]:
     """Splits a logical record into its header and image bytes (inverse of :func:`pack`)."""
     if len(payload) < _IR_FORMAT.size:
-        raise RecordIOError(f"record of {len(payload)} bytes is shorter than the 24-byte IRHeader")
+        raise DamagedRecordError(
+            f"record of {len(payload)} bytes is shorter than the 24-byte IRHeader"
+        )
     flag, label, id_, id2 = _IR_FORMAT.unpack_from(payload)
     start = _IR_FORMAT.size
     if flag > 0:
         end = start + 4 * flag
         if end > len(payload):
-            raise RecordIOError(f"IRHeader flag {flag} needs {4 * flag} label bytes, record ends")
+            raise DamagedRecordError(
+                f"IRHeader flag {flag} needs {4 * flag} label bytes, record ends"
+            )
         label = np.frombuffer(payload, dtype="<f4", count=flag, offset=start).copy()
         start = end
     return IRHeader(flag, label, id_, id2), payload[start:]
@@ -179,16 +189,16 @@ class RecordIOReader:
         buf, parts, pos = self._buf, [], offset
         while True:
             if pos + 8 > len(buf):
-                raise RecordIOError(f"{self.rec_path}: record {key} truncated at offset {pos}")
+                raise DamagedRecordError(f"{self.rec_path}: record {key} truncated at offset {pos}")
             magic, lrec = struct.unpack_from("<II", buf, pos)
             if magic != MAGIC:
-                raise RecordIOError(
+                raise DamagedRecordError(
                     f"{self.rec_path}: record {key} at offset {pos}: expected magic 0xced7230a, "
                     f"got {magic:#010x} (wrong .idx for this .rec, or a corrupt file)"
                 )
             cflag, length = lrec >> 29, lrec & _LEN_MASK
             if pos + 8 + length > len(buf):
-                raise RecordIOError(
+                raise DamagedRecordError(
                     f"{self.rec_path}: record {key} at offset {pos} claims {length} bytes, "
                     "file ends first (truncated .rec)"
                 )
@@ -200,7 +210,7 @@ class RecordIOReader:
                 return _MAGIC_BYTES.join(parts)
             expected = (1,) if len(parts) == 1 else (2, 3)
             if cflag not in expected:
-                raise RecordIOError(
+                raise DamagedRecordError(
                     f"{self.rec_path}: record {key} at offset {pos}: part {len(parts)} has cflag "
                     f"{cflag}, expected one of {expected}"
                 )
@@ -290,8 +300,16 @@ class FaceRecord:
         return len(self.image_keys)
 
     def read(self, key: int) -> tuple[int, bytes]:
-        """Returns (label, image bytes) of one image record, validating the label."""
-        header, data = unpack(self.reader.read(key))
+        """Returns (label, image bytes) of one image record, validating the label.
+
+        Raises :class:`DamagedRecordError` for a record that cannot be read (the others may be
+        intact) and :class:`RecordIOError` for a label outside the property's classes.
+        """
+        payload = self.reader.read(key)
+        try:
+            header, data = unpack(payload)
+        except DamagedRecordError as e:
+            raise DamagedRecordError(f"{self.reader.rec_path}: record {key}: {e}") from None
         label = scalar_label(header)
         if not (math.isfinite(label) and label == int(label) and 0 <= label < self.num_classes):
             raise RecordIOError(

@@ -8,44 +8,46 @@ A pickle can run arbitrary code, and these files are downloaded from mirrors, so
 through :class:`RestrictedUnpickler`, which resolves only the few globals that rebuild uint8
 numpy arrays (and the latin-1 bytes helper of protocol-2 pickles written by Python 3); anything
 else is refused with an error naming the file and the global. The check has to be written by
-hand: the standard library offers only the ``find_class`` hook for it.
+hand: the standard library offers only the ``find_class`` hook for it. A tiny pickle could also
+declare huge arrays or reference one image many times; what a ``.bin`` may declare is bounded
+by its own size (:func:`read_bin`) before anything is allocated or copied.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import pathlib
 import pickle
+import reprlib
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
+from magjax.data import images as image_io
+from magjax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """A ``.bin`` file asked for a global that a verification set never needs."""
+class UnsafePickleError(UserError, pickle.UnpicklingError):
+    """A ``.bin`` file asked for a global that a verification set never needs, or declared more
+    data than the file holds."""
 
 
-def _ndarray_only(cls, *args):
-    if cls is not np.ndarray:
-        raise UnsafePickleError(f"_reconstruct called with {cls!r}, only numpy.ndarray is allowed")
-    return np.ndarray.__new__(np.ndarray, *args)
+def _ndarray_class(*args):
+    # What find_class gives for ``numpy.ndarray``: numpy's pickles only pass the class to
+    # _reconstruct; calling it would allocate an array of any declared shape.
+    raise UnsafePickleError("numpy.ndarray(...) called directly: refused")
 
 
 def _uint8_dtype(name, *args):
     if name not in ("u1", b"u1"):
         raise UnsafePickleError(f"numpy.dtype({name!r}) refused: only uint8 ('u1') is allowed")
     return np.dtype("u1")
-
-
-def _frombuffer(buf, dtype, shape, order):
-    if np.dtype(dtype) != np.uint8:
-        raise UnsafePickleError(f"array of dtype {dtype} refused: only uint8 is allowed")
-    return np.frombuffer(buf, np.uint8).reshape(shape, order=order)
 
 
 def _latin1_encode(text, encoding="utf-8"):
@@ -55,74 +57,128 @@ def _latin1_encode(text, encoding="utf-8"):
     return text.encode("latin1")
 
 
+# Global -> name of the RestrictedUnpickler method (or plain function) that rebuilds it.
 _ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"): _ndarray_only,
-    ("numpy._core.multiarray", "_reconstruct"): _ndarray_only,
-    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
-    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy.core.multiarray", "_reconstruct"): "_reconstruct",
+    ("numpy._core.multiarray", "_reconstruct"): "_reconstruct",
+    ("numpy.core.numeric", "_frombuffer"): "_frombuffer",
+    ("numpy._core.numeric", "_frombuffer"): "_frombuffer",
+    ("numpy", "ndarray"): _ndarray_class,
     ("numpy", "dtype"): _uint8_dtype,
     ("_codecs", "encode"): _latin1_encode,
 }
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler whose ``find_class`` resolves only the uint8-array globals in ``_ALLOWED``."""
+    """Unpickler whose ``find_class`` resolves only the uint8-array globals in ``_ALLOWED``.
 
-    def __init__(self, file, *, source: str, **kwargs):
+    Arrays are bounded before they are allocated: none may declare more than ``max_bytes``
+    (the size of the file: an array's data is stored in it).
+    """
+
+    def __init__(self, file, *, source: str, max_bytes: int, **kwargs):
         super().__init__(file, **kwargs)
         self.source = source
+        self.max_bytes = max_bytes
 
     def find_class(self, module: str, name: str):
-        try:
-            return _ALLOWED[(module, name)]
-        except KeyError:
+        rebuild = _ALLOWED.get((module, name))
+        if rebuild is None:
             raise UnsafePickleError(
                 f"{self.source}: refused to load global '{module}.{name}': a verification .bin "
                 "may only contain encoded images (bytes or uint8 arrays) and a list of bools"
-            ) from None
+            )
+        return getattr(self, rebuild) if isinstance(rebuild, str) else rebuild
+
+    def _check_size(self, shape) -> tuple[int, ...]:
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        if not all(isinstance(n, int) and n >= 0 for n in shape):
+            raise UnsafePickleError(f"{self.source}: array shape {reprlib.repr(shape)} refused")
+        if math.prod(shape) > self.max_bytes:
+            raise UnsafePickleError(
+                f"{self.source}: declares a uint8 array of {math.prod(shape)} bytes, more than "
+                f"the {self.max_bytes} bytes that may hold it: refused"
+            )
+        return shape
+
+    def _reconstruct(self, cls, shape, dtype, *args):
+        # numpy pickles an array as _reconstruct(ndarray, (0,), b'b') and sets its data with
+        # __setstate__, which checks the data's length against the declared shape.
+        if cls is not _ndarray_class:
+            raise UnsafePickleError(
+                f"_reconstruct called with {cls!r}, only numpy.ndarray is allowed"
+            )
+        return np.ndarray.__new__(np.ndarray, self._check_size(shape), _uint8_dtype("u1"))
+
+    def _frombuffer(self, buf, dtype, shape, order):
+        if np.dtype(dtype) != np.uint8:
+            raise UnsafePickleError(f"array of dtype {dtype} refused: only uint8 is allowed")
+        return np.frombuffer(buf, np.uint8).reshape(self._check_size(shape), order=order)
 
 
 def _restricted_load(data: bytes, source: str):
     # Try the default (ASCII) decoding first, as insightface does, then encoding='bytes' for
     # Python 2 pickles whose JPEG ``str`` objects are not ASCII.
     try:
-        return RestrictedUnpickler(io.BytesIO(data), source=source).load()
+        return RestrictedUnpickler(io.BytesIO(data), source=source, max_bytes=len(data)).load()
     except UnicodeDecodeError:
-        return RestrictedUnpickler(io.BytesIO(data), source=source, encoding="bytes").load()
+        return RestrictedUnpickler(
+            io.BytesIO(data), source=source, max_bytes=len(data), encoding="bytes"
+        ).load()
 
 
 def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
-    """Reads a verification ``.bin`` safely: (2P encoded images as bytes, issame bool [P])."""
+    """Reads a verification ``.bin`` safely: (2P encoded images as bytes, issame bool [P]).
+
+    Bounded by the file: no array may declare more bytes than the file has, and the images
+    together may not hold more bytes than the file (a pickle can reference one image many times,
+    and each reference would become a copy). Errors name the file.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: verification .bin not found")
+    data = path.read_bytes()
     try:
-        obj = _restricted_load(path.read_bytes(), str(path))
-    except UnsafePickleError:
-        raise
+        obj = _restricted_load(data, str(path))
+    except UnsafePickleError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise UnsafePickleError(f"{path}: {e}") from None
     except Exception as e:  # any other unpickling failure means a damaged or foreign file
-        raise ValueError(f"{path}: not a readable verification .bin pickle ({e})") from e
+        reason = str(e) or type(e).__name__  # MemoryError: a length no file can back
+        raise UserError(f"{path}: not a readable verification .bin pickle ({reason})") from e
     if not (isinstance(obj, tuple | list) and len(obj) == 2):
-        raise ValueError(f"{path}: expected a pickled (bins, issame_list) pair, got {type(obj)}")
+        raise UserError(
+            f"{path}: expected a pickled (bins, issame_list) pair, got {type(obj).__name__}"
+        )
     bins, issame = obj
-    out: list[bytes] = []
+    if not (isinstance(bins, list | tuple) and isinstance(issame, list | tuple)):
+        raise UserError(f"{path}: expected lists of images and of bools, got "
+                        f"{type(bins).__name__} and {type(issame).__name__}")
+    total = 0
     for i, b in enumerate(bins):
-        if isinstance(b, bytes | bytearray):
-            out.append(bytes(b))
-        elif isinstance(b, np.ndarray) and b.dtype == np.uint8:
-            out.append(b.tobytes())
+        if isinstance(b, bytes | bytearray) or (isinstance(b, np.ndarray) and b.dtype == np.uint8):
+            total += len(b) if not isinstance(b, np.ndarray) else b.nbytes
         else:
-            raise ValueError(f"{path}: image {i} is {type(b).__name__}, expected bytes or uint8")
+            raise UserError(f"{path}: image {i} is {type(b).__name__}, expected bytes or uint8")
+    if total > len(data):
+        raise UnsafePickleError(
+            f"{path}: its {len(bins)} images hold {total} bytes, more than the file's "
+            f"{len(data)}: the same data is referenced several times; refused"
+        )
     flags = []
     for i, s in enumerate(issame):
         if not isinstance(s, bool | int) or s not in (0, 1):
-            raise ValueError(f"{path}: issame[{i}] is {s!r}, expected a bool")
+            # reprlib: a bounded repr, as the value can be nested 200,000 lists deep.
+            raise UserError(f"{path}: issame[{i}] is {reprlib.repr(s)}, expected a bool")
         flags.append(bool(s))
-    if len(out) != 2 * len(flags):
-        raise ValueError(
-            f"{path}: {len(out)} images for {len(flags)} pairs, expected 2 images per pair"
+    if not flags:
+        raise UserError(f"{path}: holds 0 pairs; a verification set needs at least one")
+    if len(bins) != 2 * len(flags):
+        raise UserError(
+            f"{path}: {len(bins)} images for {len(flags)} pairs, expected 2 images per pair"
         )
+    out = [b.tobytes() if isinstance(b, np.ndarray) else bytes(b) for b in bins]
     return out, np.asarray(flags, dtype=bool)
 
 
@@ -133,19 +189,17 @@ def decode_image(data: bytes, image_size: int = 112, *, what: str = "image") -> 
     """Decodes encoded image bytes to uint8 RGB [image_size, image_size, 3] with Pillow.
 
     Images of another size are resized (bilinear) with a one-time warning, as insightface's
-    evaluation does for non-112 sets.
+    evaluation does for non-112 sets. An unreadable image (``magjax.data.images``: corrupt,
+    truncated, a corrupt JPEG scan, a decompression bomb) raises ``UnreadableImageError``.
     """
     global _warned_resize
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
-        if im.size != (image_size, image_size):
-            if not _warned_resize:
-                log.warning(
-                    "%s is %dx%d, resizing to %d (warned once)", what, *im.size, image_size
-                )
-                _warned_resize = True
-            im = im.resize((image_size, image_size), Image.BILINEAR)
-        return np.asarray(im)
+    im = image_io.open_image(data, what).convert("RGB")
+    if im.size != (image_size, image_size):
+        if not _warned_resize:
+            log.warning("%s is %dx%d, resizing to %d (warned once)", what, *im.size, image_size)
+            _warned_resize = True
+        im = im.resize((image_size, image_size), Image.BILINEAR)
+    return np.asarray(im)
 
 
 def load_bin(path: str | os.PathLike, image_size: int = 112) -> tuple[np.ndarray, np.ndarray]:
@@ -157,10 +211,7 @@ def load_bin(path: str | os.PathLike, image_size: int = 112) -> tuple[np.ndarray
     bins, issame = read_bin(path)
     images = np.empty((len(bins), image_size, image_size, 3), np.uint8)
     for i, b in enumerate(bins):
-        try:
-            images[i] = decode_image(b, image_size, what=f"{path} image {i}")
-        except OSError as e:
-            raise ValueError(f"{path}: image {i} (pair {i // 2}) cannot be decoded: {e}") from e
+        images[i] = decode_image(b, image_size, what=f"{path}: image {i} (pair {i // 2})")
     return images, issame
 
 
@@ -206,12 +257,13 @@ def inspect_bin(path: str | os.PathLike) -> dict:
     corrupt = []
     for i, b in enumerate(bins):
         try:
-            with Image.open(io.BytesIO(b)) as im:
-                im.load()
-                key = f"{im.size[0]}x{im.size[1]}"
-            sizes[key] = sizes.get(key, 0) + 1
-        except OSError:
+            im = image_io.open_image(b, f"{path}: image {i}")
+        except image_io.UnreadableImageError as e:
+            log.warning("%s", e)
             corrupt.append(i)
+            continue
+        key = f"{im.size[0]}x{im.size[1]}"
+        sizes[key] = sizes.get(key, 0) + 1
     return {
         "path": str(path),
         "num_pairs": int(len(issame)),

@@ -196,15 +196,10 @@ def load_meta(root: str | pathlib.Path, target: str = "IJBC") -> IJBMeta:
 
 def load_aligned(path: pathlib.Path, landmarks: np.ndarray) -> np.ndarray:
     """One loose crop read with Pillow (RGB) and aligned to 112x112 with its landmarks."""
-    from PIL import Image
-
+    from magjax.data.images import read_image
     from magjax.eval.align import align_face
 
-    try:
-        with Image.open(path) as img:
-            image = np.asarray(img.convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise OSError(f"cannot read IJB image {path}: {e}") from e
+    image = np.asarray(read_image(path).convert("RGB"))  # errors name the path
     return align_face(image, landmarks)
 
 
