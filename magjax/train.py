@@ -30,7 +30,7 @@ import numpy as np
 import optax
 import scipy.stats
 
-from magjax import checkpoint, config_check, head, losses, models, optim, parallel
+from magjax import checkpoint, config_check, head, losses, models, optim, parallel, recipes
 from magjax.data import pipeline as data_pipeline
 from magjax.errors import UserError
 from magjax.logs import MetricsLogger
@@ -463,7 +463,7 @@ def _take_dataset_counts(config: ml_collections.ConfigDict, pipeline, data_dir) 
                   for key, value in actual.items()
                   if config.data[key] is not None and config.data[key] != value]
     if mismatches:
-        named = f" (dataset {config.data.dataset!r})" if config.data.dataset else ""
+        named = f" (dataset {config.data.dataset!r})" if _named_dataset(config) else ""
         fix = " ".join(f"--config.data.{key}={value}" for key, value in actual.items())
         raise UserError(f"{data_dir}: " + "; ".join(mismatches) + f"{named}; if that is the "
                         f"data you mean, name no dataset or pass {fix}")
@@ -475,13 +475,20 @@ def _take_dataset_counts(config: ml_collections.ConfigDict, pipeline, data_dir) 
         config.data[key] = value
 
 
+def _named_dataset(config) -> bool:
+    """Whether the config's counts are those of its named dataset (``configs/x.py:ms1mv3``)."""
+    return recipes.DATASETS.get(config.data.dataset) == (config.data.num_classes,
+                                                         config.data.num_examples)
+
+
 def run_description(config, data_dir, devices: int, steps_per_epoch: int,
                     total_steps: int) -> str:
     """One line of what is about to be trained: loss, backbone, data, batch, steps, devices."""
     platform = jax.devices()[0].platform
     return (f"training {config.loss.name} on {config.model.arch} ({config.model.dtype}): "
             f"{config.data.num_classes} classes, {config.data.num_examples} images in "
-            f"{data_dir}; global batch {config.global_batch} on {devices} {platform} device"
+            f"{data_dir}{f' ({config.data.dataset})' if _named_dataset(config) else ''}; "
+            f"global batch {config.global_batch} on {devices} {platform} device"
             f"{'s' if devices > 1 else ''} x {jax.process_count()} process"
             f"{'es' if jax.process_count() > 1 else ''}; {total_steps} steps "
             f"({total_steps / max(steps_per_epoch, 1):.3g} epochs of {steps_per_epoch})")
