@@ -272,6 +272,7 @@ def _evaluate(args: argparse.Namespace, out: pathlib.Path) -> int:
         report["ijb_target"] = args.target
         report["ijb"], mags[args.target] = evaluate_ijb(
             encoder, args.ijb, args.target, args.batch_size, out, not args.no_progress)
+        write_report(report, out / "eval.json")
 
     if mags:
         quality.plot_magnitude_histograms(mags, out / "magnitude_hist.png")

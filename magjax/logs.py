@@ -6,9 +6,11 @@ run can be plotted or compared without TensorBoard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import pathlib
 import sys
 import time
@@ -45,6 +47,27 @@ def route_logging(log_file: pathlib.Path | None) -> None:
             "%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(to_file)
     logging.captureWarnings(True)
+
+
+@contextlib.contextmanager
+def native_stderr_to(log_file: pathlib.Path):
+    """Sends what native libraries write to file descriptor 2 meanwhile to ``log_file``.
+
+    For the start of the JAX backends: on a machine without a TPU, libtpu's probing prints
+    several lines of warnings from C++, out of reach of Python's logging.
+    """
+    sys.stderr.flush()
+    console = os.dup(2)
+    try:
+        with open(log_file, "ab") as target:
+            os.dup2(target.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(console, 2)
+    finally:
+        os.close(console)
 
 
 class MetricsLogger:

@@ -94,6 +94,8 @@ def _train() -> None:
                                    process_id=_PROCESS_ID.value)
     elif _MULTIHOST.value:
         jax.distributed.initialize()
+    with logs.native_stderr_to(pathlib.Path(_WORKDIR.value).absolute() / logs.LOG_FILE):
+        jax.devices()  # starts the backends
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                                        allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     if summary is not None and jax.process_index() == 0:

@@ -490,7 +490,8 @@ def run_description(config, data_dir, devices: int, steps_per_epoch: int,
             f"{data_dir}{f' ({config.data.dataset})' if _named_dataset(config) else ''}; "
             f"global batch {config.global_batch} on {devices} {platform} device"
             f"{'s' if devices > 1 else ''} x {jax.process_count()} process"
-            f"{'es' if jax.process_count() > 1 else ''}; {total_steps} steps "
+            f"{'es' if jax.process_count() > 1 else ''}; {total_steps} step"
+            f"{'s' if total_steps > 1 else ''} "
             f"({total_steps / max(steps_per_epoch, 1):.3g} epochs of {steps_per_epoch})")
 
 

@@ -173,6 +173,15 @@ def test_main_splits_the_cpu_into_config_cpu_devices(dataset, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["devices"] == 4 and summary["steps"] == 1
+    # The console holds magjax's lines only (what it trains, progress); library messages
+    # (absl/orbax INFO, jax's and libtpu's TPU probing) are in WORKDIR/train.log.
+    console = result.stderr.splitlines()
+    assert console[0] == "num_classes=12, num_examples=48 taken from the data in " + str(dataset)
+    assert console[1].startswith("training magface on magface_tiny (float32): 12 classes")
+    assert "global batch 8 on 4 cpu devices" in console[1] and "; 1 step (" in console[1]
+    assert console[2].startswith("[1/1] loss ") and len(console) == 3, console
+    log = (tmp_path / "train.log").read_text()
+    assert "INFO absl:" in log and "INFO magjax.train: training magface" in log
 
 
 def test_missing_dataset_points_to_the_demo(tmp_path):
