@@ -133,10 +133,14 @@ class TrainCheckpoints:
         for step, error in damaged:
             log.warning("checkpoint step %d in %s is damaged (%s): skipped, moved to %s", step,
                         self.directory, _first_line(error), aside)
-            log.debug("checkpoint step %d damage", step, exc_info=error)
             if jax.process_index() == 0:
                 aside.mkdir(exist_ok=True)
-                shutil.move(self.directory / str(step), aside / f"{step}")
+                target = aside / str(step)
+                if target.exists():  # the same step was set aside before
+                    target = aside / f"{step}.{len(list(aside.glob(f'{step}.*'))) + 1}"
+                shutil.move(self.directory / str(step), target)
+        if jax.process_count() > 1:  # every process sees the moves before it lists the steps
+            ocp.multihost.sync_global_processes("magjax_damaged_checkpoints_set_aside")
         self._manager.reload()
 
     def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
