@@ -22,7 +22,7 @@ LOG_FILE = "train.log"
 
 def _console_worthy(record: logging.LogRecord) -> bool:
     # magjax's own messages from INFO up; libraries (absl, orbax, jax) only from WARNING up.
-    own = record.name == "magjax" or record.name.startswith(("magjax.", "__main__"))
+    own = record.name == "magjax" or record.name.startswith("magjax.")
     return record.levelno >= (logging.INFO if own else logging.WARNING)
 
 

@@ -29,7 +29,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def _parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m magjax.data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="build a TFDS dataset")
     prep.add_argument("--format", required=True, choices=("rec", "folder", "synthetic"))
