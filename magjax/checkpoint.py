@@ -10,12 +10,19 @@ Two kinds of checkpoint:
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
+import shutil
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from magjax.errors import UserError
+
+log = logging.getLogger(__name__)
 
 MODEL_META = "model.json"
 MODEL_VARIABLES = "variables"
@@ -52,7 +59,15 @@ def load_inference_model(directory: str | pathlib.Path) -> tuple[Any, dict]:
             f"{meta_path} not found: expected an inference model written by magjax.convert or "
             "by training (WORKDIR/model)"
         )
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{meta_path} is not valid JSON ({error}): re-export or re-convert the "
+                        "model") from None
+    missing = [key for key in ("arch", "input_spec") if key not in meta] if isinstance(
+        meta, dict) else ["arch", "input_spec"]
+    if missing:
+        raise UserError(f"{meta_path} lacks {', '.join(missing)}: not a magjax inference model")
     with ocp.StandardCheckpointer() as checkpointer:
         variables = checkpointer.restore(directory / MODEL_VARIABLES)
     return variables, meta
@@ -78,6 +93,55 @@ class TrainCheckpoints:
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def restore_newest_intact(self, abstract_state: Any,
+                              check_meta: Callable[[dict], None] | None = None
+                              ) -> tuple[int, Any, dict] | None:
+        """``(step, state, meta)`` of the newest checkpoint that restores; None if there is none.
+
+        A damaged checkpoint (a truncated or missing file, a missing ``meta``, an empty step
+        directory) is skipped with a warning naming it and why, and moved aside to
+        ``WORKDIR/checkpoints_damaged/`` (kept for inspection; its step can be saved again).
+        ``check_meta(meta)`` runs before the state is read and what it raises (a different run)
+        is not taken for damage. If every checkpoint is damaged, a ``UserError`` lists them.
+        """
+        damaged = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                meta = self.restore_meta(step)
+            except Exception as error:  # noqa: BLE001 (any failure to read is damage)
+                damaged.append((step, error))
+                continue
+            if check_meta is not None:
+                check_meta(meta)
+            try:
+                state, meta = self.restore(step, abstract_state)
+            except Exception as error:  # noqa: BLE001 (any failure to read is damage)
+                damaged.append((step, error))
+                continue
+            self._set_aside(damaged)
+            return step, state, meta
+        if damaged:
+            raise UserError(f"no intact checkpoint in {self.directory}: " + "; ".join(
+                f"step {step}: {_first_line(error)}" for step, error in damaged))
+        return None
+
+    def _set_aside(self, damaged: list[tuple[int, Exception]]) -> None:
+        if not damaged:
+            return
+        aside = self.directory.parent / "checkpoints_damaged"
+        for step, error in damaged:
+            log.warning("checkpoint step %d in %s is damaged (%s): skipped, moved to %s", step,
+                        self.directory, _first_line(error), aside)
+            if jax.process_index() == 0:
+                aside.mkdir(exist_ok=True)
+                target = aside / str(step)
+                if target.exists():  # the same step was set aside before
+                    target = aside / f"{step}.{len(list(aside.glob(f'{step}.*'))) + 1}"
+                shutil.move(self.directory / str(step), target)
+        if jax.process_count() > 1:  # every process sees the moves before it lists the steps
+            ocp.multihost.sync_global_processes("magjax_damaged_checkpoints_set_aside")
+        self._manager.reload()
 
     def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
         """Starts an asynchronous save if ``step`` is due (or ``force``); returns whether it did."""
@@ -113,3 +177,8 @@ class TrainCheckpoints:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip() or type(error).__name__
+    return f"{type(error).__name__}: {text.splitlines()[0][:300]}"

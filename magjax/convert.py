@@ -28,7 +28,8 @@ Linear after the flatten are permuted. arcface_torch's frozen final BatchNorm sc
 from ``features.weight`` like every other tensor. A missing, unexpected or mis-shaped tensor is
 an error naming the key and the expected shape.
 
-The output directory is written by ``magjax.checkpoint.save_inference_model`` with meta
+An existing non-empty ``--out`` directory is refused unless ``--overwrite`` is given. The output
+directory is written by ``magjax.checkpoint.save_inference_model`` with meta
 ``arch``, ``family``, ``input_spec`` (so inference applies RGB/BGR and the value range by
 itself), ``embedding_dim`` and ``converted_from``.
 """
@@ -49,7 +50,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from magjax import checkpoint, models
+from magjax import checkpoint, cli, models
 from magjax.errors import UserError
 
 SOURCES = models.FAMILIES
@@ -317,7 +318,7 @@ def convert(ckpt: str | pathlib.Path, source: str, arch: str, out: str | pathlib
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m magjax.convert",
         description="Convert an official PyTorch checkpoint into a magjax inference model.",
     )
@@ -325,12 +326,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("ckpt", help="official checkpoint (.pth / .pt / .ckpt)")
     parser.add_argument("--arch", required=True, choices=models.ARCHS)
     parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the model in an existing --out directory")
+    cli.add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    return cli.run(lambda: _convert(args), verbose=args.verbose)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    out = pathlib.Path(args.out)
+    if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} already exists; pass --overwrite to replace it")
     try:
         meta = convert(args.ckpt, args.source, args.arch, args.out)
-    except (ConversionError, FileNotFoundError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except RuntimeError as error:  # PyTorch missing, or torch.load failing on the file
+        raise UserError(str(error)) from error
     print(f"wrote {args.out}: {meta['arch']} ({meta['family']}), input {meta['input_spec']}")
     return 0
 

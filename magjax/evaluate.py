@@ -7,7 +7,9 @@
 
 Writes to ``--out`` (default ``WORKDIR/eval``):
 
-* ``eval.json``: every number below;
+* ``eval.json``: every number below, rewritten (atomically) as each part completes; a ``.bin``
+  set that fails is recorded under ``failed`` with its error, the other sets are still
+  evaluated, and the command exits with status 2;
 * per ``.bin`` set NAME: 10-fold accuracy +- std, VAL@FAR=1e-3, XNorm
   (:mod:`magjax.eval.verification`), ``erc_NAME.csv`` and the quality plots
   ``mean_faces_NAME.png``;
@@ -35,6 +37,7 @@ import sys
 
 import numpy as np
 
+from magjax import cli
 from magjax.eval import cluster, ijb, quality, verification
 
 log = logging.getLogger("magjax.evaluate")
@@ -188,8 +191,46 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def write_report(report: dict, path: pathlib.Path) -> None:
+    """Writes ``report`` as JSON to ``path`` through a rename: never a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def evaluate_bins(encoder, items: list[str], batch_size: int, out: pathlib.Path, report: dict,
+                  mags: dict) -> None:
+    """Evaluates each ``.bin`` set in turn, saving ``eval.json`` after each one.
+
+    A set that fails with a user error (missing or corrupt file) is recorded in
+    ``report["failed"]`` and the next set is evaluated; any other error is recorded, the report
+    saved, and the error raised.
+    """
+    report["verification"] = {}
+    curves = {}
+    for item in items:
+        path = pathlib.Path(item)
+        try:
+            r = evaluate_bin(encoder, path, batch_size, out)
+        except Exception as error:
+            message = cli.user_error_message(error)
+            report.setdefault("failed", {})[str(path)] = message or (
+                f"{type(error).__name__}: {cli.one_line(str(error))}")
+            write_report(report, out / "eval.json")
+            if message is None:
+                raise
+            log.warning("%s failed: %s", path, message)
+            continue
+        report["verification"][r["name"]] = r["summary"]
+        curves[r["name"]] = r["curve"]
+        mags[r["name"]] = r["magnitudes"]
+        write_report(report, out / "eval.json")
+    if curves:
+        quality.plot_erc(curves, out / "erc.png")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m magjax.evaluate", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -207,34 +248,35 @@ def main(argv: list[str] | None = None) -> int:
                         help="DBSCAN radius in cosine distance")
     parser.add_argument("--dbscan-min-samples", type=int, default=2)
     parser.add_argument("--out", default=None, help="output directory (default WORKDIR/eval)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=cli.positive_int, default=64)
     parser.add_argument("--no-progress", action="store_true")
+    cli.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not (args.bins or args.ijb or args.cluster):
         parser.error("nothing to evaluate: give --bins, --ijb and/or --cluster")
+    out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "eval"
+    return cli.run(lambda: _evaluate(args, out), verbose=args.verbose,
+                   log_file=out / "evaluate.log")
 
+
+def _evaluate(args: argparse.Namespace, out: pathlib.Path) -> int:
     from magjax.encoder import FaceEncoder
 
     encoder = FaceEncoder.load(args.workdir, batch_size=args.batch_size)
-    out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"workdir": str(args.workdir), "arch": encoder.arch}
-    curves, mags = {}, {}
+    mags: dict = {}
 
     if args.bins:
-        report["verification"] = {}
-        for item in args.bins.split(","):
-            r = evaluate_bin(encoder, pathlib.Path(item.strip()), args.batch_size, out)
-            report["verification"][r["name"]] = r["summary"]
-            curves[r["name"]] = r["curve"]
-            mags[r["name"]] = r["magnitudes"]
-        quality.plot_erc(curves, out / "erc.png")
+        items = [item.strip() for item in args.bins.split(",") if item.strip()]
+        evaluate_bins(encoder, items, args.batch_size, out, report, mags)
 
     if args.ijb:
         report["ijb_target"] = args.target
         report["ijb"], mags[args.target] = evaluate_ijb(
             encoder, args.ijb, args.target, args.batch_size, out, not args.no_progress)
+        write_report(report, out / "eval.json")
 
     if mags:
         quality.plot_magnitude_histograms(mags, out / "magnitude_hist.png")
@@ -246,9 +288,15 @@ def main(argv: list[str] | None = None) -> int:
                                              min_samples=args.dbscan_min_samples)
         report["cluster_items"] = int(len(labels))
 
-    (out / "eval.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    write_report(report, out / "eval.json")
     print(format_table(report))
     log.info("wrote %s", out / "eval.json")
+    if report.get("failed"):
+        return cli.report_user_error(
+            f"{len(report['failed'])} of {len(report['failed']) + len(report['verification'])}"
+            f" .bin sets failed, the others are in "
+            f"{out / 'eval.json'}: " + "; ".join(f"{path}: {message}" for path, message
+                                                 in report["failed"].items()))
     return 0
 
 

@@ -23,6 +23,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from magjax import cli
+from magjax.errors import UserError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGE_SIZE = 112
 
@@ -49,7 +52,7 @@ def list_images(spec: str | pathlib.Path) -> list[pathlib.Path]:
             path = spec.parent / path
         paths.append(path)
     if not paths:
-        raise ValueError(f"list file {spec} names no image")
+        raise UserError(f"list file {spec} names no image")
     return paths
 
 
@@ -123,7 +126,7 @@ def extract(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m magjax.extract", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -131,13 +134,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="training workdir or inference-model directory")
     parser.add_argument("--images", required=True, help="image directory or list file")
     parser.add_argument("--out", required=True, help="output .npz")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=cli.positive_int, default=64)
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="skip (and count) unreadable images instead of stopping")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return cli.run(lambda: _extract(args), verbose=args.verbose)
 
+
+def _extract(args: argparse.Namespace) -> int:
     from magjax.encoder import FaceEncoder
 
     encoder = FaceEncoder.load(args.workdir, batch_size=args.batch_size)

@@ -6,13 +6,68 @@ run can be plotted or compared without TensorBoard.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import os
 import pathlib
 import sys
 import time
 
 from tensorboardX import SummaryWriter
+
+LOG_FILE = "train.log"
+
+
+def _console_worthy(record: logging.LogRecord) -> bool:
+    # magjax's own messages from INFO up; libraries (absl, orbax, jax) only from WARNING up.
+    own = record.name == "magjax" or record.name.startswith("magjax.")
+    return record.levelno >= (logging.INFO if own else logging.WARNING)
+
+
+def route_logging(log_file: pathlib.Path | None) -> None:
+    """Console: magjax's messages and anyone's warnings; ``log_file``: everything from INFO up.
+
+    Replaces the root logger's handlers (absl's among them), so that library chatter (absl,
+    orbax and jax INFO messages) goes to the log file only. Python warnings are logged too.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.INFO)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    console.addFilter(_console_worthy)
+    root.addHandler(console)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(log_file)
+        to_file.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(to_file)
+    logging.captureWarnings(True)
+
+
+@contextlib.contextmanager
+def native_stderr_to(log_file: pathlib.Path):
+    """Sends what native libraries write to file descriptor 2 meanwhile to ``log_file``.
+
+    For the start of the JAX backends: on a machine without a TPU, libtpu's probing prints
+    several lines of warnings from C++, out of reach of Python's logging.
+    """
+    sys.stderr.flush()
+    console = os.dup(2)
+    try:
+        with open(log_file, "ab") as target:
+            os.dup2(target.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(console, 2)
+    finally:
+        os.close(console)
 
 
 class MetricsLogger:
@@ -23,6 +78,10 @@ class MetricsLogger:
         if enabled:
             self._writer = SummaryWriter(str(workdir / "tensorboard"))
             self._jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 (kept open)
+
+    def start_clock(self, step: int) -> None:
+        """Times the progress line's ETA from now, when ``step`` has just been reached."""
+        self._first_step, self._start = step, time.time()
 
     def write(self, step: int, scalars: dict, *, kind: str = "train",
               total_steps: int | None = None) -> None:

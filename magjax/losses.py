@@ -358,6 +358,21 @@ class MarginLoss:
         return dict(ADAFACE_INITIAL_STATE) if self.has_state else {}
 
 
+# The fields of MarginLoss each loss reads besides ``name``: its own margin fields (read by
+# margin_targets) and those every loss reads (scale, inter-class filtering, probability floor).
+# magjax.config_check rejects a change to a field the chosen loss does not read.
+SHARED_FIELDS = ("s", "interclass_filtering_threshold", "probability_floor")
+FIELDS_READ = {
+    name: SHARED_FIELDS + own for name, own in {
+        "arcface": ("m", "arcface_variant"),
+        "cosface": ("m",),
+        "combined": ("m1", "m2", "m3", "combined_variant"),
+        "magface": ("l_a", "u_a", "l_m", "u_m", "lambda_g", "easy_margin"),
+        "adaface": ("m", "h", "t_alpha", "adaface_eps"),
+    }.items()
+}
+
+
 def margin_targets(
     c_target: jax.Array,
     norms: jax.Array,

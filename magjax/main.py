@@ -4,20 +4,25 @@
     python -m magjax.main --config configs/arcface.py:r100 --workdir gs://b/r100 \\
         --config.data.dir=/data/ms1mv2_tfds
 
-Rerunning the same command resumes from the last checkpoint in ``--workdir``. On a Cloud TPU
+Rerunning the same command resumes from the newest intact checkpoint in ``--workdir`` (a
+finished run prints its summary and changes nothing); a changed config is refused unless
+``--allow_config_change``. A user error (bad flag or config field, missing data) is one line on
+stderr and exit status 2, its traceback behind ``--verbose`` and in ``WORKDIR/train.log``, where
+library messages (absl, orbax, jax) go too. On a Cloud TPU
 pod slice or a SLURM cluster pass ``--multihost`` (``jax.distributed.initialize`` detects the
 cluster); elsewhere give ``--coordinator_address``, ``--num_processes`` and ``--process_id``.
 """
 
-import json
-import logging
 import os
+import pathlib
+import re
+import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from magjax import train
+from magjax import cli, logs, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -27,12 +32,54 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False,
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Resume although the config differs from WORKDIR/config.json (the changes are logged).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "On a user error, print the full traceback too.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with any error (a misspelt or ill-typed ``--config.`` field, an
+    unknown flag, a missing config file) reported as one line and exit status 2."""
+    try:
+        remaining = flags.FLAGS(argv)
+        if _CONFIG.present:  # ml_collections reports a config file's failure on first use
+            _CONFIG.value.keys()
+        return remaining
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as error:
+        sys.exit(cli.report_user_error(_flag_error_message(error, argv)))
+
+
+def _flag_error_message(error: Exception, argv: list[str]) -> str:
+    # ml_collections wraps a KeyError ("'lrr'\nDid you mean ...") in an AttributeError.
+    cause = error.args[0] if error.args else error
+    while isinstance(cause, KeyError) and cause.args:
+        cause = cause.args[0]
+    message = cli.one_line(str(cause))
+    last_line = str(cause).strip().splitlines()[-1].strip()
+    if isinstance(error, OSError):  # the config file did not load: its last line says why
+        return f"--config: {last_line}"
+    if "Traceback (most recent call last)" in str(cause):  # the config file's get_config raised
+        return f"--config: {last_line}"
+    if isinstance(error, (AttributeError, KeyError)):
+        field = re.match(r"'([^']+)'", message)
+        culprit = [arg for arg in argv if field and arg.startswith("--config.")
+                   and arg.split("=")[0].endswith("." + field.group(1))]
+        where = culprit[0].split("=")[0] if culprit else "a --config. override"
+        return f"{where}: no such config field {message}"
+    return message
 
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    workdir = pathlib.Path(_WORKDIR.value).absolute()
+    logs.route_logging(workdir / logs.LOG_FILE)
+    status = cli.run(_train, verbose=_VERBOSE.value, log_file=workdir / logs.LOG_FILE)
+    sys.exit(status)
+
+
+def _train() -> None:
     forced = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
     if _CONFIG.value.cpu_devices and not forced:
         # Must happen before the backend starts; it only affects the CPU platform. A device
@@ -47,10 +94,13 @@ def main(argv):
                                    process_id=_PROCESS_ID.value)
     elif _MULTIHOST.value:
         jax.distributed.initialize()
-    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    with logs.native_stderr_to(pathlib.Path(_WORKDIR.value).absolute() / logs.LOG_FILE):
+        jax.devices()  # starts the backends
+    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                       allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     if summary is not None and jax.process_index() == 0:
-        print(json.dumps(summary, indent=2))
+        print(train.summary_json(summary))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

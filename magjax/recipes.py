@@ -6,7 +6,8 @@ the colon of ``--config configs/<loss>.py:ARG``. ``ARG`` is a comma-separated li
 * backbone: ``r18`` ``r34`` ``r50`` ``r100`` ``r200`` (the loss's official family: arcface_torch
   iresnet, MagFace iresnet or AdaFace IR), ``mbf``, ``tiny``;
 * dataset: ``ms1mv2`` ``ms1mv3`` ``glint360k`` ``webface4m`` ``webface12m`` ``webface42m``
-  (sets the class and image counts; the prepared data still comes from ``--config.data.dir``);
+  (sets the class and image counts, which training checks against the data; the prepared data
+  still comes from ``--config.data.dir``). Without one, both counts are read off the data;
 * ``pfcR``: Partial FC with sample rate R, e.g. ``pfc0.1``;
 * ``demo``: a small backbone on synthetic identities on CPU, building them on first use.
 
@@ -152,9 +153,11 @@ def get_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
     else:
         raise ValueError(f"no recipe for loss {loss!r}")
 
+    named_dataset = False
     for variant in filter(None, (arg or "").replace(":", ",").split(",")):
         if variant in DATASETS:
             c.data.dataset = variant
+            named_dataset = True
         elif variant.startswith("r") and variant[1:] in DEPTHS:
             c.model.arch = _arch(loss, variant[1:])
         elif variant == "mbf":
@@ -168,7 +171,7 @@ def get_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
         else:
             raise ValueError(f"unknown config variant {variant!r} in {arg!r}; see "
                              "magjax/recipes.py for the list")
-    if c.data.dataset in DATASETS and not c.data.synthetic:
+    if named_dataset and not c.data.synthetic:
         c.data.num_classes, c.data.num_examples = DATASETS[c.data.dataset]
     return c
 

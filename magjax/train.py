@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import pathlib
 import signal
 import time
@@ -32,7 +33,8 @@ import scipy.stats
 # The train step (build_components, init_state, make_train_step) needs only jax, flax and optax:
 # `python -m magjax.bench train|compile` build it on machines without the data and checkpoint
 # stack (tfds, grain, orbax/tensorstore, tensorboardX), so the loop imports those itself.
-from magjax import head, losses, models, optim, parallel
+from magjax import config_check, head, losses, models, optim, parallel, recipes
+from magjax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +266,7 @@ def resolve_data_dir(config) -> pathlib.Path:
         return pathlib.Path(data.prepare("synthetic", None, config.data.dir,
                                          **dict(config.data.synthetic_options)))
     if not config.data.dir:
-        raise ValueError(
+        raise UserError(
             "config.data.dir is not set: pass --config.data.dir=/path/to/dataset prepared with "
             "`python -m magjax.data prepare --format rec|folder --src SRC --out DIR`, or run "
             "the CPU demo with --config configs/<loss>.py:demo")
@@ -286,59 +288,80 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
-    """Trains (or resumes) in ``workdir``; returns the summary, or None when preempted."""
+SUMMARY_FILE = "summary.json"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> dict | None:
+    """Trains (or resumes) in ``workdir``; returns the summary, or None when preempted.
+
+    The config is validated first (:mod:`magjax.config_check`) and saved as
+    ``WORKDIR/config.json``; a resumed run whose config differs from it is refused unless
+    ``allow_config_change``. A finished run (summary written, last checkpoint at the final step)
+    returns its saved summary and changes nothing.
+    """
     from magjax import checkpoint
     from magjax.data import pipeline as data_pipeline
     from magjax.logs import MetricsLogger
 
+    config = config.copy_and_resolve_references()  # counts from the data are filled in below
+    config_check.validate(config, device_count=jax.device_count())
     workdir_path = pathlib.Path(workdir).absolute()
     workdir_path.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
     mesh = parallel.make_mesh(config.num_devices)
     devices = mesh.shape[parallel.DATA_AXIS]
-    if config.global_batch % devices:
-        raise ValueError(f"global_batch {config.global_batch} must be a multiple of the "
-                         f"{devices} devices")
 
     data_dir = resolve_data_dir(config)
     pipeline = data_pipeline.TrainPipeline(
         data_dir, global_batch=config.global_batch, seed=config.seed,
         augment=config.data.augment, process_index=jax.process_index(),
         process_count=jax.process_count(), num_workers=config.data.num_workers)
-    for key, actual in (("num_classes", pipeline.num_classes),
-                        ("num_examples", pipeline.num_examples)):
-        expected = config.data[key]
-        if expected is not None and expected != actual:
-            raise ValueError(f"config.data.{key} is {expected} but {data_dir} has {actual}; "
-                             f"set --config.data.{key}={actual} if that is the data you mean")
+    _take_dataset_counts(config, pipeline, data_dir)
     steps_per_epoch = pipeline.steps_per_epoch
     total_steps = config.total_steps or max(int(config.epochs * steps_per_epoch), 1)
+
+    checkpoints = checkpoint.TrainCheckpoints(workdir_path, every_steps=config.checkpoint
+                                              .every_steps, keep=config.checkpoint.keep)
+    latest = checkpoints.latest_step()
+    config_check.save_or_compare(config, workdir_path, resuming=latest is not None,
+                                 allow_change=allow_config_change, write=primary)
+    summary_path = workdir_path / SUMMARY_FILE
+    if latest is not None and latest >= total_steps and summary_path.exists():
+        checkpoints.close()
+        log.info("the run in %s is finished (step %d of %d); its results in %s are left as "
+                 "they are", workdir_path, latest, total_steps, summary_path)
+        return json.loads(summary_path.read_text())
+    log.info("%s", run_description(config, data_dir, devices, steps_per_epoch, total_steps))
 
     components = build_components(config, mesh, pipeline.num_classes, steps_per_epoch,
                                   total_steps)
     init_key, base_key = jax.random.split(jax.random.key(config.seed))
     state = init_state(components, init_key)
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    checkpoints = checkpoint.TrainCheckpoints(workdir_path, every_steps=config.checkpoint
-                                              .every_steps, keep=config.checkpoint.keep)
     run_facts = {"num_classes": pipeline.num_classes, "arch": config.model.arch,
                  "loss": config.loss.name}
     best = {"accuracy": -1.0, "step": 0}
-    latest = checkpoints.latest_step()
-    if latest is not None:
-        saved = checkpoints.restore_meta(latest)
+    last_loss = float("nan")
+
+    def check_same_run(saved_meta):
         for key, value in run_facts.items():
-            if saved["run"].get(key) != value:
-                raise ValueError(f"{workdir_path} holds a run with {key}={saved['run'].get(key)!r}"
-                                 f", this config has {value!r}: use another --workdir")
+            if saved_meta["run"].get(key) != value:
+                raise UserError(f"{workdir_path} holds a run with {key}="
+                                f"{saved_meta['run'].get(key)!r}, this config has {value!r}: "
+                                "use another --workdir")
+
+    if latest is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                                sharding=x.sharding), state)
-        state, meta = checkpoints.restore(latest, abstract)
-        pipeline.set_state(meta["pipeline"])
-        best = meta.get("best", best)
-        log.info("resumed from step %d (saved on %d devices, now %d)", latest,
-                 meta["devices"], devices)
+        restored = checkpoints.restore_newest_intact(abstract, check_meta=check_same_run)
+        if restored is not None:
+            restored_step, state, meta = restored
+            pipeline.set_state(meta["pipeline"])
+            best = meta.get("best", best)
+            last_loss = meta.get("last_loss", last_loss)
+            log.info("resumed from step %d (saved on %d devices, now %d)", restored_step,
+                     meta["devices"], devices)
 
     train_step = jit_train_step(components, base_key, shardings)
     evaluator = Evaluator(config, components, data_dir)
@@ -348,12 +371,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
     start_time = time.time()
     images_per_step = config.global_batch
     pending: list[dict] = []
-    last_loss = float("nan")
     evaluation: dict = {}
 
     def meta_now(step):
         return {"pipeline": pipeline.get_state(), "devices": devices, "run": run_facts,
-                "best": best, "step": step}
+                "best": best, "step": step, "last_loss": _json_number(last_loss)}
 
     def export(directory, state, step):
         # Every process calls this: gathering sharded leaves and orbax's save are collectives.
@@ -391,6 +413,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
         while step < total_steps:
             batch = parallel.global_batch(mesh, next(pipeline))
             state, metrics = train_step(state, batch)
+            if step == start_step:
+                # The first step includes the compilation: the ETA is timed from its end.
+                jax.block_until_ready(metrics)
+                logger.start_clock(step + 1)
             pending.append(metrics)
             step += 1
             due_log = step % config.log_every_steps == 0 or step == total_steps
@@ -419,6 +445,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
         checkpoints.close()
         preemption.restore()
 
+    if start_step >= total_steps:
+        # Resumed at the final step (the previous run stopped before writing its summary):
+        # nothing to train, but the results are still to be computed.
+        evaluation = evaluator(state)
     export("model", state, step)
     summary = {
         "steps": step,
@@ -433,8 +463,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
     summary.setdefault("verification", {})
     logger.close()
     if primary:
-        (workdir_path / "summary.json").write_text(json.dumps(summary, indent=2))
+        tmp = summary_path.with_name(summary_path.name + ".tmp")
+        tmp.write_text(summary_json(summary))
+        tmp.replace(summary_path)
     return summary
+
+
+def summary_json(summary: dict) -> str:
+    """``summary`` as strict JSON: a non-finite number (a NaN loss) is written as null."""
+    return json.dumps(_json_number(summary), indent=2, allow_nan=False)
+
+
+def _json_number(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, Inf) replaced by None, recursively."""
+    if isinstance(value, dict):
+        return {k: _json_number(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_number(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _take_dataset_counts(config: ml_collections.ConfigDict, pipeline, data_dir) -> None:
+    """Checks the class and image counts the config names against the data; fills in unset ones.
+
+    The counts are set by naming a dataset (``configs/arcface.py:ms1mv3``) or by hand; a
+    mismatch is reported for both counts at once. Unset counts are taken from the data.
+    """
+    actual = {"num_classes": pipeline.num_classes, "num_examples": pipeline.num_examples}
+    mismatches = [f"config.data.{key} is {config.data[key]} but the data has {value}"
+                  for key, value in actual.items()
+                  if config.data[key] is not None and config.data[key] != value]
+    if mismatches:
+        named = f" (dataset {config.data.dataset!r})" if _named_dataset(config) else ""
+        fix = " ".join(f"--config.data.{key}={value}" for key, value in actual.items())
+        raise UserError(f"{data_dir}: " + "; ".join(mismatches) + f"{named}; if that is the "
+                        f"data you mean, name no dataset or pass {fix}")
+    unset = [key for key in actual if config.data[key] is None]
+    if unset:
+        log.info("%s taken from the data in %s", ", ".join(
+            f"{key}={actual[key]}" for key in unset), data_dir)
+    for key, value in actual.items():
+        config.data[key] = value
+
+
+def _named_dataset(config) -> bool:
+    """Whether the config's counts are those of its named dataset (``configs/x.py:ms1mv3``)."""
+    return recipes.DATASETS.get(config.data.dataset) == (config.data.num_classes,
+                                                         config.data.num_examples)
+
+
+def run_description(config, data_dir, devices: int, steps_per_epoch: int,
+                    total_steps: int) -> str:
+    """One line of what is about to be trained: loss, backbone, data, batch, steps, devices."""
+    platform = jax.devices()[0].platform
+    return (f"training {config.loss.name} on {config.model.arch} ({config.model.dtype}): "
+            f"{config.data.num_classes} classes, {config.data.num_examples} images in "
+            f"{data_dir}{f' ({config.data.dataset})' if _named_dataset(config) else ''}; "
+            f"global batch {config.global_batch} on {devices} {platform} device"
+            f"{'s' if devices > 1 else ''} x {jax.process_count()} process"
+            f"{'es' if jax.process_count() > 1 else ''}; {total_steps} step"
+            f"{'s' if total_steps > 1 else ''} "
+            f"({total_steps / max(steps_per_epoch, 1):.3g} epochs of {steps_per_epoch})")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

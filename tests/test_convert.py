@@ -247,7 +247,7 @@ def test_pickled_code_is_refused(tmp_path, source):
     with pytest.raises(convert.ConversionError, match="refusing to load.*GLOBAL io.open"):
         convert.load_checkpoint(ckpt, source)
     assert not marker.exists()
-    assert convert.main(["--from", source, str(ckpt), "--arch", "ir_18", "--out", "o"]) == 1
+    assert convert.main(["--from", source, str(ckpt), "--arch", "ir_18", "--out", "o"]) == 2
 
 
 def test_namespace_allowed_only_for_adaface(tmp_path):
@@ -266,5 +266,5 @@ def test_missing_torch_and_missing_file_give_clear_errors(tmp_path, monkeypatch,
         convert.load_checkpoint(ckpt, "arcface_torch")
     monkeypatch.undo()
     argv = ["--from", "adaface", str(tmp_path / "nope.ckpt"), "--arch", "ir_50", "--out", "o"]
-    assert convert.main(argv) == 1
+    assert convert.main(argv) == 2
     assert "nope.ckpt does not exist" in capsys.readouterr().err

@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 
+from magjax import cli
 from magjax.data import synthetic
 
 
@@ -27,8 +28,8 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m magjax.data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m magjax.data", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="build a TFDS dataset")
     prep.add_argument("--format", required=True, choices=("rec", "folder", "synthetic"))
@@ -49,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="summarise a prepared dataset or a .bin file")
     ins.add_argument("path")
     ins.add_argument("--json", action="store_true")
+    for command in (prep, ins):
+        cli.add_verbose_flag(command)
     return p
 
 
@@ -63,6 +66,10 @@ def _print(summary: dict, as_json: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return cli.run(lambda: _run(args), verbose=args.verbose)
+
+
+def _run(args: argparse.Namespace) -> int:
     from magjax.data import builders, verification_bin
 
     if args.command == "inspect":
@@ -85,9 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         options.update(synthetic_opts)
     else:
         if synthetic_opts:
-            print(f"error: {sorted(synthetic_opts)} only apply to --format synthetic",
-                  file=sys.stderr)
-            return 2
+            return cli.report_user_error(
+                f"{sorted(synthetic_opts)} only apply to --format synthetic")
         if args.format == "folder" and args.layout != "auto":
             options["layout"] = args.layout
     root = builders.prepare(args.format, args.src, args.out, **options)

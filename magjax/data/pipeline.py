@@ -30,6 +30,7 @@ import tensorflow_datasets as tfds
 
 from magjax.data import augment as augment_lib
 from magjax.data.builders import find_dataset_dir
+from magjax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class TrainPipeline:
         self.num_examples = int(builder.info.splits["train"].num_examples)
         self.num_classes = int(builder.info.features["label"].num_classes)
         if global_batch > self.num_examples:
-            raise ValueError(
+            raise UserError(
                 f"global_batch {global_batch} exceeds the {self.num_examples} examples of "
                 f"{self.dataset_dir}"
             )
@@ -181,7 +182,7 @@ class TrainPipeline:
         """Continues at ``state["step"]``; the stream it came from must match this one."""
         for key in ("seed", "global_batch", "num_examples", "augment"):
             if key in state and state[key] != getattr(self, key):
-                raise ValueError(
+                raise UserError(
                     f"pipeline state has {key}={state[key]!r} but this pipeline has "
                     f"{getattr(self, key)!r}: resuming would not continue the same stream"
                 )

@@ -1,0 +1,211 @@
+"""Checks of a training config before anything runs, and of a resumed run against its saved config.
+
+* :func:`validate`: every field's range (``optim.lr > 0``, ``checkpoint.every_steps >= 1``,
+  ``head.sample_rate`` in (0, 1] ...) and loss fields the chosen loss does not read but that
+  differ from its default (``--config.loss.u_a=5`` on ArcFace). All problems are reported at
+  once, in one :class:`~magjax.errors.UserError`.
+* :func:`save_or_compare`: a fresh run saves its resolved config as ``WORKDIR/config.json``; a
+  resumed run names every field that differs from it and stops unless the change is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+from magjax import losses, models
+from magjax.data import augment
+from magjax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+# Fields a resumed run may change without changing what it trains: the device layout (a
+# checkpoint restores on another device count), input workers, where the data lives, the
+# evaluation batch size.
+RESUMABLE_FIELDS = frozenset({"num_devices", "cpu_devices", "data.dir", "data.num_workers",
+                              "eval.batch_size"})
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive(value: Any) -> bool:
+    return _number(value) and value > 0
+
+
+def _at_least_one(value: Any) -> bool:
+    return _number(value) and value >= 1 and float(value).is_integer()
+
+
+def _non_negative(value: Any) -> bool:
+    return _number(value) and value >= 0
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def _one_of(*choices: Any) -> Callable[[Any], bool]:
+    return lambda value: value in choices
+
+
+# (field, check, what is expected); None-valued optional fields are "not set".
+_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("num_devices", _optional(_at_least_one), "an integer >= 1 (or unset: every device)"),
+    ("cpu_devices", _optional(_at_least_one), "an integer >= 1 (or unset)"),
+    ("global_batch", _at_least_one, "an integer >= 1"),
+    ("epochs", _positive, "> 0"),
+    ("total_steps", _optional(_at_least_one), "an integer >= 1 (or unset: from epochs)"),
+    ("log_every_steps", _at_least_one, "an integer >= 1"),
+    ("nan_policy", _one_of("stop", "skip"), "'stop' or 'skip'"),
+    ("data.num_classes", _optional(_at_least_one), "an integer >= 1 (or unset: from the data)"),
+    ("data.num_examples", _optional(_at_least_one), "an integer >= 1 (or unset: from the data)"),
+    ("data.augment", _one_of(*augment.AUGMENTATIONS), f"one of {augment.AUGMENTATIONS}"),
+    ("data.num_workers", lambda v: _non_negative(v) and float(v).is_integer(),
+     "an integer >= 0"),
+    ("model.arch", _one_of(*models.ARCHS), "an architecture of magjax.models.ARCHS"),
+    ("model.dtype", _one_of("float32", "bfloat16", "float16"),
+     "'float32', 'bfloat16' or 'float16'"),
+    ("model.dropout", _optional(lambda v: _number(v) and 0 <= v < 1), "in [0, 1) (or unset)"),
+    ("model.embedding_dim", _at_least_one, "an integer >= 1"),
+    ("loss.name", _one_of(*losses.FIELDS_READ), f"one of {tuple(losses.FIELDS_READ)}"),
+    ("loss.s", _positive, "> 0"),
+    ("head.sample_rate", lambda v: _number(v) and 0 < v <= 1, "in (0, 1]"),
+    ("optim.lr", _positive, "> 0"),
+    ("optim.momentum", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
+    ("optim.weight_decay", _non_negative, ">= 0"),
+    ("optim.schedule", _one_of("poly", "step"), "'poly' or 'step'"),
+    ("optim.warmup_epochs", _non_negative, ">= 0"),
+    ("optim.milestones", lambda v: all(_non_negative(e) for e in v)
+     and list(v) == sorted(v), "increasing epochs >= 0"),
+    ("optim.grad_clip_norm", _optional(_positive), "> 0 (or unset: no clipping)"),
+    ("optim.accumulate_steps", _at_least_one, "an integer >= 1"),
+    ("eval.every_steps", _at_least_one, "an integer >= 1"),
+    ("eval.batch_size", _at_least_one, "an integer >= 1"),
+    ("checkpoint.every_steps", _at_least_one, "an integer >= 1"),
+    ("checkpoint.keep", _at_least_one, "an integer >= 1"),
+)
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def problems(config: ml_collections.ConfigDict, device_count: int | None = None) -> list[str]:
+    """Every problem of ``config``, one phrase each (empty when it is valid).
+
+    ``device_count``: the devices available, against which ``num_devices`` and the divisibility
+    of ``global_batch`` are checked (skipped when None).
+    """
+    found = []
+    for field, check, expected in _RULES:
+        value = _get(config, field)
+        if not check(value):
+            found.append(f"config.{field} must be {expected}, got {value!r}")
+    found += _unused_loss_fields(config.loss)
+    if not found and device_count is not None:
+        devices = config.num_devices or device_count
+        if devices > device_count:
+            found.append(f"config.num_devices is {devices} but only {device_count} devices "
+                         "are available")
+        elif config.global_batch % devices:
+            found.append(f"config.global_batch {config.global_batch} must be a multiple of the "
+                         f"{devices} devices")
+    return found
+
+
+def _unused_loss_fields(loss_config: ml_collections.ConfigDict) -> list[str]:
+    """Loss fields that ``loss.name`` does not read, set to something else than its default."""
+    name = loss_config.name
+    if name not in losses.FIELDS_READ:
+        return []  # reported by the loss.name rule
+    defaults = dataclasses.asdict(losses.MarginLoss.create(name))
+    read = set(losses.FIELDS_READ[name])
+    return [f"config.loss.{field} is {value!r} but the {name} loss does not use it (default "
+            f"{defaults[field]!r}; it uses {', '.join(sorted(read))})"
+            for field, value in loss_config.items()
+            if field != "name" and field not in read and field in defaults
+            and value != defaults[field]]
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
+    """Raises one :class:`UserError` naming every problem of ``config`` (see :func:`problems`)."""
+    found = problems(config, device_count)
+    if found:
+        raise UserError("; ".join(found))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def as_json_dict(config: ml_collections.ConfigDict) -> dict:
+    """``config`` as plain JSON values (tuples become lists), as it is saved."""
+    return json.loads(config.to_json(sort_keys=True))
+
+
+def changed_fields(saved: dict, current: dict) -> list[str]:
+    """``field: saved -> current`` for every field that differs, resumable ones excepted."""
+    old, new = flatten(saved), flatten(current)
+    return [f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
+            for key in sorted(old.keys() | new.keys())
+            if key not in RESUMABLE_FIELDS and old.get(key) != new.get(key)
+            # NaN (e.g. loss.s) compares unequal to itself
+            and not (_is_nan(old.get(key)) and _is_nan(new.get(key)))]
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def save_or_compare(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
+                    resuming: bool, allow_change: bool, write: bool = True) -> None:
+    """Saves ``config`` as ``workdir/config.json``, or, when ``resuming``, compares it first.
+
+    A resumed run whose config differs from the saved one (other than in
+    :data:`RESUMABLE_FIELDS`) raises a :class:`UserError` naming every changed field, unless
+    ``allow_change``: then the changes are logged and the new config is saved. ``write``: False
+    on processes other than 0, which only compare.
+    """
+    path = workdir / CONFIG_FILE
+    current = as_json_dict(config)
+    if resuming and path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path} is not valid JSON ({error}); it holds the config of the run "
+                            "being resumed: restore it or delete it to accept the current config"
+                            ) from None
+        changes = changed_fields(saved, current)
+        if changes and not allow_change:
+            raise UserError(
+                f"the config differs from the one {workdir} was started with ({path}): "
+                + "; ".join(changes)
+                + ". Rerun with the saved values, use another --workdir, or pass "
+                  "--allow_config_change to resume with the new ones")
+        if not changes:
+            return
+        log.warning("resuming with a changed config (allowed): %s", "; ".join(changes))
+    if write:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
+        tmp.replace(path)
