@@ -54,6 +54,8 @@ SOURCES = models.FAMILIES
 _FLATTENED_LINEAR = {"fc": "bn2", "output_layer.3": "output_layer.0"}
 # The Linear that produces the embedding, per family of module names (gives embedding_dim).
 _EMBEDDING_LINEAR = ("fc.weight", "output_layer.3.weight", "features.layers.2.weight")
+# The final BatchNorm1d over the embedding (iresnet, AdaFace IR, mbf), as Flax module paths.
+_EMBEDDING_NORM = (("features",), ("output_layer_4",), ("features", "layers_3"))
 _LEAF_TO_TORCH = {
     ("params", "kernel"): "weight",
     ("params", "scale"): "weight",
@@ -216,6 +218,55 @@ def convert_state_dict(state: Mapping[str, np.ndarray], arch: str) -> dict:
             f"checkpoint does not match arch {arch!r} ({counts} tensors): " + "; ".join(shown)
         )
     return traverse_util.unflatten_dict(out)
+
+
+def to_state_dict(variables: Mapping, arch: str) -> dict[str, np.ndarray]:
+    """The inverse of :func:`convert_state_dict`: magjax ``{"params", "batch_stats"}`` of
+    ``arch`` -> the bare backbone ``state_dict`` of the official module (numpy, float32).
+
+    Every BatchNorm also gets ``num_batches_tracked`` (int64 0: magjax does not count batches and
+    the official modules only read it when ``momentum=None``), so that
+    ``load_state_dict(strict=True)`` sees exactly the official keys.
+    """
+    flat = traverse_util.flatten_dict(variables)
+    abstract = traverse_util.flatten_dict(models.abstract_variables(
+        arch, embedding_dim=embedding_dim_of_variables(variables)))
+    if set(flat) != set(abstract):
+        names = sorted("/".join(k) for k in set(flat) ^ set(abstract))
+        raise ConversionError(f"variables do not match arch {arch!r}: {', '.join(names[:4])}")
+    state = {}
+    for (collection, *path), value in flat.items():
+        path = tuple(path)
+        value = np.asarray(value, np.float32)
+        if value.shape != abstract[(collection, *path)].shape:
+            raise ConversionError(f"variable {'/'.join(path)} of {arch!r} has shape "
+                                  f"{value.shape}, expected {abstract[(collection, *path)].shape}")
+        if path[-1] == "kernel" and value.ndim == 4:  # HWIO -> OIHW
+            value = value.transpose(3, 2, 0, 1)
+        elif path[-1] == "kernel" and value.ndim == 2:  # (in, out) -> (out, in)
+            value = value.T
+        state[_torch_key(collection, path)] = np.ascontiguousarray(value)
+    for module, norm in _FLATTENED_LINEAR.items():
+        if f"{module}.weight" in state:
+            # Rows in Flax's (H, W, C) flatten order -> PyTorch's (C, H, W) order.
+            value = state[f"{module}.weight"]
+            channels = state[f"{norm}.running_mean"].shape[0]
+            side = math.isqrt(value.shape[1] // channels)
+            value = value.reshape(value.shape[0], side, side, channels).transpose(0, 3, 1, 2)
+            state[f"{module}.weight"] = np.ascontiguousarray(value.reshape(value.shape[0], -1))
+    for key in [k for k in state if k.endswith(".running_mean")]:
+        state[key[: -len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)
+    return state
+
+
+def embedding_dim_of_variables(variables: Mapping) -> int:
+    """Output width of the final BatchNorm1d of magjax backbone ``variables``."""
+    stats = traverse_util.flatten_dict(variables["batch_stats"])
+    for path in _EMBEDDING_NORM:
+        if (*path, "mean") in stats:
+            return int(np.shape(stats[(*path, "mean")])[0])
+    raise ConversionError("variables have no final embedding BatchNorm "
+                          f"({' or '.join('/'.join(p) for p in _EMBEDDING_NORM)})")
 
 
 def convert(ckpt: str | pathlib.Path, source: str, arch: str, out: str | pathlib.Path) -> dict:
