@@ -4,6 +4,10 @@
     python -m magjax.main --config configs/arcface.py:r100 --workdir gs://b/r100 \\
         --config.data.dir=/data/ms1mv2_tfds
 
+``--config magjax:LOSS[:VARIANTS]`` (e.g. ``magjax:magface:demo``) names the recipe file
+``configs/LOSS.py`` shipped with the package (installed as ``magjax/configs``), so that an
+installed magjax trains from any directory, without a checkout.
+
 Rerunning the same command resumes from the last checkpoint in ``--workdir``. On a Cloud TPU
 pod slice or a SLURM cluster pass ``--multihost`` (``jax.distributed.initialize`` detects the
 cluster); elsewhere give ``--coordinator_address``, ``--num_processes`` and ``--process_id``.
@@ -12,12 +16,17 @@ cluster); elsewhere give ``--coordinator_address``, ``--num_processes`` and ``--
 import json
 import logging
 import os
+import pathlib
+import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
 from magjax import train
+from magjax.errors import UserError
+
+RECIPE_PREFIX = "magjax:"
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -52,5 +61,39 @@ def main(argv):
         print(json.dumps(summary, indent=2))
 
 
+def recipe_file(name: str) -> pathlib.Path:
+    """The shipped recipe file ``NAME.py``: ``magjax/configs`` when installed (setuptools maps
+    the checkout's top-level ``configs/`` there), else ``configs/`` beside the package."""
+    package = pathlib.Path(__file__).parent
+    candidates = [package / "configs", package.parent / "configs"]
+    for directory in candidates:
+        if (directory / f"{name}.py").is_file():
+            return directory / f"{name}.py"
+    found = sorted({p.stem for d in candidates if d.is_dir() for p in d.glob("[a-z]*.py")})
+    raise UserError(f"--config {RECIPE_PREFIX}{name}: no recipe {name!r}; shipped recipes: "
+                    f"{', '.join(found) or 'none found'}")
+
+
+def _recipe_path(value: str) -> str:
+    name, _, variants = value[len(RECIPE_PREFIX):].partition(":")
+    return str(recipe_file(name)) + (f":{variants}" if variants else "")
+
+
+def expand_recipe_names(argv: list[str]) -> list[str]:
+    """Rewrites ``--config magjax:LOSS[:VARIANTS]`` to ``--config <recipe file>[:VARIANTS]``."""
+    expanded = list(argv)
+    for index, arg in enumerate(expanded):
+        if arg.startswith(f"--config={RECIPE_PREFIX}"):
+            expanded[index] = "--config=" + _recipe_path(arg[len("--config="):])
+        elif (arg == "--config" and index + 1 < len(expanded)
+              and expanded[index + 1].startswith(RECIPE_PREFIX)):
+            expanded[index + 1] = _recipe_path(expanded[index + 1])
+    return expanded
+
+
 if __name__ == "__main__":
-    app.run(main)
+    try:
+        arguments = expand_recipe_names(sys.argv)
+    except UserError as error:
+        sys.exit(f"error: {error}")
+    app.run(main, argv=arguments)
