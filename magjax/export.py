@@ -392,7 +392,7 @@ def export_torch(workdir: str | pathlib.Path, family: str, out: str | pathlib.Pa
     if models.family(arch) != family:
         raise UserError(f"{workdir}: arch {arch!r} belongs to family "
                         f"{models.family(arch)!r}, not --to {family}")
-    state = {k: torch.from_numpy(np.ascontiguousarray(v))
+    state = {k: torch.from_numpy(np.array(v, order="C"))  # (ascontiguousarray makes 0-d 1-d)
              for k, v in convert.to_state_dict(jax.tree.map(np.asarray, variables), arch).items()}
     _atomic_write(out, lambda path: torch.save(official_checkpoint(state, family, arch), path))
     return meta
