@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-BENCHMARKS = ("head", "backbone", "input")
+BENCHMARKS = ("head", "backbone", "input", "export")
 
 
 def main(argv: list[str]) -> int:
