@@ -151,11 +151,15 @@ def backbone_state_dict(checkpoint_obj: Any, source: str, path: str = "checkpoin
     return result
 
 
+def torch_module_name(path: tuple[str, ...]) -> str:
+    """Flax module path -> PyTorch module name (``("layer1_0", "bn1")`` -> ``layer1.0.bn1``)."""
+    return ".".join(re.sub(r"_(\d+)$", r".\1", segment) for segment in path)
+
+
 def _torch_key(collection: str, path: tuple[str, ...]) -> str:
     """Flax variable path -> PyTorch state_dict key (``layer1_0/bn1/scale`` ->
     ``layer1.0.bn1.weight``)."""
-    module = ".".join(re.sub(r"_(\d+)$", r".\1", segment) for segment in path[:-1])
-    return f"{module}.{_LEAF_TO_TORCH[(collection, path[-1])]}"
+    return f"{torch_module_name(path[:-1])}.{_LEAF_TO_TORCH[(collection, path[-1])]}"
 
 
 def _torch_shape(flax_shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:

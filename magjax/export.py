@@ -46,7 +46,6 @@ import argparse
 import json
 import os
 import pathlib
-import re
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
@@ -105,7 +104,7 @@ def _layer_settings(arch: str, variables: Any) -> dict[str, dict]:
     def record(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name == "__call__" and isinstance(module, nn.Conv | nn.BatchNorm):
-            name = ".".join(re.sub(r"_(\d+)$", r".\1", part) for part in module.path)
+            name = convert.torch_module_name(module.path)
             if isinstance(module, nn.Conv):
                 settings[name] = {
                     "strides": list(module.strides),
@@ -310,8 +309,8 @@ def onnx_model(variables: Any, arch: str, input_spec: Mapping, *, meta: Mapping 
     embedding = _wiring(arch)(g, x)
     if g.unused:
         raise AssertionError(f"ONNX export of {arch} left tensors unused: {sorted(g.unused)[:5]}")
+    assert g.nodes[-1].output[0] == embedding  # the embedding Linear writes the graph output
     g.nodes[-1].output[0] = OUTPUT_NAME
-    g.nodes[-1].name = embedding
     dim = convert.embedding_dim_of_variables(variables)
     graph = onnx.helper.make_graph(
         g.nodes, f"magjax_{arch}",
