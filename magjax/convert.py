@@ -26,6 +26,8 @@ Linear after the flatten are permuted. arcface_torch's frozen final BatchNorm sc
 from ``features.weight`` like every other tensor. A missing, unexpected or mis-shaped tensor is
 an error naming the key and the expected shape.
 
+:func:`to_state_dict` is the inverse mapping (``python -m magjax.export --to FAMILY``).
+
 The output directory is written by ``magjax.checkpoint.save_inference_model`` with meta
 ``arch``, ``family``, ``input_spec`` (so inference applies RGB/BGR and the value range by
 itself), ``embedding_dim`` and ``converted_from``.
