@@ -93,6 +93,17 @@ def load_model(workdir: str | pathlib.Path, *, best: bool = False) -> tuple[Any,
 # ----------------------------------------------------------------------------------- ONNX
 
 
+def _import_onnx():
+    try:
+        import onnx
+        import onnx.helper
+        import onnx.numpy_helper
+    except ImportError as error:
+        raise RuntimeError("the ONNX export needs onnx; install it with `pip install -r "
+                           "requirements-export.txt`") from error
+    return onnx
+
+
 def _layer_settings(arch: str, variables: Any) -> dict[str, dict]:
     """Strides, paddings and groups of every convolution and the epsilon of every BatchNorm of
     ``arch``, keyed by the PyTorch module name (``layer1.0.conv1``), read from the Flax modules
@@ -125,8 +136,7 @@ class _GraphBuilder:
     """Emits ONNX nodes from a PyTorch-layout ``state_dict``; every tensor must be used once."""
 
     def __init__(self, state: Mapping[str, np.ndarray], settings: Mapping[str, dict]):
-        import onnx.helper
-        import onnx.numpy_helper
+        onnx = _import_onnx()
 
         self._helper = onnx.helper
         self._to_tensor = onnx.numpy_helper.from_array
@@ -284,9 +294,7 @@ def _input_convention(spec: Mapping) -> str:
 def onnx_model(variables: Any, arch: str, input_spec: Mapping, *, meta: Mapping | None = None):
     """The ``onnx.ModelProto`` of backbone ``variables`` of ``arch`` whose weights expect
     ``input_spec`` (see the module docstring for the graph's input and output)."""
-    import onnx
-    import onnx.helper
-
+    onnx = _import_onnx()
     spec = {"channel_order": input_spec["channel_order"], "mean": float(input_spec["mean"]),
             "std": float(input_spec["std"])}
     if spec["channel_order"] not in ("RGB", "BGR") or spec["std"] <= 0:
@@ -353,8 +361,7 @@ def _atomic_write(out: str | pathlib.Path, write: Callable[[str], None]) -> path
 def export_onnx(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
                 best: bool = False) -> dict:
     """Writes the ONNX model of ``workdir`` to ``out``; returns its metadata properties."""
-    import onnx
-
+    onnx = _import_onnx()
     variables, meta = load_model(workdir, best=best)
     spec = meta.get("input_spec") or models.input_spec(meta["arch"])
     model = onnx_model(variables, meta["arch"], spec, meta=meta)
