@@ -28,6 +28,8 @@ Linear after the flatten are permuted. arcface_torch's frozen final BatchNorm sc
 from ``features.weight`` like every other tensor. A missing, unexpected or mis-shaped tensor is
 an error naming the key and the expected shape.
 
+:func:`to_state_dict` is the inverse mapping (``python -m magjax.export --to FAMILY``).
+
 An existing non-empty ``--out`` directory is refused unless ``--overwrite`` is given. The output
 directory is written by ``magjax.checkpoint.save_inference_model`` with meta
 ``arch``, ``family``, ``input_spec`` (so inference applies RGB/BGR and the value range by
@@ -60,6 +62,8 @@ SOURCES = models.FAMILIES
 _FLATTENED_LINEAR = {"fc": "bn2", "output_layer.3": "output_layer.0"}
 # The Linear that produces the embedding, per family of module names (gives embedding_dim).
 _EMBEDDING_LINEAR = ("fc.weight", "output_layer.3.weight", "features.layers.2.weight")
+# The final BatchNorm1d over the embedding (iresnet, AdaFace IR, mbf), as Flax module paths.
+_EMBEDDING_NORM = (("features",), ("output_layer_4",), ("features", "layers_3"))
 _LEAF_TO_TORCH = {
     ("params", "kernel"): "weight",
     ("params", "scale"): "weight",
@@ -78,7 +82,7 @@ def _import_torch():
     try:
         import torch
     except ImportError as error:
-        raise RuntimeError(
+        raise UserError(
             "magjax.convert needs PyTorch to read official checkpoints; install it with "
             "`pip install -r requirements-convert.txt` (the CPU build torch==2.13.0 is enough)"
         ) from error
@@ -216,11 +220,15 @@ def backbone_state_dict(checkpoint_obj: Any, source: str, path: str = "checkpoin
     return result
 
 
+def torch_module_name(path: tuple[str, ...]) -> str:
+    """Flax module path -> PyTorch module name (``("layer1_0", "bn1")`` -> ``layer1.0.bn1``)."""
+    return ".".join(re.sub(r"_(\d+)$", r".\1", segment) for segment in path)
+
+
 def _torch_key(collection: str, path: tuple[str, ...]) -> str:
     """Flax variable path -> PyTorch state_dict key (``layer1_0/bn1/scale`` ->
     ``layer1.0.bn1.weight``)."""
-    module = ".".join(re.sub(r"_(\d+)$", r".\1", segment) for segment in path[:-1])
-    return f"{module}.{_LEAF_TO_TORCH[(collection, path[-1])]}"
+    return f"{torch_module_name(path[:-1])}.{_LEAF_TO_TORCH[(collection, path[-1])]}"
 
 
 def _torch_shape(flax_shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
@@ -286,6 +294,55 @@ def convert_state_dict(state: Mapping[str, np.ndarray], arch: str) -> dict:
             f"checkpoint does not match arch {arch!r} ({counts} tensors): " + "; ".join(shown)
         )
     return traverse_util.unflatten_dict(out)
+
+
+def to_state_dict(variables: Mapping, arch: str) -> dict[str, np.ndarray]:
+    """The inverse of :func:`convert_state_dict`: magjax ``{"params", "batch_stats"}`` of
+    ``arch`` -> the bare backbone ``state_dict`` of the official module (numpy, float32).
+
+    Every BatchNorm also gets ``num_batches_tracked`` (int64 0: magjax does not count batches and
+    the official modules only read it when ``momentum=None``), so that
+    ``load_state_dict(strict=True)`` sees exactly the official keys.
+    """
+    flat = traverse_util.flatten_dict(variables)
+    abstract = traverse_util.flatten_dict(models.abstract_variables(
+        arch, embedding_dim=embedding_dim_of_variables(variables)))
+    if set(flat) != set(abstract):
+        names = sorted("/".join(k) for k in set(flat) ^ set(abstract))
+        raise ConversionError(f"variables do not match arch {arch!r}: {', '.join(names[:4])}")
+    state = {}
+    for (collection, *path), value in flat.items():
+        path = tuple(path)
+        value = np.asarray(value, np.float32)
+        if value.shape != abstract[(collection, *path)].shape:
+            raise ConversionError(f"variable {'/'.join(path)} of {arch!r} has shape "
+                                  f"{value.shape}, expected {abstract[(collection, *path)].shape}")
+        if path[-1] == "kernel" and value.ndim == 4:  # HWIO -> OIHW
+            value = value.transpose(3, 2, 0, 1)
+        elif path[-1] == "kernel" and value.ndim == 2:  # (in, out) -> (out, in)
+            value = value.T
+        state[_torch_key(collection, path)] = np.ascontiguousarray(value)
+    for module, norm in _FLATTENED_LINEAR.items():
+        if f"{module}.weight" in state:
+            # Rows in Flax's (H, W, C) flatten order -> PyTorch's (C, H, W) order.
+            value = state[f"{module}.weight"]
+            channels = state[f"{norm}.running_mean"].shape[0]
+            side = math.isqrt(value.shape[1] // channels)
+            value = value.reshape(value.shape[0], side, side, channels).transpose(0, 3, 1, 2)
+            state[f"{module}.weight"] = np.ascontiguousarray(value.reshape(value.shape[0], -1))
+    for key in [k for k in state if k.endswith(".running_mean")]:
+        state[key[: -len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)
+    return state
+
+
+def embedding_dim_of_variables(variables: Mapping) -> int:
+    """Output width of the final BatchNorm1d of magjax backbone ``variables``."""
+    stats = traverse_util.flatten_dict(variables["batch_stats"])
+    for path in _EMBEDDING_NORM:
+        if (*path, "mean") in stats:
+            return int(np.shape(stats[(*path, "mean")])[0])
+    raise ConversionError("variables have no final embedding BatchNorm "
+                          f"({' or '.join('/'.join(p) for p in _EMBEDDING_NORM)})")
 
 
 def convert(ckpt: str | pathlib.Path, source: str, arch: str, out: str | pathlib.Path) -> dict:

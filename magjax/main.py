@@ -8,9 +8,15 @@ Rerunning the same command resumes from the newest intact checkpoint in ``--work
 finished run prints its summary and changes nothing); a changed config is refused unless
 ``--allow_config_change``. A user error (bad flag or config field, missing data) is one line on
 stderr and exit status 2, its traceback behind ``--verbose`` and in ``WORKDIR/train.log``, where
-library messages (absl, orbax, jax) go too. On a Cloud TPU
-pod slice or a SLURM cluster pass ``--multihost`` (``jax.distributed.initialize`` detects the
-cluster); elsewhere give ``--coordinator_address``, ``--num_processes`` and ``--process_id``.
+library messages (absl, orbax, jax) go too.
+
+``--config magjax:LOSS[:VARIANTS]`` (e.g. ``magjax:magface:demo``) names the recipe file
+``configs/LOSS.py`` shipped with the package (installed as ``magjax/configs``), so that an
+installed magjax trains from any directory, without a checkout.
+
+On a Cloud TPU pod slice or a SLURM cluster pass ``--multihost``
+(``jax.distributed.initialize`` detects the cluster); elsewhere give ``--coordinator_address``,
+``--num_processes`` and ``--process_id``.
 """
 
 import os
@@ -23,6 +29,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from magjax import cli, logs, train
+from magjax.errors import UserError
+
+RECIPE_PREFIX = "magjax:"
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -43,10 +52,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with any error (a misspelt or ill-typed ``--config.`` field, an
     unknown flag, a missing config file) reported as one line and exit status 2."""
     try:
-        remaining = flags.FLAGS(argv)
+        remaining = flags.FLAGS(expand_recipe_names(argv))
         if _CONFIG.present:  # ml_collections reports a config file's failure on first use
             _CONFIG.value.keys()
         return remaining
+    except UserError as error:  # an unknown magjax:LOSS recipe
+        sys.exit(cli.report_user_error(str(error)))
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as error:
         sys.exit(cli.report_user_error(_flag_error_message(error, argv)))
 
@@ -100,6 +111,36 @@ def _train() -> None:
                                        allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     if summary is not None and jax.process_index() == 0:
         print(train.summary_json(summary))
+
+
+def recipe_file(name: str) -> pathlib.Path:
+    """The shipped recipe file ``NAME.py``: ``magjax/configs`` when installed (setuptools maps
+    the checkout's top-level ``configs/`` there), else ``configs/`` beside the package."""
+    package = pathlib.Path(__file__).parent
+    candidates = [package / "configs", package.parent / "configs"]
+    for directory in candidates:
+        if (directory / f"{name}.py").is_file():
+            return directory / f"{name}.py"
+    found = sorted({p.stem for d in candidates if d.is_dir() for p in d.glob("[a-z]*.py")})
+    raise UserError(f"--config {RECIPE_PREFIX}{name}: no recipe {name!r}; shipped recipes: "
+                    f"{', '.join(found) or 'none found'}")
+
+
+def _recipe_path(value: str) -> str:
+    name, _, variants = value[len(RECIPE_PREFIX):].partition(":")
+    return str(recipe_file(name)) + (f":{variants}" if variants else "")
+
+
+def expand_recipe_names(argv: list[str]) -> list[str]:
+    """Rewrites ``--config magjax:LOSS[:VARIANTS]`` to ``--config <recipe file>[:VARIANTS]``."""
+    expanded = list(argv)
+    for index, arg in enumerate(expanded):
+        if arg.startswith(f"--config={RECIPE_PREFIX}"):
+            expanded[index] = "--config=" + _recipe_path(arg[len("--config="):])
+        elif (arg == "--config" and index + 1 < len(expanded)
+              and expanded[index + 1].startswith(RECIPE_PREFIX)):
+            expanded[index + 1] = _recipe_path(expanded[index + 1])
+    return expanded
 
 
 if __name__ == "__main__":

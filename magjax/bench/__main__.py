@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-BENCHMARKS = ("head", "backbone", "input", "train", "compile", "capacity")
+BENCHMARKS = ("head", "backbone", "input", "train", "compile", "capacity", "export")
 
 
 def main(argv: list[str]) -> int:
