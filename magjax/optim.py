@@ -2,7 +2,8 @@
 
 PyTorch ``SGD(momentum=0.9, weight_decay=wd)`` adds ``wd · p`` to the gradient before the
 momentum buffer; the optax equivalent is ``add_decayed_weights`` followed by ``sgd(momentum)``.
-arcface_torch clips the backbone gradient norm at 5 before that (not the class centres).
+arcface_torch clips the backbone gradient norm at 5 before that (not the class centres), with
+``torch.nn.utils.clip_grad_norm_``'s formula (:func:`clip_by_global_norm_torch`).
 """
 
 from __future__ import annotations
@@ -62,16 +63,36 @@ def _part_labels(params: Any) -> Any:
     return {part: jax.tree.map(lambda _, part=part: part, params[part]) for part in params}
 
 
+def clip_by_global_norm_torch(max_norm: float, eps: float = 1e-6
+                               ) -> optax.GradientTransformation:
+    """``torch.nn.utils.clip_grad_norm_(max_norm)``: multiplies every gradient by
+    ``min(1, max_norm / (total_norm + eps))``, ``total_norm`` the 2-norm of all of them.
+
+    PyTorch adds ``eps = 1e-6`` to the norm; ``optax.clip_by_global_norm`` divides by the bare
+    norm (``eps = 0`` here), which changes a clipped update by ~``1e-6 / total_norm`` relative.
+    """
+
+    def update(updates, state, params=None):
+        del params
+        factor = max_norm / (optax.tree.norm(updates) + eps)
+        clipped = jax.tree.map(lambda g: g * factor.astype(g.dtype), updates)
+        # Unclipped gradients pass through untouched (PyTorch multiplies by exactly 1.0).
+        return jax.tree.map(lambda c, g: jnp.where(factor < 1.0, c, g), clipped, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(optim: Any, schedule: optax.Schedule, decay_mask: Any
                    ) -> optax.GradientTransformation:
     """SGD with momentum and decoupled-from-clipping weight decay, as the official trainers.
 
     Parameters are ``{"backbone": ..., "head": ...}``; the gradient-norm clip (if set) applies to
-    the backbone only. ``accumulate_steps > 1`` sums that many micro-batch gradients per update
-    (``optax.MultiSteps``, which averages them).
+    the backbone only, with PyTorch's formula and ``optim.grad_clip_eps`` (1e-6 as PyTorch; 0
+    gives optax's ``clip_by_global_norm``). ``accumulate_steps > 1`` sums that many micro-batch
+    gradients per update (``optax.MultiSteps``, which averages them).
     """
-    clip = (optax.clip_by_global_norm(optim.grad_clip_norm) if optim.grad_clip_norm
-            else optax.identity())
+    clip = (clip_by_global_norm_torch(optim.grad_clip_norm, optim.grad_clip_eps)
+            if optim.grad_clip_norm else optax.identity())
     tx = optax.chain(
         optax.multi_transform({"backbone": clip, "head": optax.identity()}, _part_labels),
         optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),

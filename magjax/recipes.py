@@ -86,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
         warmup_epochs=0.0,
         milestones=(),  # "step": x0.1 at these epochs
         grad_clip_norm=ml_collections.config_dict.placeholder(float),  # on the backbone only
+        grad_clip_eps=1e-6,  # torch clip_grad_norm_: x max_norm / (norm + eps); 0: optax's
         accumulate_steps=1,
     )
     c.global_batch = 1024
