@@ -73,7 +73,11 @@ def base_config() -> ml_collections.ConfigDict:
         synthetic_options=ml_collections.ConfigDict(),
     )
     c.model = dict(arch="iresnet50", dtype="bfloat16", dropout=ml_collections.config_dict
-                   .placeholder(float), embedding_dim=512)
+                   .placeholder(float), embedding_dim=512,
+                   # BatchNorm statistics in training: "per_device" (each device's shard of the
+                   # batch on its own, the official trainers' plain BatchNorm under DDP) or
+                   # "global" (the whole batch, as SyncBatchNorm).
+                   batchnorm_stats="per_device")
     c.loss = _loss_fields("arcface")  # magjax.losses.MarginLoss fields
     c.head = dict(sample_rate=1.0, weight_init="normal",
                   # Partial FC: True keeps momentum and weight decay off unsampled centres;
@@ -188,6 +192,9 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     c.data.augment = "flip"
     c.model.arch = _tiny_arch(c.loss.name)
     c.model.dtype = "float32"  # bf16 is emulated (slow) on most CPUs
+    # The demo's CPU devices are a speed setting, not the GPUs of an official run: global
+    # statistics keep its results independent of how the CPU is split.
+    c.model.batchnorm_stats = "global"
     c.model.dropout = 0.0
     c.cpu_devices = 4
     c.global_batch = 128

@@ -1,5 +1,9 @@
 """BatchNorm as PyTorch computes it: running statistics against torch.nn.BatchNorm in float64."""
 
+import math
+import re
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,3 +68,62 @@ def test_initialisation_does_not_move_the_running_statistics():
     stats = module.init(jax.random.key(0), jnp.arange(12.0).reshape(4, 3))["batch_stats"]
     np.testing.assert_array_equal(stats["mean"], np.zeros(3))
     np.testing.assert_array_equal(stats["var"], np.ones(3))
+
+
+def _all_reduces(compiled) -> tuple[int, int]:
+    """(all-reduce ops, array elements they reduce) in a compiled program."""
+    results = re.findall(r"= (.*?) all-reduce(?:-start)?\(", compiled.as_text())
+    elements = sum(math.prod(int(d) for d in dims.split(",") if d)
+                   for result in results for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", result))
+    return len(results), elements
+
+
+class _SmallNet(nn.Module):
+    """conv -> BatchNorm2d -> PReLU -> Linear -> BatchNorm1d: both kinds of statistics, small."""
+
+    @nn.compact
+    def __call__(self, x, *, train):
+        x = layers.conv(4, 3, padding=1, kernel_init=nn.initializers.normal(0.5),
+                        dtype=jnp.float32, name="conv")(x)
+        x = layers.batch_norm(train, eps=1e-5, torch_momentum=0.1, dtype=jnp.float32,
+                              name="bn2d")(x)
+        x = layers.PReLU(name="prelu")(x)
+        x = nn.Dense(5, name="fc")(layers.flatten(x))
+        return layers.batch_norm(train, eps=1e-5, torch_momentum=0.1, dtype=jnp.float32,
+                                 name="bn1d")(x)
+
+
+def test_per_device_statistics_equal_independent_forward_passes():
+    """``groups = 8`` on 8 devices: each device's shard is normalised on its own, as 8
+    single-device forward passes; running statistics are shard 0's (DDP's rank 0)."""
+    from magjax import models, parallel
+
+    mesh = parallel.make_mesh(8)
+    net = _SmallNet()
+    images = jax.random.normal(jax.random.key(1), (24, 6, 6, 3)) * 2.0 + 0.5
+    variables = net.init(jax.random.key(0), images[:1], train=False)
+    key = jax.random.key(2)
+
+    def compiled_forward(groups):
+        forward = jax.jit(
+            lambda v, x: models.apply_train(net, v, x, dropout_key=key, groups=groups),
+            in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)))
+        return forward.lower(variables, images).compile()
+
+    per_device = compiled_forward(8)
+    embeddings, updates = per_device(variables, images)
+    single = jax.jit(lambda x: net.apply(variables, x, train=True, mutable=["batch_stats"]))
+    singles = [single(shard) for shard in np.split(np.asarray(images), 8)]
+    np.testing.assert_allclose(embeddings, np.concatenate([e for e, _ in singles]),
+                               rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 updates["batch_stats"], singles[0][1]["batch_stats"])
+    # Global statistics are another computation (a bug merging the groups would pass as it),
+    # reduced across devices; per device, nothing crosses devices but shard 0's running
+    # statistics, sent to every device (one all-reduce of their size).
+    global_stats = compiled_forward(1)
+    assert not np.allclose(global_stats(variables, images)[0], embeddings, atol=1e-2)
+    running_size = sum(leaf.size for leaf in jax.tree.leaves(variables["batch_stats"]))
+    assert _all_reduces(per_device) == (1, running_size)
+    # Global: mean, then variance (two passes), of each of the 2 BatchNorms.
+    assert _all_reduces(global_stats)[0] >= 4
