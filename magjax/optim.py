@@ -15,22 +15,40 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from magjax.errors import UserError
+
+WARMUP_STYLES = ("arcface_torch", "plain")
+
 
 def learning_rate_schedule(optim: Any, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
     """``optim.schedule``:
 
     * ``"poly"`` (arcface_torch ``PolynomialLRWarmup``, power 1): linear warm-up over
-      ``warmup_epochs``, then linear decay to 0 at ``total_steps``, stepped every iteration;
+      ``warmup_epochs`` (``w`` updates, ``lr · k / w`` at update ``k``), then linear decay to 0
+      at ``total_steps``, stepped every iteration. ``optim.warmup_style="arcface_torch"``
+      reproduces that scheduler's first value: it returns the base rate at ``last_epoch == 0``,
+      so the first update uses the full ``lr`` and the warm-up proper starts at the second
+      (``lr, lr/w, 2 lr/w, ...``); ``"plain"`` starts at 0;
     * ``"step"`` (MagFace, AdaFace ``MultiStepLR``): ``lr`` times 0.1 at each epoch in
       ``milestones``, applied per epoch.
     """
     if optim.schedule == "poly":
+        if optim.warmup_style not in WARMUP_STYLES:
+            raise UserError(f"config.optim.warmup_style must be one of {', '.join(WARMUP_STYLES)}"
+                            f"; got {optim.warmup_style!r}")
         warmup = int(optim.warmup_epochs * steps_per_epoch)
         decay = optax.linear_schedule(optim.lr, 0.0, max(total_steps - warmup, 1))
         if warmup == 0:
             return decay
-        return optax.join_schedules(
+        plain = optax.join_schedules(
             [optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup])
+        if optim.warmup_style == "plain":
+            return plain
+
+        def arcface_torch_warmup(step):
+            return jnp.where(step == 0, optim.lr, plain(step))
+
+        return arcface_torch_warmup
     if optim.schedule == "step":
         boundaries = {int(epoch * steps_per_epoch): 0.1 for epoch in optim.milestones}
         return optax.piecewise_constant_schedule(optim.lr, boundaries)

@@ -88,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
         decay_batchnorm=True,  # AdaFace: False (no weight decay on BatchNorm parameters)
         schedule="poly",  # "poly": linear warm-up then linear decay to 0 per step; "step"
         warmup_epochs=0.0,
+        warmup_style="plain",  # "arcface_torch": the first update at the full lr (optim.py)
         milestones=(),  # "step": x0.1 at these epochs
         grad_clip_norm=ml_collections.config_dict.placeholder(float),  # on the backbone only
         grad_clip_eps=1e-6,  # torch clip_grad_norm_: x max_norm / (norm + eps); 0: optax's
@@ -129,7 +130,7 @@ def get_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.arch = "iresnet50"
         c.loss.s = 64.0
         c.loss.m = 0.4 if loss == "cosface" else 0.5
-        c.optim.grad_clip_norm = 5.0
+        c.optim.update(grad_clip_norm=5.0, warmup_style="arcface_torch")
         c.global_batch = 1024
         c.epochs = 20.0
     elif loss == "magface":
@@ -199,7 +200,8 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     c.cpu_devices = 4
     c.global_batch = 128
     c.epochs = 3.3
-    c.optim.update(lr=0.1, schedule="poly", warmup_epochs=0.5, milestones=())
+    c.optim.update(lr=0.1, schedule="poly", warmup_epochs=0.5, warmup_style="plain",
+                   milestones=())
     c.log_every_steps = 20
     c.eval.update(every_steps=130, bins=("verification.bin",), quality_set="quality.npz",
                   batch_size=256)

@@ -47,3 +47,57 @@ def test_clip_differs_from_optax_by_the_epsilon(x64):
     assert abs(ratio[0, 0] - 1.0) > 1e-9
     no_eps, _ = optim.clip_by_global_norm_torch(5.0, eps=0.0).update(grads, optax.EmptyState())
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-15), no_eps, optax_style)
+
+
+def _poly_config(warmup_style, warmup_epochs=2.0, lr=0.4):
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(schedule="poly", lr=lr, warmup_epochs=warmup_epochs,
+                                          warmup_style=warmup_style, milestones=()))
+
+
+def _polynomial_lr_warmup(lr, warmup, total, steps):
+    """arcface_torch PolynomialLRWarmup (power 1) as specified: base rate at step 0, lr·k/w
+    for 1 <= k <= w, then lr·(1 - (k - w)/(t - w))."""
+    values = []
+    for k in steps:
+        if k == 0:
+            values.append(lr)
+        elif k <= warmup:
+            values.append(lr * k / warmup)
+        else:
+            values.append(lr * (1.0 - (k - warmup) / (total - warmup)))
+    return np.array(values)
+
+
+def test_arcface_torch_warmup_starts_at_the_base_rate(x64):
+    steps = np.array([0, 1, 2, 3, 100, 199, 200, 201, 600, 999, 1000])
+    schedule = optim.learning_rate_schedule(_poly_config("arcface_torch"), 100, 1000)
+    values = np.array([schedule(jnp.asarray(k)) for k in steps])
+    np.testing.assert_allclose(values[:4], [0.4, 0.002, 0.004, 0.006], rtol=1e-12)
+    np.testing.assert_allclose(values, _polynomial_lr_warmup(0.4, 200, 1000, steps), rtol=1e-12,
+                               atol=1e-15)
+    plain = optim.learning_rate_schedule(_poly_config("plain"), 100, 1000)
+    plain_values = np.array([plain(jnp.asarray(k)) for k in steps])
+    assert plain_values[0] == 0.0
+    np.testing.assert_allclose(plain_values[1:], values[1:], rtol=1e-12, atol=1e-15)
+    # Without warm-up both styles are the decay alone, from the base rate.
+    for style in optim.WARMUP_STYLES:
+        no_warmup = optim.learning_rate_schedule(_poly_config(style, 0.0), 100, 1000)
+        np.testing.assert_allclose([no_warmup(jnp.asarray(k)) for k in steps],
+                                   _polynomial_lr_warmup(0.4, 0, 1000, steps), atol=1e-15)
+
+
+def test_unknown_warmup_style_is_a_user_error():
+    from magjax.errors import UserError
+
+    with pytest.raises(UserError, match="optim.warmup_style"):
+        optim.learning_rate_schedule(_poly_config("linear"), 100, 1000)
+
+
+def test_arcface_torch_recipes_use_its_warmup_and_the_others_plain():
+    from magjax import recipes
+
+    assert recipes.get_config("arcface").optim.warmup_style == "arcface_torch"
+    assert recipes.get_config("cosface", "webface42m").optim.warmup_style == "arcface_torch"
+    assert recipes.get_config("arcface", "demo").optim.warmup_style == "plain"
