@@ -100,19 +100,46 @@ def clip_by_global_norm_torch(max_norm: float, eps: float = 1e-6
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+GRAD_ALLREDUCE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def round_gradients(dtype: str) -> optax.GradientTransformation:
+    """Rounds every gradient to ``dtype`` and back (identity for ``float32``).
+
+    ``float16`` is what arcface_torch's DDP ``fp16_compress_hook`` does to each backbone
+    gradient before clipping and the update: cast to float16 (round to nearest even, overflow to
+    inf), all-reduce, cast back. On one GPU that is exactly this rounding; on W GPUs the hook
+    rounds each rank's share (divided by W in float16) and sums in float16, which differs at the
+    level of float16's rounding. Under fp16 AMP the hook rounds the loss-scaled gradients, which
+    for a power-of-two scale is the same rounding except in float16's subnormal and overflow
+    ranges. magjax's cross-device gradient reduction itself stays XLA's (float32).
+    """
+    if dtype not in GRAD_ALLREDUCE_DTYPES:
+        raise UserError(f"config.optim.grad_allreduce_dtype must be one of "
+                        f"{', '.join(GRAD_ALLREDUCE_DTYPES)}; got {dtype!r}")
+    if dtype == "float32":
+        return optax.identity()
+    rounded = jnp.dtype(dtype)
+    return optax.stateless(
+        lambda updates, params: jax.tree.map(lambda g: g.astype(rounded).astype(g.dtype),
+                                             updates))
+
+
 def make_optimizer(optim: Any, schedule: optax.Schedule, decay_mask: Any
                    ) -> optax.GradientTransformation:
     """SGD with momentum and decoupled-from-clipping weight decay, as the official trainers.
 
     Parameters are ``{"backbone": ..., "head": ...}``; the gradient-norm clip (if set) applies to
     the backbone only, with PyTorch's formula and ``optim.grad_clip_eps`` (1e-6 as PyTorch; 0
-    gives optax's ``clip_by_global_norm``). ``accumulate_steps > 1`` sums that many micro-batch
-    gradients per update (``optax.MultiSteps``, which averages them).
+    gives optax's ``clip_by_global_norm``), after rounding the backbone gradients to
+    ``optim.grad_allreduce_dtype`` (:func:`round_gradients`). ``accumulate_steps > 1`` sums
+    that many micro-batch gradients per update (``optax.MultiSteps``, which averages them).
     """
     clip = (clip_by_global_norm_torch(optim.grad_clip_norm, optim.grad_clip_eps)
             if optim.grad_clip_norm else optax.identity())
+    backbone = optax.chain(round_gradients(optim.grad_allreduce_dtype), clip)
     tx = optax.chain(
-        optax.multi_transform({"backbone": clip, "head": optax.identity()}, _part_labels),
+        optax.multi_transform({"backbone": backbone, "head": optax.identity()}, _part_labels),
         optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
         optax.sgd(schedule, momentum=optim.momentum),
     )

@@ -101,3 +101,46 @@ def test_arcface_torch_recipes_use_its_warmup_and_the_others_plain():
     assert recipes.get_config("arcface").optim.warmup_style == "arcface_torch"
     assert recipes.get_config("cosface", "webface42m").optim.warmup_style == "arcface_torch"
     assert recipes.get_config("arcface", "demo").optim.warmup_style == "plain"
+
+
+def _values_across_float16_range():
+    rng = np.random.default_rng(1)
+    magnitudes = 10.0 ** rng.uniform(-9, 5.2, 4000)  # subnormals to overflow (max 65504)
+    values = (magnitudes * rng.choice([-1.0, 1.0], magnitudes.size)).astype(np.float32)
+    # Exact ties between two float16 neighbours (1 + 2^-11 lies halfway between 1 and 1 + 2^-10).
+    ties = np.array([1 + 2**-11, 1 + 3 * 2**-11, -(2 + 2**-10), 65520.0, 2**-25, 3 * 2**-25],
+                    np.float32)
+    return np.concatenate([values, ties, [0.0, -0.0, 65504.0, 70000.0]]).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype, torch_dtype", [("float16", "half"), ("bfloat16", "bfloat16")])
+def test_rounding_equals_torch_casts(dtype, torch_dtype):
+    import torch
+
+    values = _values_across_float16_range()
+    expected = getattr(torch.from_numpy(values), torch_dtype)().float().numpy()
+    tx = optim.round_gradients(dtype)
+    grads = {"w": jnp.asarray(values)}
+    rounded, _ = jax.jit(tx.update)(grads, tx.init(grads))
+    np.testing.assert_array_equal(np.asarray(rounded["w"]).view(np.uint32),
+                                  expected.view(np.uint32))
+    assert not np.array_equal(np.asarray(rounded["w"]), values)  # it did round
+    if dtype == "float16":
+        assert np.isinf(expected[-1]) and expected[-2] == 65504.0
+
+
+def test_make_optimizer_rounds_the_backbone_gradients_only(x64):
+    import ml_collections
+    import optax
+
+    config = ml_collections.ConfigDict(dict(
+        grad_clip_norm=None, grad_clip_eps=1e-6, grad_allreduce_dtype="float16",
+        weight_decay=0.0, momentum=0.0, accumulate_steps=1))
+    params = {"backbone": {"w": jnp.zeros(3)}, "head": {"w": jnp.zeros(3)}}
+    mask = jax.tree.map(lambda _: True, params)
+    tx = optim.make_optimizer(config, optax.constant_schedule(1.0), mask)
+    g = jnp.asarray([0.1, 1e-3, 1 / 3])
+    updates, _ = tx.update({"backbone": {"w": g}, "head": {"w": g}}, tx.init(params), params)
+    np.testing.assert_array_equal(-updates["backbone"]["w"], g.astype(jnp.float16)
+                                  .astype(jnp.float64))
+    np.testing.assert_array_equal(-updates["head"]["w"], g)
