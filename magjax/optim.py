@@ -38,17 +38,18 @@ def learning_rate_schedule(optim: Any, steps_per_epoch: int, total_steps: int) -
                             f"; got {optim.warmup_style!r}")
         warmup = int(optim.warmup_epochs * steps_per_epoch)
         decay = optax.linear_schedule(optim.lr, 0.0, max(total_steps - warmup, 1))
-        if warmup == 0:
-            return decay
-        plain = optax.join_schedules(
+        plain = decay if warmup == 0 else optax.join_schedules(
             [optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup])
-        if optim.warmup_style == "plain":
-            return plain
+        first_update_at_lr = optim.warmup_style == "arcface_torch" and warmup > 0
 
-        def arcface_torch_warmup(step):
-            return jnp.where(step == 0, optim.lr, plain(step))
+        def poly(step):
+            # optax's linear schedules divide an int32 count and return float32 even with x64
+            # on; a float count gives the default float dtype (float64 under x64, where the
+            # lockstep test against PyTorch needs the rate to the last bit).
+            value = plain(jnp.asarray(step, float))
+            return jnp.where(step == 0, optim.lr, value) if first_update_at_lr else value
 
-        return arcface_torch_warmup
+        return poly
     if optim.schedule == "step":
         boundaries = {int(epoch * steps_per_epoch): 0.1 for epoch in optim.milestones}
         return optax.piecewise_constant_schedule(optim.lr, boundaries)

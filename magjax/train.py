@@ -128,7 +128,10 @@ def make_train_step(components: Components, base_key: jax.Array):
     def train_step(state, batch):
         step = state["step"]
         dropout_key, sample_key = jax.random.split(jax.random.fold_in(base_key, step))
-        images = models.preprocess(batch["image"], c.input_spec).astype(c.compute_dtype)
+        # float32 (float64 for a float64 model), then the compute dtype.
+        images = models.preprocess(batch["image"], c.input_spec,
+                                   jnp.promote_types(c.compute_dtype, jnp.float32)
+                                   ).astype(c.compute_dtype)
 
         def loss_fn(params):
             embeddings, backbone_updates = models.apply_train(

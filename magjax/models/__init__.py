@@ -97,8 +97,9 @@ def input_spec(arch: str) -> dict:
     return dict(_INPUT_SPECS[family(arch)])
 
 
-def preprocess(images_uint8_rgb: jax.Array, spec: dict) -> jax.Array:
-    """uint8 RGB images [..., H, W, 3] -> float32 network input following ``spec``.
+def preprocess(images_uint8_rgb: jax.Array, spec: dict, dtype: Any = jnp.float32) -> jax.Array:
+    """uint8 RGB images [..., H, W, 3] -> float32 (or ``dtype``) network input following
+    ``spec``.
 
     Pure jnp, so it runs on device inside the jitted train/eval step.
     """
@@ -107,11 +108,11 @@ def preprocess(images_uint8_rgb: jax.Array, spec: dict) -> jax.Array:
         raise ValueError(f"input spec channel_order must be 'RGB' or 'BGR', got {order!r}")
     if images_uint8_rgb.shape[-1] != 3:
         raise ValueError(f"expected images [..., H, W, 3], got shape {images_uint8_rgb.shape}")
-    x = jnp.asarray(images_uint8_rgb).astype(jnp.float32) / 255.0
+    x = jnp.asarray(images_uint8_rgb).astype(dtype) / 255.0
     if order == "BGR":
         x = x[..., ::-1]
-    mean = jnp.asarray(spec["mean"], jnp.float32)
-    std = jnp.asarray(spec["std"], jnp.float32)
+    mean = jnp.asarray(spec["mean"], dtype)
+    std = jnp.asarray(spec["std"], dtype)
     return (x - mean) / std
 
 

@@ -116,11 +116,12 @@ class IRNet(nn.Module):
 
         x = _bn(train, "output_layer_0", self.dtype)(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
-        x = flatten(x).astype(jnp.float32)  # float32 head, as in magjax.models.iresnet
+        head_dtype = jnp.promote_types(self.dtype, jnp.float32)  # as in magjax.models.iresnet
+        x = flatten(x).astype(head_dtype)
         x = nn.Dense(
             self.embedding_dim,
             kernel_init=KAIMING_FAN_OUT,
             bias_init=nn.initializers.zeros,
             name="output_layer_3",
         )(x)
-        return _bn(train, "output_layer_4", jnp.float32, affine=False)(x)
+        return _bn(train, "output_layer_4", head_dtype, affine=False)(x)

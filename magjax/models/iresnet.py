@@ -187,12 +187,14 @@ class IResNet(nn.Module):
             x = flatten(x)
             x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
-        # The head runs in float32 (arcface_torch calls fc on x.float() under autocast).
-        x = x.astype(jnp.float32)
+        # The head runs in float32 (arcface_torch calls fc on x.float() under autocast), or in
+        # float64 for a float64 model (the float64 lockstep test against PyTorch).
+        head_dtype = jnp.promote_types(self.dtype, jnp.float32)
+        x = x.astype(head_dtype)
         x = nn.Dense(
             self.embedding_dim,
             kernel_init=TORCH_DEFAULT_KERNEL,
             bias_init=torch_default_bias(x.shape[-1]),
             name="fc",
         )(x)
-        return bn("features", jnp.float32, frozen_scale=cfg["frozen_final_scale"])(x)
+        return bn("features", head_dtype, frozen_scale=cfg["frozen_final_scale"])(x)
