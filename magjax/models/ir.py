@@ -14,7 +14,8 @@ BatchNorm eps 1e-5, PyTorch momentum 0.1 (flax 0.9); kaiming-normal (fan_out) in
 Linear, zero bias. The official module returns ``(x/|x|, |x|)``; this one returns the raw ``x``
 (the norm is computed by the loss). Submodule names mirror the PyTorch keys
 (``body.3.res_layer.1`` -> ``body_3/res_layer_1``). Compute dtype and BatchNorm under data
-parallelism as in ``magjax.models.iresnet``: global-batch statistics under jit, float32 head.
+parallelism as in ``magjax.models.iresnet``: statistics as ``models.apply_train`` groups the
+batch, float32 head.
 """
 
 from __future__ import annotations

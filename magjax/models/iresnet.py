@@ -28,9 +28,11 @@ and the final BatchNorm run in float32, as arcface_torch does under fp16 autocas
 embedding (whose norm MagFace reads as quality) is float32.
 
 BatchNorm under data parallelism: the train step runs this module under plain ``jax.jit`` with
-the batch sharded on mesh axis ``data``; XLA then computes BatchNorm statistics over the global
-batch (jax-stack.md section 2), which is what synchronised BatchNorm would give. No
-``axis_name`` is set, so do not call the backbone inside ``shard_map``.
+the batch sharded on mesh axis ``data``; a call on the whole batch computes BatchNorm
+statistics over the global batch (jax-stack.md section 2), as synchronised BatchNorm would, and
+``magjax.models.apply_train`` gives each device's shard its own statistics (the official
+trainers' behaviour). No ``axis_name`` is set, so do not call the backbone inside
+``shard_map``.
 
 ``tiny`` is the same design shrunk for the CPU demo (stride-2 stem, one block per stage).
 """
