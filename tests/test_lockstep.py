@@ -127,6 +127,29 @@ def _torch_state_dict_of(variables):
     return out
 
 
+def _ddp_forward(net, x, ranks):
+    """The backbone under DDP with ``ranks`` GPUs, on one process: each rank's shard of the batch
+    is normalised with its own BatchNorm statistics; the running statistics kept are rank 0's
+    (DDP broadcasts rank 0's buffers before every forward, and saves rank 0's checkpoint)."""
+    if ranks == 1:
+        return net(x)
+    before = {name: buffer.clone() for name, buffer in net.named_buffers()}
+    outputs = []
+    for rank, shard in enumerate(x.chunk(ranks)):
+        _set_buffers(net, before)  # new tensors: autograd still holds the previous ones
+        outputs.append(net(shard))
+        if rank == 0:
+            rank0 = {name: buffer.clone() for name, buffer in net.named_buffers()}
+    _set_buffers(net, rank0)
+    return torch.cat(outputs)
+
+
+def _set_buffers(net, values):
+    for name, value in values.items():
+        module, _, attribute = name.rpartition(".")
+        setattr(net.get_submodule(module), attribute, value.clone())
+
+
 def _parameter_groups(loss_name, net, head_weight, weight_decay):
     trainable = [p for p in net.parameters() if p.requires_grad]
     if loss_name != "adaface":
@@ -140,19 +163,24 @@ def _parameter_groups(loss_name, net, head_weight, weight_decay):
 
 
 def _relative_difference(actual, expected):
-    """Largest absolute difference relative to the tensor's largest magnitude."""
+    """Largest absolute difference relative to the tensor's largest magnitude, or to 1e-3 for
+    smaller tensors: a BatchNorm bias followed by another BatchNorm has a gradient that is zero
+    up to rounding, so both sides hold different rounding noise of ~1e-17 there."""
     expected = np.asarray(expected)
-    return float(np.abs(np.asarray(actual) - expected).max() / max(np.abs(expected).max(), 1e-30))
+    return float(np.abs(np.asarray(actual) - expected).max() / max(np.abs(expected).max(), 1e-3))
 
 
-@pytest.mark.parametrize("loss_name", ["arcface", "magface", "adaface"])
-def test_three_steps_match_pytorch(loss_name, x64):
+# ArcFace on 2 devices with the recipes' per-device BatchNorm statistics against 2 DDP ranks;
+# AdaFace on 1 (magjax takes its EMA statistics over the global batch, the official code per GPU).
+@pytest.mark.parametrize("loss_name, devices", [("arcface", 2), ("magface", 1), ("adaface", 1)])
+def test_three_steps_match_pytorch(loss_name, devices, x64):
     from magjax.models import torch_reference
 
     config = _config(loss_name)
+    assert config.model.batchnorm_stats == "per_device"
     steps_per_epoch = 2 if loss_name == "arcface" else 1
     total_steps = 6
-    mesh = parallel.make_mesh(1)
+    mesh = parallel.make_mesh(devices)
     components = train.build_components(config, mesh, CLASSES, steps_per_epoch, total_steps)
     state = _to_float64(train.init_state(components, jax.random.key(0)))
     step = jax.jit(train.make_train_step(components, jax.random.key(1)))
@@ -185,7 +213,7 @@ def test_three_steps_match_pytorch(loss_name, x64):
         state, metrics = step(state, {"image": images, "label": labels})
 
         x = np.asarray(models.preprocess(images, components.input_spec, jnp.float64))
-        embeddings = net(torch.from_numpy(x.transpose(0, 3, 1, 2)))
+        embeddings = _ddp_forward(net, torch.from_numpy(x.transpose(0, 3, 1, 2)), devices)
         y = torch.from_numpy(labels.astype(np.int64))
         if loss_name == "arcface":
             value = arcface_torch_head(embeddings, head_weight, y, loss)
