@@ -72,7 +72,9 @@ class BatchNorm(nn.BatchNorm):
     batch variance ``n / (n - 1) * var`` (``n`` values per feature), while training-mode
     normalisation uses the biased one as both frameworks do.
 
-    Only what this project uses is supported: no ``axis_name``, no ``mask``.
+    Only what this project uses is supported: no ``axis_name``, no ``mask``. The statistics and
+    the normalisation are flax's own helpers (private, for the pinned flax version), so that
+    everything but the running-variance update is bit-identical to ``flax.linen.BatchNorm``.
     """
 
     @nn.compact
