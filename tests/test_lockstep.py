@@ -194,7 +194,7 @@ def test_three_steps_match_pytorch(loss_name, devices, x64):
                                                               np.float64))[("params", "fc",
                                                                             "kernel")],
         state["params"]["backbone"]["fc"]["kernel"])
-    net.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
+    net.load_state_dict({k: torch.from_numpy(np.array(v))
                          for k, v in state_dict.items()}, strict=False)
     head_weight = torch.nn.Parameter(torch.from_numpy(
         np.array(state["params"]["head"]["weight"])))
