@@ -247,8 +247,10 @@ def embedding_dim_of(state: Mapping[str, np.ndarray]) -> int:
     return 512
 
 
-def convert_state_dict(state: Mapping[str, np.ndarray], arch: str) -> dict:
-    """Maps a bare backbone ``state_dict`` (numpy) to magjax ``{"params", "batch_stats"}``."""
+def convert_state_dict(state: Mapping[str, np.ndarray], arch: str,
+                       dtype: np.dtype = np.float32) -> dict:
+    """Maps a bare backbone ``state_dict`` (numpy) to magjax ``{"params", "batch_stats"}`` of
+    ``dtype`` (float32; float64 for the float64 comparisons with PyTorch)."""
     abstract = models.abstract_variables(arch, embedding_dim=embedding_dim_of(state))
     flat = traverse_util.flatten_dict(abstract)
     out, used = {}, set()
@@ -261,7 +263,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray], arch: str) -> dict:
         if key not in state:
             problems["missing"].append(f"missing tensor {key!r} (expected shape {expected})")
             continue
-        value = np.asarray(state[key], np.float32)
+        value = np.asarray(state[key], dtype)
         used.add(key)
         if value.shape != expected:
             problems["mis-shaped"].append(

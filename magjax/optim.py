@@ -2,7 +2,8 @@
 
 PyTorch ``SGD(momentum=0.9, weight_decay=wd)`` adds ``wd · p`` to the gradient before the
 momentum buffer; the optax equivalent is ``add_decayed_weights`` followed by ``sgd(momentum)``.
-arcface_torch clips the backbone gradient norm at 5 before that (not the class centres).
+arcface_torch clips the backbone gradient norm at 5 before that (not the class centres), with
+``torch.nn.utils.clip_grad_norm_``'s formula (:func:`clip_by_global_norm_torch`).
 """
 
 from __future__ import annotations
@@ -14,22 +15,41 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from magjax.errors import UserError
+
+WARMUP_STYLES = ("arcface_torch", "plain")
+
 
 def learning_rate_schedule(optim: Any, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
     """``optim.schedule``:
 
     * ``"poly"`` (arcface_torch ``PolynomialLRWarmup``, power 1): linear warm-up over
-      ``warmup_epochs``, then linear decay to 0 at ``total_steps``, stepped every iteration;
+      ``warmup_epochs`` (``w`` updates, ``lr · k / w`` at update ``k``), then linear decay to 0
+      at ``total_steps``, stepped every iteration. ``optim.warmup_style="arcface_torch"``
+      reproduces that scheduler's first value: it returns the base rate at ``last_epoch == 0``,
+      so the first update uses the full ``lr`` and the warm-up proper starts at the second
+      (``lr, lr/w, 2 lr/w, ...``); ``"plain"`` starts at 0;
     * ``"step"`` (MagFace, AdaFace ``MultiStepLR``): ``lr`` times 0.1 at each epoch in
       ``milestones``, applied per epoch.
     """
     if optim.schedule == "poly":
+        if optim.warmup_style not in WARMUP_STYLES:
+            raise UserError(f"config.optim.warmup_style must be one of {', '.join(WARMUP_STYLES)}"
+                            f"; got {optim.warmup_style!r}")
         warmup = int(optim.warmup_epochs * steps_per_epoch)
         decay = optax.linear_schedule(optim.lr, 0.0, max(total_steps - warmup, 1))
-        if warmup == 0:
-            return decay
-        return optax.join_schedules(
+        plain = decay if warmup == 0 else optax.join_schedules(
             [optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup])
+        first_update_at_lr = optim.warmup_style == "arcface_torch" and warmup > 0
+
+        def poly(step):
+            # optax's linear schedules divide an int32 count and return float32 even with x64
+            # on; a float count gives the default float dtype (float64 under x64, where the
+            # lockstep test against PyTorch needs the rate to the last bit).
+            value = plain(jnp.asarray(step, float))
+            return jnp.where(step == 0, optim.lr, value) if first_update_at_lr else value
+
+        return poly
     if optim.schedule == "step":
         boundaries = {int(epoch * steps_per_epoch): 0.1 for epoch in optim.milestones}
         return optax.piecewise_constant_schedule(optim.lr, boundaries)
@@ -62,18 +82,65 @@ def _part_labels(params: Any) -> Any:
     return {part: jax.tree.map(lambda _, part=part: part, params[part]) for part in params}
 
 
+def clip_by_global_norm_torch(max_norm: float, eps: float = 1e-6
+                               ) -> optax.GradientTransformation:
+    """``torch.nn.utils.clip_grad_norm_(max_norm)``: multiplies every gradient by
+    ``min(1, max_norm / (total_norm + eps))``, ``total_norm`` the 2-norm of all of them.
+
+    PyTorch adds ``eps = 1e-6`` to the norm; ``optax.clip_by_global_norm`` divides by the bare
+    norm (``eps = 0`` here), which changes a clipped update by ~``1e-6 / total_norm`` relative.
+    """
+
+    def update(updates, state, params=None):
+        del params
+        factor = max_norm / (optax.tree.norm(updates) + eps)
+        clipped = jax.tree.map(lambda g: g * factor.astype(g.dtype), updates)
+        # Unclipped gradients pass through untouched (PyTorch multiplies by exactly 1.0).
+        return jax.tree.map(lambda c, g: jnp.where(factor < 1.0, c, g), clipped, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+GRAD_ALLREDUCE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def round_gradients(dtype: str) -> optax.GradientTransformation:
+    """Rounds every gradient to ``dtype`` and back (identity for ``float32``).
+
+    ``float16`` is what arcface_torch's DDP ``fp16_compress_hook`` does to each backbone
+    gradient before clipping and the update: cast to float16 (round to nearest even, overflow to
+    inf), all-reduce, cast back. On one GPU that is exactly this rounding; on W GPUs the hook
+    rounds each rank's share (divided by W in float16) and sums in float16, which differs at the
+    level of float16's rounding. Under fp16 AMP the hook rounds the loss-scaled gradients, which
+    for a power-of-two scale is the same rounding except in float16's subnormal and overflow
+    ranges. magjax's cross-device gradient reduction itself stays XLA's (float32).
+    """
+    if dtype not in GRAD_ALLREDUCE_DTYPES:
+        raise UserError(f"config.optim.grad_allreduce_dtype must be one of "
+                        f"{', '.join(GRAD_ALLREDUCE_DTYPES)}; got {dtype!r}")
+    if dtype == "float32":
+        return optax.identity()
+    rounded = jnp.dtype(dtype)
+    return optax.stateless(
+        lambda updates, params: jax.tree.map(lambda g: g.astype(rounded).astype(g.dtype),
+                                             updates))
+
+
 def make_optimizer(optim: Any, schedule: optax.Schedule, decay_mask: Any
                    ) -> optax.GradientTransformation:
     """SGD with momentum and decoupled-from-clipping weight decay, as the official trainers.
 
     Parameters are ``{"backbone": ..., "head": ...}``; the gradient-norm clip (if set) applies to
-    the backbone only. ``accumulate_steps > 1`` sums that many micro-batch gradients per update
-    (``optax.MultiSteps``, which averages them).
+    the backbone only, with PyTorch's formula and ``optim.grad_clip_eps`` (1e-6 as PyTorch; 0
+    gives optax's ``clip_by_global_norm``), after rounding the backbone gradients to
+    ``optim.grad_allreduce_dtype`` (:func:`round_gradients`). ``accumulate_steps > 1`` sums
+    that many micro-batch gradients per update (``optax.MultiSteps``, which averages them).
     """
-    clip = (optax.clip_by_global_norm(optim.grad_clip_norm) if optim.grad_clip_norm
-            else optax.identity())
+    clip = (clip_by_global_norm_torch(optim.grad_clip_norm, optim.grad_clip_eps)
+            if optim.grad_clip_norm else optax.identity())
+    backbone = optax.chain(round_gradients(optim.grad_allreduce_dtype), clip)
     tx = optax.chain(
-        optax.multi_transform({"backbone": clip, "head": optax.identity()}, _part_labels),
+        optax.multi_transform({"backbone": backbone, "head": optax.identity()}, _part_labels),
         optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
         optax.sgd(schedule, momentum=optim.momentum),
     )

@@ -1,9 +1,10 @@
 """Mesh, shardings and multi-host helpers.
 
 magjax uses one mesh axis, ``data``: the batch is split over it for the backbone (plain
-``jax.jit``; XLA then computes BatchNorm statistics over the global batch), and the classifier
-``W [C, d]`` is split by class rows over the same axis for the margin head (``jax.shard_map``
-in :mod:`magjax.head`). This replaces pmap, which JAX now implements on top of jit + shard_map.
+``jax.jit``; BatchNorm statistics per device or over the global batch, ``models.apply_train``),
+and the classifier ``W [C, d]`` is split by class rows over the same axis for the margin head
+(``jax.shard_map`` in :mod:`magjax.head`). This replaces pmap, which JAX now implements on top
+of jit + shard_map.
 
 The mesh is built with ``AxisType.Auto`` (classic GSPMD propagation): the backbone needs no
 sharding annotations beyond its inputs, and optax/orbax create arrays inside jit without a

@@ -11,7 +11,41 @@ the colon of ``--config configs/<loss>.py:ARG``. ``ARG`` is a comma-separated li
 * ``pfcR``: Partial FC with sample rate R, e.g. ``pfc0.1``;
 * ``demo``: a small backbone on synthetic identities on CPU, building them on first use.
 
-Sources of the defaults: ../shared/docs/official-losses.md section 6.
+Sources of the defaults: ../shared/docs/official-losses.md section 6 and the official config
+files below. The official recipes magjax reproduces: variants after ``configs/<loss>.py:``, the
+official file (arcface_torch's under ``recognition/arcface_torch/configs/``), learning rate,
+weight decay, global batch (arcface_torch: 128 per GPU x 8 GPUs), epochs, warm-up epochs and
+margins (arcface_torch's ``margin_list`` (m1, m2, m3); arcface_torch decays the rate linearly per
+step, MagFace and AdaFace x0.1 at their milestones per epoch):
+
+=========================  ============================  ===  =====  ====  ==  ==  ============
+recipe                     official source               lr   wd     batch ep  wu  margins
+=========================  ============================  ===  =====  ====  ==  ==  ============
+arcface.py (ms1mv2,r50)    ms1mv2_r50.py                 0.1  5e-4   1024  20  0   (1, 0.5, 0)
+arcface.py:r100            ms1mv2_r100.py                0.1  5e-4   1024  20  0   (1, 0.5, 0)
+arcface.py:mbf             ms1mv2_mbf.py                 0.1  1e-4   1024  40  0   (1, 0.5, 0)
+arcface.py:ms1mv3          ms1mv3_r50.py                 0.1  5e-4   1024  20  0   (1, 0.5, 0)
+arcface.py:ms1mv3,mbf      ms1mv3_mbf.py                 0.1  1e-4   1024  40  0   (1, 0.5, 0)
+cosface.py:glint360k       glint360k_{r50,r100,mbf}.py   0.1  1e-4   1024  20  0   (1, 0, 0.4)
+cosface.py (webface4m)     wf4m_{r50,r100}.py            0.1  5e-4   1024  20  0   (1, 0, 0.4)
+cosface.py:mbf             wf4m_mbf.py                   0.1  1e-4   1024  20  0   (1, 0, 0.4)
+cosface.py:webface12m      wf12m_{r50,r100}.py           0.1  5e-4   1024  20  0   (1, 0, 0.4)
+cosface.py:webface12m,mbf  wf12m_mbf.py                  0.1  1e-4   1024  20  0   (1, 0, 0.4)
+cosface.py:webface42m,r100 wf42m_pfc02_r100.py (PFC 0.2) 0.1  5e-4   1024  20  0   (1, 0, 0.4)
+magface.py (r50; :r100)    MagFace run/run.sh            0.1  5e-4   512   25  0   MagFace
+adaface.py (ir_50; :r100)  AdaFace run_ir{50,101}_*.sh   0.1  5e-4*  512   26  0   m 0.4 h 0.333
+=========================  ============================  ===  =====  ====  ==  ==  ============
+
+(* AdaFace: not on BatchNorm parameters.) Every arcface_torch recipe clips the backbone gradient
+norm at 5 (PyTorch's formula), uses ``PolynomialLRWarmup``'s first value
+(``optim.warmup_style="arcface_torch"``) and trains the loss of its ``configs/<loss>.py`` file:
+the official glint360k and WebFace configs are CosFace, so ``arcface.py:glint360k`` takes
+their lr, weight decay and epochs with ArcFace's margin (no official config trains that). A
+(dataset, backbone) pair without an official config keeps arcface_torch's ``base.py`` values
+(lr 0.1, wd 5e-4, 20 epochs). BatchNorm statistics: every official trainer runs plain
+BatchNorm per GPU (arcface_torch and AdaFace under DDP, MagFace under ``nn.DataParallel``), so
+every recipe uses ``model.batchnorm_stats="per_device"`` (running statistics of device 0, as
+the official checkpoints); the CPU demo uses ``"global"``.
 """
 
 from __future__ import annotations
@@ -36,6 +70,55 @@ DEPTHS = ("18", "34", "50", "100", "200")
 # GPUs of the official runs, whose global batch each recipe keeps: arcface_torch 8 x 128,
 # MagFace 8 x 64 (DataParallel), AdaFace 2 x 256 (official-losses.md section 6).
 OFFICIAL_GPUS = {"arcface": 8, "cosface": 8, "combined": 8, "magface": 8, "adaface": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class ArcfaceTorchRecipe:
+    """The hyper-parameters of one arcface_torch config file (8 GPUs x 128 images)."""
+
+    source: str
+    lr: float
+    weight_decay: float
+    epochs: float
+    warmup_epochs: float = 0.0
+    sample_rate: float = 1.0
+
+
+# (dataset, backbone) -> official config; the table in the module docstring lists them.
+ARCFACE_TORCH_RECIPES = {
+    ("ms1mv2", "r50"): ArcfaceTorchRecipe("configs/ms1mv2_r50.py", 0.1, 5e-4, 20),
+    ("ms1mv2", "r100"): ArcfaceTorchRecipe("configs/ms1mv2_r100.py", 0.1, 5e-4, 20),
+    ("ms1mv2", "mbf"): ArcfaceTorchRecipe("configs/ms1mv2_mbf.py", 0.1, 1e-4, 40),
+    ("ms1mv3", "r50"): ArcfaceTorchRecipe("configs/ms1mv3_r50.py", 0.1, 5e-4, 20),
+    ("ms1mv3", "mbf"): ArcfaceTorchRecipe("configs/ms1mv3_mbf.py", 0.1, 1e-4, 40),
+    ("glint360k", "r50"): ArcfaceTorchRecipe("configs/glint360k_r50.py", 0.1, 1e-4, 20),
+    ("glint360k", "r100"): ArcfaceTorchRecipe("configs/glint360k_r100.py", 0.1, 1e-4, 20),
+    ("glint360k", "mbf"): ArcfaceTorchRecipe("configs/glint360k_mbf.py", 0.1, 1e-4, 20),
+    ("webface4m", "r50"): ArcfaceTorchRecipe("configs/wf4m_r50.py", 0.1, 5e-4, 20),
+    ("webface4m", "r100"): ArcfaceTorchRecipe("configs/wf4m_r100.py", 0.1, 5e-4, 20),
+    ("webface4m", "mbf"): ArcfaceTorchRecipe("configs/wf4m_mbf.py", 0.1, 1e-4, 20),
+    ("webface12m", "r50"): ArcfaceTorchRecipe("configs/wf12m_r50.py", 0.1, 5e-4, 20),
+    ("webface12m", "r100"): ArcfaceTorchRecipe("configs/wf12m_r100.py", 0.1, 5e-4, 20),
+    ("webface12m", "mbf"): ArcfaceTorchRecipe("configs/wf12m_mbf.py", 0.1, 1e-4, 20),
+    ("webface42m", "r100"): ArcfaceTorchRecipe("configs/wf42m_pfc02_r100.py", 0.1, 5e-4, 20,
+                                               sample_rate=0.2),
+}
+ARCFACE_TORCH_LOSSES = ("arcface", "cosface", "combined")
+
+
+def _arcface_torch_backbone(arch: str) -> str:
+    return "mbf" if arch == "mbf" else "r" + arch.removeprefix("iresnet")
+
+
+def _apply_arcface_torch_recipe(c: ml_collections.ConfigDict, sample_rate_given: bool) -> None:
+    recipe = ARCFACE_TORCH_RECIPES.get((c.data.dataset, _arcface_torch_backbone(c.model.arch)))
+    if recipe is None:
+        return
+    c.optim.update(lr=recipe.lr, weight_decay=recipe.weight_decay,
+                   warmup_epochs=recipe.warmup_epochs)
+    c.epochs = float(recipe.epochs)
+    if not sample_rate_given:
+        c.head.sample_rate = recipe.sample_rate
 
 
 def _arch(loss: str, depth: str) -> str:
@@ -78,7 +161,11 @@ def base_config() -> ml_collections.ConfigDict:
         synthetic_options=ml_collections.ConfigDict(),
     )
     c.model = dict(arch="iresnet50", dtype="bfloat16", dropout=ml_collections.config_dict
-                   .placeholder(float), embedding_dim=512)
+                   .placeholder(float), embedding_dim=512,
+                   # BatchNorm statistics in training: "per_device" (each device's shard of the
+                   # batch on its own, the official trainers' plain BatchNorm under DDP) or
+                   # "global" (the whole batch, as SyncBatchNorm).
+                   batchnorm_stats="per_device")
     c.loss = _loss_fields("arcface")  # magjax.losses.MarginLoss fields
     c.head = dict(sample_rate=1.0, weight_init="normal",
                   # Partial FC: True keeps momentum and weight decay off unsampled centres;
@@ -89,8 +176,13 @@ def base_config() -> ml_collections.ConfigDict:
         decay_batchnorm=True,  # AdaFace: False (no weight decay on BatchNorm parameters)
         schedule="poly",  # "poly": linear warm-up then linear decay to 0 per step; "step"
         warmup_epochs=0.0,
+        warmup_style="plain",  # "arcface_torch": the first update at the full lr (optim.py)
         milestones=(),  # "step": x0.1 at these epochs
         grad_clip_norm=ml_collections.config_dict.placeholder(float),  # on the backbone only
+        grad_clip_eps=1e-6,  # torch clip_grad_norm_: x max_norm / (norm + eps); 0: optax's
+        # Backbone gradients rounded to this dtype before clipping; "float16" reproduces
+        # arcface_torch's fp16_compress_hook (optim.round_gradients).
+        grad_allreduce_dtype="float32",
         accumulate_steps=1,
     )
     c.global_batch = 1024
@@ -123,13 +215,13 @@ def get_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """The official recipe of ``loss`` with the variants named in ``arg``."""
     c = base_config()
     c.loss = _loss_fields(loss)
-    if loss in ("arcface", "cosface", "combined"):
+    if loss in ARCFACE_TORCH_LOSSES:
         # insightface arcface_torch: ms1mv2/wf configs, 8 GPUs x 128, 20 epochs, poly decay.
         c.data.dataset = "webface4m" if loss == "cosface" else "ms1mv2"
         c.model.arch = "iresnet50"
         c.loss.s = 64.0
         c.loss.m = 0.4 if loss == "cosface" else 0.5
-        c.optim.grad_clip_norm = 5.0
+        c.optim.update(grad_clip_norm=5.0, warmup_style="arcface_torch")
         c.global_batch = 1024
         c.epochs = 20.0
     elif loss == "magface":
@@ -153,7 +245,7 @@ def get_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
     else:
         raise ValueError(f"no recipe for loss {loss!r}")
 
-    named_dataset = False
+    named_dataset = sample_rate_given = False
     for variant in filter(None, (arg or "").replace(":", ",").split(",")):
         if variant in DATASETS:
             c.data.dataset = variant
@@ -166,11 +258,14 @@ def get_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
             c.model.arch = _tiny_arch(loss)
         elif variant.startswith("pfc"):
             c.head.sample_rate = float(variant[3:])
+            sample_rate_given = True
         elif variant == "demo":
             _demo(c)
         else:
             raise ValueError(f"unknown config variant {variant!r} in {arg!r}; see "
                              "magjax/recipes.py for the list")
+    if loss in ARCFACE_TORCH_LOSSES:
+        _apply_arcface_torch_recipe(c, sample_rate_given)
     if named_dataset and not c.data.synthetic:
         c.data.num_classes, c.data.num_examples = DATASETS[c.data.dataset]
     return c
@@ -194,11 +289,15 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     c.data.augment = "flip"
     c.model.arch = _tiny_arch(c.loss.name)
     c.model.dtype = "float32"  # bf16 is emulated (slow) on most CPUs
+    # The demo's CPU devices are a speed setting, not the GPUs of an official run: global
+    # statistics keep its results independent of how the CPU is split.
+    c.model.batchnorm_stats = "global"
     c.model.dropout = 0.0
     c.cpu_devices = 4
     c.global_batch = 128
     c.epochs = 3.3
-    c.optim.update(lr=0.1, schedule="poly", warmup_epochs=0.5, milestones=())
+    c.optim.update(lr=0.1, schedule="poly", warmup_epochs=0.5, warmup_style="plain",
+                   milestones=())
     c.log_every_steps = 20
     c.eval.update(every_steps=130, bins=("verification.bin",), quality_set="quality.npz",
                   batch_size=256)

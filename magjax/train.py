@@ -61,6 +61,10 @@ def margin_loss_from_config(loss_config: ml_collections.ConfigDict) -> losses.Ma
 
 def build_components(config, mesh, num_classes: int, steps_per_epoch: int, total_steps: int
                      ) -> Components:
+    if config.model.batchnorm_stats not in models.BATCHNORM_STATS:
+        raise UserError(f"config.model.batchnorm_stats must be one of "
+                        f"{', '.join(models.BATCHNORM_STATS)}; "
+                        f"got {config.model.batchnorm_stats!r}")
     compute_dtype = jnp.dtype(config.model.dtype)
     backbone = models.build(config.model.arch, dtype=compute_dtype, dropout=config.model.dropout,
                             embedding_dim=config.model.embedding_dim)
@@ -151,16 +155,21 @@ def make_train_step(components: Components, base_key: jax.Array):
     config = c.config
     skip_nonfinite = config.nan_policy == "skip"
     freeze_unsampled = config.head.freeze_unsampled and config.head.sample_rate < 1.0
+    batchnorm_groups = (c.mesh.shape[parallel.DATA_AXIS]
+                        if config.model.batchnorm_stats == "per_device" else 1)
 
     def train_step(state, batch):
         step = state["step"]
         dropout_key, sample_key = jax.random.split(jax.random.fold_in(base_key, step))
-        images = models.preprocess(batch["image"], c.input_spec).astype(c.compute_dtype)
+        # float32 (float64 for a float64 model), then the compute dtype.
+        images = models.preprocess(batch["image"], c.input_spec,
+                                   jnp.promote_types(c.compute_dtype, jnp.float32)
+                                   ).astype(c.compute_dtype)
 
         def loss_fn(params):
-            embeddings, backbone_updates = c.backbone.apply(
-                {"params": params["backbone"], "batch_stats": state["batch_stats"]}, images,
-                train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key})
+            embeddings, backbone_updates = models.apply_train(
+                c.backbone, {"params": params["backbone"], "batch_stats": state["batch_stats"]},
+                images, dropout_key=dropout_key, groups=batchnorm_groups)
             head_vars = {"params": params["head"]}
             if state["margin_state"]:
                 head_vars[head.MARGIN_STATE] = state["margin_state"]

@@ -305,10 +305,11 @@ def test_batchnorm_train_vs_inference():
     np.testing.assert_allclose(out.mean(0), params["features"]["bias"], atol=1e-5)
     var = fc_out.var(0)
     np.testing.assert_allclose(out.var(0), var / (var + 1e-5), rtol=1e-4)
-    # Running statistics move by PyTorch momentum 0.1 (flax momentum 0.9) from (0, 1).
+    # Running statistics move by PyTorch momentum 0.1 (flax momentum 0.9) from (0, 1), the
+    # variance with the unbiased batch estimate as PyTorch's.
     new = updates["batch_stats"]["features"]
     np.testing.assert_allclose(new["mean"], 0.1 * fc_out.mean(0), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(new["var"], 0.9 + 0.1 * var, rtol=1e-4)
+    np.testing.assert_allclose(new["var"], 0.9 + 0.1 * fc_out.var(0, ddof=1), rtol=1e-4)
     # Train-mode outputs of the first rows depend on the rest of the batch; inference ones don't.
     other = x.at[3:].set(_images(3, seed=1, size=32))
     assert not np.allclose(train_apply(other)[0][:3], out[:3], atol=1e-3)

@@ -15,9 +15,12 @@ convention and the checkpoint layout ``magjax.convert`` reads):
 * ``magface``: ``magface_iresnet18/34/50/100`` (MagFace's iresnet variant);
 * ``adaface``: ``ir_18/34/50/101`` (AdaFace's IR nets).
 
-BatchNorm under data parallelism: the train step runs the backbone under plain ``jax.jit``
-with the batch sharded on mesh axis ``data``; XLA computes the BatchNorm statistics over the
-global batch (as synchronised BatchNorm would), so no module sets ``axis_name``.
+BatchNorm under data parallelism (:func:`apply_train`, ``config.model.batchnorm_stats``): the
+train step runs the backbone under plain ``jax.jit`` with the batch sharded on mesh axis
+``data``. With ``"global"`` statistics XLA computes them over the global batch (as synchronised
+BatchNorm would); with ``"per_device"`` each device's shard of the batch is normalised with its
+own statistics, as the official trainers' plain BatchNorm under DDP. No module sets
+``axis_name``.
 
 Frozen parameter: arcface_torch fixes the final BatchNorm1d scale (``features/scale``) to 1.
 It is a counted, loadable parameter whose gradient is exactly zero (read through
@@ -94,8 +97,9 @@ def input_spec(arch: str) -> dict:
     return dict(_INPUT_SPECS[family(arch)])
 
 
-def preprocess(images_uint8_rgb: jax.Array, spec: dict) -> jax.Array:
-    """uint8 RGB images [..., H, W, 3] -> float32 network input following ``spec``.
+def preprocess(images_uint8_rgb: jax.Array, spec: dict, dtype: Any = jnp.float32) -> jax.Array:
+    """uint8 RGB images [..., H, W, 3] -> float32 (or ``dtype``) network input following
+    ``spec``.
 
     Pure jnp, so it runs on device inside the jitted train/eval step.
     """
@@ -104,11 +108,11 @@ def preprocess(images_uint8_rgb: jax.Array, spec: dict) -> jax.Array:
         raise ValueError(f"input spec channel_order must be 'RGB' or 'BGR', got {order!r}")
     if images_uint8_rgb.shape[-1] != 3:
         raise ValueError(f"expected images [..., H, W, 3], got shape {images_uint8_rgb.shape}")
-    x = jnp.asarray(images_uint8_rgb).astype(jnp.float32) / 255.0
+    x = jnp.asarray(images_uint8_rgb).astype(dtype) / 255.0
     if order == "BGR":
         x = x[..., ::-1]
-    mean = jnp.asarray(spec["mean"], jnp.float32)
-    std = jnp.asarray(spec["std"], jnp.float32)
+    mean = jnp.asarray(spec["mean"], dtype)
+    std = jnp.asarray(spec["std"], dtype)
     return (x - mean) / std
 
 
@@ -153,6 +157,46 @@ def build(
         embedding_dim=embedding_dim,
         dtype=dtype,
     )
+
+
+BATCHNORM_STATS = ("per_device", "global")
+
+
+def apply_train(
+    backbone: nn.Module,
+    variables: dict,
+    images: jax.Array,
+    *,
+    dropout_key: jax.Array,
+    groups: int = 1,
+) -> tuple[jax.Array, dict]:
+    """Training-mode forward pass: ``(embeddings, new batch_stats)``.
+
+    ``groups > 1`` splits the batch into that many consecutive equal parts (one per device of
+    the ``data`` mesh axis: the rows each device holds) and normalises each with its own
+    BatchNorm statistics, as one DDP rank does with plain ``BatchNorm``; the parts run as one
+    ``jax.vmap``, so the step stays a plain jit and no statistic crosses devices. The running
+    statistics returned are those of the first part: under DDP (``broadcast_buffers=True``)
+    every forward starts from rank 0's buffers and the official checkpoint is rank 0's, so the
+    official running statistics follow rank 0's batches alone (``nn.DataParallel``, MagFace's
+    trainer, likewise keeps only device 0's replica updates).
+    """
+    if groups == 1:
+        return backbone.apply(variables, images, train=True, mutable=["batch_stats"],
+                              rngs={"dropout": dropout_key})
+    if images.shape[0] % groups:
+        raise ValueError(f"batch of {images.shape[0]} does not split into {groups} groups")
+
+    def one_group(group_images, key):
+        embeddings, updates = backbone.apply(variables, group_images, train=True,
+                                             mutable=["batch_stats"], rngs={"dropout": key})
+        return embeddings, updates.get("batch_stats", {})
+
+    grouped = images.reshape(groups, images.shape[0] // groups, *images.shape[1:])
+    embeddings, batch_stats = jax.vmap(one_group)(grouped,
+                                                  jax.random.split(dropout_key, groups))
+    embeddings = embeddings.reshape(images.shape[0], *embeddings.shape[2:])
+    return embeddings, {"batch_stats": jax.tree.map(lambda stat: stat[0], batch_stats)}
 
 
 def abstract_variables(arch: str, **build_kwargs: Any) -> dict:

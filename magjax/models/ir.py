@@ -14,7 +14,8 @@ BatchNorm eps 1e-5, PyTorch momentum 0.1 (flax 0.9); kaiming-normal (fan_out) in
 Linear, zero bias. The official module returns ``(x/|x|, |x|)``; this one returns the raw ``x``
 (the norm is computed by the loss). Submodule names mirror the PyTorch keys
 (``body.3.res_layer.1`` -> ``body_3/res_layer_1``). Compute dtype and BatchNorm under data
-parallelism as in ``magjax.models.iresnet``: global-batch statistics under jit, float32 head.
+parallelism as in ``magjax.models.iresnet``: statistics as ``models.apply_train`` groups the
+batch, float32 head.
 """
 
 from __future__ import annotations
@@ -116,11 +117,12 @@ class IRNet(nn.Module):
 
         x = _bn(train, "output_layer_0", self.dtype)(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
-        x = flatten(x).astype(jnp.float32)  # float32 head, as in magjax.models.iresnet
+        head_dtype = jnp.promote_types(self.dtype, jnp.float32)  # as in magjax.models.iresnet
+        x = flatten(x).astype(head_dtype)
         x = nn.Dense(
             self.embedding_dim,
             kernel_init=KAIMING_FAN_OUT,
             bias_init=nn.initializers.zeros,
             name="output_layer_3",
         )(x)
-        return _bn(train, "output_layer_4", jnp.float32, affine=False)(x)
+        return _bn(train, "output_layer_4", head_dtype, affine=False)(x)

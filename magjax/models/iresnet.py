@@ -28,9 +28,11 @@ and the final BatchNorm run in float32, as arcface_torch does under fp16 autocas
 embedding (whose norm MagFace reads as quality) is float32.
 
 BatchNorm under data parallelism: the train step runs this module under plain ``jax.jit`` with
-the batch sharded on mesh axis ``data``; XLA then computes BatchNorm statistics over the global
-batch (jax-stack.md section 2), which is what synchronised BatchNorm would give. No
-``axis_name`` is set, so do not call the backbone inside ``shard_map``.
+the batch sharded on mesh axis ``data``; a call on the whole batch computes BatchNorm
+statistics over the global batch (jax-stack.md section 2), as synchronised BatchNorm would, and
+``magjax.models.apply_train`` gives each device's shard its own statistics (the official
+trainers' behaviour). No ``axis_name`` is set, so do not call the backbone inside
+``shard_map``.
 
 ``tiny`` is the same design shrunk for the CPU demo (stride-2 stem, one block per stage).
 """
@@ -187,12 +189,14 @@ class IResNet(nn.Module):
             x = flatten(x)
             x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
-        # The head runs in float32 (arcface_torch calls fc on x.float() under autocast).
-        x = x.astype(jnp.float32)
+        # The head runs in float32 (arcface_torch calls fc on x.float() under autocast), or in
+        # float64 for a float64 model (the float64 lockstep test against PyTorch).
+        head_dtype = jnp.promote_types(self.dtype, jnp.float32)
+        x = x.astype(head_dtype)
         x = nn.Dense(
             self.embedding_dim,
             kernel_init=TORCH_DEFAULT_KERNEL,
             bias_init=torch_default_bias(x.shape[-1]),
             name="fc",
         )(x)
-        return bn("features", jnp.float32, frozen_scale=cfg["frozen_final_scale"])(x)
+        return bn("features", head_dtype, frozen_scale=cfg["frozen_final_scale"])(x)

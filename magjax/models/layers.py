@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen import normalization
 
 Dtype = Any
 
@@ -66,7 +67,41 @@ def conv(
     )
 
 
-class FrozenScaleBatchNorm(nn.BatchNorm):
+class BatchNorm(nn.BatchNorm):
+    """``flax.linen.BatchNorm`` whose running variance is PyTorch's: updated with the unbiased
+    batch variance ``n / (n - 1) * var`` (``n`` values per feature), while training-mode
+    normalisation uses the biased one as both frameworks do.
+
+    Only what this project uses is supported: no ``axis_name``, no ``mask``. The statistics and
+    the normalisation are flax's own helpers (private, for the pinned flax version), so that
+    everything but the running-variance update is bit-identical to ``flax.linen.BatchNorm``.
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average)
+        feature_axes = normalization._canonicalize_axes(x.ndim, self.axis)
+        reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
+        feature_shape = [x.shape[axis] for axis in feature_axes]
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, feature_shape, jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, feature_shape, jnp.float32)
+        if use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            mean, var = normalization._compute_stats(
+                x, reduction_axes, dtype=self.dtype, use_fast_variance=self.use_fast_variance)
+            if not self.is_initializing():
+                n = math.prod(x.shape[axis] for axis in reduction_axes)
+                unbiased = var * (n / max(n - 1, 1))
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+        return normalization._normalize(
+            self, x, mean, var, reduction_axes, feature_axes, self.dtype, self.param_dtype,
+            self.epsilon, self.use_bias, self.use_scale, self.bias_init, self.scale_init)
+
+
+class FrozenScaleBatchNorm(BatchNorm):
     """BatchNorm whose ``scale`` stays a parameter but never receives a gradient.
 
     arcface_torch fixes the final ``BatchNorm1d`` weight to 1 and sets ``requires_grad=False``.
@@ -89,7 +124,7 @@ def batch_norm(
     name: str,
     affine: bool = True,
     frozen_scale: bool = False,
-) -> nn.BatchNorm:
+) -> BatchNorm:
     """``torch.nn.BatchNorm{1,2}d(eps, momentum=torch_momentum, affine)`` over the last axis.
 
     Training mode normalises with the statistics of the batch the module sees; under plain
@@ -97,11 +132,11 @@ def batch_norm(
     cross-device reduction), so no ``axis_name`` is used.
 
     The batch variance is computed in two passes like PyTorch (flax's default single pass
-    E[x^2] - E[x]^2 loses precision when |mean| >> std; no measurable cost on the CPU demo).
-    One difference remains: flax updates the running variance with the biased batch variance,
-    PyTorch with the unbiased one (a factor n/(n-1) on the running estimate only).
+    E[x^2] - E[x]^2 loses precision when |mean| >> std; no measurable cost on the CPU demo),
+    and the running variance is updated with the unbiased estimate as PyTorch does
+    (:class:`BatchNorm`).
     """
-    cls = FrozenScaleBatchNorm if frozen_scale else nn.BatchNorm
+    cls = FrozenScaleBatchNorm if frozen_scale else BatchNorm
     return cls(
         use_running_average=not train,
         momentum=1.0 - torch_momentum,

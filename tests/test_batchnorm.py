@@ -1,0 +1,129 @@
+"""BatchNorm as PyTorch computes it: running statistics against torch.nn.BatchNorm in float64."""
+
+import math
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from magjax.models import layers
+
+
+def _torch_bn(shape, momentum, eps):
+    cls = torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm1d
+    return cls(shape[-1], eps=eps, momentum=momentum).double().train()
+
+
+def _to_torch(x):
+    # NHWC -> NCHW for maps; [B, C] stays.
+    return torch.from_numpy(x.transpose(0, 3, 1, 2) if x.ndim == 4 else x)
+
+
+def _from_torch(y):
+    y = y.detach().numpy()
+    return y.transpose(0, 2, 3, 1) if y.ndim == 4 else y
+
+
+@pytest.mark.parametrize("shape, momentum, eps", [
+    ((6, 5, 5, 3), 0.1, 1e-5),  # BatchNorm2d, arcface_torch / AdaFace settings
+    ((16, 7), 0.9, 2e-5),       # BatchNorm1d, MagFace's momentum: the running var moves most
+    ((2, 4), 0.1, 1e-5),        # n = 2: the unbiased factor is 2
+])
+def test_running_statistics_match_torch(shape, momentum, eps, x64):
+    rng = np.random.default_rng(0)
+    module = layers.batch_norm(True, eps=eps, torch_momentum=momentum, dtype=jnp.float64,
+                               name="bn")
+    variables = module.init(jax.random.key(0), jnp.zeros(shape, jnp.float64))
+    variables = jax.tree.map(lambda v: v.astype(jnp.float64), variables)
+    reference = _torch_bn(shape, momentum, eps)
+    with torch.no_grad():
+        reference.weight.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, shape[-1])))
+        reference.bias.copy_(torch.from_numpy(rng.normal(size=shape[-1])))
+    variables["params"] = {"scale": jnp.asarray(reference.weight.detach().numpy()),
+                           "bias": jnp.asarray(reference.bias.detach().numpy())}
+    for _ in range(4):
+        x = rng.normal(3.0, 2.0, shape)  # mean far from 0: a one-pass variance would drift
+        y, updates = module.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
+        variables = {**variables, **updates}
+        expected = _from_torch(reference(_to_torch(x)))
+        np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+    stats = variables["batch_stats"]
+    np.testing.assert_allclose(stats["mean"], reference.running_mean.numpy(), rtol=1e-13)
+    np.testing.assert_allclose(stats["var"], reference.running_var.numpy(), rtol=1e-13)
+    # Inference normalises with those running statistics, as torch's eval mode.
+    inference = layers.batch_norm(False, eps=eps, torch_momentum=momentum, dtype=jnp.float64,
+                                  name="bn")
+    x = rng.normal(size=shape)
+    np.testing.assert_allclose(inference.apply(variables, jnp.asarray(x)),
+                               _from_torch(reference.eval()(_to_torch(x))), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_initialisation_does_not_move_the_running_statistics():
+    module = layers.batch_norm(True, eps=1e-5, torch_momentum=0.1, dtype=jnp.float32, name="bn")
+    stats = module.init(jax.random.key(0), jnp.arange(12.0).reshape(4, 3))["batch_stats"]
+    np.testing.assert_array_equal(stats["mean"], np.zeros(3))
+    np.testing.assert_array_equal(stats["var"], np.ones(3))
+
+
+def _all_reduces(compiled) -> tuple[int, int]:
+    """(all-reduce ops, array elements they reduce) in a compiled program."""
+    results = re.findall(r"= (.*?) all-reduce(?:-start)?\(", compiled.as_text())
+    elements = sum(math.prod(int(d) for d in dims.split(",") if d)
+                   for result in results for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", result))
+    return len(results), elements
+
+
+class _SmallNet(nn.Module):
+    """conv -> BatchNorm2d -> PReLU -> Linear -> BatchNorm1d: both kinds of statistics, small."""
+
+    @nn.compact
+    def __call__(self, x, *, train):
+        x = layers.conv(4, 3, padding=1, kernel_init=nn.initializers.normal(0.5),
+                        dtype=jnp.float32, name="conv")(x)
+        x = layers.batch_norm(train, eps=1e-5, torch_momentum=0.1, dtype=jnp.float32,
+                              name="bn2d")(x)
+        x = layers.PReLU(name="prelu")(x)
+        x = nn.Dense(5, name="fc")(layers.flatten(x))
+        return layers.batch_norm(train, eps=1e-5, torch_momentum=0.1, dtype=jnp.float32,
+                                 name="bn1d")(x)
+
+
+def test_per_device_statistics_equal_independent_forward_passes():
+    """``groups = 8`` on 8 devices: each device's shard is normalised on its own, as 8
+    single-device forward passes; running statistics are shard 0's (DDP's rank 0)."""
+    from magjax import models, parallel
+
+    mesh = parallel.make_mesh(8)
+    net = _SmallNet()
+    images = jax.random.normal(jax.random.key(1), (24, 6, 6, 3)) * 2.0 + 0.5
+    variables = net.init(jax.random.key(0), images[:1], train=False)
+    key = jax.random.key(2)
+
+    def compiled_forward(groups):
+        forward = jax.jit(
+            lambda v, x: models.apply_train(net, v, x, dropout_key=key, groups=groups),
+            in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)))
+        return forward.lower(variables, images).compile()
+
+    per_device = compiled_forward(8)
+    embeddings, updates = per_device(variables, images)
+    single = jax.jit(lambda x: net.apply(variables, x, train=True, mutable=["batch_stats"]))
+    singles = [single(shard) for shard in np.split(np.asarray(images), 8)]
+    np.testing.assert_allclose(embeddings, np.concatenate([e for e, _ in singles]),
+                               rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 updates["batch_stats"], singles[0][1]["batch_stats"])
+    # Global statistics are another computation (a bug merging the groups would pass as it),
+    # reduced across devices; per device, nothing crosses devices but shard 0's running
+    # statistics, sent to every device (one all-reduce of their size).
+    global_stats = compiled_forward(1)
+    assert not np.allclose(global_stats(variables, images)[0], embeddings, atol=1e-2)
+    running_size = sum(leaf.size for leaf in jax.tree.leaves(variables["batch_stats"]))
+    assert _all_reduces(per_device) == (1, running_size)
+    # Global: mean, then variance (two passes), of each of the 2 BatchNorms.
+    assert _all_reduces(global_stats)[0] >= 4
