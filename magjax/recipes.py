@@ -309,6 +309,20 @@ def official_per_device_batch(config: ml_collections.ConfigDict) -> int:
     return config.global_batch // OFFICIAL_GPUS[config.loss.name]
 
 
+def with_dataset_counts(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of ``config`` whose unset class and image counts are its dataset's published ones
+    (training reads them from the data; the ahead-of-time benchmarks have none)."""
+    config = config.copy_and_resolve_references()
+    if config.data.num_classes is None or config.data.num_examples is None:
+        if config.data.dataset not in DATASETS:
+            raise ValueError(f"data.dataset {config.data.dataset!r} has no published counts; "
+                             "set data.num_classes and data.num_examples")
+        classes, examples = DATASETS[config.data.dataset]
+        config.data.num_classes = config.data.num_classes or classes
+        config.data.num_examples = config.data.num_examples or examples
+    return config
+
+
 def config_from_file(spec: str) -> ml_collections.ConfigDict:
     """The config of ``--config``-style ``spec``: ``configs/arcface.py:r100,pfc0.2`` calls that
     file's ``get_config("r100,pfc0.2")`` (what ml_collections' config flag does for

@@ -2,6 +2,10 @@
 
 import os
 
+# libtpu (requirements-tpu.txt, for the ahead-of-time TPU compiles) would otherwise be tried as
+# a backend, and hold its lock file, in every test process; its topology API needs no backend.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()

@@ -92,7 +92,7 @@ def main(argv: list[str]) -> int:
 
     from magjax import recipes
 
-    config = recipes.config_from_file(args.config)
+    config = recipes.with_dataset_counts(recipes.config_from_file(args.config))
     hbm, _ = compile_bench.chip_facts(args.topology)
     chips = len(compile_bench.topology_devices(args.topology))
     rates = sorted({config.head.sample_rate, 1.0})

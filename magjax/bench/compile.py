@@ -104,8 +104,8 @@ def run(topology: str, config, per_chip_batch: int | None = None,
     devices = topology_devices(topology)
     hbm, peak = chip_facts(topology)
     per_chip_batch = per_chip_batch or recipes.official_per_device_batch(config)
+    config = recipes.with_dataset_counts(config)
     if classes is not None:
-        config = config.copy_and_resolve_references()
         config.data.num_classes = classes
     figures = compile_train_step(config, devices, per_chip_batch)
     peak_s = figures["flops_per_step"] / peak
