@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from magjax import checkpoint, convert, models
+from magjax.errors import UserError
 
 torch = pytest.importorskip("torch")
 from magjax.models import torch_reference  # noqa: E402  (needs torch)
@@ -262,7 +263,7 @@ def test_missing_torch_and_missing_file_give_clear_errors(tmp_path, monkeypatch,
     ckpt = tmp_path / "a.pth"
     ckpt.write_bytes(b"")
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
-    with pytest.raises(RuntimeError, match="requirements-convert.txt"):
+    with pytest.raises(UserError, match="requirements-convert.txt"):
         convert.load_checkpoint(ckpt, "arcface_torch")
     monkeypatch.undo()
     argv = ["--from", "adaface", str(tmp_path / "nope.ckpt"), "--arch", "ir_50", "--out", "o"]
