@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import threading
 import time
 
 # Per chip, from the Cloud TPU system-architecture pages: HBM in GiB and peak bf16 TFLOP/s.
@@ -60,6 +61,32 @@ def topology_devices(topology: str) -> list:
                          "name such as v5e:2x4, v5p:4x4x4 or v6e:16x16") from error
 
 
+COMPILER_STACK_BYTES = 1 << 30
+
+
+def _with_deep_stack(work):
+    """``work()`` on a thread with a 1 GiB stack (address space, not memory): libtpu's compiler
+    recurses deeper than the usual 8 MiB for 256-chip topologies and dies of SIGSEGV there."""
+    result = {}
+
+    def target():
+        try:
+            result["value"] = work()
+        except BaseException as error:  # re-raised on the calling thread
+            result["error"] = error
+
+    previous = threading.stack_size(COMPILER_STACK_BYTES)
+    try:
+        thread = threading.Thread(target=target, name="tpu-compile")
+        thread.start()
+    finally:
+        threading.stack_size(previous)
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
 def compile_train_step(config, devices: list, per_chip_batch: int) -> dict:
     """Compiles ``config``'s train step over ``devices`` at ``per_chip_batch`` images per chip
     and returns XLA's memory and FLOP figures per chip."""
@@ -79,7 +106,8 @@ def compile_train_step(config, devices: list, per_chip_batch: int) -> dict:
     shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
     step = train.jit_train_step(components, jax.random.key(0), shardings)
     start = time.perf_counter()
-    compiled = step.lower(state, train.abstract_batch(mesh, config.global_batch)).compile()
+    compiled = _with_deep_stack(
+        lambda: step.lower(state, train.abstract_batch(mesh, config.global_batch)).compile())
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
