@@ -16,25 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magjax import export, models
-
-
-def _median_seconds(call, steps: int) -> float:
-    call()  # warm-up: compilation, session allocation
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from magjax import bench, export, models
 
 
 def random_variables(arch: str) -> dict:
@@ -80,8 +68,8 @@ def main(argv: list[str]) -> int:
         images = rng.uniform(-1, 1, (batch, *models.INPUT_SHAPE)).astype(np.float32)
         nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
         device_images = jnp.asarray(images)
-        ort_s = _median_seconds(lambda x=nchw: session.run(None, {"input": x}), args.steps)
-        jax_s = _median_seconds(
+        ort_s = bench.median_seconds(lambda x=nchw: session.run(None, {"input": x}), args.steps)
+        jax_s = bench.median_seconds(
             lambda x=device_images: jax.block_until_ready(forward(device_variables, x)), args.steps)
         result[f"ort_ms_per_image_b{batch}"] = 1e3 * ort_s / batch
         result[f"jax_ms_per_image_b{batch}"] = 1e3 * jax_s / batch

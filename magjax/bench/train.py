@@ -24,19 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
-
-def _median_step_s(step, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from magjax import bench
 
 
 def bench_magjax(loss: str, arch: str, batch: int, classes: int, dtype: str, steps: int,
@@ -70,7 +59,7 @@ def bench_magjax(loss: str, arch: str, batch: int, classes: int, dtype: str, ste
         holder["state"], metrics = train_step(holder["state"], batch_on_devices)
         jax.block_until_ready(metrics["loss"])
 
-    seconds = _median_step_s(step, steps, warmup)
+    seconds = bench.median_seconds(step, steps, warmup)
     return {"magjax_step_ms": 1e3 * seconds, "magjax_images_per_s": batch / seconds,
             "magjax_devices": devices, "magjax_device_kind": jax.devices()[0].device_kind}
 
@@ -121,7 +110,7 @@ def bench_torch(arch: str, batch: int, classes: int, dtype: str, steps: int,
             torch.cuda.synchronize()
         assert math.isfinite(loss.item())
 
-    seconds = _median_step_s(step, steps, warmup)
+    seconds = bench.median_seconds(step, steps, warmup)
     kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"torch_step_ms": 1e3 * seconds, "torch_images_per_s": batch / seconds,
             "torch_device_kind": kind, "torch_version": torch.__version__}
