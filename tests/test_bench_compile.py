@@ -22,7 +22,9 @@ def test_tiny_recipe_on_v5e_memory_and_flops_follow_the_shapes(capsys):
         argv = ["--topology", "v5e:2x2", "--config", f"{REPO}/configs/arcface.py:tiny",
                 "--per-chip-batch", str(PER_CHIP_BATCH), "--classes", str(classes), "--json"]
         assert compile_bench.main(argv) == 0
-        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert len(lines) == 1  # --json: the JSON line alone
+        results.append(json.loads(lines[0]))
     small, large = results
     assert small["chips"] == CHIPS and small["device_kind"] == "TPU v5 lite"
     assert small["hbm_bytes_per_chip"] == 16 * 2**30 and small["fits"]
@@ -46,9 +48,13 @@ def test_tiny_recipe_on_v5e_memory_and_flops_follow_the_shapes(capsys):
         PER_CHIP_BATCH * 197e12 / small["flops_per_step"])
 
 
-def test_unknown_topology_is_named():
+def test_unknown_topology_is_named(capsys):
     with pytest.raises(ValueError, match="v9x"):
         compile_bench.chip_facts("v9x:2x2")
+    argv = ["--topology", "v5e:9x9x9", "--config", f"{REPO}/configs/arcface.py:tiny"]
+    assert compile_bench.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "v5e:9x9x9" in err and "requirements-tpu.txt" in err
 
 
 @pytest.mark.parametrize("intercept, slope, budget, start", [

@@ -19,6 +19,9 @@ import argparse
 import json
 from collections.abc import Callable
 
+from magjax import cli
+from magjax.bench import compile as compile_bench
+
 
 def largest_fitting(bytes_at: Callable[[int], int], budget: int, start: int, multiple: int,
                     tolerance: float = 0.01, max_probes: int = 12) -> tuple[int, dict[int, int]]:
@@ -80,16 +83,18 @@ def largest_fitting(bytes_at: Callable[[int], int], budget: int, start: int, mul
 
 
 def main(argv: list[str]) -> int:
-    from magjax.bench import compile as compile_bench
-
-    parser = argparse.ArgumentParser(prog="python -m magjax.bench capacity", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m magjax.bench capacity", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     compile_bench.add_common_options(parser)
     parser.add_argument("--tolerance", type=float, default=0.01,
                         help="relative precision of the capacity (default 1%%)")
-    parser.add_argument("--max-probes", type=int, default=8, help="compiles per sample rate")
+    parser.add_argument("--max-probes", type=cli.positive_int, default=8,
+                        help="compiles per sample rate")
     args = parser.parse_args(argv)
+    return cli.run(lambda: _capacity(args), verbose=args.verbose)
 
+
+def _capacity(args: argparse.Namespace) -> None:
     from magjax import recipes
 
     config = recipes.with_dataset_counts(recipes.config_from_file(args.config))
@@ -127,4 +132,3 @@ def main(argv: list[str]) -> int:
         if capacity:  # the next sample rate starts where this one ended
             config.data.num_classes = capacity
     print(json.dumps(result))
-    return 0

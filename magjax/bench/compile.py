@@ -26,6 +26,9 @@ import os
 import threading
 import time
 
+from magjax import cli
+from magjax.errors import UserError
+
 # Per chip, from the Cloud TPU system-architecture pages: HBM in GiB and peak bf16 TFLOP/s.
 TPU_CHIPS = {
     "v4": (32, 275.0),
@@ -40,7 +43,7 @@ def chip_facts(topology: str) -> tuple[int, float]:
     """(HBM bytes, peak bf16 FLOP/s) of one chip of ``topology`` (e.g. ``v5p:4x4x4``)."""
     generation = topology.split(":")[0]
     if generation not in TPU_CHIPS:
-        raise ValueError(f"unknown TPU generation {generation!r} in {topology!r}; known: "
+        raise UserError(f"unknown TPU generation {generation!r} in {topology!r}; known: "
                          f"{', '.join(TPU_CHIPS)}")
     hbm_gib, tflops = TPU_CHIPS[generation]
     return hbm_gib * GIB, tflops * 1e12
@@ -56,7 +59,7 @@ def topology_devices(topology: str) -> list:
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
     except Exception as error:  # libtpu missing, or a name it does not know
-        raise ValueError(f"cannot describe TPU topology {topology!r} ({error}); install the "
+        raise UserError(f"cannot describe TPU topology {topology!r} ({error}); install the "
                          "TPU compiler with `pip install -r requirements-tpu.txt` and use a "
                          "name such as v5e:2x4, v5p:4x4x4 or v6e:16x16") from error
 
@@ -169,22 +172,28 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                         help="Cloud TPU topology, e.g. v5e:2x4, v5p:4x4x4, v6e:16x16")
     parser.add_argument("--config", required=True,
                         help="recipe as for magjax.main, e.g. configs/arcface.py:r100,pfc0.2")
-    parser.add_argument("--per-chip-batch", type=int, default=None,
+    parser.add_argument("--per-chip-batch", type=cli.positive_int, default=None,
                         help="images per chip (default: the official run's per-GPU batch)")
-    parser.add_argument("--json", action="store_true", help="(the last line is always JSON)")
+    parser.add_argument("--json", action="store_true",
+                        help="print only the JSON line (otherwise it comes last)")
+    cli.add_verbose_flag(parser)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m magjax.bench compile", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m magjax.bench compile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_options(parser)
-    parser.add_argument("--classes", type=int, default=None,
+    parser.add_argument("--classes", type=cli.positive_int, default=None,
                         help="number of identities (default: the recipe's dataset)")
     args = parser.parse_args(argv)
+    return cli.run(lambda: _compile(args), verbose=args.verbose)
+
+
+def _compile(args: argparse.Namespace) -> None:
     from magjax import recipes
 
     result = run(args.topology, recipes.config_from_file(args.config), args.per_chip_batch,
                  args.classes)
-    print(describe(result))
+    if not args.json:
+        print(describe(result))
     print(json.dumps(result))
-    return 0
