@@ -11,6 +11,10 @@ def main(argv: list[str]) -> int:
         names = ",".join(BENCHMARKS)
         print(f"usage: python -m magjax.bench {{{names}}} [options]", file=sys.stderr)
         return 2
+    if argv[0] in ("compile", "capacity"):
+        from magjax.bench import compile as compile_bench
+
+        compile_bench.restart_with_deep_stack(argv)
     module = importlib.import_module(f"magjax.bench.{argv[0]}")
     return module.main(argv[1:]) or 0
 

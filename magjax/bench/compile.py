@@ -23,7 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import threading
+import resource
+import sys
 import time
 
 from magjax import cli
@@ -37,6 +38,28 @@ TPU_CHIPS = {
     "v6e": (32, 918.0),
 }
 GIB = 2**30
+
+
+# libtpu's compiler recurses deeper than glibc's default 8 MiB thread stacks for the 256-chip
+# topologies and dies of SIGSEGV (seen on v6e:16x16 for iresnet50 and 100). glibc sizes every
+# thread's stack from RLIMIT_STACK when the process starts, so the command raises the limit and
+# starts itself again (`ulimit -s 524288` does the same by hand).
+COMPILER_STACK_BYTES = 512 << 20
+_RESTARTED = "MAGJAX_BENCH_DEEP_STACK"
+
+
+def restart_with_deep_stack(argv: list[str]) -> None:
+    """Re-executes ``python -m magjax.bench ARGV`` with a 512 MiB stack limit (address space, not
+    memory) unless the limit is already that large or cannot be raised."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    wanted = COMPILER_STACK_BYTES if hard == resource.RLIM_INFINITY else min(
+        hard, COMPILER_STACK_BYTES)
+    if soft == resource.RLIM_INFINITY or soft >= wanted or os.environ.get(_RESTARTED):
+        return
+    resource.setrlimit(resource.RLIMIT_STACK, (wanted, hard))
+    os.environ[_RESTARTED] = "1"
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "magjax.bench", *argv])
 
 
 def chip_facts(topology: str) -> tuple[int, float]:
@@ -64,32 +87,6 @@ def topology_devices(topology: str) -> list:
                          "name such as v5e:2x4, v5p:4x4x4 or v6e:16x16") from error
 
 
-COMPILER_STACK_BYTES = 1 << 30
-
-
-def _with_deep_stack(work):
-    """``work()`` on a thread with a 1 GiB stack (address space, not memory): libtpu's compiler
-    recurses deeper than the usual 8 MiB for 256-chip topologies and dies of SIGSEGV there."""
-    result = {}
-
-    def target():
-        try:
-            result["value"] = work()
-        except BaseException as error:  # re-raised on the calling thread
-            result["error"] = error
-
-    previous = threading.stack_size(COMPILER_STACK_BYTES)
-    try:
-        thread = threading.Thread(target=target, name="tpu-compile")
-        thread.start()
-    finally:
-        threading.stack_size(previous)
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
-
-
 def compile_train_step(config, devices: list, per_chip_batch: int) -> dict:
     """Compiles ``config``'s train step over ``devices`` at ``per_chip_batch`` images per chip
     and returns XLA's memory and FLOP figures per chip."""
@@ -109,8 +106,7 @@ def compile_train_step(config, devices: list, per_chip_batch: int) -> dict:
     shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
     step = train.jit_train_step(components, jax.random.key(0), shardings)
     start = time.perf_counter()
-    compiled = _with_deep_stack(
-        lambda: step.lower(state, train.abstract_batch(mesh, config.global_batch)).compile())
+    compiled = step.lower(state, train.abstract_batch(mesh, config.global_batch)).compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
