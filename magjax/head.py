@@ -74,8 +74,9 @@ def sharded_margin_loss(
     def local(embeddings, weight, labels, row_mask, state, key):
         gather = functools.partial(lax.all_gather, axis_name=DATA_AXIS, tiled=True, to="invarying")
         x, labels, row_mask = gather(embeddings), gather(labels), gather(row_mask)
-        # Gathered in the backbone's dtype (bf16 halves the traffic), widened once: the cosine
-        # and norm paths then add their embedding gradients in float32 and round once.
+        # Widened once after the gather (magjax's backbones already emit float32 embeddings, as
+        # arcface_torch under autocast; a caller may pass bfloat16 ones): the cosine and norm
+        # paths then add their embedding gradients in float32 and round once.
         x = x.astype(losses.head_dtype(x.dtype))
         start = lax.axis_index(DATA_AXIS) * classes_per_shard
         local_label = labels - start
