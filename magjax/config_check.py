@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from magjax import losses, models
+from magjax import losses, models, optim
 from magjax.data import augment
 from magjax.errors import UserError
 
@@ -77,6 +77,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
      "'float32', 'bfloat16' or 'float16'"),
     ("model.dropout", _optional(lambda v: _number(v) and 0 <= v < 1), "in [0, 1) (or unset)"),
     ("model.embedding_dim", _at_least_one, "an integer >= 1"),
+    ("model.batchnorm_stats", _one_of(*models.BATCHNORM_STATS), f"one of {models.BATCHNORM_STATS}"),
     ("loss.name", _one_of(*losses.FIELDS_READ), f"one of {tuple(losses.FIELDS_READ)}"),
     ("loss.s", _positive, "> 0"),
     ("head.sample_rate", lambda v: _number(v) and 0 < v <= 1, "in (0, 1]"),
@@ -88,6 +89,10 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("optim.milestones", lambda v: all(_non_negative(e) for e in v)
      and list(v) == sorted(v), "increasing epochs >= 0"),
     ("optim.grad_clip_norm", _optional(_positive), "> 0 (or unset: no clipping)"),
+    ("optim.grad_clip_eps", _non_negative, ">= 0"),
+    ("optim.warmup_style", _one_of(*optim.WARMUP_STYLES), f"one of {optim.WARMUP_STYLES}"),
+    ("optim.grad_allreduce_dtype", _one_of(*optim.GRAD_ALLREDUCE_DTYPES),
+     f"one of {optim.GRAD_ALLREDUCE_DTYPES}"),
     ("optim.accumulate_steps", _at_least_one, "an integer >= 1"),
     ("eval.every_steps", _at_least_one, "an integer >= 1"),
     ("eval.batch_size", _at_least_one, "an integer >= 1"),

@@ -299,6 +299,10 @@ BAD_FIELDS = [
     ("loss.h", 0.5, "config.loss.h is 0.5 but the arcface loss does not use it"),
     ("nan_policy", "ignore", "config.nan_policy must be 'stop' or 'skip'"),
     ("data.augment", "rotate", "config.data.augment must be one of"),
+    ("model.batchnorm_stats", "sync", "config.model.batchnorm_stats must be one of"),
+    ("optim.warmup_style", "linear", "config.optim.warmup_style must be one of"),
+    ("optim.grad_allreduce_dtype", "int8", "config.optim.grad_allreduce_dtype must be one of"),
+    ("optim.grad_clip_eps", -1e-6, "config.optim.grad_clip_eps must be >= 0"),
 ]
 
 
