@@ -36,6 +36,9 @@ def route_logging(log_file: pathlib.Path | None) -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.setLevel(logging.INFO)
+    # absl sets its own logger to WARNING when it parses its flags (its --verbosity default),
+    # which would keep orbax's and absl's INFO messages out of the log file too.
+    logging.getLogger("absl").setLevel(logging.INFO)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(message)s"))
     console.addFilter(_console_worthy)

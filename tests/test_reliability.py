@@ -344,8 +344,9 @@ def test_every_recipe_is_valid_and_its_loss_fields_accepted(loss):
 
 
 def test_library_chatter_goes_to_the_log_file_only(tmp_path, capsys):
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
+    root, absl_logger = logging.getLogger(), logging.getLogger("absl")
+    saved = root.handlers[:], root.level, absl_logger.level
+    absl_logger.setLevel(logging.WARNING)  # as absl leaves it after parsing magjax.main's flags
     try:
         logs.route_logging(tmp_path / "train.log")
         logging.getLogger("absl").info("Finished saving checkpoint")
@@ -361,6 +362,7 @@ def test_library_chatter_goes_to_the_log_file_only(tmp_path, capsys):
         for handler in saved[0]:
             root.addHandler(handler)
         root.setLevel(saved[1])
+        absl_logger.setLevel(saved[2])
     assert capsys.readouterr().err.splitlines() == ["disk almost full", "training arcface on tiny"]
     logged = (tmp_path / "train.log").read_text()
     for message in ("Finished saving checkpoint", "backend 'tpu'", "disk almost full",
