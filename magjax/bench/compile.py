@@ -40,23 +40,21 @@ TPU_CHIPS = {
 GIB = 2**30
 
 
-# libtpu's compiler recurses deeper than glibc's default 8 MiB thread stacks for the 256-chip
-# topologies and dies of SIGSEGV (seen on v6e:16x16 for iresnet50 and 100). glibc sizes every
-# thread's stack from RLIMIT_STACK when the process starts, so the command raises the limit and
-# starts itself again (`ulimit -s 524288` does the same by hand).
-COMPILER_STACK_BYTES = 512 << 20
+# libtpu's compiler recurses deeper than its worker threads' stacks allow for the 256-chip
+# topologies and dies of SIGSEGV (seen on v6e:16x16 for iresnet50 and 100) unless the stack
+# limit is unlimited (a finite one, even 512 MiB, still overflowed: the threads are then sized
+# from it differently). The limit is read when the process starts, so the command lifts it and
+# starts itself again (`ulimit -s unlimited` does the same by hand).
 _RESTARTED = "MAGJAX_BENCH_DEEP_STACK"
 
 
 def restart_with_deep_stack(argv: list[str]) -> None:
-    """Re-executes ``python -m magjax.bench ARGV`` with a 512 MiB stack limit (address space, not
-    memory) unless the limit is already that large or cannot be raised."""
+    """Re-executes ``python -m magjax.bench ARGV`` with the stack limit raised to the hard limit
+    (unlimited where allowed), unless it is there already."""
     soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
-    wanted = COMPILER_STACK_BYTES if hard == resource.RLIM_INFINITY else min(
-        hard, COMPILER_STACK_BYTES)
-    if soft == resource.RLIM_INFINITY or soft >= wanted or os.environ.get(_RESTARTED):
+    if soft == hard or os.environ.get(_RESTARTED):
         return
-    resource.setrlimit(resource.RLIMIT_STACK, (wanted, hard))
+    resource.setrlimit(resource.RLIMIT_STACK, (hard, hard))
     os.environ[_RESTARTED] = "1"
     sys.stdout.flush()
     os.execv(sys.executable, [sys.executable, "-m", "magjax.bench", *argv])
