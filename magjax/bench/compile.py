@@ -65,7 +65,7 @@ def chip_facts(topology: str) -> tuple[int, float]:
     generation = topology.split(":")[0]
     if generation not in TPU_CHIPS:
         raise UserError(f"unknown TPU generation {generation!r} in {topology!r}; known: "
-                         f"{', '.join(TPU_CHIPS)}")
+                        f"{', '.join(TPU_CHIPS)}")
     hbm_gib, tflops = TPU_CHIPS[generation]
     return hbm_gib * GIB, tflops * 1e12
 
@@ -81,8 +81,8 @@ def topology_devices(topology: str) -> list:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
     except Exception as error:  # libtpu missing, or a name it does not know
         raise UserError(f"cannot describe TPU topology {topology!r} ({error}); install the "
-                         "TPU compiler with `pip install -r requirements-tpu.txt` and use a "
-                         "name such as v5e:2x4, v5p:4x4x4 or v6e:16x16") from error
+                        "TPU compiler with `pip install -r requirements-tpu.txt` and use a "
+                        "name such as v5e:2x4, v5p:4x4x4 or v6e:16x16") from error
 
 
 def compile_train_step(config, devices: list, per_chip_batch: int) -> dict:
