@@ -68,6 +68,9 @@ def _head_loss_and_grads(name, embeddings, weight, labels, mesh):
     return jax.value_and_grad(total, argnums=(0, 1))(embeddings, weight)
 
 
+_jitted_head_loss_and_grads = jax.jit(_head_loss_and_grads, static_argnums=(0, 4))
+
+
 def _dtypes_computed(jaxpr) -> set[tuple[str, str]]:
     """(primitive, dtype) of every value computed in ``jaxpr`` and the jaxprs inside it."""
     found = set()
@@ -89,13 +92,14 @@ def test_head_computes_in_float32_for_bfloat16_embeddings():
     w = jnp.asarray(rng.normal(size=(40, 64)) * 0.01, jnp.float32)
     y = jnp.asarray(rng.integers(0, 40, 16), jnp.int32)
     # MagFace uses both the cosines and the embedding norms.
-    value, (gx, gw) = _head_loss_and_grads("magface", x, w, y, mesh)
+    value, (gx, gw) = _jitted_head_loss_and_grads("magface", x, w, y, mesh)
     assert value.dtype == jnp.float32 and gw.dtype == jnp.float32
     assert gx.dtype == jnp.bfloat16  # the cotangent of the input, cast back at the end
     # The embeddings are widened before anything is computed: the same bf16 values given as
     # float32 give the same loss and centre gradient to float32 rounding (a bf16 product or
     # softmax would be ~1e-2 away).
-    value32, (_, gw32) = _head_loss_and_grads("magface", x.astype(jnp.float32), w, y, mesh)
+    value32, (_, gw32) = _jitted_head_loss_and_grads("magface", x.astype(jnp.float32), w, y,
+                                                     mesh)
     np.testing.assert_allclose(value, value32, rtol=1e-6)
     np.testing.assert_allclose(gw, gw32, rtol=1e-5, atol=1e-9)
     # No operation of the forward or backward pass produces a bfloat16 value except the casts
