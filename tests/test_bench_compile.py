@@ -80,6 +80,35 @@ def test_capacity_search_brackets_the_largest_count(intercept, slope, budget, st
     assert len(probes) <= 7  # near-linear memory: a handful of compiles, not a bisection's 20
 
 
+def test_line_estimate_of_linear_memory_is_its_capacity():
+    probes = {100_000: 3 * 10**9 + 600 * 100_000, 200_000: 3 * 10**9 + 600 * 200_000}
+    assert capacity.line_estimate(probes, 3 * 10**9 + 600 * 5_000_000) == 5_000_000
+    assert capacity.line_estimate({100_000: 10**9}, 2 * 10**9) is None
+
+
 def test_capacity_is_zero_when_nothing_fits():
     found, probes = capacity.largest_fitting(lambda count: 10**12, 10**9, 100_000, 256)
     assert found == 0 and 256 in probes
+
+
+def test_capacity_command_searches_each_sample_rate(monkeypatch, capsys):
+    """The command's wiring, with the compile replaced by linear memory: r = 0.1 first, then
+    r = 1.0 from where it ended, each within the tolerance, the line's estimate reported."""
+    def fake_run(topology, config, per_chip_batch, classes):
+        per_class = 200 + 4_000 * config.head.sample_rate
+        used = 6 * 2**30 + int(per_class * classes)
+        return {"bytes_per_chip": used, "fits": used <= 16 * 2**30, "compile_s": 0.0,
+                "per_chip_batch": per_chip_batch or 128}
+
+    monkeypatch.setattr(compile_bench, "run", fake_run)
+    monkeypatch.setattr(compile_bench, "topology_devices", lambda topology: [None] * 4)
+    argv = ["--topology", "v5e:2x2", "--config", f"{REPO}/configs/arcface.py:r100,pfc0.1",
+            "--classes", "100000", "--tolerance", "0.01"]
+    assert capacity.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for rate in ("0.1", "1.0"):
+        exact = 10 * 2**30 / (200 + 4_000 * float(rate))
+        found = result["capacity"][rate]
+        assert 0.99 * exact <= found["classes"] <= exact < found["first_failing"]
+        assert abs(found["line_estimate"] - exact) <= 32
+    assert min(map(int, result["capacity"]["0.1"]["probes"])) == 100_000 - 100_000 % 32

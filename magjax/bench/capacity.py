@@ -1,7 +1,8 @@
 """``python -m magjax.bench capacity``: how many identities a recipe's train step fits per chip.
 
     python -m magjax.bench capacity --topology v5p:4x4x4 --config configs/arcface.py:r100,pfc0.1
-    python -m magjax.bench capacity --topology v5e:16x16 --config configs/arcface.py:r100 --json
+    python -m magjax.bench capacity --topology v5e:16x16 --config configs/arcface.py:r100 \\
+        --classes 2000000 --max-probes 2     # two compiles per rate: the line's estimate
 
 For the recipe's sample rate and for r = 1.0 (the full softmax), finds the largest number of
 classes whose train step (``python -m magjax.bench compile``: the step ``magjax.main`` runs,
@@ -10,7 +11,9 @@ probe is one abstract compile; a chip's memory grows almost linearly with the cl
 (centres, their momentum and gradient, the ``[C/D, B]`` logits), so the search steps to where
 the line through the last probes meets the HBM, inside the bracket of the largest count that
 fits and the smallest that does not (a bisection whose midpoint is the linear estimate). The
-last line is JSON: per sample rate the capacity, the bytes per chip there and every probe.
+last line is JSON: per sample rate the capacity, the smallest count found not to fit, where the
+line through the two largest probes meets the HBM (the estimate to use when ``--max-probes`` cut
+the search short), the bytes per chip and every probe.
 """
 
 from __future__ import annotations
@@ -82,6 +85,18 @@ def largest_fitting(bytes_at: Callable[[int], int], budget: int, start: int, mul
     return fitting, probes
 
 
+def line_estimate(probes: dict[int, int], budget: int) -> int | None:
+    """Where the line through the two largest probed counts meets ``budget``: the capacity
+    predicted when memory grows linearly with the count (the class centres, their momentum and
+    gradient and the [C/D, B] logits all do), for a search cut short by ``--max-probes``."""
+    if len(probes) < 2:
+        return None
+    c0, c1 = sorted(probes)[-2:]
+    if probes[c1] == probes[c0]:
+        return None
+    return int(c0 + (budget - probes[c0]) * (c1 - c0) / (probes[c1] - probes[c0]))
+
+
 def main(argv: list[str]) -> int:
     parser = cli.ArgumentParser(prog="python -m magjax.bench capacity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,6 +105,8 @@ def main(argv: list[str]) -> int:
                         help="relative precision of the capacity (default 1%%)")
     parser.add_argument("--max-probes", type=cli.positive_int, default=8,
                         help="compiles per sample rate")
+    parser.add_argument("--classes", type=cli.positive_int, default=None,
+                        help="the first count probed (default: the recipe's dataset's)")
     args = parser.parse_args(argv)
     return cli.run(lambda: _capacity(args), verbose=args.verbose)
 
@@ -98,6 +115,8 @@ def _capacity(args: argparse.Namespace) -> None:
     from magjax import recipes
 
     config = recipes.with_dataset_counts(recipes.config_from_file(args.config))
+    if args.classes:
+        config.data.num_classes = args.classes
     hbm, _ = compile_bench.chip_facts(args.topology)
     chips = len(compile_bench.topology_devices(args.topology))
     rates = sorted({config.head.sample_rate, 1.0})
@@ -121,14 +140,17 @@ def _capacity(args: argparse.Namespace) -> None:
                                            multiple=8 * chips, tolerance=args.tolerance,
                                            max_probes=args.max_probes)
         bound = min((c for c, b in probes.items() if b > hbm), default=None)
+        predicted = line_estimate(probes, hbm)
         result["capacity"][str(rate)] = {
-            "classes": capacity, "first_failing": bound,
+            "classes": capacity, "first_failing": bound, "line_estimate": predicted,
             "bytes_per_chip": probes.get(capacity),
             "probes": {str(c): b for c, b in sorted(probes.items())},
             "per_chip_batch": next(iter(runs.values()))["per_chip_batch"],
         }
-        print(f"r = {rate}: at most {capacity:,} identities fit on {args.topology} "
-              f"({chips} chips)" + (f"; {bound:,} do not" if bound else ""))
+        print(f"r = {rate}: {capacity:,} identities fit on {args.topology} ({chips} chips)"
+              + (f"; {bound:,} do not" if bound else "")
+              + (f"; the line through the two largest probes meets the HBM at {predicted:,}"
+                 if predicted else ""))
         if capacity:  # the next sample rate starts where this one ended
             config.data.num_classes = capacity
     print(json.dumps(result))
