@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from magjax import files
 from magjax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,7 @@ def save_inference_model(directory: str | pathlib.Path, variables: Any, meta: di
     if jax.process_index() != 0:
         return
     # The meta is written last and through a rename: a directory with model.json is complete.
-    tmp = directory / (MODEL_META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    tmp.replace(directory / MODEL_META)
+    files.write_text_atomically(directory / MODEL_META, json.dumps(meta, indent=2, sort_keys=True))
 
 
 def load_inference_model(directory: str | pathlib.Path) -> tuple[Any, dict]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from magjax import losses, models, optim
+from magjax import files, losses, models, optim
 from magjax.data import augment
 from magjax.errors import UserError
 
@@ -211,6 +211,4 @@ def save_or_compare(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
             return
         log.warning("resuming with a changed config (allowed): %s", "; ".join(changes))
     if write:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
-        tmp.replace(path)
+        files.write_text_atomically(path, json.dumps(current, indent=2, sort_keys=True))

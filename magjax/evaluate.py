@@ -37,7 +37,7 @@ import sys
 
 import numpy as np
 
-from magjax import cli
+from magjax import cli, files
 from magjax.eval import cluster, ijb, quality, verification
 
 log = logging.getLogger("magjax.evaluate")
@@ -193,9 +193,7 @@ def format_table(report: dict) -> str:
 
 def write_report(report: dict, path: pathlib.Path) -> None:
     """Writes ``report`` as JSON to ``path`` through a rename: never a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
-    tmp.replace(path)
+    files.write_text_atomically(path, json.dumps(report, indent=2, sort_keys=True))
 
 
 def evaluate_bins(encoder, items: list[str], batch_size: int, out: pathlib.Path, report: dict,

@@ -47,7 +47,6 @@ import json
 import os
 import pathlib
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -56,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magjax import checkpoint, cli, convert, models
+from magjax import checkpoint, cli, convert, files, models
 from magjax.encoder import resolve_model_dir
 from magjax.errors import UserError
 
@@ -343,21 +342,6 @@ def onnx_model(variables: Any, arch: str, input_spec: Mapping, *, meta: Mapping 
     return model
 
 
-def _atomic_write(out: str | pathlib.Path, write: Callable[[str], None]) -> pathlib.Path:
-    """Calls ``write(tmp_path)`` then renames it to ``out``: a crash never leaves half a file."""
-    out = pathlib.Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return out
-
-
 def export_onnx(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
                 best: bool = False) -> dict:
     """Writes the ONNX model of ``workdir`` to ``out``; returns its metadata properties."""
@@ -365,7 +349,7 @@ def export_onnx(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
     variables, meta = load_model(workdir, best=best)
     spec = meta.get("input_spec") or models.input_spec(meta["arch"])
     model = onnx_model(variables, meta["arch"], spec, meta=meta)
-    _atomic_write(out, lambda path: onnx.save(model, path))
+    files.write_atomically(out, lambda path: onnx.save(model, path))
     return {p.key: p.value for p in model.metadata_props}
 
 
@@ -400,7 +384,8 @@ def export_torch(workdir: str | pathlib.Path, family: str, out: str | pathlib.Pa
                         f"{models.family(arch)!r}, not --to {family}")
     state = {k: torch.from_numpy(np.array(v, order="C"))  # (ascontiguousarray makes 0-d 1-d)
              for k, v in convert.to_state_dict(jax.tree.map(np.asarray, variables), arch).items()}
-    _atomic_write(out, lambda path: torch.save(official_checkpoint(state, family, arch), path))
+    checkpoint_dict = official_checkpoint(state, family, arch)
+    files.write_atomically(out, lambda path: torch.save(checkpoint_dict, path))
     return meta
 
 

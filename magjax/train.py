@@ -33,7 +33,7 @@ import scipy.stats
 # The train step (build_components, init_state, make_train_step) needs only jax, flax and optax:
 # `python -m magjax.bench train|compile` build it on machines without the data and checkpoint
 # stack (tfds, grain, orbax/tensorstore, tensorboardX), so the loop imports those itself.
-from magjax import config_check, head, losses, models, optim, parallel, recipes
+from magjax import config_check, files, head, losses, models, optim, parallel, recipes
 from magjax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -472,9 +472,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     summary.setdefault("verification", {})
     logger.close()
     if primary:
-        tmp = summary_path.with_name(summary_path.name + ".tmp")
-        tmp.write_text(summary_json(summary))
-        tmp.replace(summary_path)
+        files.write_text_atomically(summary_path, summary_json(summary))
     return summary
 
 
