@@ -180,8 +180,8 @@ def base_config() -> ml_collections.ConfigDict:
         milestones=(),  # "step": x0.1 at these epochs
         grad_clip_norm=ml_collections.config_dict.placeholder(float),  # on the backbone only
         grad_clip_eps=1e-6,  # torch clip_grad_norm_: x max_norm / (norm + eps); 0: optax's
-        # Backbone gradients rounded to this dtype before clipping; "float16" reproduces
-        # arcface_torch's fp16_compress_hook (optim.round_gradients).
+        # Backbone gradients rounded to and all-reduced in this dtype before clipping;
+        # "float16" is arcface_torch's fp16_compress_hook (train.per_device_forward).
         grad_allreduce_dtype="float32",
         accumulate_steps=1,
     )

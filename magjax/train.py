@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 import scipy.stats
+from jax.sharding import PartitionSpec as P
 
 # The train step (build_components, init_state, make_train_step) needs only jax, flax and optax:
 # `python -m magjax.bench train|compile` build it on machines without the data and checkpoint
@@ -149,14 +150,45 @@ def _is_class_rows(path, leaf) -> bool:
     return bool(parallel.CLASS_SHARDED.search(parallel.path_name(path))) and leaf.ndim == 2
 
 
+def per_device_forward(backbone, mesh: jax.sharding.Mesh, variables: dict, images: jax.Array,
+                       *, dropout_key: jax.Array, gradient_dtype: Any) -> tuple[jax.Array, dict]:
+    """``models.apply_train`` with per-device statistics (``groups`` = the devices of ``data``,
+    the same values), run under ``jax.shard_map`` so that the backbone gradient is reduced
+    explicitly: each device's gradient rounded to ``gradient_dtype`` and all-reduced in it
+    (``parallel.reduce_gradient_in``), as DDP's gradient compression hooks do. Device ``i``
+    draws dropout from ``split(dropout_key, devices)[i]``, as group ``i`` of ``apply_train``."""
+    data = parallel.DATA_AXIS
+    keys = jax.random.split(dropout_key, mesh.shape[data])
+
+    def on_device(params, batch_stats, device_images, key):
+        params = parallel.reduce_gradient_in(params, jnp.dtype(gradient_dtype))
+        embeddings, updates = models.apply_train(
+            backbone, {"params": params, "batch_stats": batch_stats}, device_images,
+            dropout_key=key[0])
+        return embeddings, jax.tree.map(lambda stat: stat[None], updates.get("batch_stats", {}))
+
+    embeddings, batch_stats = jax.shard_map(
+        on_device, mesh=mesh, in_specs=(P(), P(), P(data), P(data)),
+        out_specs=(P(data), P(data)))(variables["params"], variables["batch_stats"], images, keys)
+    # Device 0's running statistics, as apply_train's (DDP rank 0's buffers).
+    return embeddings, {"batch_stats": jax.tree.map(lambda stat: stat[0], batch_stats)}
+
+
 def make_train_step(components: Components, base_key: jax.Array):
-    """The pure train step ``(state, batch) -> (state, metrics)`` (jit it with shardings)."""
+    """The pure train step ``(state, batch) -> (state, metrics)`` (jit it with shardings).
+
+    The backbone runs data-parallel under plain jit (``models.apply_train``); with per-device
+    BatchNorm statistics and ``optim.grad_allreduce_dtype`` other than float32 it runs under
+    ``shard_map`` instead (:func:`per_device_forward`), so that the gradient all-reduce itself
+    is in that dtype.
+    """
     c = components
     config = c.config
     skip_nonfinite = config.nan_policy == "skip"
     freeze_unsampled = config.head.freeze_unsampled and config.head.sample_rate < 1.0
-    batchnorm_groups = (c.mesh.shape[parallel.DATA_AXIS]
-                        if config.model.batchnorm_stats == "per_device" else 1)
+    per_device = config.model.batchnorm_stats == "per_device"
+    batchnorm_groups = c.mesh.shape[parallel.DATA_AXIS] if per_device else 1
+    explicit_reduction = per_device and config.optim.grad_allreduce_dtype != "float32"
 
     def train_step(state, batch):
         step = state["step"]
@@ -167,9 +199,15 @@ def make_train_step(components: Components, base_key: jax.Array):
                                    ).astype(c.compute_dtype)
 
         def loss_fn(params):
-            embeddings, backbone_updates = models.apply_train(
-                c.backbone, {"params": params["backbone"], "batch_stats": state["batch_stats"]},
-                images, dropout_key=dropout_key, groups=batchnorm_groups)
+            backbone_vars = {"params": params["backbone"], "batch_stats": state["batch_stats"]}
+            if explicit_reduction:
+                embeddings, backbone_updates = per_device_forward(
+                    c.backbone, c.mesh, backbone_vars, images, dropout_key=dropout_key,
+                    gradient_dtype=config.optim.grad_allreduce_dtype)
+            else:
+                embeddings, backbone_updates = models.apply_train(
+                    c.backbone, backbone_vars, images, dropout_key=dropout_key,
+                    groups=batchnorm_groups)
             head_vars = {"params": params["head"]}
             if state["margin_state"]:
                 head_vars[head.MARGIN_STATE] = state["margin_state"]
