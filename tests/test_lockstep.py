@@ -5,8 +5,9 @@ sections 1-4 and 6), not from the official code: the backbone of magjax.models.t
 a margin head per family, ``torch.optim.SGD`` with each trainer's parameter groups,
 ``clip_grad_norm_`` on the backbone (arcface_torch) and the learning rate set per update from
 each trainer's schedule. Both sides start from the same weights (magjax.convert maps them) and
-take 3 steps on the same batches with momentum, weight decay and a changing learning rate;
-parameters, BatchNorm running statistics and AdaFace's EMA state must agree to 1e-10.
+take 5 steps on the same batches with momentum, weight decay and a changing learning rate;
+parameters and AdaFace's EMA state must agree to 1e-12, BatchNorm running statistics to
+1e-10 (relative to each tensor's largest value).
 """
 
 import math
@@ -23,8 +24,9 @@ from magjax import convert, models, parallel, recipes, train
 
 BATCH = 8
 CLASSES = 16
-STEPS = 3
-TOLERANCE = 1e-10
+STEPS = 5
+PARAMETER_TOLERANCE = 1e-12  # parameters and AdaFace's EMA
+STATISTICS_TOLERANCE = 1e-10  # BatchNorm running statistics
 
 
 # ---------------------------------------------------------------- PyTorch margin heads (spec)
@@ -173,7 +175,7 @@ def _relative_difference(actual, expected):
 # ArcFace on 2 devices with the recipes' per-device BatchNorm statistics against 2 DDP ranks;
 # AdaFace on 1 (magjax takes its EMA statistics over the global batch, the official code per GPU).
 @pytest.mark.parametrize("loss_name, devices", [("arcface", 2), ("magface", 1), ("adaface", 1)])
-def test_three_steps_match_pytorch(loss_name, devices, x64):
+def test_five_steps_match_pytorch(loss_name, devices, x64):
     from magjax.models import torch_reference
 
     config = _config(loss_name)
@@ -242,12 +244,16 @@ def test_three_steps_match_pytorch(loss_name, devices, x64):
                    for path, value in traverse_util.flatten_dict(expected).items()}
     differences["head weight"] = _relative_difference(state["params"]["head"]["weight"],
                                                       head_weight.detach().numpy())
-    worst = max(differences, key=differences.get)
-    assert differences[worst] <= TOLERANCE, (worst, differences[worst])
+    for kind, tolerance in (("params", PARAMETER_TOLERANCE),
+                            ("batch_stats", STATISTICS_TOLERANCE)):
+        of_kind = {path: d for path, d in differences.items()
+                   if path[0] == kind or (kind == "params" and path == "head weight")}
+        worst = max(of_kind, key=of_kind.get)
+        assert of_kind[worst] <= tolerance, (worst, of_kind[worst])
     if loss_name == "adaface":
         for key, value in margin_state.items():
             np.testing.assert_allclose(float(state["margin_state"][key]), value.item(),
-                                       rtol=TOLERANCE)
+                                       rtol=PARAMETER_TOLERANCE)
     # The run moved everything it compares: a frozen comparison would pass trivially.
     moved = np.abs(np.asarray(state["batch_stats"]["features"]["var"]) - 1.0).max()
     assert moved > 1e-3
