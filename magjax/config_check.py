@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -78,7 +77,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("model.dropout", _optional(lambda v: _number(v) and 0 <= v < 1), "in [0, 1) (or unset)"),
     ("model.embedding_dim", _at_least_one, "an integer >= 1"),
     ("model.batchnorm_stats", _one_of(*models.BATCHNORM_STATS), f"one of {models.BATCHNORM_STATS}"),
-    ("loss.name", _one_of(*losses.FIELDS_READ), f"one of {tuple(losses.FIELDS_READ)}"),
+    ("loss.name", _one_of(*losses.registered()), f"one of {tuple(losses.registered())}"),
     ("loss.s", _positive, "> 0"),
     ("head.sample_rate", lambda v: _number(v) and 0 < v <= 1, "in (0, 1]"),
     ("optim.lr", _positive, "> 0"),
@@ -119,7 +118,7 @@ def problems(config: ml_collections.ConfigDict, device_count: int | None = None)
         value = _get(config, field)
         if not check(value):
             found.append(f"config.{field} must be {expected}, got {value!r}")
-    found += _unused_loss_fields(config.loss)
+    found += _foreign_loss_fields(config.loss)
     if not found and device_count is not None:
         devices = config.num_devices or device_count
         if devices > device_count:
@@ -131,18 +130,17 @@ def problems(config: ml_collections.ConfigDict, device_count: int | None = None)
     return found
 
 
-def _unused_loss_fields(loss_config: ml_collections.ConfigDict) -> list[str]:
-    """Loss fields that ``loss.name`` does not read, set to something else than its default."""
+def _foreign_loss_fields(loss_config: ml_collections.ConfigDict) -> list[str]:
+    """Loss fields that are not hyper-parameters of ``loss.name`` (a loss switched by setting
+    ``config.loss.name`` keeps the other loss's fields)."""
     name = loss_config.name
-    if name not in losses.FIELDS_READ:
+    loss_class = losses.registered().get(name)
+    if loss_class is None:
         return []  # reported by the loss.name rule
-    defaults = dataclasses.asdict(losses.MarginLoss.create(name))
-    read = set(losses.FIELDS_READ[name])
-    return [f"config.loss.{field} is {value!r} but the {name} loss does not use it (default "
-            f"{defaults[field]!r}; it uses {', '.join(sorted(read))})"
-            for field, value in loss_config.items()
-            if field != "name" and field not in read and field in defaults
-            and value != defaults[field]]
+    own = loss_class.field_names()
+    return [f"config.loss.{field} is not a hyper-parameter of the {name} loss (it has "
+            f"{', '.join(own)}); choose the loss by its config file, configs/{name}.py"
+            for field in loss_config if field != "name" and field not in own]
 
 
 def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:

@@ -31,7 +31,8 @@ gradient; whether momentum and weight decay still move them is the optimizer's c
 from __future__ import annotations
 
 import functools
-from typing import Any
+import re
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -41,7 +42,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from magjax import losses
-from magjax.parallel import DATA_AXIS, padded_size
+from magjax.parallel import DATA_AXIS, padded_size, path_name
 
 MARGIN_STATE = "margin_state"
 
@@ -53,6 +54,16 @@ def partial_fc_budget(sample_rate: float, classes_per_shard: int, global_batch: 
     return max(int(sample_rate * classes_per_shard), min(global_batch, classes_per_shard))
 
 
+class HeadOutput(NamedTuple):
+    """What :func:`sharded_margin_loss` returns."""
+
+    loss: jax.Array  # scalar: cross entropy plus the loss's penalty
+    metrics: dict  # replicated scalars: ``loss_ce`` and the loss's own
+    state: dict  # the loss state after this batch
+    sampled: jax.Array  # [C_pad] bool: the class rows used this step (all without Partial FC)
+    logits: jax.Array | None = None  # [B, C_pad] with ``return_logits`` (0 where unsampled)
+
+
 def sharded_margin_loss(
     loss: losses.MarginLoss,
     mesh: Mesh,
@@ -61,12 +72,10 @@ def sharded_margin_loss(
     sample_rate: float = 1.0,
     return_logits: bool = False,
 ):
-    """Builds ``fn(embeddings, weight, labels, row_mask, state, key) -> (loss, metrics, state)``.
+    """Builds ``fn(embeddings, weight, labels, row_mask, state, key) -> HeadOutput``.
 
     ``embeddings [B, d]``, ``labels [B]`` and ``row_mask [B]`` are split over ``data`` (``B``
     divisible by the device count; pad with masked rows); ``weight [C_pad, d]`` by rows.
-    ``metrics`` has ``loss_ce`` (and ``loss_g``), ``sampled`` (``[C_pad]`` bool: rows used this
-    step) and, with ``return_logits``, ``logits [B, C_pad]`` (zero for unsampled classes).
     """
     devices = mesh.shape[DATA_AXIS]
     classes_per_shard = padded_size(num_classes, devices) // devices
@@ -104,32 +113,34 @@ def sharded_margin_loss(
         # shards by the cast's transpose (cosine_similarity's hand-written VJP cannot psum).
         cos, target_cos = losses.cosine_similarity(lax.pcast(x, DATA_AXIS, to="varying"),
                                                    weight, local_label)
+        # Each target cosine from the shard that owns it (0 elsewhere), so that every shard
+        # computes the loss's margin, statistics and state from the whole batch.
+        target_cos = lax.psum(target_cos, DATA_AXIS)
         norms = losses.safe_norm(x)
         total, metrics, new_state = losses.margin_loss(
             cos, target_cos, local_label, norms, loss, state, row_mask=row_mask,
             class_mask=class_ids < num_classes, axis_name=DATA_AXIS,
         )
         logits = metrics.pop("logits")
+        outputs = (total, metrics, new_state, sampled)
         if return_logits:
             logits = logits.T  # [B, C_local], as the reference files lay them out
             if index is not None:
                 logits = jnp.zeros((x.shape[0], classes_per_shard), logits.dtype).at[
                     :, index].set(logits)
-            metrics["logits"] = logits
-        metrics["sampled"] = sampled
-        return total, metrics, new_state
+            outputs += (logits,)
+        return outputs
 
-    metric_specs = {"loss_ce": P(), "sampled": P(DATA_AXIS)}
-    if loss.name == "magface":
-        metric_specs["loss_g"] = P()
-    if return_logits:
-        metric_specs["logits"] = P(None, DATA_AXIS)
-    return jax.shard_map(
+    # The loss's metrics and state are replicated scalars whatever their names (P() covers the
+    # whole dict); the per-class outputs are split like the classes.
+    out_specs = (P(), P(), P(), P(DATA_AXIS)) + ((P(None, DATA_AXIS),) if return_logits else ())
+    sharded = jax.shard_map(
         local,
         mesh=mesh,
         in_specs=(P(DATA_AXIS), P(DATA_AXIS, None), P(DATA_AXIS), P(DATA_AXIS), P(), P()),
-        out_specs=(P(), metric_specs, P()),
+        out_specs=out_specs,
     )
+    return lambda *args: HeadOutput(*sharded(*args))
 
 
 def init_weight(kind: str, num_classes: int):
@@ -154,8 +165,8 @@ def init_weight(kind: str, num_classes: int):
 class MarginHead(nn.Module):
     """Class-sharded margin softmax over ``mesh`` (Flax module holding ``W`` and the loss state).
 
-    ``W`` is the parameter ``weight [C_pad, d]``; AdaFace's EMA statistics live in the variable
-    collection ``margin_state`` (initial mean 20, std 100 as the official head), updated when
+    ``W`` is the parameter ``weight [C_pad, d]``; the loss's state (e.g. AdaFace's EMA
+    statistics) lives in the variable collection ``margin_state``, updated when
     called with ``mutable=["margin_state"]`` and checkpointed with the rest of the train state.
     """
 
@@ -171,8 +182,10 @@ class MarginHead(nn.Module):
         return padded_size(self.num_classes, self.mesh.shape[DATA_AXIS])
 
     @nn.compact
-    def __call__(self, embeddings, labels, row_mask=None, *, sample_key=None,
-                 return_logits: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+    def __call__(self, embeddings, labels, row_mask=None, *, sample_key=None
+                 ) -> tuple[jax.Array, dict[str, Any], jax.Array]:
+        """``(loss, metrics, sampled)``: ``sampled`` ``[C_pad]`` marks the class rows used
+        (Partial FC; all of them otherwise), for the optimizer (``head.freeze_unsampled``)."""
         weight = self.param("weight", init_weight(self.weight_init, self.num_classes),
                             (self.padded_classes, self.embedding_dim))
         state_vars = {
@@ -184,14 +197,25 @@ class MarginHead(nn.Module):
         if sample_key is None:
             sample_key = jax.random.key(0)
         fn = sharded_margin_loss(self.loss, self.mesh, self.num_classes,
-                                 sample_rate=self.sample_rate, return_logits=return_logits)
+                                 sample_rate=self.sample_rate)
         state = {name: var.value for name, var in state_vars.items()}
-        total, metrics, new_state = fn(embeddings, weight, labels, row_mask, state, sample_key)
+        out = fn(embeddings, weight, labels, row_mask, state, sample_key)
         if not self.is_initializing() and self.is_mutable_collection(MARGIN_STATE):
             for name, var in state_vars.items():
-                var.value = new_state[name].astype(var.value.dtype)
-        metrics.update({f"adaface_{k}": v for k, v in new_state.items()})
-        return total, metrics
+                var.value = out.state[name].astype(var.value.dtype)
+        return out.loss, out.metrics, out.sampled
+
+
+# The class centres in a train state: MarginHead's ``weight`` under the name ``head`` (and the
+# optimizer moments that share that path suffix). Their rows are the classes: split over
+# ``data`` (parallel.state_shardings) and, under Partial FC with freeze_unsampled, kept per row
+# (optim.keep_unsampled_rows).
+_CLASS_ROWS = re.compile(r"(^|/)head/weight$")
+
+
+def is_class_rows(path: tuple, leaf: Any) -> bool:
+    """Whether the train-state leaf at ``path`` holds class centres by rows."""
+    return bool(_CLASS_ROWS.search(path_name(path))) and getattr(leaf, "ndim", 0) == 2
 
 
 def reference_step(loss: losses.MarginLoss, devices: int, sample_rate: float = 1.0):
@@ -214,14 +238,14 @@ def reference_step(loss: losses.MarginLoss, devices: int, sample_rate: float = 1
         fn = sharded_margin_loss(loss, mesh, classes, sample_rate=sample_rate, return_logits=True)
 
         def total(x, w):
-            value, metrics, new_state = fn(x, w, y, mask, state, jax.random.key(0))
-            return value, (metrics, new_state)
+            out = fn(x, w, y, mask, state, jax.random.key(0))
+            return out.loss, (out.metrics, out.state, out.logits)
 
-        (value, (metrics, new_state)), (gx, gw) = jax.value_and_grad(
+        (value, (metrics, new_state, logits)), (gx, gw) = jax.value_and_grad(
             total, argnums=(0, 1), has_aux=True)(x, w)
         return {
             **metrics,
-            "logits": metrics["logits"][:batch, :classes],
+            "logits": logits[:batch, :classes],
             "loss": value,
             "grad_embeddings": gx[:batch],
             "grad_weight": gw[:classes],

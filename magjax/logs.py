@@ -74,8 +74,13 @@ def native_stderr_to(log_file: pathlib.Path):
 
 
 class MetricsLogger:
-    def __init__(self, workdir: pathlib.Path, *, enabled: bool = True):
+    """metrics.jsonl, TensorBoard events and the progress line of a training run; the progress
+    line shows, besides the loss and learning rate, the scalars named in ``progress_keys``."""
+
+    def __init__(self, workdir: pathlib.Path, *, enabled: bool = True,
+                 progress_keys: tuple[str, ...] = ()):
         self.enabled = enabled
+        self._progress_keys = progress_keys
         self._start = time.time()
         self._first_step: int | None = None
         if enabled:
@@ -113,9 +118,7 @@ class MetricsLogger:
         if total_steps and done > 0:
             remaining = elapsed / done * (total_steps - step)
             eta = f" eta {int(remaining // 60)}m{int(remaining % 60):02d}s"
-        extra = "".join(f" {k} {scalars[k]:.3g}" for k in
-                        ("loss_g", "feature_norm", "adaface_batch_mean", "adaface_batch_std")
-                        if k in scalars)
+        extra = "".join(f" {k} {scalars[k]:.3g}" for k in self._progress_keys if k in scalars)
         print(f"[{step}/{total_steps}] loss {scalars['loss']:.4f} lr {scalars['lr']:.4g}"
               f"{extra} {scalars.get('images_per_s', 0):.0f} img/s{eta}",
               file=sys.stderr, flush=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -24,8 +24,6 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
-# Parameters sharded by rows over the data axis (class centres); everything else replicated.
-CLASS_SHARDED = re.compile(r"(^|/)head/weight$")
 
 
 def make_mesh(num_devices: int | None = None, devices: list | None = None) -> Mesh:
@@ -58,12 +56,13 @@ def path_name(path: tuple) -> str:
                     for k in path)
 
 
-def state_shardings(tree: Any, mesh: Mesh) -> Any:
-    """Shardings for a train-state pytree: class centres (and their optimizer moments, which
-    share the path suffix ``head/weight``) by rows over ``data``, every other leaf replicated."""
+def state_shardings(tree: Any, mesh: Mesh, class_rows: Callable[[tuple, Any], bool]) -> Any:
+    """Shardings for a train-state pytree: the leaves ``class_rows(path, leaf)`` selects (class
+    centres and their optimizer moments, ``head.is_class_rows``) by rows over ``data``, every
+    other leaf replicated."""
 
     def sharding(path, leaf):
-        if CLASS_SHARDED.search(path_name(path)) and getattr(leaf, "ndim", 0) == 2:
+        if class_rows(path, leaf):
             return NamedSharding(mesh, P(DATA_AXIS, None))
         return replicated(mesh)
 

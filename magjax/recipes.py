@@ -36,8 +36,8 @@ magface.py (r50; :r100)    MagFace run/run.sh            0.1  5e-4   512   25  0
 adaface.py (ir_50; :r100)  AdaFace run_ir{50,101}_*.sh   0.1  5e-4*  512   26  0   m 0.4 h 0.333
 =========================  ============================  ===  =====  ====  ==  ==  ============
 
-(* AdaFace: not on BatchNorm parameters.) Every arcface_torch recipe clips the backbone gradient
-norm at 5 (PyTorch's formula), uses ``PolynomialLRWarmup``'s first value
+(* AdaFace: not on BatchNorm parameters.) Every arcface_torch recipe clips the backbone
+gradient norm at 5 (PyTorch's formula), uses ``PolynomialLRWarmup``'s first value
 (``optim.warmup_style="arcface_torch"``) and trains the loss of its ``configs/<loss>.py`` file:
 the official glint360k and WebFace configs are CosFace, so ``arcface.py:glint360k`` takes
 their lr, weight decay and epochs with ArcFace's margin (no official config trains that). A
@@ -166,7 +166,7 @@ def base_config() -> ml_collections.ConfigDict:
                    # batch on its own, the official trainers' plain BatchNorm under DDP) or
                    # "global" (the whole batch, as SyncBatchNorm).
                    batchnorm_stats="per_device")
-    c.loss = _loss_fields("arcface")  # magjax.losses.MarginLoss fields
+    c.loss = _loss_fields("arcface")  # the fields of the chosen loss (get_config)
     c.head = dict(sample_rate=1.0, weight_init="normal",
                   # Partial FC: True keeps momentum and weight decay off unsampled centres;
                   # False (arcface_torch) lets one SGD move every centre each step.
@@ -203,9 +203,10 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _loss_fields(name: str) -> ml_collections.ConfigDict:
-    """Every :class:`magjax.losses.MarginLoss` field with the loss's official default, so that
-    any of them can be overridden from the command line."""
-    fields = dataclasses.asdict(losses.MarginLoss.create(name))
+    """The loss ``name`` and its hyper-parameters (the fields of its
+    :class:`magjax.losses.MarginLoss`) with their official defaults, so that any of them, and
+    only these, can be overridden from the command line."""
+    fields = {"name": name, **dataclasses.asdict(losses.MarginLoss.create(name))}
     fields["probability_floor"] = ml_collections.FieldReference(
         fields["probability_floor"], field_type=float)
     return ml_collections.ConfigDict(fields)
@@ -219,16 +220,12 @@ def get_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
         # insightface arcface_torch: ms1mv2/wf configs, 8 GPUs x 128, 20 epochs, poly decay.
         c.data.dataset = "webface4m" if loss == "cosface" else "ms1mv2"
         c.model.arch = "iresnet50"
-        c.loss.s = 64.0
-        c.loss.m = 0.4 if loss == "cosface" else 0.5
         c.optim.update(grad_clip_norm=5.0, warmup_style="arcface_torch")
         c.global_batch = 1024
         c.epochs = 20.0
     elif loss == "magface":
         # MagFace run/run.sh: iresnet50, 512 on 8 GPUs, 25 epochs, x0.1 at 10/18/22.
         c.model.arch = "magface_iresnet50"
-        c.loss.update(s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0,
-                      easy_margin=True)
         c.head.weight_init = "unit"
         c.optim.update(schedule="step", milestones=(10, 18, 22))
         c.global_batch = 512
@@ -236,7 +233,6 @@ def get_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
     elif loss == "adaface":
         # AdaFace scripts/run_ir50_ms1mv2.sh: ir_50, 512 on 2 GPUs, 26 epochs, 12/20/24.
         c.model.arch = "ir_50"
-        c.loss.update(s=64.0, m=0.4, h=0.333, t_alpha=0.01)
         c.head.weight_init = "unit"
         c.data.augment = "adaface"
         c.optim.update(schedule="step", milestones=(12, 20, 24), decay_batchnorm=False)

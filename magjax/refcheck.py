@@ -26,8 +26,6 @@ import os
 import sys
 
 TOLERANCE = {"float64": 1e-8, "float32": 1e-4}
-# Reference hyper-parameter names that differ from MarginLoss field names.
-HPARAM_ALIASES = {"eps": "adaface_eps"}
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
@@ -51,8 +49,7 @@ def loss_from_case(case: dict):
     """The :class:`magjax.losses.MarginLoss` that reproduces the official code of ``case``."""
     from magjax import losses
 
-    hparams = {HPARAM_ALIASES.get(k, k): v for k, v in case["hparams"].items()}
-    return losses.MarginLoss.create(case["loss"], **hparams)
+    return losses.MarginLoss.create(case["loss"], **case["hparams"])
 
 
 def field_error(got, expected) -> tuple[float, float]:

@@ -115,7 +115,8 @@ def _state_init_fn(components: Components):
 def init_state(components: Components, key: jax.Array) -> dict:
     """The initial train state, created directly in its shards."""
     init = _state_init_fn(components)
-    shardings = parallel.state_shardings(jax.eval_shape(init, key), components.mesh)
+    shardings = parallel.state_shardings(jax.eval_shape(init, key), components.mesh,
+                                         head.is_class_rows)
     return jax.jit(init, out_shardings=shardings)(key)
 
 
@@ -123,7 +124,7 @@ def abstract_state(components: Components) -> dict:
     """The train state's shapes, dtypes and shardings, without allocating it (ahead-of-time
     compilation for devices this host does not have)."""
     shapes = jax.eval_shape(_state_init_fn(components), jax.random.key(0))
-    shardings = parallel.state_shardings(shapes, components.mesh)
+    shardings = parallel.state_shardings(shapes, components.mesh, head.is_class_rows)
     return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                                                  sharding=sharding),
                         shapes, shardings)
@@ -144,10 +145,6 @@ def jit_train_step(components: Components, base_key: jax.Array, state_shardings:
     return jax.jit(make_train_step(components, base_key), donate_argnums=(0,),
                    in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
                    out_shardings=(state_shardings, parallel.replicated(mesh)))
-
-
-def _is_class_rows(path, leaf) -> bool:
-    return bool(parallel.CLASS_SHARDED.search(parallel.path_name(path))) and leaf.ndim == 2
 
 
 def per_device_forward(backbone, mesh: jax.sharding.Mesh, variables: dict, images: jax.Array,
@@ -211,23 +208,23 @@ def make_train_step(components: Components, base_key: jax.Array):
             head_vars = {"params": params["head"]}
             if state["margin_state"]:
                 head_vars[head.MARGIN_STATE] = state["margin_state"]
-            (total, metrics), head_updates = c.head.apply(
+            (total, metrics, sampled), head_updates = c.head.apply(
                 head_vars, embeddings, batch["label"], sample_key=sample_key,
                 mutable=[head.MARGIN_STATE])
             norms = jnp.linalg.norm(embeddings.astype(jnp.float32), axis=-1)
             metrics["feature_norm"] = norms.mean()
-            return total, (metrics, backbone_updates.get("batch_stats", {}),
+            return total, (metrics, sampled, backbone_updates.get("batch_stats", {}),
                            head_updates.get(head.MARGIN_STATE, {}))
 
-        (loss, (metrics, batch_stats, margin_state)), grads = jax.value_and_grad(
+        (loss, (metrics, sampled, batch_stats, margin_state)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(state["params"])
         updates, opt_state = c.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        sampled = metrics.pop("sampled")
         if freeze_unsampled:
-            params = optim.keep_unsampled_rows(params, state["params"], sampled, _is_class_rows)
+            params = optim.keep_unsampled_rows(params, state["params"], sampled,
+                                               head.is_class_rows)
             opt_state = optim.keep_unsampled_rows(opt_state, state["opt_state"], sampled,
-                                                  _is_class_rows)
+                                                  head.is_class_rows)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = {"params": params, "batch_stats": batch_stats, "margin_state": margin_state,
@@ -237,8 +234,6 @@ def make_train_step(components: Components, base_key: jax.Array):
             new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, old)
         metrics.update(loss=loss, grad_norm=grad_norm, nonfinite=~finite,
                        lr=c.schedule(step // config.optim.accumulate_steps))
-        if "loss_g" in metrics:
-            metrics["lambda_g_loss_g"] = c.loss.lambda_g * metrics["loss_g"]
         return new_state, metrics
 
     return train_step
@@ -412,7 +407,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     train_step = jit_train_step(components, base_key, shardings)
     evaluator = Evaluator(config, components, data_dir)
-    logger = MetricsLogger(workdir_path, enabled=primary)
+    logger = MetricsLogger(workdir_path, enabled=primary,
+                           progress_keys=(*components.loss.progress_metrics, "feature_norm"))
     preemption = _Preemption()
     start_step = int(state["step"])
     start_time = time.time()

@@ -126,8 +126,9 @@ def test_main_bad_config_file_is_one_line(config, expected, parse_main_flags, tm
     ("--config.num_devices=0", "config.num_devices"),            # was IndexError
     ("--config.checkpoint.every_steps=0", "config.checkpoint.every_steps"),  # ZeroDivisionError
     ("--config.optim.lr=-0.1", "config.optim.lr"),               # trained by gradient ascent
-    ("--config.loss.u_a=5", "config.loss.u_a"),                  # ignored on ArcFace
-], ids=["num_devices", "every_steps", "lr", "u_a"])
+    # Another loss's name with ArcFace's fields (the loss is chosen by its config file).
+    ("--config.loss.name=magface", "config.loss.interclass_filtering_threshold"),
+], ids=["num_devices", "every_steps", "lr", "loss_name"])
 def test_main_bad_config_value_is_one_line_with_traceback_in_the_log(
         override, field, parse_main_flags, tmp_path, capsys):
     workdir = tmp_path / "run"

@@ -15,11 +15,11 @@ LOSS_REFS = json.loads((FIXTURES / "loss_refs.json").read_text())
 
 LOSSES = {
     "arcface": losses.MarginLoss.create("arcface"),
-    "arcface_paper": losses.MarginLoss.create("arcface", arcface_variant="paper",
+    "arcface_paper": losses.MarginLoss.create("arcface", variant="paper",
                                               probability_floor=None),
     "cosface_filtered": losses.MarginLoss.create("cosface", interclass_filtering_threshold=0.1),
     "combined_paper": losses.MarginLoss.create("combined", m1=1.2, m2=0.3, m3=0.1,
-                                               combined_variant="paper"),
+                                               variant="paper"),
     "magface": losses.MarginLoss.create("magface"),
     "magface_hard": losses.MarginLoss.create("magface", easy_margin=False),
     "adaface": losses.MarginLoss.create("adaface", t_alpha=0.5),
@@ -69,8 +69,8 @@ def pfc_step(loss, x, W, y, sample_rate, key, devices=8):
     mask = jnp.ones(len(y), bool)
 
     def total(x, w):
-        value, metrics, _ = fn(x, w, jnp.asarray(y), mask, loss.initial_state(), key)
-        return value, metrics
+        out = fn(x, w, jnp.asarray(y), mask, loss.initial_state(), key)
+        return out.loss, {**out.metrics, "sampled": out.sampled}
 
     (value, metrics), (gx, gw) = jax.jit(jax.value_and_grad(total, argnums=(0, 1),
                                                             has_aux=True))(x, Wp)

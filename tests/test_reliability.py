@@ -16,7 +16,7 @@ import optax
 import pytest
 from test_train import SYNTHETIC
 
-from magjax import checkpoint, config_check, logs, parallel, recipes, train
+from magjax import checkpoint, config_check, logs, losses, parallel, recipes, train
 from magjax.errors import UserError
 
 
@@ -295,8 +295,8 @@ BAD_FIELDS = [
     ("optim.milestones", (18, 10), "config.optim.milestones must be increasing epochs"),
     ("model.arch", "resnet9", "config.model.arch must be an architecture"),
     ("loss.s", -64.0, "config.loss.s must be > 0"),
-    ("loss.u_a", 5.0, "config.loss.u_a is 5.0 but the arcface loss does not use it"),
-    ("loss.h", 0.5, "config.loss.h is 0.5 but the arcface loss does not use it"),
+    ("loss.u_a", 5.0, "config.loss.u_a is not a hyper-parameter of the arcface loss"),
+    ("loss.name", "magface", "config.loss.m is not a hyper-parameter of the magface loss"),
     ("nan_policy", "ignore", "config.nan_policy must be 'stop' or 'skip'"),
     ("data.augment", "rotate", "config.data.augment must be one of"),
     ("model.batchnorm_stats", "sync", "config.model.batchnorm_stats must be one of"),
@@ -336,7 +336,8 @@ def test_every_recipe_is_valid_and_its_loss_fields_accepted(loss):
     for variant in ("", "demo", "r100,webface42m,pfc0.2", "tiny"):
         assert config_check.problems(recipes.get_config(loss, variant)) == [], variant
     config = recipes.get_config(loss)
-    for field in config_check.losses.FIELDS_READ[loss]:
+    assert set(config.loss) == {"name", *losses.registered()[loss].field_names()}
+    for field in losses.registered()[loss].field_names():
         value = config.loss[field]
         if isinstance(value, float) and field != "probability_floor":
             config.loss[field] = value * 0.5 + 0.01
