@@ -34,10 +34,11 @@ cosface.py:webface12m,mbf  wf12m_mbf.py                  0.1  1e-4   1024  20  0
 cosface.py:webface42m,r100 wf42m_pfc02_r100.py (PFC 0.2) 0.1  5e-4   1024  20  0   (1, 0, 0.4)
 magface.py (r50; :r100)    MagFace run/run.sh            0.1  5e-4   512   25  0   MagFace
 adaface.py (ir_50; :r100)  AdaFace run_ir{50,101}_*.sh   0.1  5e-4*  512   26  0   m 0.4 h 0.333
+curricularface.py (r100)   CurricularFace config.py      0.1  5e-4*  512   24  0   m 0.5 s 64
 =========================  ============================  ===  =====  ====  ==  ==  ============
 
-(* AdaFace: not on BatchNorm parameters.) Every arcface_torch recipe clips the backbone
-gradient norm at 5 (PyTorch's formula), uses ``PolynomialLRWarmup``'s first value
+(* AdaFace, CurricularFace: not on BatchNorm parameters.) Every arcface_torch recipe clips the
+backbone gradient norm at 5 (PyTorch's formula), uses ``PolynomialLRWarmup``'s first value
 (``optim.warmup_style="arcface_torch"``) and trains the loss of its ``configs/<loss>.py`` file:
 the official glint360k and WebFace configs are CosFace, so ``arcface.py:glint360k`` takes
 their lr, weight decay and epochs with ArcFace's margin (no official config trains that). A
@@ -69,7 +70,8 @@ DATASETS = {  # name: (identities, images)
 DEPTHS = ("18", "34", "50", "100", "200")
 # GPUs of the official runs, whose global batch each recipe keeps: arcface_torch 8 x 128,
 # MagFace 8 x 64 (DataParallel), AdaFace 2 x 256 (official-losses.md section 6).
-OFFICIAL_GPUS = {"arcface": 8, "cosface": 8, "combined": 8, "magface": 8, "adaface": 2}
+OFFICIAL_GPUS = {"arcface": 8, "cosface": 8, "combined": 8, "magface": 8, "adaface": 2,
+                 "curricularface": 8}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +240,15 @@ def get_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
         c.optim.update(schedule="step", milestones=(12, 20, 24), decay_batchnorm=False)
         c.global_batch = 512
         c.epochs = 26.0
+    elif loss == "curricularface":
+        # CurricularFace config.py and train.py: IR_101 on (refined) MS1MV2, 512 on 8 GPUs,
+        # 24 epochs, lr 0.1 x0.1 at epochs 10/18/22, no weight decay on BatchNorm parameters,
+        # centres N(0, 0.01²), flip augmentation, RGB in [-1, 1]. The backbone is arcface_torch's
+        # iresnet (same input convention), not the authors' IR_101 layout.
+        c.model.arch = "iresnet100"
+        c.optim.update(schedule="step", milestones=(10, 18, 22), decay_batchnorm=False)
+        c.global_batch = 512
+        c.epochs = 24.0
     else:
         raise ValueError(f"no recipe for loss {loss!r}")
 

@@ -82,6 +82,22 @@ def adaface(x, W, y, s, m, h, t_alpha, state, norms_for_margin=None):
     return _ce(s * out, y, None), (mean, std)
 
 
+def curricularface(x, W, y, s, m, t, t_alpha=0.01, t_for_logits=None):
+    """Returns (loss, new t). The target cosine's EMA ``t`` is updated first and used by the
+    hard non-targets (``c_j > cos(θ_y + m)``: ``c_j (t + c_j)``); ``t_for_logits`` freezes it
+    (it carries no gradient) for finite differences."""
+    c = _cos(x, W)
+    rows = np.arange(len(y))
+    ct = c[rows, y]
+    new_t = t_alpha * ct.mean() + (1 - t_alpha) * t
+    used_t = new_t if t_for_logits is None else t_for_logits
+    cos_theta_m = np.cos(np.arccos(ct) + m)
+    target = np.where(ct > np.cos(np.pi - m), cos_theta_m, ct - m * np.sin(m))
+    out = np.where(c > cos_theta_m[:, None], c * (used_t + c), c)
+    out[rows, y] = target
+    return _ce(s * out, y, None), new_t
+
+
 def _ce(logits, y, floor):
     rows = _ce_rows(logits, y)
     if floor is not None:

@@ -12,6 +12,7 @@ from magjax import head, losses, refcheck
 from magjax.parallel import make_mesh, padded_size
 
 LOSS_REFS = json.loads((FIXTURES / "loss_refs.json").read_text())
+CURRICULARFACE_REFS = json.loads((FIXTURES / "curricularface_refs.json").read_text())
 
 LOSSES = {
     "arcface": losses.MarginLoss.create("arcface"),
@@ -23,6 +24,7 @@ LOSSES = {
     "magface": losses.MarginLoss.create("magface"),
     "magface_hard": losses.MarginLoss.create("magface", easy_margin=False),
     "adaface": losses.MarginLoss.create("adaface", t_alpha=0.5),
+    "curricularface": losses.MarginLoss.create("curricularface", t_alpha=0.5),
 }
 
 
@@ -53,7 +55,8 @@ def test_sharded_equals_dense(name, batch, classes, x64):
                                    rtol=1e-12)
 
 
-@pytest.mark.parametrize("case", LOSS_REFS["cases"], ids=lambda c: c["name"])
+@pytest.mark.parametrize("case", LOSS_REFS["cases"] + CURRICULARFACE_REFS["cases"],
+                         ids=lambda c: c["name"])
 def test_reference_cases_through_sharded_head(case, x64):
     passed, detail = refcheck.check_loss_case(case, "float64", mesh_devices=8)
     assert passed, detail
@@ -79,7 +82,7 @@ def pfc_step(loss, x, W, y, sample_rate, key, devices=8):
     return value, jax.tree.map(np.asarray, metrics), np.asarray(gx), np.asarray(gw)[:classes]
 
 
-@pytest.mark.parametrize("name", ["arcface", "magface", "adaface"])
+@pytest.mark.parametrize("name", ["arcface", "magface", "adaface", "curricularface"])
 def test_partial_fc_semantics(name, x64):
     loss = LOSSES[name]
     classes, batch, rate = 203, 16, 0.25

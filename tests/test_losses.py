@@ -14,6 +14,7 @@ from magjax import losses, refcheck
 from magjax.losses import arcface, base, magface
 
 LOSS_REFS = json.loads((FIXTURES / "loss_refs.json").read_text())
+CURRICULARFACE_REFS = json.loads((FIXTURES / "curricularface_refs.json").read_text())
 
 
 def make_inputs(seed, batch, classes, dim, thetas=None, norms=None, labels=None):
@@ -41,7 +42,8 @@ def jax_loss(loss, x, W, y, state=None):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("case", LOSS_REFS["cases"], ids=lambda c: c["name"])
+@pytest.mark.parametrize("case", LOSS_REFS["cases"] + CURRICULARFACE_REFS["cases"],
+                         ids=lambda c: c["name"])
 def test_official_reference_cases(case, dtype, x64):
     passed, detail = refcheck.check_loss_case(case, dtype, mesh_devices=0)
     assert passed, detail
@@ -205,6 +207,34 @@ def test_adaface_state_over_steps_matches_numpy(t_alpha, h, x64):
         np.testing.assert_allclose(got["grad_weight"], ref.finite_difference(f, x, W, index=1),
                                    rtol=1e-5, atol=1e-8)
         state_jax = got["state_after"]
+
+
+@pytest.mark.parametrize("m", [0.5, 0.3])
+def test_curricularface_over_steps_matches_numpy_and_finite_differences(m, x64):
+    """Values, t and gradients against float64 NumPy: targets from θ ≈ 0 to past π - m (the
+    fallback), hard and easy non-targets in each row, t carried over 3 steps."""
+    loss = losses.MarginLoss.create("curricularface", m=m)
+    t_np = 0.0
+    state = loss.initial_state()
+    thetas = np.array([0.3, 1.0, 1.6, 2.2, np.pi - m + 0.2, np.pi - 0.05])
+    for step in range(3):
+        x, W, y = make_inputs(20 + step, len(thetas), 9, 12, thetas=thetas)
+        got = jax_loss(loss, x, W, y, state)
+        expected, t_after = ref.curricularface(x, W, y, 64.0, m, t_np)
+        np.testing.assert_allclose(got["loss"], expected, rtol=1e-12)
+        np.testing.assert_allclose(got["state_after"]["t"], t_after, rtol=1e-13)
+        c = ref._cos(x, W)
+        threshold = np.cos(np.arccos(c[np.arange(len(y)), y]) + m)
+        hard = (c > threshold[:, None]) & (np.arange(9)[None, :] != y[:, None])
+        assert hard.any() and (~hard).any()  # both kinds of non-targets are exercised
+        # t carries no gradient: finite differences with this step's t frozen.
+        f = lambda x, W, y=y, t=t_np, t_after=t_after: ref.curricularface(  # noqa: E731
+            x, W, y, 64.0, m, t, t_for_logits=t_after)[0]
+        np.testing.assert_allclose(got["grad_embeddings"], ref.finite_difference(f, x, W, index=0),
+                                   rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(got["grad_weight"], ref.finite_difference(f, x, W, index=1),
+                                   rtol=1e-5, atol=1e-8)
+        state, t_np = got["state_after"], t_after
 
 
 def test_adaface_batch_of_one_is_nan_as_official(x64):

@@ -331,7 +331,7 @@ def test_all_problems_reported_at_once_and_device_checks():
         "config.global_batch 1020 must be a multiple of the 8 devices"]
 
 
-@pytest.mark.parametrize("loss", ["arcface", "cosface", "magface", "adaface"])
+@pytest.mark.parametrize("loss", ["arcface", "cosface", "magface", "adaface", "curricularface"])
 def test_every_recipe_is_valid_and_its_loss_fields_accepted(loss):
     for variant in ("", "demo", "r100,webface42m,pfc0.2", "tiny"):
         assert config_check.problems(recipes.get_config(loss, variant)) == [], variant
