@@ -1,6 +1,7 @@
 """Checks magjax against reference values produced by running the official code.
 
     python -m magjax.refcheck ../shared/refs/loss_refs.json [--dtype float32] [--mesh 8]
+    python -m magjax.refcheck ../shared/refs/curricularface_refs.json [--mesh 8]
     python -m magjax.refcheck ../shared/refs/eval_refs.json
 
 Prints one line per case with the largest error of each field, then ``K/K cases match``; exits
@@ -10,7 +11,8 @@ non-zero if any case fails. Formats:
   :class:`magjax.losses.MarginLoss` with the option that reproduces that official code
   (``arcface``/``cosface``/``combined``: arcface_torch with its 1e-30 probability floor and
   straight-through ArcFace gradient; ``magface``: official MagFace; ``adaface``: official
-  AdaFace head, EMA state carried across the case's steps). With ``--mesh N`` every case runs
+  AdaFace head, EMA state carried across the case's steps; ``curricularface``: the authors'
+  head, ``t`` carried across the steps). With ``--mesh N`` every case runs
   through the class-sharded head on N devices instead of the dense loss.
 * ``magjax-eval-refs/1``: verification and IJB cases, checked by :mod:`magjax.eval.refs`.
 
