@@ -365,13 +365,9 @@ def convert(ckpt: str | pathlib.Path, source: str, arch: str, out: str | pathlib
         variables = convert_state_dict(state, arch)
     except ConversionError as error:
         raise ConversionError(f"{ckpt}: {error}") from None
-    meta = {
-        "arch": arch,
-        "family": source,
-        "input_spec": models.input_spec(arch),
-        "embedding_dim": embedding_dim_of(state),
-        "converted_from": {"path": str(pathlib.Path(ckpt).absolute()), "family": source},
-    }
+    meta = models.inference_meta(
+        arch, embedding_dim_of(state),
+        converted_from={"path": str(pathlib.Path(ckpt).absolute()), "family": source})
     checkpoint.save_inference_model(out, variables, meta)
     return meta
 

@@ -24,7 +24,7 @@ model's own spec as JSON; ``input_convention``: what the graph's input expects, 
 
 Why the graph is written with ``onnx.helper`` rather than a JAX exporter: ``jax2onnx``, the
 maintained one, requires orbax-checkpoint < 0.11.37, which conflicts with magjax's pinned 0.12.8
-(shared/docs/jax-stack.md, ONNX). The backbones are few and plain (conv, BatchNorm, PReLU, add,
+(docs/jax-stack.md, ONNX). The backbones are few and plain (conv, BatchNorm, PReLU, add,
 max-pool shortcut, flatten, linear), so the graph is emitted from the PyTorch-layout tensors of
 ``magjax.convert.to_state_dict`` (OIHW convolutions, the (C, H, W) flatten order ONNX uses too).
 Per-layer settings (strides, paddings, groups, BatchNorm epsilon) are read off the Flax modules

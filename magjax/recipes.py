@@ -11,7 +11,7 @@ the colon of ``--config configs/<loss>.py:ARG``. ``ARG`` is a comma-separated li
 * ``pfcR``: Partial FC with sample rate R, e.g. ``pfc0.1``;
 * ``demo``: a small backbone on synthetic identities on CPU, building them on first use.
 
-Sources of the defaults: ../shared/docs/official-losses.md section 6 and the official config
+Sources of the defaults: docs/official-losses.md section 6 and the official config
 files below. The official recipes magjax reproduces: variants after ``configs/<loss>.py:``, the
 official file (arcface_torch's under ``recognition/arcface_torch/configs/``), learning rate,
 weight decay, global batch (arcface_torch: 128 per GPU x 8 GPUs), epochs, warm-up epochs and

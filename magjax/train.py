@@ -426,9 +426,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             workdir_path / directory,
             parallel.to_host({"params": state["params"]["backbone"],
                               "batch_stats": state["batch_stats"]}),
-            {"arch": config.model.arch, "family": models.family(config.model.arch),
-             "input_spec": components.input_spec, "embedding_dim": config.model.embedding_dim,
-             "trained_with": config.loss.name, "step": step})
+            models.inference_meta(config.model.arch, config.model.embedding_dim,
+                                  trained_with=config.loss.name, step=step))
 
     def flush(step):
         nonlocal last_loss

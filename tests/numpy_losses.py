@@ -1,5 +1,5 @@
 """Independent float64 NumPy forward passes of every margin loss, written from the spec
-(../shared/docs/official-losses.md), with no code shared with magjax.losses.
+(docs/official-losses.md), with no code shared with magjax.losses.
 
 Each function returns the total loss for raw embeddings x [B, d], centres W [C, d] and labels y.
 Gradients are checked against central finite differences of these functions, or, for the

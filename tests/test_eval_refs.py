@@ -1,4 +1,4 @@
-"""magjax.eval.refs against every case of the official-code reference file, in both dtypes."""
+"""magjax.refcheck.eval_cases against every case of the official-code reference file."""
 
 import copy
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import FIXTURES
 
-from magjax.eval import refs
+from magjax.refcheck import eval_cases as refs
 
 CASES = json.loads((FIXTURES / "eval_refs.json").read_text())["cases"]
 

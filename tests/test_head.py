@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from conftest import FIXTURES
 
-from magjax import head, losses, refcheck
+from magjax import head, losses
 from magjax.parallel import make_mesh, padded_size
+from magjax.refcheck import loss_cases
 
 LOSS_REFS = json.loads((FIXTURES / "loss_refs.json").read_text())
 CURRICULARFACE_REFS = json.loads((FIXTURES / "curricularface_refs.json").read_text())
@@ -44,8 +45,8 @@ def test_sharded_equals_dense(name, batch, classes, x64):
     loss = LOSSES[name]
     x, W, y = random_problem(batch * classes, batch, classes)
     state = {k: jnp.asarray(v, jnp.float64) for k, v in loss.initial_state().items()}
-    dense = jax.jit(lambda x, W, y, s: losses.value_and_grads(x, W, y, loss, s))(x, W, y, state)
-    sharded = head.reference_step(loss, 8)(x, W, y, state)
+    dense = jax.jit(lambda x, W, y, s: loss_cases.value_and_grads(x, W, y, loss, s))(x, W, y, state)
+    sharded = loss_cases.reference_step(loss, 8)(x, W, y, state)
     for key in ("loss", "logits", "grad_embeddings", "grad_weight"):
         expected = np.asarray(dense[key])
         scale = max(1.0, np.abs(expected).max())
@@ -58,7 +59,7 @@ def test_sharded_equals_dense(name, batch, classes, x64):
 @pytest.mark.parametrize("case", LOSS_REFS["cases"] + CURRICULARFACE_REFS["cases"],
                          ids=lambda c: c["name"])
 def test_reference_cases_through_sharded_head(case, x64):
-    passed, detail = refcheck.check_loss_case(case, "float64", mesh_devices=8)
+    passed, detail = loss_cases.check_case(case, "float64", mesh_devices=8)
     assert passed, detail
 
 
@@ -102,7 +103,7 @@ def test_partial_fc_semantics(name, x64):
     # The loss equals the dense loss over the sampled centres (labels remapped into them).
     kept = np.flatnonzero(sampled)
     remap = np.searchsorted(kept, y)
-    dense = losses.value_and_grads(x, W[kept], remap, loss, loss.initial_state())
+    dense = loss_cases.value_and_grads(x, W[kept], remap, loss, loss.initial_state())
     np.testing.assert_allclose(value, dense["loss"], rtol=1e-12)
     np.testing.assert_allclose(gx, dense["grad_embeddings"], rtol=1e-9, atol=1e-15)
     np.testing.assert_allclose(gw[kept], dense["grad_weight"], rtol=1e-9, atol=1e-15)
@@ -116,7 +117,7 @@ def test_partial_fc_semantics(name, x64):
 def test_partial_fc_rate_one_is_the_full_head(x64):
     loss = LOSSES["arcface"]
     x, W, y = random_problem(8, 16, 50)
-    full = head.reference_step(loss, 8)(x, W, y, {})
+    full = loss_cases.reference_step(loss, 8)(x, W, y, {})
     value, metrics, gx, gw = pfc_step(loss, x, W, y, 1.0, jax.random.key(0))
     assert metrics["sampled"][:50].all()
     np.testing.assert_array_equal(value, full["loss"])

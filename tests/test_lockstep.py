@@ -1,6 +1,6 @@
 """magjax's training step against a PyTorch one, in float64 lockstep, for each loss family.
 
-The PyTorch side is assembled here from the specification (shared/docs/official-losses.md
+The PyTorch side is assembled here from the specification (docs/official-losses.md
 sections 1-4 and 6), not from the official code: the backbone of magjax.models.torch_reference,
 a margin head per family, ``torch.optim.SGD`` with each trainer's parameter groups,
 ``clip_grad_norm_`` on the backbone (arcface_torch) and the learning rate set per update from

@@ -10,8 +10,9 @@ import numpy_losses as ref
 import pytest
 from conftest import FIXTURES
 
-from magjax import losses, refcheck
+from magjax import losses
 from magjax.losses import arcface, base, magface
+from magjax.refcheck import loss_cases
 
 LOSS_REFS = json.loads((FIXTURES / "loss_refs.json").read_text())
 CURRICULARFACE_REFS = json.loads((FIXTURES / "curricularface_refs.json").read_text())
@@ -35,7 +36,7 @@ def make_inputs(seed, batch, classes, dim, thetas=None, norms=None, labels=None)
 
 
 def jax_loss(loss, x, W, y, state=None):
-    out = jax.jit(lambda x, W, y, st: losses.value_and_grads(x, W, y, loss, st))(
+    out = jax.jit(lambda x, W, y, st: loss_cases.value_and_grads(x, W, y, loss, st))(
         jnp.asarray(x), jnp.asarray(W), jnp.asarray(y), state if state else loss.initial_state()
     )
     return jax.tree.map(np.asarray, out)
@@ -45,7 +46,7 @@ def jax_loss(loss, x, W, y, state=None):
 @pytest.mark.parametrize("case", LOSS_REFS["cases"] + CURRICULARFACE_REFS["cases"],
                          ids=lambda c: c["name"])
 def test_official_reference_cases(case, dtype, x64):
-    passed, detail = refcheck.check_loss_case(case, dtype, mesh_devices=0)
+    passed, detail = loss_cases.check_case(case, dtype, mesh_devices=0)
     assert passed, detail
 
 

@@ -3,7 +3,7 @@
 Three sources: an insightface RecordIO directory, an image folder (one sub-folder per identity,
 including WebFace42M's split into top-level parts ``0..9``) and the procedural synthetic
 identities. All write ``array_record`` files with JPEG bytes (no TensorFlow needed, see
-../shared/docs/jax-stack.md section 4) and the features ``image`` (encoded bytes, 112x112x3),
+docs/jax-stack.md section 4) and the features ``image`` (encoded bytes, 112x112x3),
 ``label`` (ClassLabel) and ``source_id`` (record key / file number in the source, for logs);
 the synthetic set adds ``quality`` (0 worst .. 4 clean) and ``degradation`` (bit mask).
 

@@ -1,7 +1,7 @@
 """MXNet RecordIO (``train.rec`` / ``train.idx`` / ``property``) as insightface writes it.
 
 Written by hand because the format's only maintained implementation lives inside mxnet, which
-magjax does not depend on. The layout (../shared/docs/field.md section 3a):
+magjax does not depend on. The layout (docs/field.md section 3a):
 
 * physical record: ``[u32 magic 0xced7230a][u32 lrec][payload][zero pad to 4 bytes]``, little
   endian, ``lrec = cflag << 29 | length``. A payload that contains the magic at a 4-byte-aligned

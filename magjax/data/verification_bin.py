@@ -1,6 +1,6 @@
 """insightface verification sets (``lfw.bin``, ``cfp_fp.bin``, ``agedb_30.bin`` ...): read, write.
 
-Format (../shared/docs/field.md section 3b): a pickle of ``(bins, issame_list)`` where ``bins``
+Format (docs/field.md section 3b): a pickle of ``(bins, issame_list)`` where ``bins``
 holds 2P encoded images (py2 ``str`` in the original releases, numpy uint8 arrays from
 ``cv2.imencode`` in newer ones) and pair i is ``bins[2i], bins[2i+1]``.
 

@@ -1,6 +1,6 @@
 """5-point similarity alignment of a face onto the ArcFace 112x112 template.
 
-As insightface does it (shared/docs/field.md section 1): a least-squares similarity transform
+As insightface does it (docs/field.md section 1): a least-squares similarity transform
 (rotation, uniform scale, translation; skimage ``SimilarityTransform``) from the five landmarks
 (left eye, right eye, nose tip, left and right mouth corners, in image pixel coordinates) to the
 template, then a bilinear warp with a black border (insightface uses ``cv2.warpAffine``; skimage's

@@ -1,6 +1,6 @@
 """IJB-B / IJB-C 1:1 template verification (TAR at FAR 1e-6 ... 1e-1).
 
-Layout read (the insightface repack, shared/docs/field.md 3d)::
+Layout read (the insightface repack, docs/field.md 3d)::
 
     ROOT/loose_crop/<img_name>                       e.g. 1.jpg
     ROOT/meta/<t>_face_tid_mid.txt                   img_name template_id media_id
@@ -41,6 +41,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 from sklearn.metrics import roc_curve
+
+from magjax.eval.verification import embed_with_flip, l2_normalize
 
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 METHODS = ("insightface", "magface", "magface_plus", "adaface")
@@ -228,8 +230,6 @@ def extract_features(
     """Raw embeddings of every aligned image and of its flip: ``(plain [M, d], flipped [M, d])``."""
     from tqdm import tqdm
 
-    from magjax.eval.verification import embed_with_flip
-
     plain, flipped = [], []
     total = -(-meta.names.size // batch_size)
     for batch in tqdm(iter_aligned(meta, batch_size), total=total, disable=not progress,
@@ -242,12 +242,6 @@ def extract_features(
 
 # ---------------------------------------------------------------------------------------------
 # Aggregation and scores.
-
-
-def _l2n(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation, zero rows left zero (sklearn ``normalize``)."""
-    norms = np.sqrt(np.sum(np.square(x), axis=-1, keepdims=True))
-    return x / np.where(norms == 0, 1, norms)
 
 
 def image_features(
@@ -271,15 +265,16 @@ def image_features(
     plain = np.asarray(plain)
     if method == "adaface":
         if not use_flip_test:
-            return _l2n(plain)
+            return l2_normalize(plain)
         norms = np.stack([np.linalg.norm(plain, axis=1), np.linalg.norm(flipped, axis=1)])
         weights = norms / norms.sum(0, keepdims=True)
-        return _l2n(weights[0][:, None] * _l2n(plain) + weights[1][:, None] * _l2n(flipped))
+        return l2_normalize(weights[0][:, None] * l2_normalize(plain)
+                            + weights[1][:, None] * l2_normalize(flipped))
     feats = plain + flipped if use_flip_test else plain
     if method != "insightface":
         return feats
     if not use_norm_score:
-        feats = _l2n(feats)
+        feats = l2_normalize(feats)
     if use_detector_score:
         if faceness is None:
             raise ValueError("use_detector_score needs the faceness scores")
@@ -317,14 +312,14 @@ def template_features(
     media_counts = np.diff(np.r_[media_starts, t_sorted.size])
     media_feats = np.add.reduceat(f_sorted, media_starts, axis=0) / media_counts[:, None]
     if method == "magface":
-        media_feats = _l2n(media_feats)
+        media_feats = l2_normalize(media_feats)
     media_templates = t_sorted[media_starts]
     new_template = np.r_[True, media_templates[1:] != media_templates[:-1]]
     template_starts = np.flatnonzero(new_template)
     template_feats = np.add.reduceat(media_feats, template_starts, axis=0)
     # magface* average over media rather than summing: a positive factor, removed by the
     # normalisation below, so it is not applied.
-    return _l2n(template_feats), media_templates[template_starts]
+    return l2_normalize(template_feats), media_templates[template_starts]
 
 
 def pair_scores(

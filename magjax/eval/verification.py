@@ -1,9 +1,10 @@
 """10-fold pair verification (LFW, CFP-FP, AgeDB-30, ... ``.bin`` sets), as insightface computes it.
 
 The protocol is that of insightface ``arcface_torch/eval/verification.py`` (itself from facenet),
-reimplemented from its specification (shared/docs/field.md 3c and the description of
-shared/refs/eval_refs.json) and vectorised: the official code loops over 400 + 4000 thresholds per
-fold, here every threshold of a fold is answered at once by ``np.searchsorted`` on sorted distances.
+reimplemented from its specification (docs/field.md 3c and the description of
+tests/fixtures/eval_refs.json) and vectorised: the official code loops over 400 + 4000
+thresholds per fold, here every threshold of a fold is answered at once by ``np.searchsorted``
+on sorted distances.
 
 * distance = squared Euclidean distance ``sum((e1 - e2)**2)`` (2 - 2cos for unit vectors); a pair is
   predicted "same" iff ``distance < threshold`` (strict);

@@ -23,7 +23,6 @@ from magjax.losses.base import (
     masked_mean,
     registered,
     safe_norm,
-    value_and_grads,
 )
 
 for _module in pkgutil.iter_modules(__path__):
@@ -32,5 +31,5 @@ for _module in pkgutil.iter_modules(__path__):
 __all__ = [
     "Margin", "MarginLoss", "clamp", "cosine_similarity", "dense_loss", "head_dtype",
     "l2_normalize", "margin_cross_entropy", "margin_loss", "masked_mean", "registered",
-    "safe_norm", "value_and_grads",
+    "safe_norm",
 ]

@@ -19,7 +19,7 @@ The cosine and logit matrices are class-major, ``[C, B]`` (entry ``[j, i]`` pair
 with sample ``i``), so every softmax reduction runs over the leading axis: XLA on CPU
 vectorises that reduction across the samples and runs it about ten times faster than the same
 reduction over the minor axis of a ``[B, C]`` matrix (BENCHMARKS.md, head step). The reference
-files and :func:`value_and_grads` keep the usual ``[B, C]`` logits.
+files (``magjax.refcheck``) keep the usual ``[B, C]`` logits.
 
 Head math runs in float32 even for bfloat16 embeddings (float64 when x64 inputs are given).
 Clamps use :func:`clamp`, whose gradient passes at the bounds as ``torch.clamp`` does.
@@ -444,33 +444,3 @@ def dense_loss(
     cos, target_cos = cosine_similarity(embeddings, weight, labels)
     norms = safe_norm(embeddings.astype(cos.dtype))
     return margin_loss(cos, target_cos, labels, norms, loss, state)
-
-
-def value_and_grads(
-    embeddings: jax.Array,
-    weight: jax.Array,
-    labels: jax.Array,
-    loss: MarginLoss,
-    state: dict | None = None,
-) -> dict[str, Any]:
-    """:func:`dense_loss` and its gradients, in the field names of the reference files.
-
-    Returns ``logits`` (``[B, C]``), ``loss``, ``loss_ce``, ``loss_g`` (MagFace),
-    ``grad_embeddings``, ``grad_weight`` and ``state_after``.
-    """
-
-    def total(embeddings, weight):
-        value, metrics, new_state = dense_loss(embeddings, weight, labels, loss, state)
-        return value, (metrics, new_state)
-
-    (value, (metrics, new_state)), (grad_x, grad_w) = jax.value_and_grad(
-        total, argnums=(0, 1), has_aux=True
-    )(embeddings, weight)
-    return {
-        **metrics,
-        "logits": metrics["logits"].T,
-        "loss": value,
-        "grad_embeddings": grad_x,
-        "grad_weight": grad_w,
-        "state_after": new_state,
-    }

@@ -199,6 +199,14 @@ def apply_train(
     return embeddings, {"batch_stats": jax.tree.map(lambda stat: stat[0], batch_stats)}
 
 
+def inference_meta(arch: str, embedding_dim: int, **provenance: Any) -> dict:
+    """What an exported inference model's ``model.json`` says of it (``magjax.checkpoint``):
+    the architecture, its family and input convention, the embedding size, and where the
+    weights come from (``trained_with`` and ``step``, or ``converted_from``)."""
+    return {"arch": arch, "family": family(arch), "input_spec": input_spec(arch),
+            "embedding_dim": embedding_dim, **provenance}
+
+
 def abstract_variables(arch: str, **build_kwargs: Any) -> dict:
     """Shapes/dtypes of ``{"params", "batch_stats"}`` via ``jax.eval_shape`` (no allocation)."""
     model = build(arch, **build_kwargs)

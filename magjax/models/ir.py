@@ -1,5 +1,5 @@
 """AdaFace's IR backbones (``net.py``, ``build_model('ir_50')`` etc.), reimplemented from
-shared/docs/official-losses.md section 5.3.
+docs/official-losses.md section 5.3.
 
 * stem ``input_layer``: conv3x3(3->64, stride 1) -> BN -> PReLU;
 * ``body``: ``BasicBlockIR`` units (widths 64/128/256/512, first unit of each stage stride 2):

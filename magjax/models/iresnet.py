@@ -1,6 +1,6 @@
 """iResNet backbones: arcface_torch's ``backbones/iresnet.py`` and MagFace's ``models/iresnet.py``.
 
-Reimplemented from the architecture description (shared/docs/official-losses.md section 5):
+Reimplemented from the architecture description (docs/official-losses.md section 5):
 
 * stem: conv3x3(3->64, stride 1) -> BN -> PReLU;
 * four stages of ``IBasicBlock`` (widths 64/128/256/512, each stage starts with stride 2, so

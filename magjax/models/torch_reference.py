@@ -1,6 +1,6 @@
 """PyTorch definitions of the magjax architectures with the official ``state_dict`` key layouts.
 
-Written from the architecture descriptions (shared/docs/official-losses.md section 5 and the
+Written from the architecture descriptions (docs/official-losses.md section 5 and the
 ``mbf`` structure in ``magjax.models.mobilefacenet``), not copied from the official code. They
 serve two purposes: the PyTorch side of ``python -m magjax.bench backbone``, and the checkpoints
 the conversion parity tests write in each family's layout. Importing this module needs torch.

@@ -14,7 +14,7 @@ Used by ``python -m magjax.refcheck FILE``. Case kinds (their exact protocol is 
 Pass rule: fields that are ratios of counts (accuracies, thresholds picked from the grid, TPR,
 FPR, VAL, FAR, TAR) must match exactly (|error| <= 1e-12) in either dtype: a wrong count would
 show; float fields (``accuracy_std``, ``val_std``, ``scores``) within
-``tol * max(1, max|expected|)`` with tol 1e-8 for float64 and 1e-4 for float32.
+``tol * max(1, max|expected|)`` with ``magjax.refcheck.TOLERANCE``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from magjax.eval import ijb, verification
+from magjax.refcheck import TOLERANCE, field_error, within_tolerance
 
-TOLERANCE = {"float64": 1e-8, "float32": 1e-4}
 EXACT = 1e-12
 
 # (expected key, result key, exact?)
@@ -54,14 +54,13 @@ def _field(case: dict, key: str, where: str = "") -> object:
     return container[key]
 
 
-def _compare(name: str, got, expected, exact: bool, tol: float) -> tuple[bool, str]:
-    got = np.asarray(got, np.float64)
-    expected = np.asarray(expected, np.float64)
-    if got.shape != expected.shape:
-        return False, f"{name} shape {got.shape}!={expected.shape}"
-    error = float(np.max(np.abs(got - expected))) if expected.size else 0.0
-    bound = EXACT if exact else tol * max(1.0, float(np.max(np.abs(expected), initial=0.0)))
-    return error <= bound, f"{name} {error:.1e}"
+def _compare(name: str, got, expected, exact: bool, dtype: str) -> tuple[bool, str]:
+    try:
+        error, scale = field_error(got, expected)
+    except ValueError as mismatch:
+        return False, f"{name} {mismatch}"
+    ok = error <= EXACT if exact else within_tolerance(error, scale, dtype)
+    return ok, f"{name} {error:.1e}"
 
 
 def check_verification(case: dict, dtype: str = "float64") -> tuple[bool, str]:
@@ -71,7 +70,7 @@ def check_verification(case: dict, dtype: str = "float64") -> tuple[bool, str]:
     e2 = np.asarray(_field(case, "embeddings2"), np.float64).astype(float_type)
     issame = np.asarray(_field(case, "issame"), bool)
     result = verification.evaluate(e1, e2, issame, nrof_folds=int(case.get("nrof_folds", 10)))
-    return _report(case, result, _VERIFICATION_FIELDS, TOLERANCE[dtype])
+    return _report(case, result, _VERIFICATION_FIELDS, dtype)
 
 
 def check_ijb(case: dict, dtype: str = "float64") -> tuple[bool, str]:
@@ -111,14 +110,14 @@ def check_ijb(case: dict, dtype: str = "float64") -> tuple[bool, str]:
     expected = {"scores": _field(case, "scores", "expected")}
     expected.update({f"tar@{k}": v for k, v in expected_tar.items()})
     fields = [("scores", "scores", False)] + [(f"tar@{k}", f"tar@{k}", True) for k in expected_tar]
-    return _report({"expected": expected}, result, fields, TOLERANCE[dtype])
+    return _report({"expected": expected}, result, fields, dtype)
 
 
-def _report(case: dict, result: dict, fields, tol: float) -> tuple[bool, str]:
+def _report(case: dict, result: dict, fields, dtype: str) -> tuple[bool, str]:
     passed, parts = True, []
     for expected_key, result_key, exact in fields:
         ok, text = _compare(
-            expected_key, result[result_key], case["expected"][expected_key], exact, tol
+            expected_key, result[result_key], case["expected"][expected_key], exact, dtype
         )
         passed &= ok
         parts.append(text if ok else f"{text} FAIL")

@@ -1,8 +1,8 @@
 """Checks magjax against reference values produced by running the official code.
 
-    python -m magjax.refcheck ../shared/refs/loss_refs.json [--dtype float32] [--mesh 8]
-    python -m magjax.refcheck ../shared/refs/curricularface_refs.json [--mesh 8]
-    python -m magjax.refcheck ../shared/refs/eval_refs.json
+    python -m magjax.refcheck tests/fixtures/loss_refs.json [--dtype float32] [--mesh 8]
+    python -m magjax.refcheck tests/fixtures/curricularface_refs.json [--mesh 8]
+    python -m magjax.refcheck tests/fixtures/eval_refs.json
 
 Prints one line per case with the largest error of each field, then ``K/K cases match``; exits
 non-zero if any case fails. Formats:
@@ -14,7 +14,10 @@ non-zero if any case fails. Formats:
   AdaFace head, EMA state carried across the case's steps; ``curricularface``: the authors'
   head, ``t`` carried across the steps). With ``--mesh N`` every case runs
   through the class-sharded head on N devices instead of the dense loss.
-* ``magjax-eval-refs/1``: verification and IJB cases, checked by :mod:`magjax.eval.refs`.
+* ``magjax-eval-refs/1``: verification and IJB cases (:mod:`magjax.refcheck.eval_cases`).
+
+The harnesses that run magjax's code on a case live beside this module
+(:mod:`~magjax.refcheck.loss_cases`, :mod:`~magjax.refcheck.eval_cases`), not in the library.
 
 Pass rule per field: ``max|got - expected| <= tol * max(1, max|expected|)`` with tol 1e-8 in
 float64 and 1e-4 in float32.
@@ -47,11 +50,9 @@ def _provide_devices(count: int) -> None:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
 
 
-def loss_from_case(case: dict):
-    """The :class:`magjax.losses.MarginLoss` that reproduces the official code of ``case``."""
-    from magjax import losses
-
-    return losses.MarginLoss.create(case["loss"], **case["hparams"])
+def within_tolerance(error: float, scale: float, dtype: str) -> bool:
+    """The pass rule of every float field: ``error <= tol * scale``."""
+    return error <= TOLERANCE[dtype] * scale
 
 
 def field_error(got, expected) -> tuple[float, float]:
@@ -68,56 +69,6 @@ def field_error(got, expected) -> tuple[float, float]:
     error = float(np.max(np.abs(got - expected))) if got.size else 0.0
     scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
     return error, scale
-
-
-def run_loss_case(case: dict, dtype: str, mesh_devices: int) -> dict[str, list]:
-    """Runs every step of a loss case; returns ``{field: [got, expected]}`` per step, flattened."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from magjax import losses
-
-    loss = loss_from_case(case)
-    weight = jnp.asarray(np.asarray(case["weight"]), dtype=dtype)
-    state = case.get("initial_state") or loss.initial_state()
-    state = {k: jnp.asarray(v, dtype=dtype) for k, v in state.items()}
-    if mesh_devices:
-        from magjax import head
-
-        step_fn = head.reference_step(loss, mesh_devices)
-    else:
-        step_fn = jax.jit(lambda x, w, y, state: losses.value_and_grads(x, w, y, loss, state))
-
-    pairs: dict[str, list] = {}
-    for step_index, step in enumerate(case["steps"]):
-        embeddings = jnp.asarray(np.asarray(step["embeddings"]), dtype=dtype)
-        labels = jnp.asarray(np.asarray(step["labels"]), dtype=jnp.int32)
-        got = step_fn(embeddings, weight, labels, state)
-        state = got["state_after"]
-        for name, expected in step["expected"].items():
-            if expected is None:
-                continue
-            key = name if len(case["steps"]) == 1 else f"{name}@{step_index}"
-            value = got[name]
-            if isinstance(expected, dict):
-                value = [value[k] for k in sorted(expected)]
-                expected = [expected[k] for k in sorted(expected)]
-            pairs[key] = [np.asarray(value, dtype=np.float64), expected]
-    return pairs
-
-
-def check_loss_case(case: dict, dtype: str, mesh_devices: int) -> tuple[bool, str]:
-    tol = TOLERANCE[dtype]
-    passed = True
-    worst: dict[str, float] = {}
-    for key, (got, expected) in run_loss_case(case, dtype, mesh_devices).items():
-        error, scale = field_error(got, expected)
-        field = key.split("@")[0]
-        worst[field] = max(worst.get(field, 0.0), error / scale)
-        passed &= error <= tol * scale
-    detail = " ".join(f"{k}={v:.1e}" for k, v in worst.items())
-    return passed, detail
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,11 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         fmt = refs.get("format")
         for case in refs["cases"]:
             if fmt == "magjax-loss-refs/1":
-                ok, detail = check_loss_case(case, args.dtype, args.mesh)
-            elif fmt == "magjax-eval-refs/1":
-                from magjax.eval import refs as eval_refs
+                from magjax.refcheck import loss_cases
 
-                ok, detail = eval_refs.check_case(case, args.dtype)
+                ok, detail = loss_cases.check_case(case, args.dtype, args.mesh)
+            elif fmt == "magjax-eval-refs/1":
+                from magjax.refcheck import eval_cases
+
+                ok, detail = eval_cases.check_case(case, args.dtype)
             else:
                 print(f"{path}: unknown format {fmt!r}; expected magjax-loss-refs/1 or "
                       "magjax-eval-refs/1", file=sys.stderr)
@@ -153,7 +106,3 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'ok  ' if ok else 'FAIL'} {case['name']}: {detail}", flush=True)
     print(f"{matched}/{total} cases match")
     return 0 if matched == total else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
