@@ -24,10 +24,10 @@ from collections.abc import Iterator
 import numpy as np
 
 from magjax import cli
+from magjax.data import FACE_SIZE
 from magjax.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-IMAGE_SIZE = 112
 
 log = logging.getLogger("magjax.extract")
 
@@ -56,7 +56,7 @@ def list_images(spec: str | pathlib.Path) -> list[pathlib.Path]:
     return paths
 
 
-def read_face(path: str | pathlib.Path, size: int = IMAGE_SIZE) -> np.ndarray:
+def read_face(path: str | pathlib.Path, size: int = FACE_SIZE) -> np.ndarray:
     """An image as uint8 RGB [size, size, 3] (resized bilinearly if it is not that size).
 
     An unreadable file (``magjax.data.images``: corrupt, truncated, a corrupt JPEG scan, a

@@ -15,6 +15,10 @@ from __future__ import annotations
 import os
 import pathlib
 
+# The side of an aligned face crop (insightface's 112 x 112 template): what every reader delivers
+# and every backbone takes (magjax.models.INPUT_SHAPE).
+FACE_SIZE = 112
+
 
 def prepare(format: str, src: str | os.PathLike | None, out: str | os.PathLike,
             **options) -> pathlib.Path:
@@ -24,4 +28,4 @@ def prepare(format: str, src: str | os.PathLike | None, out: str | os.PathLike,
     return builders.prepare(format, src, out, **options)
 
 
-__all__ = ["prepare"]
+__all__ = ["FACE_SIZE", "prepare"]

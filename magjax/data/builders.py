@@ -36,12 +36,11 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from magjax.data import images, recordio, synthetic, verification_bin
+from magjax.data import FACE_SIZE, images, recordio, synthetic, verification_bin
 from magjax.errors import UserError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SIZE = 112
 MANIFEST = "magjax_dataset.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _MAX_LOGGED_SKIPS = 100
@@ -90,7 +89,7 @@ class _FaceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _info(self) -> tfds.core.DatasetInfo:
         features = {
             "image": tfds.features.Image(
-                shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="jpeg"
+                shape=(FACE_SIZE, FACE_SIZE, 3), encoding_format="jpeg"
             ),
             "label": tfds.features.ClassLabel(num_classes=self.num_classes),
             "source_id": tfds.features.Scalar(dtype=np.int64),
@@ -102,7 +101,7 @@ class _FaceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             features=tfds.features.FeaturesDict(features),
             supervised_keys=("image", "label"),
             metadata=tfds.core.MetadataDict(
-                image_size=IMAGE_SIZE, on_size_mismatch=self.on_size_mismatch,
+                image_size=FACE_SIZE, on_size_mismatch=self.on_size_mismatch,
                 **self._extra_metadata()
             ),
         )
@@ -121,21 +120,21 @@ class _FaceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             self._skip(source_id, e)
             return None
         size = im.size
-        if size == (IMAGE_SIZE, IMAGE_SIZE):
+        if size == (FACE_SIZE, FACE_SIZE):
             return data
         if self.on_size_mismatch == "error":
             raise ValueError(
                 f"{self._source_name(source_id)} is {size[0]}x{size[1]}, expected "
-                f"{IMAGE_SIZE}x{IMAGE_SIZE} (aligned faces); use on_size_mismatch='resize' "
+                f"{FACE_SIZE}x{FACE_SIZE} (aligned faces); use on_size_mismatch='resize' "
                 "to resize"
             )
         if self.resized == 0:
             log.warning(
                 "%s is %dx%d: resizing to %d (warned once; counted as 'resized')",
-                self._source_name(source_id), *size, IMAGE_SIZE,
+                self._source_name(source_id), *size, FACE_SIZE,
             )
         self.resized += 1
-        im = im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+        im = im.convert("RGB").resize((FACE_SIZE, FACE_SIZE), Image.BILINEAR)
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=95)
         return buf.getvalue()

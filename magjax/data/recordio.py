@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from magjax.data import FACE_SIZE
 from magjax.errors import UserError
 
 MAGIC = 0xCED7230A
@@ -329,7 +330,7 @@ def write_face_record(
     labels: Iterable[int],
     *,
     num_classes: int | None = None,
-    image_size: tuple[int, int] = (112, 112),
+    image_size: tuple[int, int] = (FACE_SIZE, FACE_SIZE),
     header: bool = True,
     label_as_array: bool = False,
 ) -> pathlib.Path:

@@ -32,7 +32,8 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image, ImageFilter
 
-IMAGE_SIZE = 112
+from magjax.data import FACE_SIZE
+
 NUM_QUALITY_LEVELS = 5
 CLEAN = NUM_QUALITY_LEVELS - 1
 
@@ -157,7 +158,7 @@ def _render_one(p: dict, z: dict):
     """Renders one float RGB image in [0, 1] from identity p and nuisance z (jax arrays)."""
     import jax.numpy as jnp
 
-    size = IMAGE_SIZE
+    size = FACE_SIZE
     px = 1.0 / (size / 2)  # one pixel in canonical units
     c = (jnp.arange(size, dtype=jnp.float32) + 0.5) * px - 1.0
     y, x = jnp.meshgrid(c, c, indexing="ij")
@@ -277,7 +278,7 @@ def render(identity: dict[str, np.ndarray], nuisance: dict[str, np.ndarray]) -> 
     import jax
 
     n = len(next(iter(nuisance.values())))
-    out = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    out = np.empty((n, FACE_SIZE, FACE_SIZE, 3), np.uint8)
     fn = _compiled_renderer()
     cpu = jax.local_devices(backend="cpu")[0]
     with jax.default_device(cpu):
@@ -324,17 +325,17 @@ def degrade(image: np.ndarray, quality: int, rng: np.random.Generator) -> tuple[
             pil = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
             flags |= NOISE
         elif kind == 2:
-            side = max(8, round(IMAGE_SIZE * (1.0 - 0.88 * sev * rng.uniform(0.9, 1.0))))
+            side = max(8, round(FACE_SIZE * (1.0 - 0.88 * sev * rng.uniform(0.9, 1.0))))
             pil = pil.resize((side, side), Image.BILINEAR, reducing_gap=None)
-            pil = pil.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+            pil = pil.resize((FACE_SIZE, FACE_SIZE), Image.BILINEAR)
             flags |= LOWRES
         else:
             arr = np.array(pil)
-            area = 0.45 * sev * rng.uniform(0.8, 1.0) * IMAGE_SIZE**2
-            h = int(np.clip(math.sqrt(area) * rng.uniform(0.6, 1.6), 8, IMAGE_SIZE))
-            w = int(np.clip(area / h, 8, IMAGE_SIZE))
-            top = rng.integers(0, IMAGE_SIZE - h + 1)
-            left = rng.integers(0, IMAGE_SIZE - w + 1)
+            area = 0.45 * sev * rng.uniform(0.8, 1.0) * FACE_SIZE**2
+            h = int(np.clip(math.sqrt(area) * rng.uniform(0.6, 1.6), 8, FACE_SIZE))
+            w = int(np.clip(area / h, 8, FACE_SIZE))
+            top = rng.integers(0, FACE_SIZE - h + 1)
+            left = rng.integers(0, FACE_SIZE - w + 1)
             arr[top : top + h, left : left + w] = rng.integers(0, 256, 3, dtype=np.uint8)
             pil = Image.fromarray(arr)
             flags |= OCCLUSION

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from magjax.data import FACE_SIZE
 from magjax.data import images as image_io
 from magjax.errors import UserError
 
@@ -185,7 +186,7 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
 _warned_resize = False
 
 
-def decode_image(data: bytes, image_size: int = 112, *, what: str = "image") -> np.ndarray:
+def decode_image(data: bytes, image_size: int = FACE_SIZE, *, what: str = "image") -> np.ndarray:
     """Decodes encoded image bytes to uint8 RGB [image_size, image_size, 3] with Pillow.
 
     Images of another size are resized (bilinear) with a one-time warning, as insightface's
@@ -202,7 +203,7 @@ def decode_image(data: bytes, image_size: int = 112, *, what: str = "image") -> 
     return np.asarray(im)
 
 
-def load_bin(path: str | os.PathLike, image_size: int = 112) -> tuple[np.ndarray, np.ndarray]:
+def load_bin(path: str | os.PathLike, image_size: int = FACE_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """Loads a verification set: (images uint8 [2P, S, S, 3] RGB, issame bool [P]).
 
     A corrupt image is an error naming the file and the image index: dropping it silently would
