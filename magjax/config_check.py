@@ -204,7 +204,7 @@ def save_or_compare(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
                 f"the config differs from the one {workdir} was started with ({path}): "
                 + "; ".join(changes)
                 + ". Rerun with the saved values, use another --workdir, or pass "
-                  "--allow_config_change to resume with the new ones")
+                  "--allow-config-change to resume with the new ones")
         if not changes:
             return
         log.warning("resuming with a changed config (allowed): %s", "; ".join(changes))

@@ -376,6 +376,15 @@ def main(argv: list[str]) -> int:
     parser = cli.ArgumentParser(
         prog="python -m magjax.convert",
         description="Convert an official PyTorch checkpoint into a magjax inference model.",
+        epilog="examples:\n"
+               "  python -m magjax.convert --from arcface_torch --arch iresnet100 "
+               "ms1mv3_arcface_r100_fp16/backbone.pth --out models/r100\n"
+               "  python -m magjax.convert --from magface --arch magface_iresnet100 "
+               "magface_epoch_00025.pth --out models/magface_r100\n"
+               "  python -m magjax.convert --from adaface --arch ir_101 "
+               "adaface_ir101_ms1mv2.ckpt --out models/adaface_ir101\n"
+               "then: python -m magjax.evaluate --workdir models/r100 --bins lfw.bin",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--from", dest="source", choices=SOURCES, required=True)
     parser.add_argument("ckpt", help="official checkpoint (.pth / .pt / .ckpt)")

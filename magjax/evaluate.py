@@ -47,13 +47,15 @@ def _bin_name(path: pathlib.Path) -> str:
     return path.name[: -len(".bin")] if path.name.endswith(".bin") else path.stem
 
 
-def evaluate_bin(encoder, path: pathlib.Path, batch_size: int, out: pathlib.Path) -> dict:
+def evaluate_bin(encoder, path: pathlib.Path, batch_size: int, out: pathlib.Path,
+                 progress: bool = False) -> dict:
     """Verification + quality of one ``.bin`` set; writes its ERC CSV and mean-face picture."""
     from magjax.data.verification_bin import load_bin
 
     name = _bin_name(path)
-    images, issame = load_bin(path, image_size=112)
-    plain, flipped = verification.embed_with_flip(encoder.embed_raw, images, batch_size)
+    images, issame = load_bin(path)
+    plain, flipped = verification.embed_with_flip(encoder.embed_raw, images, batch_size,
+                                                  progress=name if progress else None)
     result = verification.evaluate_embedded(plain, flipped, issame)
     mags = quality.magnitudes(plain)
     fused = verification.l2_normalize(plain.astype(np.float64) + flipped)
@@ -197,7 +199,7 @@ def write_report(report: dict, path: pathlib.Path) -> None:
 
 
 def evaluate_bins(encoder, items: list[str], batch_size: int, out: pathlib.Path, report: dict,
-                  mags: dict) -> None:
+                  mags: dict, progress: bool = False) -> None:
     """Evaluates each ``.bin`` set in turn, saving ``eval.json`` after each one.
 
     A set that fails with a user error (missing or corrupt file) is recorded in
@@ -209,7 +211,7 @@ def evaluate_bins(encoder, items: list[str], batch_size: int, out: pathlib.Path,
     for item in items:
         path = pathlib.Path(item)
         try:
-            r = evaluate_bin(encoder, path, batch_size, out)
+            r = evaluate_bin(encoder, path, batch_size, out, progress)
         except Exception as error:
             message = cli.user_error_message(error)
             report.setdefault("failed", {})[str(path)] = message or (
@@ -246,8 +248,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="DBSCAN radius in cosine distance")
     parser.add_argument("--dbscan-min-samples", type=int, default=2)
     parser.add_argument("--out", default=None, help="output directory (default WORKDIR/eval)")
-    parser.add_argument("--batch-size", type=cli.positive_int, default=64)
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--batch", "--batch-size", type=cli.positive_int, default=64,
+                        dest="batch", help="images per forward pass (default 64)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (.bin sets, IJB images)")
     cli.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -261,26 +265,26 @@ def main(argv: list[str] | None = None) -> int:
 def _evaluate(args: argparse.Namespace, out: pathlib.Path) -> int:
     from magjax.encoder import FaceEncoder
 
-    encoder = FaceEncoder.load(args.workdir, batch_size=args.batch_size)
+    encoder = FaceEncoder.load(args.workdir, batch_size=args.batch)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"workdir": str(args.workdir), "arch": encoder.arch}
     mags: dict = {}
 
     if args.bins:
         items = [item.strip() for item in args.bins.split(",") if item.strip()]
-        evaluate_bins(encoder, items, args.batch_size, out, report, mags)
+        evaluate_bins(encoder, items, args.batch, out, report, mags, not args.no_progress)
 
     if args.ijb:
         report["ijb_target"] = args.target
         report["ijb"], mags[args.target] = evaluate_ijb(
-            encoder, args.ijb, args.target, args.batch_size, out, not args.no_progress)
+            encoder, args.ijb, args.target, args.batch, out, not args.no_progress)
         write_report(report, out / "eval.json")
 
     if mags:
         quality.plot_magnitude_histograms(mags, out / "magnitude_hist.png")
 
     if args.cluster:
-        feats, labels = cluster_inputs(encoder, args.cluster, args.cluster_root, args.batch_size)
+        feats, labels = cluster_inputs(encoder, args.cluster, args.cluster_root, args.batch)
         methods = tuple(m.strip() for m in args.cluster_methods.split(",") if m.strip())
         report["cluster"] = cluster.evaluate(feats, labels, methods, eps=args.dbscan_eps,
                                              min_samples=args.dbscan_min_samples)

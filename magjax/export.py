@@ -393,7 +393,12 @@ def main(argv: list[str]) -> int:
     parser = cli.ArgumentParser(
         prog="python -m magjax.export",
         description="Export a magjax model to ONNX (insightface / onnxruntime) or to an official "
-                    "PyTorch checkpoint layout.")
+                    "PyTorch checkpoint layout.",
+        epilog="examples:\n"
+               "  python -m magjax.export --workdir runs/magface_demo --out magface.onnx\n"
+               "  python -m magjax.export --workdir runs/r100 --best --to arcface_torch "
+               "--out backbone.pth",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True,
                         help="training workdir (its model/) or inference-model directory")
     parser.add_argument("--best", action="store_true",

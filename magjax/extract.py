@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="training workdir or inference-model directory")
     parser.add_argument("--images", required=True, help="image directory or list file")
     parser.add_argument("--out", required=True, help="output .npz")
-    parser.add_argument("--batch-size", type=cli.positive_int, default=64)
+    parser.add_argument("--batch", "--batch-size", type=cli.positive_int, default=64,
+                        dest="batch", help="images per forward pass (default 64)")
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="skip (and count) unreadable images instead of stopping")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -147,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
 def _extract(args: argparse.Namespace) -> int:
     from magjax.encoder import FaceEncoder
 
-    encoder = FaceEncoder.load(args.workdir, batch_size=args.batch_size)
+    encoder = FaceEncoder.load(args.workdir, batch_size=args.batch)
     paths = list_images(args.images)
-    result = extract(encoder, paths, args.batch_size, args.skip_unreadable, not args.no_progress)
+    result = extract(encoder, paths, args.batch, args.skip_unreadable, not args.no_progress)
     out = pathlib.Path(args.out)
     if out.suffix != ".npz":  # np.savez would append it
         out = out.with_name(out.name + ".npz")

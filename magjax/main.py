@@ -6,7 +6,7 @@
 
 Rerunning the same command resumes from the newest intact checkpoint in ``--workdir`` (a
 finished run prints its summary and changes nothing); a changed config is refused unless
-``--allow_config_change``. A user error (bad flag or config field, missing data) is one line on
+``--allow-config-change``. A user error (bad flag or config field, missing data) is one line on
 stderr and exit status 2, its traceback behind ``--verbose`` and in ``WORKDIR/train.log``, where
 library messages (absl, orbax, jax) go too.
 
@@ -15,8 +15,12 @@ library messages (absl, orbax, jax) go too.
 installed magjax trains from any directory, without a checkout.
 
 On a Cloud TPU pod slice or a SLURM cluster pass ``--multihost``
-(``jax.distributed.initialize`` detects the cluster); elsewhere give ``--coordinator_address``,
-``--num_processes`` and ``--process_id``.
+(``jax.distributed.initialize`` detects the cluster); elsewhere give ``--coordinator-address``,
+``--num-processes`` and ``--process-id``.
+
+Flags are spelled with hyphens as in every magjax command (``--allow-config-change``); absl's
+underscores are accepted too. ``--config.`` overrides name config fields as they are written
+(``--config.optim.grad_clip_norm=5``).
 """
 
 import os
@@ -50,9 +54,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with any error (a misspelt or ill-typed ``--config.`` field, an
-    unknown flag, a missing config file) reported as one line and exit status 2."""
+    unknown flag, a missing config file) reported as one line and exit status 2; ``--help``
+    prints this module's documentation and the flags, and exits 0."""
+    if any(arg in ("-h", "--help", "-help", "--helpshort") for arg in argv[1:]):
+        print(__doc__)
+        print(re.sub(r"--(\[no\])?(\w+)", lambda m: "--" + (m[1] or "") + m[2].replace("_", "-"),
+                     flags.FLAGS.module_help(sys.modules[__name__])))
+        sys.exit(0)
     try:
-        remaining = flags.FLAGS(expand_recipe_names(argv))
+        remaining = flags.FLAGS(expand_recipe_names(_underscored(argv)))
         if _CONFIG.present:  # ml_collections reports a config file's failure on first use
             _CONFIG.value.keys()
         return remaining
@@ -129,6 +139,18 @@ def recipe_file(name: str) -> pathlib.Path:
 def _recipe_path(value: str) -> str:
     name, _, variants = value[len(RECIPE_PREFIX):].partition(":")
     return str(recipe_file(name)) + (f":{variants}" if variants else "")
+
+
+def _underscored(argv: list[str]) -> list[str]:
+    """``--allow-config-change`` -> ``--allow_config_change`` (absl names flags with
+    underscores); ``--config.`` overrides are left as written."""
+    def flag(arg: str) -> str:
+        if not arg.startswith("--") or arg.startswith("--config"):
+            return arg
+        name, sep, value = arg.partition("=")
+        return name.replace("-", "_").replace("__", "--", 1) + sep + value
+
+    return [argv[0], *map(flag, argv[1:])] if argv else argv
 
 
 def expand_recipe_names(argv: list[str]) -> list[str]:

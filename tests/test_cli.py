@@ -149,7 +149,7 @@ def test_evaluate_keeps_the_sets_done_before_one_fails(model_dir, tmp_path, caps
     out = tmp_path / "eval"
     status = evaluate.main(["--workdir", str(model_dir), "--bins",
                             f"{tmp_path / 'a.bin'},{missing},{tmp_path / 'b.bin'}",
-                            "--out", str(out), "--batch-size", "4", "--no-progress"])
+                            "--out", str(out), "--batch", "4", "--no-progress"])
     assert status == cli.EXIT_USER_ERROR
     report = json.loads((out / "eval.json").read_text())
     assert set(report["verification"]) == {"a", "b"}
@@ -167,15 +167,15 @@ def test_evaluate_writes_each_set_as_it_completes(model_dir, tmp_path, monkeypat
     seen = []
     original = evaluate.evaluate_bin
 
-    def spy(encoder, path, batch_size, out_dir):
+    def spy(encoder, path, batch_size, out_dir, progress):
         if (out_dir / "eval.json").exists():
             seen.append(sorted(json.loads((out_dir / "eval.json").read_text())["verification"]))
-        return original(encoder, path, batch_size, out_dir)
+        return original(encoder, path, batch_size, out_dir, progress)
 
     monkeypatch.setattr(evaluate, "evaluate_bin", spy)
     assert evaluate.main(["--workdir", str(model_dir), "--bins",
                           f"{tmp_path / 'a.bin'},{tmp_path / 'b.bin'}", "--out", str(out),
-                          "--batch-size", "4", "--no-progress"]) == 0
+                          "--batch", "4", "--no-progress"]) == 0
     assert seen == [["a"]]  # a's results were on disk while b was evaluated
 
 
@@ -198,10 +198,10 @@ def test_convert_refuses_an_existing_out_directory(model_dir, tmp_path, capsys):
 def test_extract_batch_size_zero_is_one_line(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         extract.main(["--workdir", str(model_dir), "--images", str(tmp_path), "--out",
-                      str(tmp_path / "f.npz"), "--batch-size", "0"])
+                      str(tmp_path / "f.npz"), "--batch", "0"])
     assert info.value.code == cli.EXIT_USER_ERROR
     assert one_error_line(capsys.readouterr().err) == (
-        "error: argument --batch-size: must be a positive integer, got 0 "
+        "error: argument --batch/--batch-size: must be a positive integer, got 0 "
         "(see python -m magjax.extract --help)")
 
 
@@ -226,3 +226,34 @@ def test_data_inspect_missing_dataset_is_one_line(tmp_path, capsys):
         data_main.main(["prepare", "--format", "tfrecord", "--out", str(tmp_path)])
     assert info.value.code == cli.EXIT_USER_ERROR
     assert "--format" in one_error_line(capsys.readouterr().err)
+
+
+HELP_ENTRY_POINTS = ["magjax.evaluate", "magjax.extract", "magjax.convert", "magjax.export",
+                     "magjax.data", "magjax.refcheck", "magjax.models", "magjax.bench",
+                     *(f"magjax.bench {name}" for name in
+                       ("head", "backbone", "input", "train", "compile", "capacity", "export"))]
+
+
+@pytest.mark.parametrize("command", HELP_ENTRY_POINTS)
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy, re-run
+def test_every_help_exits_0_with_an_example(command, monkeypatch, capsys):
+    import runpy
+
+    module, *rest = command.split()
+    monkeypatch.setattr(sys, "argv", [module, *rest, "--help"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    assert info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert f"python -m {command} " in out or f"python -m {command}\n" in out, out
+
+
+def test_main_help_exits_0_with_hyphenated_flags(capsys):
+    with pytest.raises(SystemExit) as info:
+        train_main.parse_flags(["magjax.main", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "python -m magjax.main --config" in out and "--allow-config-change" in out
+    assert train_main._underscored(["m", "--allow-config-change", "--config.optim.grad_clip_norm=5",
+                                    "--num-processes=2"]) == [
+        "m", "--allow_config_change", "--config.optim.grad_clip_norm=5", "--num_processes=2"]

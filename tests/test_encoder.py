@@ -107,7 +107,7 @@ def test_extract_cli(workdir, encoder, tmp_path, capsys):
     (root / "a" / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "feats.npz"
     argv = ["--workdir", str(workdir), "--images", str(root), "--out", str(out),
-            "--batch-size", "2", "--no-progress"]
+            "--batch", "2", "--no-progress"]
     assert extract.main(argv) == 2  # an unreadable image is a user error naming the file
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "a/broken.jpg cannot be decoded" in err
@@ -158,7 +158,7 @@ def test_evaluate_cli(workdir, encoder, tmp_path):
     assert evaluate.main(["--workdir", str(workdir), "--bins", str(tmp_path / "toy.bin"),
                           "--ijb", str(tmp_path / "IJBB"), "--target", "IJBB",
                           "--cluster", str(tmp_path / "ids"), "--out", str(out),
-                          "--batch-size", "8", "--no-progress"]) == 0
+                          "--batch", "8", "--no-progress"]) == 0
     report = json.loads((out / "eval.json").read_text())
     # the verification numbers are those of verification.run on the decoded images
     decoded, flags = load_bin(tmp_path / "toy.bin")

@@ -268,7 +268,7 @@ def test_resume_with_a_changed_config_names_every_change(finished_run, dataset, 
     message = str(info.value)
     assert "optim.lr: 0.1 -> 0.2" in message and "loss.m: 0.5 -> 0.3" in message
     assert "num_devices" not in message  # a checkpoint restores on another device count
-    assert "--allow_config_change" in message
+    assert "--allow-config-change" in message
     summary = train.train_and_evaluate(changed, str(workdir), allow_config_change=True)
     assert summary["params_sha256"] == finished_run[1]["params_sha256"]  # finished: unchanged
     saved = json.loads((workdir / config_check.CONFIG_FILE).read_text())

@@ -210,7 +210,7 @@ def test_two_processes_equal_one_process(dataset, tmp_path):
     procs = [subprocess.Popen(
         [sys.executable, "-m", "magjax.main", "--config", "configs/arcface.py:demo",
          "--workdir", str(tmp_path / "multi"), *overrides,
-         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+         f"--coordinator-address=127.0.0.1:{port}", "--num-processes=2", f"--process-id={i}"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
     outputs = [p.communicate(timeout=600) for p in procs]

@@ -1,17 +1,33 @@
-"""Dispatches ``python -m magjax.bench NAME ARGS...`` to ``magjax.bench.NAME.main(ARGS)``."""
+"""Benchmarks: ``python -m magjax.bench NAME [options]`` (``NAME --help`` for each one's).
+
+    python -m magjax.bench head --batch 256 --classes 100000 --devices 8   # head vs its floor
+    python -m magjax.bench backbone --arch iresnet18 --batch 32            # vs PyTorch eager
+    python -m magjax.bench input --images 1024                             # input pipeline
+    python -m magjax.bench train --arch iresnet50 --batch 256 --torch      # whole train step
+    python -m magjax.bench compile --topology v5p:4x4x4 --config configs/arcface.py:r100
+    python -m magjax.bench capacity --topology v5e:16x16 --config configs/arcface.py:r100
+    python -m magjax.bench export --arch iresnet50                         # ONNX Runtime vs JAX
+
+Each prints its figures and, last, one JSON line; BENCHMARKS.md records them.
+"""
 
 import importlib
 import sys
+
+from magjax import cli
 
 BENCHMARKS = ("head", "backbone", "input", "train", "compile", "capacity", "export")
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
     if not argv or argv[0] not in BENCHMARKS:
-        names = ",".join(BENCHMARKS)
-        print(f"usage: python -m magjax.bench {{{names}}} [options]", file=sys.stderr)
-        return 2
-    if argv[0] in ("compile", "capacity"):
+        given = f"unknown benchmark {argv[0]!r}" if argv else "no benchmark named"
+        return cli.report_user_error(f"{given}; one of {', '.join(BENCHMARKS)} "
+                                     "(see python -m magjax.bench --help)")
+    if argv[0] in ("compile", "capacity") and not {"-h", "--help"} & set(argv):
         from magjax.bench import compile as compile_bench
 
         compile_bench.restart_with_deep_stack(argv)

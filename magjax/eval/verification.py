@@ -199,16 +199,21 @@ def embed_with_flip(
     embed_fn: Callable[[np.ndarray], np.ndarray],
     images: np.ndarray,
     batch_size: int = 64,
+    progress: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Embeds ``images`` [N, H, W, 3] uint8 and their horizontal flips in batches.
+    """Embeds ``images`` [N, H, W, 3] uint8 and their horizontal flips in batches (with a
+    progress bar labelled ``progress`` if given).
 
     Returns ``(plain, flipped)``, the raw embeddings of both, each [N, d] numpy.
     """
+    from tqdm import tqdm
+
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be [N, H, W, 3], got {images.shape}")
     plain, flipped = [], []
-    for start in range(0, images.shape[0], batch_size):
+    starts = range(0, images.shape[0], batch_size)
+    for start in tqdm(starts, disable=progress is None, desc=progress, unit="batch"):
         batch = images[start : start + batch_size]
         plain.append(np.asarray(embed_fn(batch)))
         flipped.append(np.asarray(embed_fn(np.ascontiguousarray(batch[:, :, ::-1, :]))))
