@@ -56,12 +56,19 @@ class Components:
 
 
 def margin_loss_from_config(loss_config: ml_collections.ConfigDict) -> losses.MarginLoss:
+    """The loss ``loss_config.name`` with the config's hyper-parameters."""
     fields = dict(loss_config)
     return losses.MarginLoss.create(fields.pop("name"), **fields)
 
 
 def build_components(config, mesh, num_classes: int, steps_per_epoch: int, total_steps: int
                      ) -> Components:
+    """Everything static a train step needs, from the config: the backbone (``model.*``), the
+    class-sharded margin head over ``mesh`` (``loss.*``, ``head.*``), the learning-rate schedule
+    and the optimizer (``optim.*``: SGD with momentum, weight decay off the frozen parameters and,
+    if ``optim.decay_batchnorm`` is off, off BatchNorm; the backbone gradient rounded to
+    ``optim.grad_allreduce_dtype`` and clipped). ``steps_per_epoch`` and ``total_steps`` are in
+    micro-batches; the schedule counts optimizer updates (``optim.accumulate_steps``)."""
     if config.model.batchnorm_stats not in models.BATCHNORM_STATS:
         raise UserError(f"config.model.batchnorm_stats must be one of "
                         f"{', '.join(models.BATCHNORM_STATS)}; "
@@ -333,6 +340,66 @@ class _Preemption:
 SUMMARY_FILE = "summary.json"
 
 
+def is_due(step: int, every: int, total_steps: int) -> bool:
+    """The one "is it time" rule of the loop (logging, evaluation, checkpoints): every
+    ``every`` steps, and at the last step."""
+    return step % every == 0 or step == total_steps
+
+
+def _check_same_run(saved_meta: dict, run_facts: dict, workdir: pathlib.Path) -> None:
+    """A checkpoint of another run (other classes, backbone or loss) is refused."""
+    for key, value in run_facts.items():
+        if saved_meta["run"].get(key) != value:
+            raise UserError(f"{workdir} holds a run with {key}={saved_meta['run'].get(key)!r}, "
+                            f"this config has {value!r}: use another --workdir")
+
+
+def export_inference_model(directory: pathlib.Path, state: dict, config, step: int) -> None:
+    """Writes the backbone of ``state`` as an inference model (``magjax.encoder`` loads it).
+    Every process calls this: gathering sharded leaves and orbax's save are collectives."""
+    from magjax import checkpoint
+
+    checkpoint.save_inference_model(
+        directory,
+        parallel.to_host({"params": state["params"]["backbone"],
+                          "batch_stats": state["batch_stats"]}),
+        models.inference_meta(config.model.arch, config.model.embedding_dim,
+                              trained_with=config.loss.name, step=step))
+
+
+class _TrainMetrics:
+    """The train step's metrics, kept on device until a log is due (no per-step host sync),
+    then checked for NaN/Inf, averaged and written."""
+
+    def __init__(self, logger, config, total_steps: int, last_loss: float):
+        self.logger, self.config, self.total_steps = logger, config, total_steps
+        self.last_loss = last_loss
+        self._pending: list[dict] = []
+        self._since = time.time()
+
+    def add(self, metrics: dict) -> None:
+        self._pending.append(metrics)
+
+    def flush(self, step: int) -> None:
+        if not self._pending:
+            return
+        fetched = jax.device_get(self._pending)
+        self._pending.clear()
+        bad = [step - len(fetched) + i + 1 for i, m in enumerate(fetched) if m["nonfinite"]]
+        if bad and self.config.nan_policy == "stop":
+            raise FloatingPointError(
+                f"loss or gradients became NaN/Inf within steps [{bad[0]}, {bad[-1]}]; "
+                "lower optim.lr, or set nan_policy='skip' to drop such updates")
+        mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]
+                if np.ndim(fetched[0][k]) == 0}
+        mean["skipped_nonfinite"] = len(bad)
+        elapsed = time.time() - self._since
+        mean["images_per_s"] = len(fetched) * self.config.global_batch / max(elapsed, 1e-9)
+        self._since = time.time()
+        self.last_loss = mean["loss"]
+        self.logger.write(step, mean, total_steps=self.total_steps)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        allow_config_change: bool = False) -> dict | None:
     """Trains (or resumes) in ``workdir``; returns the summary, or None when preempted.
@@ -346,6 +413,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     from magjax.data import pipeline as data_pipeline
     from magjax.logs import MetricsLogger
 
+    # ----------------------------------------------------------------------------------------
+    # Config and mesh: every problem of the config is reported before anything runs.
     config = config.copy_and_resolve_references()  # counts from the data are filled in below
     config_check.validate(config, device_count=jax.device_count())
     workdir_path = pathlib.Path(workdir).absolute()
@@ -354,6 +423,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     mesh = parallel.make_mesh(config.num_devices)
     devices = mesh.shape[parallel.DATA_AXIS]
 
+    # ----------------------------------------------------------------------------------------
+    # Input: each process reads its own slice of every global batch.
     data_dir = resolve_data_dir(config)
     pipeline = data_pipeline.TrainPipeline(
         data_dir, global_batch=config.global_batch, seed=config.seed,
@@ -363,6 +434,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     steps_per_epoch = pipeline.steps_per_epoch
     total_steps = config.total_steps or max(int(config.epochs * steps_per_epoch), 1)
 
+    # ----------------------------------------------------------------------------------------
+    # The workdir: the saved config is compared, and a finished run is left as it is.
     checkpoints = checkpoint.TrainCheckpoints(workdir_path, every_steps=config.checkpoint
                                               .every_steps, keep=config.checkpoint.keep)
     latest = checkpoints.latest_step()
@@ -376,27 +449,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         return json.loads(summary_path.read_text())
     log.info("%s", run_description(config, data_dir, devices, steps_per_epoch, total_steps))
 
+    # ----------------------------------------------------------------------------------------
+    # Model, head, optimizer and the train state, created in its shardings.
     components = build_components(config, mesh, pipeline.num_classes, steps_per_epoch,
                                   total_steps)
     init_key, base_key = jax.random.split(jax.random.key(config.seed))
     state = init_state(components, init_key)
     shardings = jax.tree.map(lambda x: x.sharding, state)
+
+    # ----------------------------------------------------------------------------------------
+    # Restore: the newest intact checkpoint of this same run, on any device count.
     run_facts = {"num_classes": pipeline.num_classes, "arch": config.model.arch,
                  "loss": config.loss.name}
     best = {"accuracy": -1.0, "step": 0}
     last_loss = float("nan")
-
-    def check_same_run(saved_meta):
-        for key, value in run_facts.items():
-            if saved_meta["run"].get(key) != value:
-                raise UserError(f"{workdir_path} holds a run with {key}="
-                                f"{saved_meta['run'].get(key)!r}, this config has {value!r}: "
-                                "use another --workdir")
-
     if latest is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                                sharding=x.sharding), state)
-        restored = checkpoints.restore_newest_intact(abstract, check_meta=check_same_run)
+        restored = checkpoints.restore_newest_intact(
+            abstract, check_meta=functools.partial(_check_same_run, run_facts=run_facts,
+                                                   workdir=workdir_path))
         if restored is not None:
             restored_step, state, meta = restored
             pipeline.set_state(meta["pipeline"])
@@ -405,52 +477,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             log.info("resumed from step %d (saved on %d devices, now %d)", restored_step,
                      meta["devices"], devices)
 
+    # ----------------------------------------------------------------------------------------
+    # The step, the evaluators and the logs.
     train_step = jit_train_step(components, base_key, shardings)
     evaluator = Evaluator(config, components, data_dir)
     logger = MetricsLogger(workdir_path, enabled=primary,
                            progress_keys=(*components.loss.progress_metrics, "feature_norm"))
+    train_metrics = _TrainMetrics(logger, config, total_steps, last_loss)
     preemption = _Preemption()
-    start_step = int(state["step"])
+    start_step = step = int(state["step"])
     start_time = time.time()
-    images_per_step = config.global_batch
-    pending: list[dict] = []
     evaluation: dict = {}
 
-    def meta_now(step):
-        return {"pipeline": pipeline.get_state(), "devices": devices, "run": run_facts,
-                "best": best, "step": step, "last_loss": _json_number(last_loss)}
-
-    def export(directory, state, step):
-        # Every process calls this: gathering sharded leaves and orbax's save are collectives.
-        checkpoint.save_inference_model(
-            workdir_path / directory,
-            parallel.to_host({"params": state["params"]["backbone"],
-                              "batch_stats": state["batch_stats"]}),
-            models.inference_meta(config.model.arch, config.model.embedding_dim,
-                                  trained_with=config.loss.name, step=step))
-
-    def flush(step):
-        nonlocal last_loss
-        if not pending:
-            return
-        fetched = jax.device_get(pending)
-        pending.clear()
-        bad = [step - len(fetched) + i + 1 for i, m in enumerate(fetched) if m["nonfinite"]]
-        if bad and config.nan_policy == "stop":
-            raise FloatingPointError(
-                f"loss or gradients became NaN/Inf within steps [{bad[0]}, {bad[-1]}]; "
-                "lower optim.lr, or set nan_policy='skip' to drop such updates")
-        mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]
-                if np.ndim(fetched[0][k]) == 0}
-        mean["skipped_nonfinite"] = len(bad)
-        elapsed = time.time() - step_timer[0]
-        mean["images_per_s"] = len(fetched) * images_per_step / max(elapsed, 1e-9)
-        step_timer[0] = time.time()
-        last_loss = mean["loss"]
-        logger.write(step, mean, total_steps=total_steps)
-
-    step_timer = [time.time()]
-    step = start_step
+    # ----------------------------------------------------------------------------------------
+    # The loop: log, evaluate and checkpoint when due; on SIGTERM save and stop.
     try:
         while step < total_steps:
             batch = parallel.global_batch(mesh, next(pipeline))
@@ -459,13 +499,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 # The first step includes the compilation: the ETA is timed from its end.
                 jax.block_until_ready(metrics)
                 logger.start_clock(step + 1)
-            pending.append(metrics)
+            train_metrics.add(metrics)
             step += 1
-            due_log = step % config.log_every_steps == 0 or step == total_steps
-            due_eval = step % config.eval.every_steps == 0 or step == total_steps
-            due_ckpt = step % config.checkpoint.every_steps == 0
-            if due_log or due_eval or due_ckpt or preemption.requested:
-                flush(step)
+            due_eval = is_due(step, config.eval.every_steps, total_steps)
+            due_checkpoint = is_due(step, config.checkpoint.every_steps, total_steps)
+            if (is_due(step, config.log_every_steps, total_steps) or due_eval
+                    or due_checkpoint or preemption.requested):
+                train_metrics.flush(step)
             if due_eval:
                 evaluation = evaluator(state)
                 if evaluation:
@@ -473,9 +513,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     accuracy = _first_accuracy(evaluation)
                     if accuracy is not None and accuracy > best["accuracy"]:
                         best = {"accuracy": accuracy, "step": step}
-                        export("model_best", state, step)
-            if due_ckpt or preemption.requested or step == total_steps:
-                checkpoints.save(step, state, meta_now(step),
+                        export_inference_model(workdir_path / "model_best", state, config, step)
+            if due_checkpoint or preemption.requested:
+                meta = {"pipeline": pipeline.get_state(), "devices": devices, "run": run_facts,
+                        "best": best, "step": step,
+                        "last_loss": _json_number(train_metrics.last_loss)}
+                checkpoints.save(step, state, meta,
                                  force=preemption.requested or step == total_steps)
             if preemption.requested:
                 checkpoints.wait()
@@ -486,16 +529,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         checkpoints.wait()
         checkpoints.close()
         preemption.restore()
+        logger.close()
 
+    # ----------------------------------------------------------------------------------------
+    # Results: the inference model and summary.json (written last: a run with it is finished).
     if start_step >= total_steps:
         # Resumed at the final step (the previous run stopped before writing its summary):
         # nothing to train, but the results are still to be computed.
         evaluation = evaluator(state)
-    export("model", state, step)
+    export_inference_model(workdir_path / "model", state, config, step)
     summary = {
         "steps": step,
         "wall_s": time.time() - start_time,
-        "final_loss": last_loss,
+        "final_loss": train_metrics.last_loss,
         "params_sha256": params_sha256(state["params"]),
         "devices": devices,
         "processes": jax.process_count(),
@@ -503,7 +549,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         **evaluation,
     }
     summary.setdefault("verification", {})
-    logger.close()
     if primary:
         files.write_text_atomically(summary_path, summary_json(summary))
     return summary
