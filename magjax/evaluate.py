@@ -1,4 +1,5 @@
-"""``python -m magjax.evaluate``: verification, IJB, quality and clustering of one model.
+"""``python -m magjax.evaluate``: verification, IJB, quality and clustering of one model, with the
+evaluators of :mod:`magjax.evaluators` (those training runs too).
 
     python -m magjax.evaluate --workdir runs/demo --bins lfw.bin,cfp_fp.bin,agedb_30.bin
     python -m magjax.evaluate --workdir runs/r100 --ijb /data/IJB_release --target IJBC
@@ -15,6 +16,8 @@ Writes to ``--out`` (default ``WORKDIR/eval``):
   ``mean_faces_NAME.png``;
 * ``erc.png`` (error-versus-reject of all sets) and ``magnitude_hist.png``
   (:mod:`magjax.eval.quality`);
+* ``--quality-set``: Spearman of the feature norm and the known quality level, the mean norm
+  per level (:class:`magjax.evaluators.QualitySet`);
 * IJB: TAR@FAR 1e-6 ... 1e-1 for the aggregation modes of :func:`magjax.eval.ijb.default_modes`
   and ``roc_IJBC.png``;
 * clustering: BCubed precision / recall / F and NMI of K-means, agglomerative and DBSCAN
@@ -37,134 +40,10 @@ import sys
 
 import numpy as np
 
-from magjax import cli, files
-from magjax.eval import cluster, ijb, quality, verification
+from magjax import cli, evaluators, files
+from magjax.eval import cluster, ijb, quality
 
 log = logging.getLogger("magjax.evaluate")
-
-
-def _bin_name(path: pathlib.Path) -> str:
-    return path.name[: -len(".bin")] if path.name.endswith(".bin") else path.stem
-
-
-def evaluate_bin(encoder, path: pathlib.Path, batch_size: int, out: pathlib.Path,
-                 progress: bool = False) -> dict:
-    """Verification + quality of one ``.bin`` set; writes its ERC CSV and mean-face picture."""
-    from magjax.data.verification_bin import load_bin
-
-    name = _bin_name(path)
-    images, issame = load_bin(path)
-    plain, flipped = verification.embed_with_flip(encoder.embed_raw, images, batch_size,
-                                                  progress=name if progress else None)
-    result = verification.evaluate_embedded(plain, flipped, issame)
-    mags = quality.magnitudes(plain)
-    fused = verification.l2_normalize(plain.astype(np.float64) + flipped)
-    scores = np.sum(fused[0::2] * fused[1::2], axis=1)
-    pairs = np.stack([np.arange(0, len(images), 2), np.arange(1, len(images), 2)], axis=1)
-    curve = quality.error_versus_reject(mags, pairs, scores, issame)
-    quality.write_erc_csv(curve, out / f"erc_{name}.csv")
-    faces, edges, counts = quality.mean_faces(images, mags)
-    quality.plot_mean_faces(faces, edges, counts, out / f"mean_faces_{name}.png")
-    return {
-        "name": name,
-        "summary": {
-            "accuracy": result["accuracy"],
-            "std": result["std"],
-            "val": result["val"],
-            "val_std": result["val_std"],
-            "far": result["far"],
-            "xnorm": result["xnorm"],
-            "best_thresholds": result["best_thresholds"].tolist(),
-            "num_pairs": int(len(issame)),
-            "magnitude_mean": float(mags.mean()),
-            "magnitude_std": float(mags.std()),
-            "erc_fnmr": {f"{r:.2f}": float(f) for r, f in
-                         zip(curve["reject_fraction"], curve["fnmr"], strict=True)},
-        },
-        "curve": curve,
-        "magnitudes": mags,
-    }
-
-
-def evaluate_ijb(encoder, root: str, target: str, batch_size: int, out: pathlib.Path,
-                 progress: bool) -> tuple[dict, np.ndarray]:
-    """TAR@FAR of every default aggregation mode; writes ``roc_TARGET.png``."""
-    meta = ijb.load_meta(root, target)
-    log.info("%s: %d images, %d templates, %d pairs", target, meta.names.size,
-             np.unique(meta.templates).size, meta.labels.size)
-    plain, flipped = ijb.extract_features(meta, encoder.embed_raw, batch_size, progress)
-    results = ijb.evaluate_features(meta, plain, flipped)
-    plot_roc(results, out / f"roc_{target.upper()}.png", target.upper())
-    summary = {name: {"tar_at_far": r["tar_at_far"]} for name, r in results.items()}
-    return summary, quality.magnitudes(plain)
-
-
-def plot_roc(results: dict, path: pathlib.Path, title: str) -> None:
-    """ROC (TAR against log FAR, 1e-6 ... 1) of each IJB aggregation mode, 800x450 pixels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = plt.figure(figsize=(8.0, 4.5), dpi=100)
-    ax = fig.add_subplot(1, 1, 1)
-    for name, r in results.items():
-        keep = r["fpr"] > 0
-        ax.plot(r["fpr"][keep], r["tpr"][keep], lw=1, label=name)
-    ax.set_xscale("log")
-    ax.set_xlim(1e-6, 1.0)
-    ax.set_xlabel("False accept rate (FAR)")
-    ax.set_ylabel("True accept rate (TAR)")
-    ax.set_title(f"ROC on {title} 1:1")
-    ax.grid(linestyle="--", linewidth=0.5)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _crop_box(path: pathlib.Path, columns: dict, row: int) -> np.ndarray:
-    """The protocol row's face box (if the CSV has one) resized to 112x112 RGB."""
-    from PIL import Image
-
-    from magjax.data.images import UnreadableImageError, read_image
-    from magjax.errors import UserError
-
-    try:
-        img = read_image(path).convert("RGB")
-        if all(c in columns for c in ("FACE_X", "FACE_Y", "FACE_WIDTH", "FACE_HEIGHT")):
-            x, y, w, h = (float(columns[c][row]) for c in
-                          ("FACE_X", "FACE_Y", "FACE_WIDTH", "FACE_HEIGHT"))
-            img = img.crop((round(x), round(y), round(x + w), round(y + h)))
-        return np.asarray(img.resize((112, 112), Image.Resampling.BILINEAR), np.uint8)
-    except UnreadableImageError as e:  # names the path
-        raise UnreadableImageError(f"clustering protocol row {row + 2}: {e}") from e
-    except ValueError as e:
-        raise UserError(f"{path} (clustering protocol row {row + 2}): bad face box: {e}") from e
-
-
-def cluster_inputs(encoder, spec: str, root: str | None, batch_size: int):
-    """``(embeddings, labels)`` of the items to cluster for ``--cluster SPEC``."""
-    from magjax.extract import list_images, read_face
-
-    spec_path = pathlib.Path(spec)
-    if spec_path.is_dir():
-        paths = list_images(spec_path)
-        labels = np.unique([p.relative_to(spec_path).parts[0] for p in paths],
-                           return_inverse=True)[1]
-        embs = [encoder.encode(np.stack([read_face(p) for p in paths[i:i + batch_size]]))[0]
-                for i in range(0, len(paths), batch_size)]
-        return np.concatenate(embs), labels
-    columns = cluster.read_protocol(spec_path)
-    base = pathlib.Path(root) if root else spec_path.parent
-    files = columns["FILENAME"]
-    embs = []
-    for i in range(0, len(files), batch_size):
-        batch = np.stack([_crop_box(base / files[j], columns, j)
-                          for j in range(i, min(i + batch_size, len(files)))])
-        embs.append(encoder.encode(batch)[0])
-    feats, subjects, _ = cluster.template_embeddings(
-        np.concatenate(embs), columns["TEMPLATE_ID"], columns["SUBJECT_ID"])
-    return feats, subjects
 
 
 def format_table(report: dict) -> str:
@@ -198,8 +77,8 @@ def write_report(report: dict, path: pathlib.Path) -> None:
     files.write_text_atomically(path, json.dumps(report, indent=2, sort_keys=True))
 
 
-def evaluate_bins(encoder, items: list[str], batch_size: int, out: pathlib.Path, report: dict,
-                  mags: dict, progress: bool = False) -> None:
+def evaluate_bins(verifier: evaluators.Verification, encoder, out: pathlib.Path, report: dict,
+                  mags: dict) -> None:
     """Evaluates each ``.bin`` set in turn, saving ``eval.json`` after each one.
 
     A set that fails with a user error (missing or corrupt file) is recorded in
@@ -208,10 +87,9 @@ def evaluate_bins(encoder, items: list[str], batch_size: int, out: pathlib.Path,
     """
     report["verification"] = {}
     curves = {}
-    for item in items:
-        path = pathlib.Path(item)
+    for path in verifier.paths:
         try:
-            r = evaluate_bin(encoder, path, batch_size, out, progress)
+            r = verifier.run_set(encoder, path)
         except Exception as error:
             message = cli.user_error_message(error)
             report.setdefault("failed", {})[str(path)] = message or (
@@ -239,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bins", default="", help="comma-separated verification .bin files")
     parser.add_argument("--ijb", default=None, help="IJB root (holding meta/ and loose_crop/)")
     parser.add_argument("--target", default="IJBC", choices=("IJBB", "IJBC"))
+    parser.add_argument("--quality-set", default=None,
+                        help=".npz of images with quality levels and identities (the synthetic "
+                             "data's quality.npz): Spearman of the feature norm and the level")
     parser.add_argument("--cluster", default=None,
                         help="image folder root/<identity>/<img> or IJB-B clustering CSV")
     parser.add_argument("--cluster-root", default=None,
@@ -255,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not (args.bins or args.ijb or args.cluster):
-        parser.error("nothing to evaluate: give --bins, --ijb and/or --cluster")
+    if not (args.bins or args.ijb or args.quality_set or args.cluster):
+        parser.error("nothing to evaluate: give --bins, --ijb, --quality-set and/or --cluster")
     out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "eval"
     return cli.run(lambda: _evaluate(args, out), verbose=args.verbose,
                    log_file=out / "evaluate.log")
@@ -270,25 +151,30 @@ def _evaluate(args: argparse.Namespace, out: pathlib.Path) -> int:
     report: dict = {"workdir": str(args.workdir), "arch": encoder.arch}
     mags: dict = {}
 
+    progress = not args.no_progress
     if args.bins:
-        items = [item.strip() for item in args.bins.split(",") if item.strip()]
-        evaluate_bins(encoder, items, args.batch, out, report, mags, not args.no_progress)
+        paths = [pathlib.Path(item.strip()) for item in args.bins.split(",") if item.strip()]
+        verifier = evaluators.Verification(paths, args.batch, out=out, progress=progress)
+        evaluate_bins(verifier, encoder, out, report, mags)
 
     if args.ijb:
-        report["ijb_target"] = args.target
-        report["ijb"], mags[args.target] = evaluate_ijb(
-            encoder, args.ijb, args.target, args.batch, out, not args.no_progress)
+        ijb_evaluator = evaluators.IJB(args.ijb, args.target, args.batch, out=out,
+                                       progress=progress)
+        report.update(ijb_evaluator.run(encoder))
+        mags[args.target] = ijb_evaluator.magnitudes
         write_report(report, out / "eval.json")
+
+    if args.quality_set:
+        report.update(evaluators.QualitySet(pathlib.Path(args.quality_set)).run(encoder))
 
     if mags:
         quality.plot_magnitude_histograms(mags, out / "magnitude_hist.png")
 
     if args.cluster:
-        feats, labels = cluster_inputs(encoder, args.cluster, args.cluster_root, args.batch)
         methods = tuple(m.strip() for m in args.cluster_methods.split(",") if m.strip())
-        report["cluster"] = cluster.evaluate(feats, labels, methods, eps=args.dbscan_eps,
-                                             min_samples=args.dbscan_min_samples)
-        report["cluster_items"] = int(len(labels))
+        report.update(evaluators.Clustering(
+            args.cluster, args.cluster_root, methods, eps=args.dbscan_eps,
+            min_samples=args.dbscan_min_samples, batch_size=args.batch).run(encoder))
 
     write_report(report, out / "eval.json")
     print(format_table(report))

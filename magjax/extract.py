@@ -24,52 +24,9 @@ from collections.abc import Iterator
 import numpy as np
 
 from magjax import cli
-from magjax.data import FACE_SIZE
-from magjax.errors import UserError
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+from magjax.data.images import list_images, read_face
 
 log = logging.getLogger("magjax.extract")
-
-
-def list_images(spec: str | pathlib.Path) -> list[pathlib.Path]:
-    """Image paths of a directory (recursive, sorted) or of a list file (one path per line)."""
-    spec = pathlib.Path(spec)
-    if spec.is_dir():
-        paths = sorted(p for p in spec.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not paths:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {spec}")
-        return paths
-    if not spec.is_file():
-        raise FileNotFoundError(f"--images {spec}: neither a directory nor a list file")
-    paths = []
-    for line in spec.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        path = pathlib.Path(line)
-        if not path.is_absolute() and not path.exists() and (spec.parent / path).exists():
-            path = spec.parent / path
-        paths.append(path)
-    if not paths:
-        raise UserError(f"list file {spec} names no image")
-    return paths
-
-
-def read_face(path: str | pathlib.Path, size: int = FACE_SIZE) -> np.ndarray:
-    """An image as uint8 RGB [size, size, 3] (resized bilinearly if it is not that size).
-
-    An unreadable file (``magjax.data.images``: corrupt, truncated, a corrupt JPEG scan, a
-    decompression bomb) raises ``UnreadableImageError``, an ``OSError`` naming the path.
-    """
-    from PIL import Image
-
-    from magjax.data.images import read_image
-
-    img = read_image(path).convert("RGB")  # UnreadableImageError (an OSError) names the path
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
 
 
 def iter_batches(

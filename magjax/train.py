@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import scipy.stats
 from jax.sharding import PartitionSpec as P
 
 # The train step (build_components, init_state, make_train_step) needs only jax, flax and optax:
@@ -257,22 +256,16 @@ def params_sha256(params: Any) -> str:
 
 
 class Evaluator:
-    """Verification on ``.bin`` sets and the norm-vs-quality correlation on a quality set."""
+    """The evaluators ``config.eval`` names (:func:`magjax.evaluators.from_config`: ``.bin``
+    verification, the quality set), run on the current backbone through one encoder."""
 
     def __init__(self, config, components: Components, data_dir: pathlib.Path):
-        from magjax.data import verification_bin
+        from magjax import evaluators
         from magjax.encoder import FaceEncoder
 
-        self.sets = {}
-        for path in config.eval.bins:
-            path = data_dir / path
-            self.sets[path.stem] = verification_bin.load_bin(path)
-        self.quality = None
-        if config.eval.quality_set:
-            with np.load(data_dir / config.eval.quality_set) as q:
-                self.quality = (q["images"], q["quality"], q["labels"])
+        self.evaluators = evaluators.from_config(config, data_dir)
         self.encoder = None
-        if self.sets or self.quality is not None:
+        if self.evaluators:
             abstract = {"params": None, "batch_stats": None}
             self.encoder = FaceEncoder(config.model.arch, abstract, components.input_spec,
                                        embedding_dim=config.model.embedding_dim,
@@ -280,30 +273,13 @@ class Evaluator:
                                        dtype=components.compute_dtype)
 
     def __call__(self, state: dict) -> dict:
-        from magjax.data import synthetic
-        from magjax.eval import quality, verification
-
         if self.encoder is None:
             return {}
         self.encoder.variables = parallel.to_host({"params": state["params"]["backbone"],
                                                    "batch_stats": state["batch_stats"]})
-        results: dict[str, Any] = {"verification": {}}
-        for name, (images, issame) in self.sets.items():
-            r = verification.run(self.encoder.embed_raw, images, issame,
-                                 batch_size=self.encoder.batch_size)
-            results["verification"][name] = {"accuracy": float(r["accuracy"]),
-                                             "std": float(r["std"]), "xnorm": float(r["xnorm"])}
-        if self.quality is not None:
-            images, levels, identities = self.quality
-            embeddings, norms = self.encoder.encode(images)
-            rho = scipy.stats.spearmanr(norms, levels).statistic
-            results["quality"] = {
-                "spearman_norm_vs_quality": float(rho),
-                # What the norm's correlation can be compared with (magjax.eval.quality).
-                "spearman_recognisability_vs_quality": quality.recognisability_vs_quality(
-                    embeddings, identities, levels, clean_level=synthetic.CLEAN),
-                "mean_norm_per_level": {int(q): float(norms[levels == q].mean())
-                                        for q in np.unique(levels)}}
+        results: dict[str, Any] = {}
+        for evaluator in self.evaluators:
+            results.update(evaluator.run(self.encoder))
         return results
 
 

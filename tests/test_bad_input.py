@@ -110,13 +110,13 @@ def test_extract_skips_or_stops_on_unreadable_images(tmp_path, kind):
 
 
 def test_evaluate_and_ijb_readers_name_the_unreadable_file(tmp_path):
-    from magjax import evaluate
+    from magjax.data.images import crop_face_box
     from magjax.eval import ijb
 
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(BAD_IMAGES["bomb"])
     with pytest.raises(UserError, match=r"row 2: .*bomb.png cannot be decoded: .*exceeds limit"):
-        evaluate._crop_box(bomb, {}, 0)
+        crop_face_box(bomb, {}, 0)
     with pytest.raises(UserError, match=r"bomb.png cannot be decoded: .*exceeds limit"):
         ijb.load_aligned(bomb, np.zeros((5, 2), np.float32))
 

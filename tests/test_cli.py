@@ -12,7 +12,7 @@ from absl import flags
 from PIL import Image
 from test_encoder import faces, random_variables
 
-from magjax import checkpoint, cli, convert, evaluate, extract, models
+from magjax import checkpoint, cli, convert, evaluate, evaluators, extract, models
 from magjax import main as train_main
 from magjax.data import __main__ as data_main
 from magjax.data import verification_bin
@@ -165,14 +165,14 @@ def test_evaluate_writes_each_set_as_it_completes(model_dir, tmp_path, monkeypat
     write_toy_bin(tmp_path / "b.bin", 2)
     out = tmp_path / "eval"
     seen = []
-    original = evaluate.evaluate_bin
+    original = evaluators.Verification.run_set
 
-    def spy(encoder, path, batch_size, out_dir, progress):
-        if (out_dir / "eval.json").exists():
-            seen.append(sorted(json.loads((out_dir / "eval.json").read_text())["verification"]))
-        return original(encoder, path, batch_size, out_dir, progress)
+    def spy(self, encoder, path):
+        if (out / "eval.json").exists():
+            seen.append(sorted(json.loads((out / "eval.json").read_text())["verification"]))
+        return original(self, encoder, path)
 
-    monkeypatch.setattr(evaluate, "evaluate_bin", spy)
+    monkeypatch.setattr(evaluators.Verification, "run_set", spy)
     assert evaluate.main(["--workdir", str(model_dir), "--bins",
                           f"{tmp_path / 'a.bin'},{tmp_path / 'b.bin'}", "--out", str(out),
                           "--batch", "4", "--no-progress"]) == 0
@@ -257,3 +257,25 @@ def test_main_help_exits_0_with_hyphenated_flags(capsys):
     assert train_main._underscored(["m", "--allow-config-change", "--config.optim.grad_clip_norm=5",
                                     "--num-processes=2"]) == [
         "m", "--allow_config_change", "--config.optim.grad_clip_norm=5", "--num_processes=2"]
+
+
+def test_evaluate_quality_set_is_the_training_evaluator(model_dir, tmp_path):
+    """``--quality-set`` runs the evaluator training runs: the Spearman correlation of the
+    encoder's norms with the levels and the mean norm per level, computed here independently."""
+    import scipy.stats
+
+    from magjax.encoder import FaceEncoder
+
+    images = faces(3, 24)
+    levels = np.repeat(np.arange(1, 5), 6)  # 4: the clean level, the synthetic data's
+    images[levels == 1] //= 4  # darker faces at the low level: norms that differ by level
+    identities = np.tile(np.arange(6), 4)
+    np.savez(tmp_path / "quality.npz", images=images, quality=levels, labels=identities)
+    out = tmp_path / "eval"
+    assert evaluate.main(["--workdir", str(model_dir), "--quality-set",
+                          str(tmp_path / "quality.npz"), "--out", str(out), "--batch", "8"]) == 0
+    got = json.loads((out / "eval.json").read_text())["quality"]
+    norms = FaceEncoder.load(model_dir).encode(images)[1]
+    assert got["spearman_norm_vs_quality"] == pytest.approx(
+        scipy.stats.spearmanr(norms, levels).statistic, abs=1e-6)
+    assert got["mean_norm_per_level"]["1"] == pytest.approx(norms[levels == 1].mean(), rel=1e-5)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from magjax import checkpoint, evaluate, extract, models
+from magjax import checkpoint, evaluate, evaluators, extract, models
+from magjax.data import images
 from magjax.encoder import FaceEncoder
 from magjax.eval import verification
 
@@ -116,7 +117,7 @@ def test_extract_cli(workdir, encoder, tmp_path, capsys):
     data = np.load(out)
     assert [p.split("imgs/")[1] for p in data["paths"]] == ["a/y.png", "a/z.jpg", "b/x.png"]
     assert [p.split("imgs/")[1] for p in data["skipped"]] == ["a/broken.jpg"]
-    want = np.stack([extract.read_face(p) for p in data["paths"]])
+    want = np.stack([images.read_face(p) for p in data["paths"]])
     assert want[1].shape == (112, 112, 3)  # grey 150px image -> RGB 112px
     emb, q = encoder.encode(want)
     np.testing.assert_allclose(data["embeddings"], emb, rtol=1e-5, atol=1e-6)
@@ -188,11 +189,13 @@ def test_cluster_protocol_csv_inputs(encoder, tmp_path):
     csv_path.write_text("TEMPLATE_ID,SUBJECT_ID,FILENAME,FACE_X,FACE_Y,FACE_WIDTH,FACE_HEIGHT\n"
                         "7,1,img/1.png,40,30,112,112\n9,2,img/2.png,0,0,112,112\n"
                         "9,2,img/2.png,0,0,112,112\n")
-    feats, labels = evaluate.cluster_inputs(encoder, str(csv_path), str(tmp_path), 8)
+    clustering = evaluators.Clustering(str(csv_path), str(tmp_path), batch_size=8)
+    feats, labels = clustering.inputs(encoder)
     assert labels.tolist() == [1, 2]
     np.testing.assert_allclose(feats, encoder.encode(big)[0], rtol=1e-4, atol=1e-5)
     with pytest.raises(OSError, match="protocol row 2"):
-        evaluate.cluster_inputs(encoder, str(csv_path), str(tmp_path / "elsewhere"), 8)
+        evaluators.Clustering(str(csv_path), str(tmp_path / "elsewhere"), batch_size=8).inputs(
+            encoder)
 
 
 def test_variables_can_be_swapped_in_later(encoder, workdir):

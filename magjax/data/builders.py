@@ -42,7 +42,6 @@ from magjax.errors import UserError
 log = logging.getLogger(__name__)
 
 MANIFEST = "magjax_dataset.json"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _MAX_LOGGED_SKIPS = 100
 
 
@@ -254,7 +253,7 @@ def list_image_folder(root: str | os.PathLike, layout: str = "auto") -> tuple[li
     for name, path in identity_dirs.items():
         images_of[name] = sorted(
             f.path for f in _visible(path)
-            if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS)
+            if f.is_file() and f.name.lower().endswith(images.IMAGE_SUFFIXES)
         )
     empty = sorted(identity_dirs[n] for n, found in images_of.items() if not found)
     if empty:
@@ -263,7 +262,7 @@ def list_image_folder(root: str | os.PathLike, layout: str = "auto") -> tuple[li
     names = sorted(n for n, found in images_of.items() if found)
     files = [(path, label) for label, name in enumerate(names) for path in images_of[name]]
     if not files:
-        raise UserError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
+        raise UserError(f"{root}: no image files ({', '.join(images.IMAGE_SUFFIXES)}) found")
     return names, files
 
 

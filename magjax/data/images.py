@@ -15,16 +15,22 @@ An image is unreadable, and raises :class:`UnreadableImageError` naming it, when
 
 Where skipping is what the user asked for (``prepare``, ``extract --skip-unreadable``) such an
 image is skipped, counted and logged; everywhere else it is an error naming the file.
+
+Also here: the faces of a folder or list file (:func:`list_images`, :func:`read_face`) and the
+face boxes of a clustering protocol (:func:`crop_face_box`), read by extraction and evaluation.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import pathlib
 
+import numpy as np
 import simplejpeg
 from PIL import Image, ImageFile
 
+from magjax.data import FACE_SIZE
 from magjax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -82,3 +88,59 @@ def read_image(path) -> Image.Image:
     except OSError as e:
         raise UnreadableImageError(f"{path}: cannot read image file: {e.strerror or e}") from e
     return open_image(data, str(path))
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def list_images(spec: str | pathlib.Path) -> list[pathlib.Path]:
+    """Image paths of a directory (recursive, sorted) or of a list file (one path per line)."""
+    spec = pathlib.Path(spec)
+    if spec.is_dir():
+        paths = sorted(p for p in spec.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {spec}")
+        return paths
+    if not spec.is_file():
+        raise FileNotFoundError(f"--images {spec}: neither a directory nor a list file")
+    paths = []
+    for line in spec.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        path = pathlib.Path(line)
+        if not path.is_absolute() and not path.exists() and (spec.parent / path).exists():
+            path = spec.parent / path
+        paths.append(path)
+    if not paths:
+        raise UserError(f"list file {spec} names no image")
+    return paths
+
+
+def read_face(path: str | pathlib.Path, size: int = FACE_SIZE) -> np.ndarray:
+    """An image as uint8 RGB [size, size, 3] (resized bilinearly if it is not that size).
+
+    An unreadable file (``magjax.data.images``: corrupt, truncated, a corrupt JPEG scan, a
+    decompression bomb) raises ``UnreadableImageError``, an ``OSError`` naming the path.
+    """
+    img = read_image(path).convert("RGB")  # UnreadableImageError (an OSError) names the path
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def crop_face_box(path: pathlib.Path, columns: dict, row: int) -> np.ndarray:
+    """Row ``row`` of a clustering protocol (``columns``: the CSV's columns): the image's face
+    box, if the CSV has one, resized to 112x112 RGB."""
+
+    try:
+        img = read_image(path).convert("RGB")
+        if all(c in columns for c in ("FACE_X", "FACE_Y", "FACE_WIDTH", "FACE_HEIGHT")):
+            x, y, w, h = (float(columns[c][row]) for c in
+                          ("FACE_X", "FACE_Y", "FACE_WIDTH", "FACE_HEIGHT"))
+            img = img.crop((round(x), round(y), round(x + w), round(y + h)))
+        return np.asarray(img.resize((FACE_SIZE, FACE_SIZE), Image.Resampling.BILINEAR), np.uint8)
+    except UnreadableImageError as e:  # names the path
+        raise UnreadableImageError(f"clustering protocol row {row + 2}: {e}") from e
+    except ValueError as e:
+        raise UserError(f"{path} (clustering protocol row {row + 2}): bad face box: {e}") from e

@@ -405,3 +405,26 @@ def default_modes() -> dict[str, dict]:
         "magface_plus_F1": dict(method="magface_plus", use_flip_test=True),
         "adaface_F1": dict(method="adaface", use_flip_test=True),
     }
+
+
+def plot_roc(results: dict, path: pathlib.Path, title: str) -> None:
+    """ROC (TAR against log FAR, 1e-6 ... 1) of each IJB aggregation mode, 800x450 pixels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(8.0, 4.5), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, r in results.items():
+        keep = r["fpr"] > 0
+        ax.plot(r["fpr"][keep], r["tpr"][keep], lw=1, label=name)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-6, 1.0)
+    ax.set_xlabel("False accept rate (FAR)")
+    ax.set_ylabel("True accept rate (TAR)")
+    ax.set_title(f"ROC on {title} 1:1")
+    ax.grid(linestyle="--", linewidth=0.5)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
