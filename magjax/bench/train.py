@@ -117,13 +117,12 @@ def bench_torch(arch: str, batch: int, classes: int, dtype: str, steps: int,
 
 
 def main(argv: list[str]) -> int:
-    from magjax import models
+    from magjax import losses, models
 
     parser = argparse.ArgumentParser(prog="python -m magjax.bench train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="iresnet50", choices=models.ARCHS)
-    parser.add_argument("--loss", default="arcface",
-                        choices=("arcface", "cosface", "combined", "magface", "adaface"))
+    parser.add_argument("--loss", default="arcface", choices=sorted(losses.registered()))
     parser.add_argument("--batch", type=int, default=256, help="global batch over all devices")
     parser.add_argument("--classes", type=int, default=100_000)
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
