@@ -79,7 +79,10 @@ def _all_reduces(compiled) -> tuple[int, int]:
 
 
 class _SmallNet(nn.Module):
-    """conv -> BatchNorm2d -> PReLU -> Linear -> BatchNorm1d: both kinds of statistics, small."""
+    """conv -> BatchNorm2d -> PReLU -> (dropout) -> Linear -> BatchNorm1d: both kinds of
+    statistics, small."""
+
+    dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x, *, train):
@@ -88,7 +91,8 @@ class _SmallNet(nn.Module):
         x = layers.batch_norm(train, eps=1e-5, torch_momentum=0.1, dtype=jnp.float32,
                               name="bn2d")(x)
         x = layers.PReLU(name="prelu")(x)
-        x = nn.Dense(5, name="fc")(layers.flatten(x))
+        x = nn.Dropout(self.dropout, deterministic=not train)(layers.flatten(x))
+        x = nn.Dense(5, name="fc")(x)
         return layers.batch_norm(train, eps=1e-5, torch_momentum=0.1, dtype=jnp.float32,
                                  name="bn1d")(x)
 

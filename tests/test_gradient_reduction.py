@@ -5,36 +5,19 @@ step, and a bfloat16 all-reduce in the program compiled for TPU."""
 
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_batchnorm import _SmallNet
 
 from magjax import models, parallel, recipes, train
-from magjax.models import layers
 
 DEVICES = 8
 
 
-class _SmallNet(nn.Module):
-    """conv -> BatchNorm2d -> PReLU -> dropout -> Linear -> BatchNorm1d."""
-
-    @nn.compact
-    def __call__(self, x, *, train):
-        x = layers.conv(4, 3, padding=1, kernel_init=nn.initializers.normal(0.5),
-                        dtype=jnp.float32, name="conv")(x)
-        x = layers.batch_norm(train, eps=1e-5, torch_momentum=0.1, dtype=jnp.float32,
-                              name="bn2d")(x)
-        x = layers.PReLU(name="prelu")(x)
-        x = nn.Dropout(0.3, deterministic=not train)(layers.flatten(x))
-        x = nn.Dense(5, name="fc")(x)
-        return layers.batch_norm(train, eps=1e-5, torch_momentum=0.1, dtype=jnp.float32,
-                                 name="bn1d")(x)
-
-
 def _setup(batch=32):
-    net = _SmallNet()
+    net = _SmallNet(dropout=0.3)
     images = jax.random.normal(jax.random.key(1), (batch, 6, 6, 3)) * 2.0 + 0.5
     variables = net.init(jax.random.key(0), images[:1], train=False)
     targets = jax.random.normal(jax.random.key(3), (batch, 5))
