@@ -28,11 +28,13 @@ from magjax import recipes
     ("magface", "r100", dict(arch="magface_iresnet100", lr=0.1, wd=5e-4, epochs=25,
                              batch=512)),
     ("adaface", "r100", dict(arch="ir_101", lr=0.1, wd=5e-4, epochs=26, batch=512, m=0.4)),
+    ("curricularface", None, dict(arch="iresnet100", dataset="ms1mv2", lr=0.1, wd=5e-4,
+                                  epochs=24, batch=512, m=0.5)),
 ])
 def test_official_hyper_parameters(loss, variants, expected):
     c = recipes.get_config(loss, variants)
     actual = dict(arch=c.model.arch, dataset=c.data.dataset, lr=c.optim.lr,
-                  wd=c.optim.weight_decay, epochs=c.epochs, m=c.loss.m,
+                  wd=c.optim.weight_decay, epochs=c.epochs, m=c.loss.get("m"),
                   sample_rate=c.head.sample_rate, batch=c.global_batch)
     assert {key: actual[key] for key in expected} == expected
     assert c.model.batchnorm_stats == "per_device"  # every official trainer's BatchNorm
