@@ -64,6 +64,59 @@ class HeadOutput(NamedTuple):
     logits: jax.Array | None = None  # [B, C_pad] with ``return_logits`` (0 where unsampled)
 
 
+def _gather_batch(embeddings, labels, row_mask):
+    """The global batch on every shard; the embeddings widened once to the head dtype
+    (magjax's backbones already emit float32 embeddings, as arcface_torch under autocast; a
+    caller may pass bfloat16 ones): the cosine and norm paths then add their embedding
+    gradients in float32 and round once."""
+    gather = functools.partial(lax.all_gather, axis_name=DATA_AXIS, tiled=True, to="invarying")
+    x, labels, row_mask = gather(embeddings), gather(labels), gather(row_mask)
+    return x.astype(losses.head_dtype(x.dtype)), labels, row_mask
+
+
+def _local_labels(labels, row_mask, classes_per_shard):
+    """This shard's first class, each sample's label relative to it, and whether it is here."""
+    start = lax.axis_index(DATA_AXIS) * classes_per_shard
+    local_label = labels - start
+    owned = (local_label >= 0) & (local_label < classes_per_shard) & row_mask
+    return start, local_label, owned
+
+
+def _sample(local_label, owned, key, start, classes_per_shard, num_classes, budget):
+    """Partial FC's rows of this shard, sorted: every positive, then the top of uniform scores
+    (the key folded with the shard index)."""
+    class_ids = start + jnp.arange(classes_per_shard)
+    scores = jax.random.uniform(jax.random.fold_in(key, lax.axis_index(DATA_AXIS)),
+                                (classes_per_shard,))
+    positive = jnp.zeros(classes_per_shard, bool).at[
+        jnp.where(owned, local_label, classes_per_shard)].set(True, mode="drop")
+    scores = jnp.where(positive, 2.0, jnp.where(class_ids < num_classes, scores, -1.0))
+    return jnp.sort(lax.top_k(scores, budget)[1])
+
+
+def _loss_on_rows(loss, x, rows, class_ids, local_label, owned, row_mask, state, num_classes):
+    """The margin loss of the global batch against this shard's ``rows`` (classes
+    ``class_ids``; ``local_label`` indexes ``rows`` where ``owned``)."""
+    local_label = jnp.where(owned, local_label, -1)
+    # Cast to varying: this shard's cosine gradient w.r.t. x is a per-shard term, summed over
+    # shards by the cast's transpose (cosine_similarity's hand-written VJP cannot psum).
+    cos, target_cos = losses.cosine_similarity(lax.pcast(x, DATA_AXIS, to="varying"), rows,
+                                               local_label)
+    # Each target cosine from the shard that owns it (0 elsewhere), so that every shard
+    # computes the loss's margin, statistics and state from the whole batch.
+    target_cos = lax.psum(target_cos, DATA_AXIS)
+    total, metrics, new_state = losses.margin_loss(
+        cos, target_cos, local_label, losses.safe_norm(x), loss, state, row_mask=row_mask,
+        class_mask=class_ids < num_classes, axis_name=DATA_AXIS)
+    logits = metrics.pop("logits")
+    return total, metrics, new_state, logits
+
+
+# The loss's metrics and state are replicated scalars whatever their names (P() covers the
+# whole dict); the per-class outputs are split like the classes.
+_OUT_SPECS = (P(), P(), P(), P(DATA_AXIS))
+
+
 def sharded_margin_loss(
     loss: losses.MarginLoss,
     mesh: Mesh,
@@ -75,31 +128,22 @@ def sharded_margin_loss(
     """Builds ``fn(embeddings, weight, labels, row_mask, state, key) -> HeadOutput``.
 
     ``embeddings [B, d]``, ``labels [B]`` and ``row_mask [B]`` are split over ``data`` (``B``
-    divisible by the device count; pad with masked rows); ``weight [C_pad, d]`` by rows.
+    divisible by the device count; pad with masked rows); ``weight [C_pad, d]`` by rows. With
+    Partial FC the gradient w.r.t. ``weight`` is dense (zero on unsampled rows); a training
+    step that only moves the sampled rows uses :func:`partial_fc_sampler` and
+    :func:`sampled_rows_loss` instead, with a gradient of the sampled rows alone.
     """
     devices = mesh.shape[DATA_AXIS]
     classes_per_shard = padded_size(num_classes, devices) // devices
 
     def local(embeddings, weight, labels, row_mask, state, key):
-        gather = functools.partial(lax.all_gather, axis_name=DATA_AXIS, tiled=True, to="invarying")
-        x, labels, row_mask = gather(embeddings), gather(labels), gather(row_mask)
-        # Widened once after the gather (magjax's backbones already emit float32 embeddings, as
-        # arcface_torch under autocast; a caller may pass bfloat16 ones): the cosine and norm
-        # paths then add their embedding gradients in float32 and round once.
-        x = x.astype(losses.head_dtype(x.dtype))
-        start = lax.axis_index(DATA_AXIS) * classes_per_shard
-        local_label = labels - start
-        owned = (local_label >= 0) & (local_label < classes_per_shard) & row_mask
+        x, labels, row_mask = _gather_batch(embeddings, labels, row_mask)
+        start, local_label, owned = _local_labels(labels, row_mask, classes_per_shard)
         class_ids = start + jnp.arange(classes_per_shard)
-
         budget = partial_fc_budget(sample_rate, classes_per_shard, x.shape[0])
         if budget < classes_per_shard:
-            scores = jax.random.uniform(jax.random.fold_in(key, lax.axis_index(DATA_AXIS)),
-                                        (classes_per_shard,))
-            positive = jnp.zeros(classes_per_shard, bool).at[
-                jnp.where(owned, local_label, classes_per_shard)].set(True, mode="drop")
-            scores = jnp.where(positive, 2.0, jnp.where(class_ids < num_classes, scores, -1.0))
-            index = jnp.sort(lax.top_k(scores, budget)[1])
+            index = _sample(local_label, owned, key, start, classes_per_shard, num_classes,
+                            budget)
             local_label = jnp.searchsorted(index, local_label)
             weight = weight[index]
             class_ids = class_ids[index]
@@ -107,21 +151,8 @@ def sharded_margin_loss(
         else:
             index = None
             sampled = jnp.ones(classes_per_shard, bool)
-
-        local_label = jnp.where(owned, local_label, -1)
-        # Cast to varying: this shard's cosine gradient w.r.t. x is a per-shard term, summed over
-        # shards by the cast's transpose (cosine_similarity's hand-written VJP cannot psum).
-        cos, target_cos = losses.cosine_similarity(lax.pcast(x, DATA_AXIS, to="varying"),
-                                                   weight, local_label)
-        # Each target cosine from the shard that owns it (0 elsewhere), so that every shard
-        # computes the loss's margin, statistics and state from the whole batch.
-        target_cos = lax.psum(target_cos, DATA_AXIS)
-        norms = losses.safe_norm(x)
-        total, metrics, new_state = losses.margin_loss(
-            cos, target_cos, local_label, norms, loss, state, row_mask=row_mask,
-            class_mask=class_ids < num_classes, axis_name=DATA_AXIS,
-        )
-        logits = metrics.pop("logits")
+        total, metrics, new_state, logits = _loss_on_rows(
+            loss, x, weight, class_ids, local_label, owned, row_mask, state, num_classes)
         outputs = (total, metrics, new_state, sampled)
         if return_logits:
             logits = logits.T  # [B, C_local], as the reference files lay them out
@@ -131,15 +162,71 @@ def sharded_margin_loss(
             outputs += (logits,)
         return outputs
 
-    # The loss's metrics and state are replicated scalars whatever their names (P() covers the
-    # whole dict); the per-class outputs are split like the classes.
-    out_specs = (P(), P(), P(), P(DATA_AXIS)) + ((P(None, DATA_AXIS),) if return_logits else ())
+    out_specs = _OUT_SPECS + ((P(None, DATA_AXIS),) if return_logits else ())
     sharded = jax.shard_map(
         local,
         mesh=mesh,
         in_specs=(P(DATA_AXIS), P(DATA_AXIS, None), P(DATA_AXIS), P(DATA_AXIS), P(), P()),
         out_specs=out_specs,
     )
+    return lambda *args: HeadOutput(*sharded(*args))
+
+
+def partial_fc_sampler(mesh: Mesh, num_classes: int, sample_rate: float):
+    """Builds ``fn(labels, row_mask, key) -> index``: Partial FC's rows, ``[D·K]`` split over
+    ``data`` (each shard's ``K`` sampled rows of its own ``C_pad/D``, sorted), the rows
+    :func:`sharded_margin_loss` samples for the same key."""
+    devices = mesh.shape[DATA_AXIS]
+    classes_per_shard = padded_size(num_classes, devices) // devices
+
+    def local(labels, row_mask, key):
+        gather = functools.partial(lax.all_gather, axis_name=DATA_AXIS, tiled=True, to="invarying")
+        labels, row_mask = gather(labels), gather(row_mask)
+        start, local_label, owned = _local_labels(labels, row_mask, classes_per_shard)
+        budget = partial_fc_budget(sample_rate, classes_per_shard, labels.shape[0])
+        return _sample(local_label, owned, key, start, classes_per_shard, num_classes, budget)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS), P()),
+                         out_specs=P(DATA_AXIS))
+
+
+def take_rows(mesh: Mesh):
+    """``fn(array [C_pad, ...], index) -> array[index]`` shard by shard (``index`` as
+    :func:`partial_fc_sampler` returns it): each shard's sampled rows, ``[D·K, ...]``."""
+    return jax.shard_map(lambda array, index: array[index], mesh=mesh,
+                         in_specs=(P(DATA_AXIS), P(DATA_AXIS)), out_specs=P(DATA_AXIS))
+
+
+def put_rows(mesh: Mesh):
+    """``fn(array, index, rows) -> array`` with each shard's sampled rows replaced by
+    ``rows`` (the inverse of :func:`take_rows`; the other rows unchanged)."""
+    return jax.shard_map(lambda array, index, rows: array.at[index].set(rows), mesh=mesh,
+                         in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS)),
+                         out_specs=P(DATA_AXIS))
+
+
+def sampled_rows_loss(loss: losses.MarginLoss, mesh: Mesh, num_classes: int):
+    """Builds ``fn(embeddings, rows, index, labels, row_mask, state) -> HeadOutput``: the
+    margin loss against the sampled rows alone (``rows = take_rows(weight, index)``), so that
+    its gradient is ``[D·K, d]``, not a dense ``[C_pad, d]`` of mostly zeros. The same loss and
+    gradients as :func:`sharded_margin_loss` for the rows it samples."""
+    devices = mesh.shape[DATA_AXIS]
+    classes_per_shard = padded_size(num_classes, devices) // devices
+
+    def local(embeddings, rows, index, labels, row_mask, state):
+        x, labels, row_mask = _gather_batch(embeddings, labels, row_mask)
+        start, local_label, owned = _local_labels(labels, row_mask, classes_per_shard)
+        local_label = jnp.searchsorted(index, local_label)
+        total, metrics, new_state, _ = _loss_on_rows(
+            loss, x, rows, start + index, local_label, owned, row_mask, state, num_classes)
+        sampled = jnp.zeros(classes_per_shard, bool).at[index].set(True)
+        return total, metrics, new_state, sampled
+
+    sharded = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(P(DATA_AXIS), P(DATA_AXIS, None), P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS),
+                  P()),
+        out_specs=_OUT_SPECS)
     return lambda *args: HeadOutput(*sharded(*args))
 
 

@@ -177,13 +177,21 @@ def per_device_forward(backbone, mesh: jax.sharding.Mesh, variables: dict, image
     return embeddings, {"batch_stats": jax.tree.map(lambda stat: stat[0], batch_stats)}
 
 
-def make_train_step(components: Components, base_key: jax.Array):
+def make_train_step(components: Components, base_key: jax.Array, *,
+                    sampled_rows: bool | None = None):
     """The pure train step ``(state, batch) -> (state, metrics)`` (jit it with shardings).
 
     The backbone runs data-parallel under plain jit (``models.apply_train``); with per-device
     BatchNorm statistics and ``optim.grad_allreduce_dtype`` other than float32 it runs under
     ``shard_map`` instead (:func:`per_device_forward`), so that the gradient all-reduce itself
     is in that dtype.
+
+    Partial FC with ``head.freeze_unsampled`` (one update per step): the classes are sampled
+    first, the loss is differentiated w.r.t. the sampled rows alone and the optimizer updates
+    those rows of the centres and of their momentum, which are then put back; no dense
+    ``[C, d]`` gradient exists (``head.sampled_rows_loss``). Otherwise the head's gradient is
+    dense and, with ``freeze_unsampled``, the unsampled rows are restored after the update (the
+    same result; ``sampled_rows=False`` forces that path, for the tests).
     """
     c = components
     config = c.config
@@ -192,6 +200,14 @@ def make_train_step(components: Components, base_key: jax.Array):
     per_device = config.model.batchnorm_stats == "per_device"
     batchnorm_groups = c.mesh.shape[parallel.DATA_AXIS] if per_device else 1
     explicit_reduction = per_device and config.optim.grad_allreduce_dtype != "float32"
+    # optax.MultiSteps accumulates dense gradients: sampled rows change between micro-batches.
+    if sampled_rows is None:
+        sampled_rows = freeze_unsampled and config.optim.accumulate_steps == 1
+    if sampled_rows:
+        classes = c.head.num_classes
+        sampler = head.partial_fc_sampler(c.mesh, classes, config.head.sample_rate)
+        rows_loss = head.sampled_rows_loss(c.loss, c.mesh, classes)
+        take_rows, put_rows = head.take_rows(c.mesh), head.put_rows(c.mesh)
 
     def train_step(state, batch):
         step = state["step"]
@@ -200,6 +216,25 @@ def make_train_step(components: Components, base_key: jax.Array):
         images = models.preprocess(batch["image"], c.input_spec,
                                    jnp.promote_types(c.compute_dtype, jnp.float32)
                                    ).astype(c.compute_dtype)
+
+        if sampled_rows:
+            labels = batch["label"]
+            index = sampler(labels, jnp.ones(labels.shape, bool), sample_key)
+
+            def on_rows(tree, update=None):
+                """The class-row leaves of ``tree`` cut to the sampled rows, or (``update``)
+                those rows of ``tree`` replaced by the leaves of ``update``."""
+                def leaf(path, value, *new):
+                    if not head.is_class_rows(path, value):
+                        return new[0] if new else value
+                    return put_rows(value, index, new[0]) if new else take_rows(value, index)
+
+                args = (tree,) if update is None else (tree, update)
+                return jax.tree_util.tree_map_with_path(leaf, *args)
+
+            params_in, opt_state_in = on_rows(state["params"]), on_rows(state["opt_state"])
+        else:
+            params_in, opt_state_in = state["params"], state["opt_state"]
 
         def loss_fn(params):
             backbone_vars = {"params": params["backbone"], "batch_stats": state["batch_stats"]}
@@ -211,22 +246,34 @@ def make_train_step(components: Components, base_key: jax.Array):
                 embeddings, backbone_updates = models.apply_train(
                     c.backbone, backbone_vars, images, dropout_key=dropout_key,
                     groups=batchnorm_groups)
-            head_vars = {"params": params["head"]}
-            if state["margin_state"]:
-                head_vars[head.MARGIN_STATE] = state["margin_state"]
-            (total, metrics, sampled), head_updates = c.head.apply(
-                head_vars, embeddings, batch["label"], sample_key=sample_key,
-                mutable=[head.MARGIN_STATE])
+            if sampled_rows:
+                labels = batch["label"]
+                out = rows_loss(embeddings, params["head"]["weight"], index, labels,
+                                jnp.ones(labels.shape, bool), state["margin_state"])
+                total, metrics, sampled, margin_state = out.loss, out.metrics, out.sampled, {
+                    name: value.astype(state["margin_state"][name].dtype)
+                    for name, value in out.state.items()}
+            else:
+                head_vars = {"params": params["head"]}
+                if state["margin_state"]:
+                    head_vars[head.MARGIN_STATE] = state["margin_state"]
+                (total, metrics, sampled), head_updates = c.head.apply(
+                    head_vars, embeddings, batch["label"], sample_key=sample_key,
+                    mutable=[head.MARGIN_STATE])
+                margin_state = head_updates.get(head.MARGIN_STATE, {})
             norms = jnp.linalg.norm(embeddings.astype(jnp.float32), axis=-1)
             metrics["feature_norm"] = norms.mean()
             return total, (metrics, sampled, backbone_updates.get("batch_stats", {}),
-                           head_updates.get(head.MARGIN_STATE, {}))
+                           margin_state)
 
         (loss, (metrics, sampled, batch_stats, margin_state)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = c.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        if freeze_unsampled:
+            loss_fn, has_aux=True)(params_in)
+        updates, opt_state = c.tx.update(grads, opt_state_in, params_in)
+        params = optax.apply_updates(params_in, updates)
+        if sampled_rows:
+            params, opt_state = on_rows(state["params"], params), on_rows(state["opt_state"],
+                                                                          opt_state)
+        elif freeze_unsampled:
             params = optim.keep_unsampled_rows(params, state["params"], sampled,
                                                head.is_class_rows)
             opt_state = optim.keep_unsampled_rows(opt_state, state["opt_state"], sampled,

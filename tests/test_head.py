@@ -143,3 +143,46 @@ def test_margin_head_module_updates_adaface_state(x64):
                                0.5 * norms.mean() + 0.5 * 20.0, rtol=1e-6)
     dense = losses.dense_loss(x, np.asarray(weight[:30]), y, loss)[0]
     np.testing.assert_allclose(value[0], dense, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["arcface", "adaface", "curricularface"])
+def test_sampled_rows_loss_is_the_dense_partial_fc(name, x64):
+    """Sampling first and differentiating w.r.t. the sampled rows alone gives the loss, state
+    and embedding gradient of the dense Partial FC head, and its row gradients are the dense
+    gradient's sampled rows (the others being exactly zero there)."""
+    loss = LOSSES[name]
+    classes, batch, rate, devices = 203, 16, 0.25, 8
+    x, W, y = random_problem(11, batch, classes)
+    mesh = make_mesh(devices)
+    Wp = jnp.pad(W, ((0, padded_size(classes, devices) - classes), (0, 0)))
+    mask, key, state = jnp.ones(batch, bool), jax.random.key(5), loss.initial_state()
+    dense = head.sharded_margin_loss(loss, mesh, classes, sample_rate=rate)
+    index = jax.jit(head.partial_fc_sampler(mesh, classes, rate))(jnp.asarray(y), mask, key)
+    rows_fn = head.sampled_rows_loss(loss, mesh, classes)
+
+    def dense_total(x, w):
+        out = dense(x, w, jnp.asarray(y), mask, state, key)
+        return out.loss, out
+
+    def rows_total(x, rows):
+        out = rows_fn(x, rows, index, jnp.asarray(y), mask, state)
+        return out.loss, out
+
+    (value, out), (gx, gw) = jax.jit(jax.value_and_grad(dense_total, (0, 1), has_aux=True))(
+        x, Wp)
+    rows = jax.jit(head.take_rows(mesh))(Wp, index)
+    (value_rows, out_rows), (gx_rows, g_rows) = jax.jit(
+        jax.value_and_grad(rows_total, (0, 1), has_aux=True))(x, rows)
+    np.testing.assert_array_equal(out_rows.sampled, out.sampled)
+    np.testing.assert_allclose(value_rows, value, rtol=1e-13)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-13), out_rows.state,
+                 out.state)
+    np.testing.assert_allclose(gx_rows, gx, rtol=1e-11, atol=1e-15)
+    per_shard = Wp.shape[0] // devices
+    global_rows = (np.asarray(index).reshape(devices, -1)
+                   + per_shard * np.arange(devices)[:, None]).ravel()
+    np.testing.assert_allclose(g_rows, np.asarray(gw)[global_rows], rtol=1e-11, atol=1e-15)
+    # put_rows inverts take_rows; the other rows are untouched.
+    back = jax.jit(head.put_rows(mesh))(jnp.zeros_like(Wp), index, rows)
+    np.testing.assert_array_equal(np.asarray(back)[global_rows], np.asarray(Wp)[global_rows])
+    assert np.count_nonzero(np.abs(np.asarray(back)).sum(1)) == len(set(global_rows.tolist()))

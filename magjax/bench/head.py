@@ -2,6 +2,7 @@
 
     python -m magjax.bench head --batch 256 --classes 100000 --dim 512 --devices 1
     python -m magjax.bench head --abstract --classes 29000000 --devices 64 --sample-rate 0.1
+    python -m magjax.bench head --sample-rate 0.1 --freeze-unsampled   # sampled-rows gradient
 
 The step is what training runs for the head: all-gather of the embeddings, cosine logits per
 class shard, margin, softmax cross entropy over shards, and the gradients with respect to the
@@ -33,6 +34,9 @@ def _parse(argv):
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--sample-rate", type=float, default=1.0)
+    parser.add_argument("--freeze-unsampled", action="store_true",
+                        help="Partial FC as trained with head.freeze_unsampled: the gradient of "
+                             "the sampled rows alone (default: a dense [C, d] gradient)")
     # Any registered loss (magjax.losses): checked once jax is imported (after --devices).
     parser.add_argument("--loss", default="arcface", help="a loss of magjax.losses")
     parser.add_argument("--repeats", type=int, default=5)
@@ -87,11 +91,25 @@ def main(argv: list[str]) -> int:
     active = head.partial_fc_budget(args.sample_rate, per_shard, batch)
     fn = head.sharded_margin_loss(loss, mesh, args.classes, sample_rate=args.sample_rate)
 
-    def step(x, w, y, mask, key):
+    sampler = head.partial_fc_sampler(mesh, args.classes, args.sample_rate)
+    rows_loss = head.sampled_rows_loss(loss, mesh, args.classes)
+
+    def dense_step(x, w, y, mask, key):
         def total(x, w):
             return fn(x, w, y, mask, loss.initial_state(), key)[0]
 
         return jax.value_and_grad(total, argnums=(0, 1))(x, w)
+
+    def rows_step(x, w, y, mask, key):
+        # What training differentiates with head.freeze_unsampled: the sampled rows alone.
+        index = sampler(y, mask, key)
+
+        def total(x, rows):
+            return rows_loss(x, rows, index, y, mask, loss.initial_state())[0]
+
+        return jax.value_and_grad(total, argnums=(0, 1))(x, head.take_rows(mesh)(w, index))
+
+    step = rows_step if args.freeze_unsampled and active < per_shard else dense_step
 
     rows = NamedSharding(mesh, P(DATA_AXIS))
     shapes = (
@@ -106,6 +124,7 @@ def main(argv: list[str]) -> int:
     result = {
         "loss": args.loss, "batch": batch, "classes": args.classes, "dim": args.dim,
         "devices": args.devices, "sample_rate": args.sample_rate,
+        "freeze_unsampled": args.freeze_unsampled,
         "centres_per_device": active, "bytes_per_device": _memory(compiled),
         "weight_bytes_per_device": per_shard * args.dim * 4,
     }
