@@ -170,7 +170,8 @@ def base_config() -> ml_collections.ConfigDict:
                    batchnorm_stats="per_device")
     c.loss = _loss_fields("arcface")  # the fields of the chosen loss (get_config)
     c.head = dict(sample_rate=1.0, weight_init="normal",
-                  # Partial FC: True keeps momentum and weight decay off unsampled centres;
+                  # Partial FC: True keeps momentum and weight decay off unsampled centres
+                  # (and differentiates the sampled rows alone: no dense [C, d] gradient);
                   # False (arcface_torch) lets one SGD move every centre each step.
                   freeze_unsampled=False)
     c.optim = dict(
