@@ -25,7 +25,9 @@ agree whenever ``int(r·C_local) ≥ min(B, C_local)``, the regime of every real
 Sampling draws a uniform score per class, forces positives to 2 and takes the top ``K`` (as the
 official code), with the key folded with the shard index. Unsampled rows get exactly zero
 gradient; whether momentum and weight decay still move them is the optimizer's choice
-(``magjax.train``: arcface_torch keeps them in one SGD, so they do).
+(``magjax.train``: arcface_torch keeps them in one SGD, so they do). When they must not move
+(``head.freeze_unsampled``), training samples first and differentiates the sampled rows alone
+(:func:`partial_fc_sampler`, :func:`take_rows`, :func:`sampled_rows_loss`, :func:`put_rows`).
 """
 
 from __future__ import annotations
