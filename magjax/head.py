@@ -66,13 +66,16 @@ class HeadOutput(NamedTuple):
     logits: jax.Array | None = None  # [B, C_pad] with ``return_logits`` (0 where unsampled)
 
 
+# A shard's rows of the batch, joined into the global batch on every shard.
+_all_gather = functools.partial(lax.all_gather, axis_name=DATA_AXIS, tiled=True, to="invarying")
+
+
 def _gather_batch(embeddings, labels, row_mask):
     """The global batch on every shard; the embeddings widened once to the head dtype
     (magjax's backbones already emit float32 embeddings, as arcface_torch under autocast; a
     caller may pass bfloat16 ones): the cosine and norm paths then add their embedding
     gradients in float32 and round once."""
-    gather = functools.partial(lax.all_gather, axis_name=DATA_AXIS, tiled=True, to="invarying")
-    x, labels, row_mask = gather(embeddings), gather(labels), gather(row_mask)
+    x, labels, row_mask = _all_gather(embeddings), _all_gather(labels), _all_gather(row_mask)
     return x.astype(losses.head_dtype(x.dtype)), labels, row_mask
 
 
@@ -182,8 +185,7 @@ def partial_fc_sampler(mesh: Mesh, num_classes: int, sample_rate: float):
     classes_per_shard = padded_size(num_classes, devices) // devices
 
     def local(labels, row_mask, key):
-        gather = functools.partial(lax.all_gather, axis_name=DATA_AXIS, tiled=True, to="invarying")
-        labels, row_mask = gather(labels), gather(row_mask)
+        labels, row_mask = _all_gather(labels), _all_gather(row_mask)
         start, local_label, owned = _local_labels(labels, row_mask, classes_per_shard)
         budget = partial_fc_budget(sample_rate, classes_per_shard, labels.shape[0])
         return _sample(local_label, owned, key, start, classes_per_shard, num_classes, budget)

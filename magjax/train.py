@@ -218,8 +218,8 @@ def make_train_step(components: Components, base_key: jax.Array, *,
                                    ).astype(c.compute_dtype)
 
         if sampled_rows:
-            labels = batch["label"]
-            index = sampler(labels, jnp.ones(labels.shape, bool), sample_key)
+            all_rows = jnp.ones(batch["label"].shape, bool)
+            index = sampler(batch["label"], all_rows, sample_key)
 
             def on_rows(tree, update=None):
                 """The class-row leaves of ``tree`` cut to the sampled rows, or (``update``)
@@ -247,9 +247,8 @@ def make_train_step(components: Components, base_key: jax.Array, *,
                     c.backbone, backbone_vars, images, dropout_key=dropout_key,
                     groups=batchnorm_groups)
             if sampled_rows:
-                labels = batch["label"]
-                out = rows_loss(embeddings, params["head"]["weight"], index, labels,
-                                jnp.ones(labels.shape, bool), state["margin_state"])
+                out = rows_loss(embeddings, params["head"]["weight"], index, batch["label"],
+                                all_rows, state["margin_state"])
                 total, metrics, sampled, margin_state = out.loss, out.metrics, out.sampled, {
                     name: value.astype(state["margin_state"][name].dtype)
                     for name, value in out.state.items()}
