@@ -40,7 +40,7 @@ import sys
 
 import numpy as np
 
-from magjax import cli, evaluators, files
+from magjax import cli, cpu_runtime, evaluators, files
 from magjax.eval import cluster, ijb, quality
 
 log = logging.getLogger("magjax.evaluate")
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.bins or args.ijb or args.quality_set or args.cluster):
         parser.error("nothing to evaluate: give --bins, --ijb, --quality-set and/or --cluster")
     out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "eval"
+    cpu_runtime.configure()
     return cli.run(lambda: _evaluate(args, out), verbose=args.verbose,
                    log_file=out / "evaluate.log")
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from magjax import cli
+from magjax import cli, cpu_runtime
 from magjax.data.images import list_images, read_face
 
 log = logging.getLogger("magjax.extract")
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cpu_runtime.configure()
     return cli.run(lambda: _extract(args), verbose=args.verbose)
 
 

@@ -32,7 +32,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from magjax import cli, logs, train
+from magjax import cli, cpu_runtime, logs, train
 from magjax.errors import UserError
 
 RECIPE_PREFIX = "magjax:"
@@ -101,6 +101,7 @@ def main(argv):
 
 
 def _train() -> None:
+    cpu_runtime.configure()
     forced = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
     if _CONFIG.value.cpu_devices and not forced:
         # Must happen before the backend starts; it only affects the CPU platform. A device

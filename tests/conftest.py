@@ -1,6 +1,9 @@
-"""Test set-up: 8 fake CPU devices, which XLA reads once, before jax is first imported."""
+"""Test set-up: 8 fake CPU devices and magjax's CPU settings, which XLA reads once, before jax is
+first imported."""
 
 import os
+
+from magjax import cpu_runtime  # imports no jax
 
 # libtpu (requirements-tpu.txt, for the ahead-of-time TPU compiles) would otherwise be tried as
 # a backend, and hold its lock file, in every test process; its topology API needs no backend.
@@ -9,6 +12,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+# The CPU settings of magjax's entry points (YNNPACK for reductions only, glibc keeping freed
+# memory), so that the tests run what users run.
+cpu_runtime.configure()
 
 import pathlib  # noqa: E402
 

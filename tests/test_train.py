@@ -163,7 +163,7 @@ def test_unknown_config_key_is_named(tmp_path):
 
 
 def test_main_splits_the_cpu_into_config_cpu_devices(dataset, tmp_path):
-    """The demo's ``cpu_devices=4`` gives 4 CPU devices when XLA_FLAGS forces no count."""
+    """The demo's ``cpu_devices=2`` gives 2 CPU devices when XLA_FLAGS forces no count."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     result = _run_main(["--config", "configs/magface.py:demo", "--workdir", str(tmp_path),
                         f"--config.data.dir={dataset}", "--config.data.synthetic=False",
@@ -172,13 +172,13 @@ def test_main_splits_the_cpu_into_config_cpu_devices(dataset, tmp_path):
                         "--config.eval.quality_set="], env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["devices"] == 4 and summary["steps"] == 1
+    assert summary["devices"] == 2 and summary["steps"] == 1
     # The console holds magjax's lines only (what it trains, progress); library messages
     # (absl/orbax INFO, jax's and libtpu's TPU probing) are in WORKDIR/train.log.
     console = result.stderr.splitlines()
     assert console[0] == "num_classes=12, num_examples=48 taken from the data in " + str(dataset)
     assert console[1].startswith("training magface on magface_tiny (float32): 12 classes")
-    assert "global batch 8 on 4 cpu devices" in console[1] and "; 1 step (" in console[1]
+    assert "global batch 8 on 2 cpu devices" in console[1] and "; 1 step (" in console[1]
     assert console[2].startswith("[1/1] loss ") and len(console) == 3, console
     log = (tmp_path / "train.log").read_text()
     assert "INFO absl:" in log and "INFO magjax.train: training magface" in log

@@ -8,13 +8,15 @@
     python -m magjax.bench capacity --topology v5e:16x16 --config configs/arcface.py:r100
     python -m magjax.bench export --arch iresnet50                         # ONNX Runtime vs JAX
 
-Each prints its figures and, last, one JSON line; BENCHMARKS.md records them.
+Each prints its figures and, last, one JSON line; BENCHMARKS.md records them. They run with
+magjax's CPU settings (:mod:`magjax.cpu_runtime`), like training; ``--cpu-defaults`` anywhere
+after the name runs with XLA's and glibc's defaults instead (the figures before those settings).
 """
 
 import importlib
 import sys
 
-from magjax import cli
+from magjax import cli, cpu_runtime
 
 BENCHMARKS = ("head", "backbone", "input", "train", "compile", "capacity", "export")
 
@@ -31,8 +33,11 @@ def main(argv: list[str]) -> int:
         from magjax.bench import compile as compile_bench
 
         compile_bench.restart_with_deep_stack(argv)
+    options = [arg for arg in argv[1:] if arg != "--cpu-defaults"]
+    if len(options) == len(argv) - 1:
+        cpu_runtime.configure()
     module = importlib.import_module(f"magjax.bench.{argv[0]}")
-    return module.main(argv[1:]) or 0
+    return module.main(options) or 0
 
 
 if __name__ == "__main__":

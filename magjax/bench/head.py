@@ -127,6 +127,7 @@ def main(argv: list[str]) -> int:
         "freeze_unsampled": args.freeze_unsampled,
         "centres_per_device": active, "bytes_per_device": _memory(compiled),
         "weight_bytes_per_device": per_shard * args.dim * 4,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
     if not args.abstract:
         keys = jax.random.split(jax.random.key(0), 2)
