@@ -21,3 +21,15 @@ def test_sampled_rows_step_has_no_dense_centre_gradient(capsys):
     # Both hold the [C, d] centres as an argument; the dense step also outputs a [C, d]
     # gradient, the sampled-rows step a [C/10, d] one.
     assert dense - rows >= 0.8 * centre_array, (dense, rows)
+
+
+def test_timed_run_over_eight_devices_times_the_floor_on_all_of_them(capsys):
+    argv = ["--batch", "64", "--classes", "4000", "--dim", "32", "--devices", "8",
+            "--sample-rate", "0.5", "--freeze-unsampled", "--repeats", "2"]
+    assert head_bench.main(argv) in (0, None)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # The floor's FLOPs are every device's products (8 shards of the sampled rows), not one
+    # device's: fake CPU devices share the cores, so one device's floor would be 8x too low.
+    flops = result["floor_gflops_per_s"] * 1e6 * result["floor_ms"]
+    assert abs(flops / (3 * 2 * 64 * 8 * result["centres_per_device"] * 32) - 1) < 0.05
+    assert result["step_ms"] > 0 and result["ratio"] > 0

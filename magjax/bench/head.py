@@ -6,11 +6,13 @@
 
 The step is what training runs for the head: all-gather of the embeddings, cosine logits per
 class shard, margin, softmax cross entropy over shards, and the gradients with respect to the
-embeddings and the class centres. The floor, measured in the same run on one device at the
+embeddings and the class centres. The floor, measured in the same run on every device at the
 per-device shapes, is the three matrix products no implementation can avoid: the logits
-``[B, d] x [d, C_local]``, the embedding gradient ``[B, C_local] x [C_local, d]`` and the centre
-gradient ``[C_local, B] x [B, d]`` (with Partial FC, ``C_local`` is the sampled count), timed
-in the head's class-major layout and in the batch-major one, the faster of the two counting.
+``[B, d] x [d, C_local]``, the embedding gradient ``[B, C_local] x [C_local, d]`` (summed over
+the devices) and the centre gradient ``[C_local, B] x [B, d]`` (with Partial FC, ``C_local`` is
+the sampled count), timed in the head's class-major layout and in the batch-major one, the
+faster of the two counting. Fake CPU devices share the host's cores, so the floor runs on all of
+them at once, as the step does.
 Step and floors are timed in turn, best of ``--repeats`` each.
 ``bytes_per_device`` is XLA's compiled memory analysis (arguments + outputs + temporaries).
 ``--abstract`` compiles on shapes only (no allocation, no timing), so that millions of classes
@@ -147,15 +149,20 @@ def main(argv: list[str]) -> int:
             logits = x @ w.T  # [B, C_local]
             return logits, g @ w, g.T @ x
 
-        xf = jnp.ones((batch, args.dim))
-        wf = jnp.ones((active, args.dim))
+        # Every device holds all B embeddings and its own C_local rows, as in the head.
+        sampled = args.devices * active
+        class_rows = NamedSharding(mesh, P(DATA_AXIS, None))
+        xf = jax.device_put(jnp.ones((batch, args.dim)), NamedSharding(mesh, P()))
+        wf = jax.device_put(jnp.ones((sampled, args.dim)), class_rows)
         step_ms, *floors_ms = _time_alternating(
             [(compiled, (x, w, y, mask, jax.random.key(1))),
-             (floor_class_major, (xf, wf, jnp.ones((active, batch)))),
-             (floor_batch_major, (xf, wf, jnp.ones((batch, active))))],
+             (floor_class_major, (xf, wf, jax.device_put(jnp.ones((sampled, batch)),
+                                                         class_rows))),
+             (floor_batch_major, (xf, wf, jax.device_put(
+                 jnp.ones((batch, sampled)), NamedSharding(mesh, P(None, DATA_AXIS)))))],
             args.repeats)
         floor_ms = min(floors_ms)
-        flops = 3 * 2 * batch * active * args.dim
+        flops = 3 * 2 * batch * sampled * args.dim
         result.update(step_ms=round(step_ms, 2), floor_ms=round(floor_ms, 2),
                       floor_class_major_ms=round(floors_ms[0], 2),
                       floor_batch_major_ms=round(floors_ms[1], 2),
