@@ -1,11 +1,11 @@
 """CPU settings that magjax's command-line entry points apply before JAX starts.
 
 Both were measured on a 2-core x86 host (BENCHMARKS.md, "CPU settings"); neither changes what
-is computed beyond float32 summation order, and neither matters on TPU or GPU, where XLA's
-CPU client only handles host-side work.
+is computed beyond float32 summation order. On a TPU or GPU host the flag only concerns XLA's
+CPU client (host-side work) and the allocator setting only the host process's memory.
 
 * Which work XLA:CPU gives to YNNPACK. jaxlib 0.10 hands it dots, convolutions, element-wise
-  ops and reductions by default; its convolutions run a backbone's weight gradients 4-7x slower
+  ops and reductions by default; its convolutions run a backbone's weight gradients 2-7x slower
   than XLA's own (Eigen) ones, so an iresnet18 training step took 11.2 s instead of 6.5 s.
   ``--xla_cpu_experimental_ynn_fusion_type=reduce`` keeps YNNPACK for reductions only: with
   those off as well, row norms run ~6x slower and XLA's own float32 sums (BatchNorm's
