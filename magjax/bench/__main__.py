@@ -33,9 +33,9 @@ def main(argv: list[str]) -> int:
         from magjax.bench import compile as compile_bench
 
         compile_bench.restart_with_deep_stack(argv)
-    options = [arg for arg in argv[1:] if arg != "--cpu-defaults"]
-    if len(options) == len(argv) - 1:
+    if "--cpu-defaults" not in argv[1:]:
         cpu_runtime.configure()
+    options = [arg for arg in argv[1:] if arg != "--cpu-defaults"]
     module = importlib.import_module(f"magjax.bench.{argv[0]}")
     return module.main(options) or 0
 
