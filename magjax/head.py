@@ -96,7 +96,37 @@ def _sample(local_label, owned, key, start, classes_per_shard, num_classes, budg
     positive = jnp.zeros(classes_per_shard, bool).at[
         jnp.where(owned, local_label, classes_per_shard)].set(True, mode="drop")
     scores = jnp.where(positive, 2.0, jnp.where(class_ids < num_classes, scores, -1.0))
-    return jnp.sort(lax.top_k(scores, budget)[1])
+    return top_indices(scores, budget)
+
+
+def top_indices(scores: jax.Array, k: int) -> jax.Array:
+    """Indices of the ``k`` largest of ``scores [n]`` (float32 or, under x64, float64),
+    ascending: the set ``lax.top_k`` returns, ties going to the lower index as there.
+
+    Written by hand because XLA:CPU's TopK plus the sort of its indices take 6-7 ms for
+    Partial FC's 100k scores per shard, a tenth of the head's step. This finds the ``k``-th
+    largest score by bisection over its bits (one count of ``scores >= t`` per bit), keeps
+    every score above it and the lowest-index ties, and reads the indices off a running count,
+    already in order.
+    """
+    width = jnp.dtype(scores.dtype).itemsize * 8
+    signed, unsigned = jnp.dtype(f"int{width}"), jnp.dtype(f"uint{width}")
+    bits = lax.bitcast_convert_type(scores, signed)
+    # float -> unsigned int preserving order: negatives (sign bit set) get every bit flipped,
+    # the others only the sign bit.
+    sign = jnp.array(-(2 ** (width - 1)), signed)
+    order = lax.bitcast_convert_type(jnp.where(bits < 0, ~bits, bits ^ sign), unsigned)
+
+    def set_bit_if_k_remain(step, kth):  # kth grows to the largest t with count(order >= t) >= k
+        candidate = kth | (jnp.ones((), unsigned) << (width - 1 - step).astype(unsigned))
+        return jnp.where(jnp.sum(order >= candidate) >= k, candidate, kth)
+
+    # A loop, not 32 unrolled counts: as fast here, and compiles in a third of the time.
+    kth = lax.fori_loop(0, width, set_bit_if_k_remain, jnp.zeros_like(order[0]))
+    above, tied = order > kth, order == kth
+    chosen = above | (tied & (jnp.cumsum(tied) <= k - jnp.sum(above)))
+    # The j-th chosen index is the first position where the running count reaches j.
+    return jnp.searchsorted(jnp.cumsum(chosen), jnp.arange(1, k + 1)).astype(jnp.int32)
 
 
 def _loss_on_rows(loss, x, rows, class_ids, local_label, owned, row_mask, state, num_classes):

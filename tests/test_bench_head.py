@@ -3,6 +3,8 @@
 
 import json
 
+import pytest
+
 from magjax.bench import head as head_bench
 
 CLASSES, DIM = 40_000, 64
@@ -33,3 +35,18 @@ def test_timed_run_over_eight_devices_times_the_floor_on_all_of_them(capsys):
     flops = result["floor_gflops_per_s"] * 1e6 * result["floor_ms"]
     assert abs(flops / (3 * 2 * 64 * 8 * result["centres_per_device"] * 32) - 1) < 0.05
     assert result["step_ms"] > 0 and result["ratio"] > 0
+
+
+def test_dense_partial_fc_step_also_reports_the_dense_write(capsys):
+    argv = ["--batch", "32", "--classes", "4000", "--dim", "32", "--sample-rate", "0.25",
+            "--repeats", "2"]
+    assert head_bench.main(argv) in (0, None)
+    dense = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert dense["dense_write_ms"] > 0
+    combined = dense["step_ms"] / (dense["floor_ms"] + dense["dense_write_ms"])
+    # The figures are rounded to 0.01 ms, a few percent of these tiny steps.
+    assert dense["ratio_with_dense_write"] == pytest.approx(combined, rel=0.05)
+    # The sampled-rows gradient writes no dense array: no such figure.
+    assert head_bench.main(argv + ["--freeze-unsampled"]) in (0, None)
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "dense_write_ms" not in rows and rows["ratio"] > 0

@@ -186,3 +186,22 @@ def test_sampled_rows_loss_is_the_dense_partial_fc(name, x64):
     back = jax.jit(head.put_rows(mesh))(jnp.zeros_like(Wp), index, rows)
     np.testing.assert_array_equal(np.asarray(back)[global_rows], np.asarray(Wp)[global_rows])
     assert np.count_nonzero(np.abs(np.asarray(back)).sum(1)) == len(set(global_rows.tolist()))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_top_indices_is_the_set_top_k_takes(dtype, x64):
+    """Partial FC's selection by bisection equals ``sort(lax.top_k(...)[1])``, ties included
+    (to the lower index), with positives forced to 2 and padding at -1 as the sampler does."""
+    top_indices = jax.jit(head.top_indices, static_argnums=1)
+    rng = np.random.default_rng(0)
+    uniform = rng.uniform(size=500)
+    uniform[rng.choice(500, 40, replace=False)] = 2.0
+    uniform[-30:] = -1.0
+    edge = np.resize([-0.0, 0.0, -1.5, np.inf, -np.inf, 3.0, -2.0, 1e-40], 500)
+    cases = [uniform, rng.integers(-3, 4, 500) * 0.5,  # few distinct values: ties everywhere
+             np.full(500, 0.25), edge]
+    for k in (1, 7, 250, 499, 500):
+        for scores in cases:
+            scores = jnp.asarray(scores, dtype)
+            expected = np.sort(np.asarray(jax.lax.top_k(scores, k)[1]))
+            np.testing.assert_array_equal(top_indices(scores, k), expected)

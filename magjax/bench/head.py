@@ -12,7 +12,10 @@ per-device shapes, is the three matrix products no implementation can avoid: the
 the devices) and the centre gradient ``[C_local, B] x [B, d]`` (with Partial FC, ``C_local`` is
 the sampled count), timed in the head's class-major layout and in the batch-major one, the
 faster of the two counting. Fake CPU devices share the host's cores, so the floor runs on all of
-them at once, as the step does.
+them at once, as the step does. A dense centre gradient (Partial FC without
+``--freeze-unsampled``, arcface_torch's semantics) must also write ``[C_local, d]`` floats, most
+of them zeros: ``dense_write_ms`` times the cheapest such write (zeros, on every device), and
+``ratio_with_dense_write`` compares the step with the floor plus that write.
 Step and floors are timed in turn, best of ``--repeats`` each.
 ``bytes_per_device`` is XLA's compiled memory analysis (arguments + outputs + temporaries).
 ``--abstract`` compiles on shapes only (no allocation, no timing), so that millions of classes
@@ -154,13 +157,18 @@ def main(argv: list[str]) -> int:
         class_rows = NamedSharding(mesh, P(DATA_AXIS, None))
         xf = jax.device_put(jnp.ones((batch, args.dim)), NamedSharding(mesh, P()))
         wf = jax.device_put(jnp.ones((sampled, args.dim)), class_rows)
-        step_ms, *floors_ms = _time_alternating(
-            [(compiled, (x, w, y, mask, jax.random.key(1))),
-             (floor_class_major, (xf, wf, jax.device_put(jnp.ones((sampled, batch)),
-                                                         class_rows))),
-             (floor_batch_major, (xf, wf, jax.device_put(
-                 jnp.ones((batch, sampled)), NamedSharding(mesh, P(None, DATA_AXIS)))))],
-            args.repeats)
+        calls = [(compiled, (x, w, y, mask, jax.random.key(1))),
+                 (floor_class_major, (xf, wf, jax.device_put(jnp.ones((sampled, batch)),
+                                                             class_rows))),
+                 (floor_batch_major, (xf, wf, jax.device_put(
+                     jnp.ones((batch, sampled)), NamedSharding(mesh, P(None, DATA_AXIS)))))]
+        dense_gradient = step is dense_step and active < per_shard
+        if dense_gradient:
+            calls.append((jax.jit(lambda: jnp.zeros((padded, args.dim)),
+                                  out_shardings=NamedSharding(mesh, P(DATA_AXIS, None))), ()))
+        step_ms, *floors_ms = _time_alternating(calls, args.repeats)
+        if dense_gradient:
+            write_ms = floors_ms.pop()
         floor_ms = min(floors_ms)
         flops = 3 * 2 * batch * sampled * args.dim
         result.update(step_ms=round(step_ms, 2), floor_ms=round(floor_ms, 2),
@@ -170,6 +178,11 @@ def main(argv: list[str]) -> int:
                       floor_gflops_per_s=round(flops / floor_ms / 1e6, 1))
         print(f"head step {step_ms:.1f} ms, floor {floor_ms:.1f} ms, "
               f"ratio {step_ms / floor_ms:.2f}")
+        if dense_gradient:
+            result.update(dense_write_ms=round(write_ms, 2),
+                          ratio_with_dense_write=round(step_ms / (floor_ms + write_ms), 3))
+            print(f"writing the dense [C_local, d] gradient alone {write_ms:.1f} ms, ratio "
+                  f"with it {step_ms / (floor_ms + write_ms):.2f}")
     print(f"bytes per device {result['bytes_per_device'] / 2**20:.1f} MiB "
           f"(class centres {result['weight_bytes_per_device'] / 2**20:.1f} MiB)")
     print(json.dumps(result))
