@@ -105,9 +105,9 @@ def top_indices(scores: jax.Array, k: int) -> jax.Array:
 
     Written by hand because XLA:CPU's TopK plus the sort of its indices take 6-7 ms for
     Partial FC's 100k scores per shard, a tenth of the head's step. This finds the ``k``-th
-    largest score by bisection over its bits (one count of ``scores >= t`` per bit), keeps
-    every score above it and the lowest-index ties, and reads the indices off a running count,
-    already in order.
+    largest score digit by digit over its bits (two bits per pass: three counts of
+    ``scores >= t``), keeps every score above it and the lowest-index ties, and reads the
+    indices off a running count, already in order: ~3 ms.
     """
     width = jnp.dtype(scores.dtype).itemsize * 8
     signed, unsigned = jnp.dtype(f"int{width}"), jnp.dtype(f"uint{width}")
@@ -116,15 +116,21 @@ def top_indices(scores: jax.Array, k: int) -> jax.Array:
     # the others only the sign bit.
     sign = jnp.array(-(2 ** (width - 1)), signed)
     order = lax.bitcast_convert_type(jnp.where(bits < 0, ~bits, bits ^ sign), unsigned)
+    digits = jnp.arange(1, 4, dtype=unsigned)  # the nonzero values of two bits
 
-    def set_bit_if_k_remain(step, kth):  # kth grows to the largest t with count(order >= t) >= k
-        candidate = kth | (jnp.ones((), unsigned) << (width - 1 - step).astype(unsigned))
-        return jnp.where(jnp.sum(order >= candidate) >= k, candidate, kth)
+    def next_digit(step, kth):  # kth grows to the largest t with count(order >= t) >= k
+        candidates = kth | (digits << (width - 2 - 2 * step).astype(unsigned))
+        counts = jnp.sum(order[None, :] >= candidates[:, None], axis=1)
+        return jnp.max(jnp.where(counts >= k, candidates, kth))
 
-    # A loop, not 32 unrolled counts: as fast here, and compiles in a third of the time.
-    kth = lax.fori_loop(0, width, set_bit_if_k_remain, jnp.zeros_like(order[0]))
+    # A loop, not unrolled passes: as fast here, and compiles in a third of the time (two bits
+    # per pass: 1.3 ms less than one, four: 2.3 ms more).
+    kth = lax.fori_loop(0, width // 2, next_digit, jnp.zeros_like(order[0]))
     above, tied = order > kth, order == kth
-    chosen = above | (tied & (jnp.cumsum(tied) <= k - jnp.sum(above)))
+    ties_needed = k - jnp.sum(above)
+    # Random scores rarely tie at the k-th: then every tie is taken, without the running count.
+    chosen = lax.cond(jnp.sum(tied) == ties_needed, lambda: above | tied,
+                      lambda: above | (tied & (jnp.cumsum(tied) <= ties_needed)))
     # The j-th chosen index is the first position where the running count reaches j.
     return jnp.searchsorted(jnp.cumsum(chosen), jnp.arange(1, k + 1)).astype(jnp.int32)
 
