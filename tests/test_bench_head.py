@@ -1,5 +1,6 @@
 """``python -m magjax.bench head``: the Partial FC step with a sampled-rows gradient
-(``--freeze-unsampled``) compiles without the dense centre gradient."""
+(``--freeze-unsampled``) compiles without the dense centre gradient, the floor covers every
+device, and the dense step also reports the write of its gradient."""
 
 import json
 
