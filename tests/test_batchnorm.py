@@ -63,6 +63,91 @@ def test_running_statistics_match_torch(shape, momentum, eps, x64):
                                atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(6, 5, 5, 3), (16, 7), (2, 4)])
+def test_gradients_match_torch(shape, x64):
+    """The hand-written backward against torch.nn.BatchNorm's autograd, float64: the input,
+    scale and bias gradients of a random linear function of the output."""
+    rng = np.random.default_rng(1)
+    module = layers.batch_norm(True, eps=2e-5, torch_momentum=0.1, dtype=jnp.float64,
+                               name="bn")
+    reference = _torch_bn(shape, 0.1, 2e-5)
+    with torch.no_grad():
+        reference.weight.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, shape[-1])))
+        reference.bias.copy_(torch.from_numpy(rng.normal(size=shape[-1])))
+    params = {"scale": jnp.asarray(reference.weight.detach().numpy()),
+              "bias": jnp.asarray(reference.bias.detach().numpy())}
+    stats = jax.tree.map(lambda v: v.astype(jnp.float64),
+                         module.init(jax.random.key(0), jnp.zeros(shape))["batch_stats"])
+    x, dy = rng.normal(3.0, 2.0, shape), rng.normal(size=shape)
+
+    def linear_in_output(params, x):
+        y, _ = module.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+        return jnp.vdot(y, dy)
+
+    dparams, dx = jax.grad(linear_in_output, argnums=(0, 1))(params, jnp.asarray(x))
+    x_torch = _to_torch(x).requires_grad_()
+    (reference(x_torch) * _to_torch(dy)).sum().backward()
+    np.testing.assert_allclose(dx, _from_torch(x_torch.grad), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dparams["scale"], reference.weight.grad.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(dparams["bias"], reference.bias.grad.numpy(), rtol=1e-10)
+
+
+def test_gradient_through_the_batch_statistics(x64):
+    """``normalize_with_batch_statistics`` also returns the batch mean and variance; their
+    cotangents reach ``x`` too (autodiff of the textbook formula, float64, as reference)."""
+    rng = np.random.default_rng(2)
+    x, scale, bias = rng.normal(1.0, 3.0, (4, 3, 3, 5)), rng.normal(size=5), rng.normal(size=5)
+    cotangents = (rng.normal(size=x.shape), rng.normal(size=5), rng.normal(size=5))
+
+    def textbook(x, scale, bias):
+        mean = x.mean((0, 1, 2))
+        var = ((x - mean) ** 2).mean((0, 1, 2))
+        return (x - mean) / jnp.sqrt(var + 1e-5) * scale + bias, mean, var
+
+    outputs, vjp = jax.vjp(
+        lambda x, s, b: layers.normalize_with_batch_statistics(x, s, b, 1e-5, jnp.float64),
+        x, scale, bias)
+    expected_outputs, expected_vjp = jax.vjp(textbook, x, scale, bias)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12),
+                 outputs, expected_outputs)
+    for got, expected in zip(vjp(cotangents), expected_vjp(cotangents), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_same_output_as_flax_and_gradients_within_rounding(dtype):
+    """The forward is flax.linen.BatchNorm's op for op (bit-identical output, bfloat16 compute
+    included); the gradients differ from autodiff of flax's forward by float32 rounding only
+    (the bfloat16 input gradient by bfloat16 rounding)."""
+    shape = (8, 6, 6, 16)
+    x = (jax.random.normal(jax.random.key(0), shape) * 2.0 + 3.0).astype(dtype)
+    dy = jax.random.normal(jax.random.key(1), shape).astype(dtype)
+    params = {"scale": jax.random.uniform(jax.random.key(2), (16,), minval=0.5, maxval=1.5),
+              "bias": jax.random.normal(jax.random.key(3), (16,))}
+    stats = {"mean": jnp.zeros(16), "var": jnp.ones(16)}
+    ours = layers.batch_norm(True, eps=1e-5, torch_momentum=0.1, dtype=dtype, name="bn")
+    flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5,
+                           use_fast_variance=False, dtype=dtype, param_dtype=jnp.float32)
+
+    def output_and_gradients(module):
+        def linear_in_output(params, x):
+            y, _ = module.apply({"params": params, "batch_stats": stats}, x,
+                                mutable=["batch_stats"])
+            return jnp.vdot(y.astype(jnp.float32), dy.astype(jnp.float32)), y
+
+        return jax.jit(jax.grad(linear_in_output, argnums=(0, 1), has_aux=True))(params, x)
+
+    (dparams, dx), y = output_and_gradients(ours)
+    (expected_dparams, expected_dx), expected_y = output_and_gradients(flax_bn)
+    assert y.dtype == dtype and dx.dtype == dtype
+    np.testing.assert_array_equal(y, expected_y)
+    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+    for got, expected in ((dx, expected_dx), (dparams["scale"], expected_dparams["scale"]),
+                          (dparams["bias"], expected_dparams["bias"])):
+        got, expected = np.asarray(got, np.float32), np.asarray(expected, np.float32)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance * np.abs(expected).max())
+
+
 def test_initialisation_does_not_move_the_running_statistics():
     module = layers.batch_norm(True, eps=1e-5, torch_momentum=0.1, dtype=jnp.float32, name="bn")
     stats = module.init(jax.random.key(0), jnp.arange(12.0).reshape(4, 3))["batch_stats"]

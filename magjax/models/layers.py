@@ -15,13 +15,14 @@ differences in conventions made explicit:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen import normalization
+from flax.linen import dtypes, normalization
 
 Dtype = Any
 
@@ -67,38 +68,96 @@ def conv(
     )
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def normalize_with_batch_statistics(x, scale, bias, epsilon, stats_dtype):
+    """Training-mode BatchNorm over every axis but the last; returns ``(y, mean, var)``.
+
+    ``mean = E[x]`` and ``var = E[(x - mean)^2]`` (two passes, as PyTorch) in ``stats_dtype``,
+    ``y = (x - mean) * (rsqrt(var + epsilon) * scale) + bias``: flax's ``_compute_stats`` and
+    ``_normalize`` op for op, so that ``y`` is bit-identical to ``flax.linen.BatchNorm``'s.
+
+    Written by hand for its gradient. With ``n`` values per feature, ``rstd = rsqrt(var +
+    epsilon)`` and ``xhat = (x - mean) * rstd``: ``dbias = sum(dy)``, ``dscale = sum(dy * xhat)``,
+    ``dx = scale * rstd * (dy - dbias / n - xhat * dscale / n) + dmean / n
+    + 2 * dvar * (x - mean) / n``. Forward and backward then take four reductions and three
+    element-wise passes over the activations as XLA:CPU compiles them, autodiff of the forward
+    six and four (BENCHMARKS.md, "BatchNorm's gradient by hand").
+    """
+    return _batch_norm_forward(x, scale, bias, epsilon, stats_dtype)[0]
+
+
+def _batch_norm_forward(x, scale, bias, epsilon, stats_dtype):
+    axes = tuple(range(x.ndim - 1))
+    x_stats = x.astype(stats_dtype)
+    mean = x_stats.mean(axes)
+    var = jax.lax.square(x_stats - mean).mean(axes)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    y = (x - mean) * (rstd * scale) + bias
+    return (y, mean, var), (x, mean, rstd, scale, bias)
+
+
+def _batch_norm_backward(epsilon, stats_dtype, residuals, cotangents):
+    del epsilon, stats_dtype  # in rstd
+    x, mean, rstd, scale, bias = residuals
+    dy, dmean, dvar = cotangents
+    dtype = jnp.result_type(x, mean, scale, bias)
+    axes = tuple(range(x.ndim - 1))
+    n = math.prod(x.shape[:-1])
+    dy = dy.astype(dtype)
+    centred = x.astype(dtype) - mean
+    xhat = centred * rstd
+    dbias = dy.sum(axes)
+    dscale = (dy * xhat).sum(axes)
+    dx = (scale * rstd) * (dy - dbias / n - xhat * (dscale / n)) + (dmean + 2 * dvar * centred) / n
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+normalize_with_batch_statistics.defvjp(_batch_norm_forward, _batch_norm_backward)
+
+
 class BatchNorm(nn.BatchNorm):
     """``flax.linen.BatchNorm`` whose running variance is PyTorch's: updated with the unbiased
     batch variance ``n / (n - 1) * var`` (``n`` values per feature), while training-mode
     normalisation uses the biased one as both frameworks do.
 
-    Only what this project uses is supported: no ``axis_name``, no ``mask``. The statistics and
-    the normalisation are flax's own helpers (private, for the pinned flax version), so that
-    everything but the running-variance update is bit-identical to ``flax.linen.BatchNorm``.
+    Only what this project uses is supported: features on the last axis, no ``axis_name``, no
+    ``mask``, two-pass variance (``use_fast_variance`` is not read). Evaluation mode is flax's
+    own ``_normalize`` (private, for the pinned flax version); training mode is
+    :func:`normalize_with_batch_statistics`, the same forward with a hand-written gradient.
+    Parameters and statistics have flax's names and shapes.
     """
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average)
-        feature_axes = normalization._canonicalize_axes(x.ndim, self.axis)
-        reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
-        feature_shape = [x.shape[axis] for axis in feature_axes]
-        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, feature_shape, jnp.float32)
-        ra_var = self.variable("batch_stats", "var", jnp.ones, feature_shape, jnp.float32)
+        features = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
         if use_running_average:
-            mean, var = ra_mean.value, ra_var.value
-        else:
-            mean, var = normalization._compute_stats(
-                x, reduction_axes, dtype=self.dtype, use_fast_variance=self.use_fast_variance)
-            if not self.is_initializing():
-                n = math.prod(x.shape[axis] for axis in reduction_axes)
-                unbiased = var * (n / max(n - 1, 1))
-                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
-        return normalization._normalize(
-            self, x, mean, var, reduction_axes, feature_axes, self.dtype, self.param_dtype,
-            self.epsilon, self.use_bias, self.use_scale, self.bias_init, self.scale_init)
+            return normalization._normalize(
+                self, x, ra_mean.value, ra_var.value, tuple(range(x.ndim - 1)), (x.ndim - 1,),
+                self.dtype, self.param_dtype, self.epsilon, self.use_bias, self.use_scale,
+                self.bias_init, self.scale_init)
+        scale = (self.param("scale", self.scale_init, (features,), self.param_dtype)
+                 if self.use_scale else None)
+        bias = (self.param("bias", self.bias_init, (features,), self.param_dtype)
+                if self.use_bias else None)
+        stats_dtype = jnp.promote_types(self.dtype or x.dtype, jnp.float32)  # as flax
+        y, mean, var = normalize_with_batch_statistics(
+            x,
+            jnp.ones(features, stats_dtype) if scale is None else scale,  # exact: * 1 and + 0
+            jnp.zeros(features, stats_dtype) if bias is None else bias,
+            self.epsilon,
+            stats_dtype,
+        )
+        if not self.is_initializing():
+            n = math.prod(x.shape[:-1])
+            unbiased = var * (n / max(n - 1, 1))
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+        affine = [p for p in (scale, bias) if p is not None]
+        return y.astype(dtypes.canonicalize_dtype(x, *affine, dtype=self.dtype))
 
 
 class FrozenScaleBatchNorm(BatchNorm):
