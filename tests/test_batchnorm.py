@@ -114,20 +114,23 @@ def test_gradient_through_the_batch_statistics(x64):
         np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_same_output_as_flax_and_gradients_within_rounding(dtype):
+@pytest.mark.parametrize("dtype, affine", [(jnp.float32, True), (jnp.bfloat16, True),
+                                           (jnp.float32, False)])
+def test_same_output_as_flax_and_gradients_within_rounding(dtype, affine):
     """The forward is flax.linen.BatchNorm's op for op (bit-identical output, bfloat16 compute
-    included); the gradients differ from autodiff of flax's forward by float32 rounding only
-    (the bfloat16 input gradient by bfloat16 rounding)."""
+    and no scale or bias included); the gradients differ from autodiff of flax's forward by
+    float32 rounding only (the bfloat16 input gradient by bfloat16 rounding)."""
     shape = (8, 6, 6, 16)
     x = (jax.random.normal(jax.random.key(0), shape) * 2.0 + 3.0).astype(dtype)
     dy = jax.random.normal(jax.random.key(1), shape).astype(dtype)
     params = {"scale": jax.random.uniform(jax.random.key(2), (16,), minval=0.5, maxval=1.5),
-              "bias": jax.random.normal(jax.random.key(3), (16,))}
+              "bias": jax.random.normal(jax.random.key(3), (16,))} if affine else {}
     stats = {"mean": jnp.zeros(16), "var": jnp.ones(16)}
-    ours = layers.batch_norm(True, eps=1e-5, torch_momentum=0.1, dtype=dtype, name="bn")
+    ours = layers.batch_norm(True, eps=1e-5, torch_momentum=0.1, dtype=dtype, name="bn",
+                             affine=affine)
     flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5,
-                           use_fast_variance=False, dtype=dtype, param_dtype=jnp.float32)
+                           use_fast_variance=False, use_scale=affine, use_bias=affine,
+                           dtype=dtype, param_dtype=jnp.float32)
 
     def output_and_gradients(module):
         def linear_in_output(params, x):
@@ -142,8 +145,8 @@ def test_same_output_as_flax_and_gradients_within_rounding(dtype):
     assert y.dtype == dtype and dx.dtype == dtype
     np.testing.assert_array_equal(y, expected_y)
     tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
-    for got, expected in ((dx, expected_dx), (dparams["scale"], expected_dparams["scale"]),
-                          (dparams["bias"], expected_dparams["bias"])):
+    assert dparams.keys() == expected_dparams.keys() == params.keys()
+    for got, expected in ((dx, expected_dx), *((dparams[k], expected_dparams[k]) for k in params)):
         got, expected = np.asarray(got, np.float32), np.asarray(expected, np.float32)
         np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance * np.abs(expected).max())
 
