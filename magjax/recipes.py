@@ -58,6 +58,7 @@ import os
 import ml_collections
 
 from magjax import losses
+from magjax.errors import UserError
 
 DATASETS = {  # name: (identities, images)
     "ms1mv2": (85_742, 5_822_653),
@@ -343,4 +344,7 @@ def config_from_file(spec: str) -> ml_collections.ConfigDict:
     module_spec = importlib.util.spec_from_file_location("magjax_config", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    try:
+        return module.get_config(arg or None)
+    except ValueError as error:  # an unknown variant: the user's --config, as magjax.main says
+        raise UserError(f"--config {spec}: {error}") from error

@@ -1,6 +1,7 @@
 """The command-line entry points: a user's mistake is one line on stderr and exit status 2, the
 traceback behind --verbose (and in the workdir's log file); results are never lost."""
 
+import importlib
 import json
 import logging
 import pathlib
@@ -120,6 +121,19 @@ def test_main_bad_config_file_is_one_line(config, expected, parse_main_flags, tm
                                 str(tmp_path)])
     assert info.value.code == cli.EXIT_USER_ERROR
     assert expected in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("tool", ["compile", "capacity"])
+def test_bench_bad_config_variant_is_one_line(tool, capsys):
+    # Before: a ValueError traceback from the recipe (magjax.main already said it in one line).
+    # The tool's own main: `python -m magjax.bench` may re-execute itself (a deeper stack).
+    module = importlib.import_module(f"magjax.bench.{tool}")
+    config = f"{CONFIGS}/adaface.py:ir101"
+    status = module.main(["--topology", "v5e:2x2", "--config", config])
+    assert status == cli.EXIT_USER_ERROR
+    assert one_error_line(capsys.readouterr().err) == (
+        f"error: --config {config}: unknown config variant 'ir101' in 'ir101'; "
+        "see magjax/recipes.py for the list")
 
 
 @pytest.mark.parametrize("override,field", [
