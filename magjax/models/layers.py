@@ -93,7 +93,7 @@ def _batch_norm_forward(x, scale, bias, epsilon, stats_dtype):
     var = jax.lax.square(x_stats - mean).mean(axes)
     rstd = jax.lax.rsqrt(var + epsilon)
     y = (x - mean) * (rstd * scale) + bias
-    return (y, mean, var), (x, mean, rstd, scale, bias)
+    return (y, mean, var), (x, mean, rstd, scale, bias)  # bias: for its dtype only
 
 
 def _batch_norm_backward(epsilon, stats_dtype, residuals, cotangents):
