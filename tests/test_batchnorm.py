@@ -18,6 +18,17 @@ def _torch_bn(shape, momentum, eps):
     return cls(shape[-1], eps=eps, momentum=momentum).double().train()
 
 
+def _torch_bn_with_random_affine(shape, momentum, eps, rng):
+    """A float64 torch BatchNorm with a random scale and bias, and the same as flax params."""
+    reference = _torch_bn(shape, momentum, eps)
+    with torch.no_grad():
+        reference.weight.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, shape[-1])))
+        reference.bias.copy_(torch.from_numpy(rng.normal(size=shape[-1])))
+    params = {"scale": jnp.asarray(reference.weight.detach().numpy()),
+              "bias": jnp.asarray(reference.bias.detach().numpy())}
+    return reference, params
+
+
 def _to_torch(x):
     # NHWC -> NCHW for maps; [B, C] stays.
     return torch.from_numpy(x.transpose(0, 3, 1, 2) if x.ndim == 4 else x)
@@ -39,12 +50,7 @@ def test_running_statistics_match_torch(shape, momentum, eps, x64):
                                name="bn")
     variables = module.init(jax.random.key(0), jnp.zeros(shape, jnp.float64))
     variables = jax.tree.map(lambda v: v.astype(jnp.float64), variables)
-    reference = _torch_bn(shape, momentum, eps)
-    with torch.no_grad():
-        reference.weight.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, shape[-1])))
-        reference.bias.copy_(torch.from_numpy(rng.normal(size=shape[-1])))
-    variables["params"] = {"scale": jnp.asarray(reference.weight.detach().numpy()),
-                           "bias": jnp.asarray(reference.bias.detach().numpy())}
+    reference, variables["params"] = _torch_bn_with_random_affine(shape, momentum, eps, rng)
     for _ in range(4):
         x = rng.normal(3.0, 2.0, shape)  # mean far from 0: a one-pass variance would drift
         y, updates = module.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
@@ -70,12 +76,7 @@ def test_gradients_match_torch(shape, x64):
     rng = np.random.default_rng(1)
     module = layers.batch_norm(True, eps=2e-5, torch_momentum=0.1, dtype=jnp.float64,
                                name="bn")
-    reference = _torch_bn(shape, 0.1, 2e-5)
-    with torch.no_grad():
-        reference.weight.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, shape[-1])))
-        reference.bias.copy_(torch.from_numpy(rng.normal(size=shape[-1])))
-    params = {"scale": jnp.asarray(reference.weight.detach().numpy()),
-              "bias": jnp.asarray(reference.bias.detach().numpy())}
+    reference, params = _torch_bn_with_random_affine(shape, 0.1, 2e-5, rng)
     stats = jax.tree.map(lambda v: v.astype(jnp.float64),
                          module.init(jax.random.key(0), jnp.zeros(shape))["batch_stats"])
     x, dy = rng.normal(3.0, 2.0, shape), rng.normal(size=shape)
