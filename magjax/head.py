@@ -343,3 +343,23 @@ _CLASS_ROWS = re.compile(r"(^|/)head/weight$")
 def is_class_rows(path: tuple, leaf: Any) -> bool:
     """Whether the train-state leaf at ``path`` holds class centres by rows."""
     return bool(_CLASS_ROWS.search(path_name(path))) and getattr(leaf, "ndim", 0) == 2
+
+
+def on_class_rows(mesh: Mesh):
+    """Builds ``on_rows(tree, index, update=None)`` for Partial FC's sampled-rows update: the
+    class-row leaves of the train-state ``tree`` (:func:`is_class_rows`: the centres and their
+    optimizer moments) cut to the rows ``index`` (:func:`take_rows`), or, given ``update`` (a
+    tree of the same structure holding such cut leaves), ``tree`` with those rows replaced by
+    them (:func:`put_rows`). The other leaves pass through, from ``update`` when given."""
+    take, put = take_rows(mesh), put_rows(mesh)
+
+    def on_rows(tree, index, update=None):
+        def leaf(path, value, *new):
+            if not is_class_rows(path, value):
+                return new[0] if new else value
+            return put(value, index, new[0]) if new else take(value, index)
+
+        args = (tree,) if update is None else (tree, update)
+        return jax.tree_util.tree_map_with_path(leaf, *args)
+
+    return on_rows

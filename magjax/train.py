@@ -207,7 +207,7 @@ def make_train_step(components: Components, base_key: jax.Array, *,
         classes = c.head.num_classes
         sampler = head.partial_fc_sampler(c.mesh, classes, config.head.sample_rate)
         rows_loss = head.sampled_rows_loss(c.loss, c.mesh, classes)
-        take_rows, put_rows = head.take_rows(c.mesh), head.put_rows(c.mesh)
+        on_rows = head.on_class_rows(c.mesh)
 
     def train_step(state, batch):
         step = state["step"]
@@ -220,19 +220,8 @@ def make_train_step(components: Components, base_key: jax.Array, *,
         if sampled_rows:
             all_rows = jnp.ones(batch["label"].shape, bool)
             index = sampler(batch["label"], all_rows, sample_key)
-
-            def on_rows(tree, update=None):
-                """The class-row leaves of ``tree`` cut to the sampled rows, or (``update``)
-                those rows of ``tree`` replaced by the leaves of ``update``."""
-                def leaf(path, value, *new):
-                    if not head.is_class_rows(path, value):
-                        return new[0] if new else value
-                    return put_rows(value, index, new[0]) if new else take_rows(value, index)
-
-                args = (tree,) if update is None else (tree, update)
-                return jax.tree_util.tree_map_with_path(leaf, *args)
-
-            params_in, opt_state_in = on_rows(state["params"]), on_rows(state["opt_state"])
+            params_in = on_rows(state["params"], index)
+            opt_state_in = on_rows(state["opt_state"], index)
         else:
             params_in, opt_state_in = state["params"], state["opt_state"]
 
@@ -270,8 +259,8 @@ def make_train_step(components: Components, base_key: jax.Array, *,
         updates, opt_state = c.tx.update(grads, opt_state_in, params_in)
         params = optax.apply_updates(params_in, updates)
         if sampled_rows:
-            params, opt_state = on_rows(state["params"], params), on_rows(state["opt_state"],
-                                                                          opt_state)
+            params = on_rows(state["params"], index, params)
+            opt_state = on_rows(state["opt_state"], index, opt_state)
         elif freeze_unsampled:
             params = optim.keep_unsampled_rows(params, state["params"], sampled,
                                                head.is_class_rows)

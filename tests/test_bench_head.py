@@ -51,3 +51,19 @@ def test_dense_partial_fc_step_also_reports_the_dense_write(capsys):
     assert head_bench.main(argv + ["--freeze-unsampled"]) in (0, None)
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "dense_write_ms" not in rows and rows["ratio"] > 0
+
+
+@pytest.mark.parametrize("sampled_rows", [False, True])
+def test_update_step_updates_the_centres_in_place_against_its_floor(capsys, sampled_rows):
+    argv = ["--batch", "32", "--classes", "4000", "--dim", "32", "--sample-rate", "0.1",
+            "--repeats", "2", "--update"] + (["--freeze-unsampled"] if sampled_rows else [])
+    assert head_bench.main(argv) in (0, None)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # The floor is the products plus the update alone (every row, or the sampled ones).
+    products = min(result["floor_class_major_ms"], result["floor_batch_major_ms"])
+    assert result["floor_ms"] == pytest.approx(products + result["update_floor_ms"], abs=0.02)
+    assert result["update_floor_ms"] > 0 and "dense_write_ms" not in result
+    # The centres and their momentum are donated: the new ones take their buffers, so the
+    # step holds about two [C, d] arrays, not four.
+    centre_array = result["weight_bytes_per_device"]
+    assert 2 * centre_array <= result["bytes_per_device"] < 3 * centre_array

@@ -3,6 +3,7 @@
     python -m magjax.bench head --batch 256 --classes 100000 --dim 512 --devices 1
     python -m magjax.bench head --abstract --classes 29000000 --devices 64 --sample-rate 0.1
     python -m magjax.bench head --sample-rate 0.1 --freeze-unsampled   # sampled-rows gradient
+    python -m magjax.bench head --sample-rate 0.1 --update   # + the centres' optimizer update
 
 The step is what training runs for the head: all-gather of the embeddings, cosine logits per
 class shard, margin, softmax cross entropy over shards, and the gradients with respect to the
@@ -16,6 +17,14 @@ them at once, as the step does. A dense centre gradient (Partial FC without
 ``--freeze-unsampled``, arcface_torch's semantics) must also write ``[C_local, d]`` floats, most
 of them zeros: ``dense_write_ms`` times the cheapest such write (zeros, on every device), and
 ``ratio_with_dense_write`` compares the step with the floor plus that write.
+
+``--update`` times the step as the train step runs it: the centre gradient is not returned but
+consumed by the recipe's optimizer (``optim.make_optimizer``: weight decay, SGD with momentum),
+which updates the centres and their momentum in place (donated), every row with arcface_torch's
+semantics, the sampled rows alone with ``--freeze-unsampled``. The floor then adds that update
+with a zero gradient over the rows it must move (``update_floor_ms``): under arcface_torch's
+semantics weight decay and momentum move every centre each step, a pass over ``[C_local, d]``
+that no implementation avoids.
 Step and floors are timed in turn, best of ``--repeats`` each.
 ``bytes_per_device`` is XLA's compiled memory analysis (arguments + outputs + temporaries).
 ``--abstract`` compiles on shapes only (no allocation, no timing), so that millions of classes
@@ -25,6 +34,7 @@ over 8-512 devices can be sized on one machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -42,6 +52,10 @@ def _parse(argv):
     parser.add_argument("--freeze-unsampled", action="store_true",
                         help="Partial FC as trained with head.freeze_unsampled: the gradient of "
                              "the sampled rows alone (default: a dense [C, d] gradient)")
+    parser.add_argument("--update", action="store_true",
+                        help="the step also applies the recipe optimizer's update to the centres "
+                             "and their momentum, as training does; the floor adds that update "
+                             "with a zero gradient")
     # Any registered loss (magjax.losses): checked once jax is imported (after --devices).
     parser.add_argument("--loss", default="arcface", help="a loss of magjax.losses")
     parser.add_argument("--repeats", type=int, default=5)
@@ -51,19 +65,32 @@ def _parse(argv):
 
 
 def _time_alternating(calls, repeats):
-    """Best wall time in ms of each ``(fn, args)``, the calls taken in turn so that all of them
-    see the same machine (a shared VM's speed drifts between runs)."""
+    """Best wall time in ms of each call (no arguments), the calls taken in turn so that all of
+    them see the same machine (a shared VM's speed drifts between runs)."""
     import jax
 
-    for fn, args in calls:
-        jax.block_until_ready(fn(*args))  # compile and warm up
+    for call in calls:
+        jax.block_until_ready(call())  # compile and warm up
     best = [float("inf")] * len(calls)
     for _ in range(repeats):
-        for k, (fn, args) in enumerate(calls):
+        for k, call in enumerate(calls):
             start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
+            jax.block_until_ready(call())
             best[k] = min(best[k], time.perf_counter() - start)
     return [b * 1e3 for b in best]
+
+
+def _carrying(fn, state, *args):
+    """A call of ``fn(params, opt_state, *args) -> (params, opt_state, ...)``, whose first two
+    arguments are donated: each call passes on the state the previous one returned."""
+    state = list(state)
+
+    def call():
+        out = fn(*state, *args)
+        state[:] = out[:2]
+        return out
+
+    return call
 
 
 def _memory(compiled) -> int:
@@ -79,10 +106,11 @@ def main(argv: list[str]) -> int:
                                    + f" --xla_force_host_platform_device_count={args.devices}")
     import jax
     import jax.numpy as jnp
+    import optax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from magjax import cli, head, losses
+    from magjax import cli, head, losses, optim, recipes
     from magjax.parallel import DATA_AXIS, make_mesh, padded_size
 
     mesh = make_mesh(args.devices)
@@ -94,53 +122,101 @@ def main(argv: list[str]) -> int:
     batch = padded_size(args.batch, args.devices)
     per_shard = padded // args.devices
     active = head.partial_fc_budget(args.sample_rate, per_shard, batch)
+    sampled_rows = args.freeze_unsampled and active < per_shard
     fn = head.sharded_margin_loss(loss, mesh, args.classes, sample_rate=args.sample_rate)
-
     sampler = head.partial_fc_sampler(mesh, args.classes, args.sample_rate)
     rows_loss = head.sampled_rows_loss(loss, mesh, args.classes)
+    on_rows = head.on_class_rows(mesh)
 
-    def dense_step(x, w, y, mask, key):
+    def dense_gradient(x, w, y, mask, key):
         def total(x, w):
             return fn(x, w, y, mask, loss.initial_state(), key)[0]
 
         return jax.value_and_grad(total, argnums=(0, 1))(x, w)
 
-    def rows_step(x, w, y, mask, key):
+    def rows_gradient(x, rows, index, y, mask):
         # What training differentiates with head.freeze_unsampled: the sampled rows alone.
-        index = sampler(y, mask, key)
-
         def total(x, rows):
             return rows_loss(x, rows, index, y, mask, loss.initial_state())[0]
 
-        return jax.value_and_grad(total, argnums=(0, 1))(x, head.take_rows(mesh)(w, index))
+        return jax.value_and_grad(total, argnums=(0, 1))(x, rows)
 
-    step = rows_step if args.freeze_unsampled and active < per_shard else dense_step
+    def gradient_step(x, w, y, mask, key):
+        if sampled_rows:
+            index = sampler(y, mask, key)
+            return rows_gradient(x, head.take_rows(mesh)(w, index), index, y, mask)
+        return dense_gradient(x, w, y, mask, key)
+
+    # The centres as the train state holds them (head.is_class_rows), with the recipe's
+    # optimizer: weight decay and SGD with momentum, no clipping on the head.
+    optim_config = recipes.base_config().optim
+    tx = optim.make_optimizer(optim_config, optim_config.lr,
+                              {"backbone": {}, "head": {"weight": True}})
+
+    def centres(w):
+        return {"backbone": {}, "head": {"weight": w}}
+
+    def update_step(params, opt_state, x, y, mask, key):
+        if sampled_rows:
+            index = sampler(y, mask, key)
+            params_in, opt_state_in = on_rows(params, index), on_rows(opt_state, index)
+            value, (x_grad, w_grad) = rows_gradient(x, params_in["head"]["weight"], index, y,
+                                                    mask)
+        else:
+            params_in, opt_state_in = params, opt_state
+            value, (x_grad, w_grad) = dense_gradient(x, params["head"]["weight"], y, mask, key)
+        updates, opt_state_out = tx.update(centres(w_grad), opt_state_in, params_in)
+        params_out = optax.apply_updates(params_in, updates)
+        if sampled_rows:
+            params_out = on_rows(params, index, params_out)
+            opt_state_out = on_rows(opt_state, index, opt_state_out)
+        return params_out, opt_state_out, value, x_grad
+
+    def update_alone(params, opt_state):
+        # The least the update costs: a zero gradient over the rows it moves.
+        updates, opt_state = tx.update(jax.tree.map(jnp.zeros_like, params), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
 
     rows = NamedSharding(mesh, P(DATA_AXIS))
-    shapes = (
-        jax.ShapeDtypeStruct((batch, args.dim), jnp.float32, sharding=rows),
-        jax.ShapeDtypeStruct((padded, args.dim), jnp.float32,
-                             sharding=NamedSharding(mesh, P(DATA_AXIS, None))),
+    class_rows = NamedSharding(mesh, P(DATA_AXIS, None))
+    replicated = NamedSharding(mesh, P())
+
+    x_shape = jax.ShapeDtypeStruct((batch, args.dim), jnp.float32, sharding=rows)
+    weight_shape = jax.ShapeDtypeStruct((padded, args.dim), jnp.float32, sharding=class_rows)
+    batch_shapes = (
         jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
         jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=rows),
         jax.eval_shape(lambda: jax.random.key(0)),
     )
-    compiled = jax.jit(step).lower(*shapes).compile()
+    if args.update:
+        opt_state_shape = jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=class_rows
+                                              if leaf.ndim == 2 else replicated),
+            jax.eval_shape(tx.init, centres(weight_shape)))
+        compiled = jax.jit(update_step, donate_argnums=(0, 1)).lower(
+            centres(weight_shape), opt_state_shape, x_shape, *batch_shapes).compile()
+    else:
+        compiled = jax.jit(gradient_step).lower(x_shape, weight_shape, *batch_shapes).compile()
     result = {
         "loss": args.loss, "batch": batch, "classes": args.classes, "dim": args.dim,
         "devices": args.devices, "sample_rate": args.sample_rate,
-        "freeze_unsampled": args.freeze_unsampled,
+        "freeze_unsampled": args.freeze_unsampled, "update": args.update,
         "centres_per_device": active, "bytes_per_device": _memory(compiled),
         "weight_bytes_per_device": per_shard * args.dim * 4,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
     if not args.abstract:
         keys = jax.random.split(jax.random.key(0), 2)
         x = jax.device_put(jax.random.normal(keys[0], (batch, args.dim)), rows)
-        w = jax.device_put(0.01 * jax.random.normal(keys[1], (padded, args.dim)),
-                           NamedSharding(mesh, P(DATA_AXIS, None)))
+        w = jax.device_put(0.01 * jax.random.normal(keys[1], (padded, args.dim)), class_rows)
         y = jax.device_put(jnp.arange(batch, dtype=jnp.int32) % args.classes, rows)
         mask = jax.device_put(jnp.ones(batch, bool), rows)
+        if args.update:
+            state = (centres(w), jax.jit(tx.init)(centres(w)))
+            step_call = _carrying(compiled, state, x, y, mask, jax.random.key(1))
+        else:
+            step_call = functools.partial(compiled, x, w, y, mask, jax.random.key(1))
 
         @jax.jit
         def floor_class_major(x, w, g):
@@ -154,31 +230,43 @@ def main(argv: list[str]) -> int:
 
         # Every device holds all B embeddings and its own C_local rows, as in the head.
         sampled = args.devices * active
-        class_rows = NamedSharding(mesh, P(DATA_AXIS, None))
-        xf = jax.device_put(jnp.ones((batch, args.dim)), NamedSharding(mesh, P()))
+        xf = jax.device_put(jnp.ones((batch, args.dim)), replicated)
         wf = jax.device_put(jnp.ones((sampled, args.dim)), class_rows)
-        calls = [(compiled, (x, w, y, mask, jax.random.key(1))),
-                 (floor_class_major, (xf, wf, jax.device_put(jnp.ones((sampled, batch)),
-                                                             class_rows))),
-                 (floor_batch_major, (xf, wf, jax.device_put(
-                     jnp.ones((batch, sampled)), NamedSharding(mesh, P(None, DATA_AXIS)))))]
-        dense_gradient = step is dense_step and active < per_shard
-        if dense_gradient:
-            calls.append((jax.jit(lambda: jnp.zeros((padded, args.dim)),
-                                  out_shardings=NamedSharding(mesh, P(DATA_AXIS, None))), ()))
+        calls = [step_call,
+                 functools.partial(floor_class_major, xf, wf, jax.device_put(
+                     jnp.ones((sampled, batch)), class_rows)),
+                 functools.partial(floor_batch_major, xf, wf, jax.device_put(
+                     jnp.ones((batch, sampled)), NamedSharding(mesh, P(None, DATA_AXIS))))]
+        dense_write = not args.update and not sampled_rows and active < per_shard
+        if dense_write:
+            calls.append(jax.jit(lambda: jnp.zeros((padded, args.dim)),
+                                 out_shardings=class_rows))
+        if args.update:  # the rows the update moves: all of them, or the sampled ones
+            moved = jax.device_put(jnp.ones((sampled if sampled_rows else padded, args.dim)),
+                                   class_rows)
+            calls.append(_carrying(jax.jit(update_alone, donate_argnums=(0, 1)),
+                                   (centres(moved), jax.jit(tx.init)(centres(moved)))))
         step_ms, *floors_ms = _time_alternating(calls, args.repeats)
-        if dense_gradient:
+        if dense_write:
             write_ms = floors_ms.pop()
-        floor_ms = min(floors_ms)
+        update_ms = floors_ms.pop() if args.update else 0.0
+        products_ms = min(floors_ms)
+        floor_ms = products_ms + update_ms
         flops = 3 * 2 * batch * sampled * args.dim
         result.update(step_ms=round(step_ms, 2), floor_ms=round(floor_ms, 2),
                       floor_class_major_ms=round(floors_ms[0], 2),
                       floor_batch_major_ms=round(floors_ms[1], 2),
                       ratio=round(step_ms / floor_ms, 3),
-                      floor_gflops_per_s=round(flops / floor_ms / 1e6, 1))
-        print(f"head step {step_ms:.1f} ms, floor {floor_ms:.1f} ms, "
-              f"ratio {step_ms / floor_ms:.2f}")
-        if dense_gradient:
+                      floor_gflops_per_s=round(flops / products_ms / 1e6, 1))
+        if args.update:
+            result.update(update_floor_ms=round(update_ms, 2))
+            print(f"head step with the centres' update {step_ms:.1f} ms, floor "
+                  f"{floor_ms:.1f} ms (products {products_ms:.1f} + update {update_ms:.1f}), "
+                  f"ratio {step_ms / floor_ms:.2f}")
+        else:
+            print(f"head step {step_ms:.1f} ms, floor {floor_ms:.1f} ms, "
+                  f"ratio {step_ms / floor_ms:.2f}")
+        if dense_write:
             result.update(dense_write_ms=round(write_ms, 2),
                           ratio_with_dense_write=round(step_ms / (floor_ms + write_ms), 3))
             print(f"writing the dense [C_local, d] gradient alone {write_ms:.1f} ms, ratio "
