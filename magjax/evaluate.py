@@ -38,10 +38,15 @@ import logging
 import pathlib
 import sys
 
-import numpy as np
+from magjax import cpu_runtime
 
-from magjax import cli, cpu_runtime, evaluators, files
-from magjax.eval import cluster, ijb, quality
+if __name__ == "__main__":  # before the imports below, which take a second
+    cpu_runtime.restart_with_malloc_tunables()
+
+import numpy as np  # noqa: E402
+
+from magjax import cli, evaluators, files  # noqa: E402
+from magjax.eval import cluster, ijb, quality  # noqa: E402
 
 log = logging.getLogger("magjax.evaluate")
 

@@ -28,12 +28,17 @@ import pathlib
 import re
 import sys
 
-import jax
-from absl import app, flags
-from ml_collections import config_flags
+from magjax import cpu_runtime
 
-from magjax import cli, cpu_runtime, logs, train
-from magjax.errors import UserError
+if __name__ == "__main__":  # before the imports below, which take seconds
+    cpu_runtime.restart_with_malloc_tunables()
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from magjax import cli, logs, train  # noqa: E402
+from magjax.errors import UserError  # noqa: E402
 
 RECIPE_PREFIX = "magjax:"
 

@@ -1,12 +1,15 @@
 """magjax's CPU settings (magjax.cpu_runtime): what they add to XLA_FLAGS, that XLA then keeps
 convolutions out of YNNPACK (and reductions in it), and that glibc then stops page-faulting
-large blocks in again. Each effect is checked in a fresh process with and without the
-settings, so that each check is seen to fail without them."""
+large blocks in again, from any thread. Each effect is checked in a fresh process with and
+without the settings, so that each check is seen to fail without them."""
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
+
+import pytest
 
 from magjax import cpu_runtime
 
@@ -52,6 +55,35 @@ print(json.dumps({"applied": bool(applied), "faults": faults}))
 """
 
 
+# Allocates, fills and frees 96 MiB with glibc's malloc five times from a thread other than the
+# main one (as XLA's worker threads allocate); prints the minor page faults of each round.
+# "on": first starts again with magjax's malloc tunables, as the entry points do.
+_THREAD_FAULTS = r"""
+import ctypes, ctypes.util, json, os, resource, sys, threading
+from magjax import cpu_runtime
+if sys.argv[1] == "on":
+    cpu_runtime.restart_with_malloc_tunables()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 96 << 20
+
+def rounds(out):
+    for _ in range(5):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = libc.malloc(size)
+        ctypes.memset(block, 1, size)
+        libc.free(block)
+        out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+faults = []
+worker = threading.Thread(target=rounds, args=(faults,))
+worker.start()
+worker.join()
+print(json.dumps({"tunables": os.environ.get("GLIBC_TUNABLES", ""), "faults": faults}))
+"""
+
+
 def _run(script, setting):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
     out = subprocess.run([sys.executable, "-c", script, setting], env=env, check=True,
@@ -83,6 +115,39 @@ def test_freed_large_blocks_are_reused_without_page_faults():
     assert max(on["faults"][1:]) < 0.05 * off["faults"][0]
 
 
+def _transparent_huge_pages() -> str:
+    try:
+        modes = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "absent"
+    return modes.split("[")[1].split("]")[0]
+
+
+@pytest.mark.skipif(_transparent_huge_pages() != "madvise",
+                    reason="huge pages on request only where the kernel's mode is 'madvise' "
+                           "(with 'always' every large block has them, with 'never' none)")
+def test_a_threads_large_blocks_come_in_huge_pages_after_the_restart():
+    off, on = _run(_THREAD_FAULTS, "off"), _run(_THREAD_FAULTS, "on")
+    assert off["tunables"] == ""
+    assert on["tunables"].split(":") == list(cpu_runtime.MALLOC_TUNABLES)
+    # A thread's arena maps a block over 64 MiB afresh each time, whatever M_MMAP_MAX says:
+    # 24,576 pages of 4 KiB, or 48 of 2 MiB with glibc.malloc.hugetlb.
+    assert min(off["faults"][1:]) > 20_000
+    assert max(on["faults"][1:]) < 1_000
+
+
+def test_the_entry_points_restart_with_the_malloc_tunables():
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+    argv = [sys.executable, "-m", "magjax.bench", "head", "--abstract", "--batch", "8",
+            "--classes", "64", "--dim", "8"]
+    for extra, expected in (([], ":".join(cpu_runtime.MALLOC_TUNABLES)), (["--cpu-defaults"], "")):
+        out = subprocess.run(argv + extra, env=env, check=True, capture_output=True,
+                             text=True).stdout
+        assert json.loads(out.strip().splitlines()[-1])["glibc_tunables"] == expected
+
+
 def test_the_users_glibc_tunables_are_left_alone(monkeypatch):
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
     assert cpu_runtime.keep_freed_memory() is False
+    cpu_runtime.restart_with_malloc_tunables()  # returns: no restart
+    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"

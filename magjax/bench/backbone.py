@@ -136,6 +136,7 @@ def main(argv: list[str]) -> int:
         "cpus": os.cpu_count(),
         "load_average_start": os.getloadavg()[0],
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
     wall, cpu = bench_jax(args.arch, args.batch, args.dtype, args.steps, args.warmup)
     _record(result, "jax", args.batch, wall, cpu, f"{args.dtype}, forward + backward + SGD, jit")
