@@ -68,13 +68,18 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
-def restart_with_malloc_tunables() -> None:
+def restart_with_malloc_tunables(module: str) -> None:
     """Starts this process's command line (``sys.orig_argv``) again with
-    :data:`MALLOC_TUNABLES` added to ``GLIBC_TUNABLES``, and does not return; returns at once
-    when ``GLIBC_TUNABLES`` already holds malloc settings (the user's own, or after the restart)
-    or the C library is not glibc. For command-line entry points, first thing."""
+    :data:`MALLOC_TUNABLES` added to ``GLIBC_TUNABLES``, and does not return, when the process
+    was started as ``python -m MODULE``; returns at once otherwise (the entry point run in
+    another process: a test, ``runpy``), when ``GLIBC_TUNABLES`` already holds malloc settings
+    (the user's own, or after the restart), or when the C library is not glibc. For the
+    command-line entry points, first thing."""
     current = os.environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc" in current or _glibc() is None:
+    argv = sys.orig_argv
+    started_as_module = any(arg == "-m" and argv[i + 1:i + 2] == [module]
+                            for i, arg in enumerate(argv))
+    if "glibc.malloc" in current or not started_as_module or _glibc() is None:
         return
     os.environ["GLIBC_TUNABLES"] = ":".join(part for part in (current, *MALLOC_TUNABLES) if part)
     sys.stdout.flush()

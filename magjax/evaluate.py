@@ -41,7 +41,7 @@ import sys
 from magjax import cpu_runtime
 
 if __name__ == "__main__":  # before the imports below, which take a second
-    cpu_runtime.restart_with_malloc_tunables()
+    cpu_runtime.restart_with_malloc_tunables("magjax.evaluate")
 
 import numpy as np  # noqa: E402
 

@@ -119,5 +119,5 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    cpu_runtime.restart_with_malloc_tunables()
+    cpu_runtime.restart_with_malloc_tunables("magjax.extract")
     sys.exit(main())

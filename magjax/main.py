@@ -31,7 +31,7 @@ import sys
 from magjax import cpu_runtime
 
 if __name__ == "__main__":  # before the imports below, which take seconds
-    cpu_runtime.restart_with_malloc_tunables()
+    cpu_runtime.restart_with_malloc_tunables("magjax.main")
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402

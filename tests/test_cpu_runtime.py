@@ -57,12 +57,13 @@ print(json.dumps({"applied": bool(applied), "faults": faults}))
 
 # Allocates, fills and frees 96 MiB with glibc's malloc five times from a thread other than the
 # main one (as XLA's worker threads allocate); prints the minor page faults of each round.
-# "on": first starts again with magjax's malloc tunables, as the entry points do.
+# "on": first starts again with magjax's malloc tunables, as the entry points do (run as
+# ``python -m thread_faults``, the restart's condition).
 _THREAD_FAULTS = r"""
 import ctypes, ctypes.util, json, os, resource, sys, threading
 from magjax import cpu_runtime
 if sys.argv[1] == "on":
-    cpu_runtime.restart_with_malloc_tunables()
+    cpu_runtime.restart_with_malloc_tunables("thread_faults")
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
@@ -126,8 +127,17 @@ def _transparent_huge_pages() -> str:
 @pytest.mark.skipif(_transparent_huge_pages() != "madvise",
                     reason="huge pages on request only where the kernel's mode is 'madvise' "
                            "(with 'always' every large block has them, with 'never' none)")
-def test_a_threads_large_blocks_come_in_huge_pages_after_the_restart():
-    off, on = _run(_THREAD_FAULTS, "off"), _run(_THREAD_FAULTS, "on")
+def test_a_threads_large_blocks_come_in_huge_pages_after_the_restart(tmp_path):
+    (tmp_path / "thread_faults.py").write_text(_THREAD_FAULTS)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *sys.path])
+
+    def run(setting):
+        out = subprocess.run([sys.executable, "-m", "thread_faults", setting], env=env,
+                             check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    off, on = run("off"), run("on")
     assert off["tunables"] == ""
     assert on["tunables"].split(":") == list(cpu_runtime.MALLOC_TUNABLES)
     # A thread's arena maps a block over 64 MiB afresh each time, whatever M_MMAP_MAX says:
@@ -140,14 +150,31 @@ def test_the_entry_points_restart_with_the_malloc_tunables():
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
     argv = [sys.executable, "-m", "magjax.bench", "head", "--abstract", "--batch", "8",
             "--classes", "64", "--dim", "8"]
-    for extra, expected in (([], ":".join(cpu_runtime.MALLOC_TUNABLES)), (["--cpu-defaults"], "")):
-        out = subprocess.run(argv + extra, env=env, check=True, capture_output=True,
+    users = "glibc.malloc.arena_max=2"
+    cases = [([], {}, ":".join(cpu_runtime.MALLOC_TUNABLES)),
+             (["--cpu-defaults"], {}, ""),
+             ([], {"GLIBC_TUNABLES": users}, users)]  # the user's own: kept, no restart
+    for extra, users_env, expected in cases:
+        out = subprocess.run(argv + extra, env=env | users_env, check=True, capture_output=True,
                              text=True).stdout
         assert json.loads(out.strip().splitlines()[-1])["glibc_tunables"] == expected
+
+
+def test_no_restart_outside_its_own_command_or_over_the_users_tunables():
+    # In a process started otherwise (here `python -c`; a test calling an entry point, runpy)
+    # the restart would start that other command again: it must return and change nothing.
+    script = ("import os; from magjax import cpu_runtime; "
+              "cpu_runtime.restart_with_malloc_tunables('magjax.bench'); "
+              "print(repr(os.environ.get('GLIBC_TUNABLES')))")
+    for users in (None, "glibc.malloc.arena_max=2"):
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        if users:
+            env["GLIBC_TUNABLES"] = users
+        out = subprocess.run([sys.executable, "-c", script], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        assert out.strip() == repr(users)
 
 
 def test_the_users_glibc_tunables_are_left_alone(monkeypatch):
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
     assert cpu_runtime.keep_freed_memory() is False
-    cpu_runtime.restart_with_malloc_tunables()  # returns: no restart
-    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"

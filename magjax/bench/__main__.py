@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
 
         compile_bench.restart_with_deep_stack(argv)
     if "--cpu-defaults" not in argv[1:]:
-        cpu_runtime.restart_with_malloc_tunables()
+        cpu_runtime.restart_with_malloc_tunables("magjax.bench")
         cpu_runtime.configure()
     options = [arg for arg in argv[1:] if arg != "--cpu-defaults"]
     module = importlib.import_module(f"magjax.bench.{argv[0]}")

@@ -24,7 +24,8 @@ which updates the centres and their momentum in place (donated), every row with 
 semantics, the sampled rows alone with ``--freeze-unsampled``. The floor then adds that update
 with a zero gradient over the rows it must move (``update_floor_ms``): under arcface_torch's
 semantics weight decay and momentum move every centre each step, a pass over ``[C_local, d]``
-that no implementation avoids.
+that no implementation avoids; with ``--freeze-unsampled``, the sampled count of rows, as one
+contiguous block.
 Step and floors are timed in turn, best of ``--repeats`` each.
 ``bytes_per_device`` is XLA's compiled memory analysis (arguments + outputs + temporaries).
 ``--abstract`` compiles on shapes only (no allocation, no timing), so that millions of classes
