@@ -124,9 +124,17 @@ def _transparent_huge_pages() -> str:
     return modes.split("[")[1].split("]")[0]
 
 
+def _glibc_version() -> tuple[int, ...]:
+    try:  # "glibc 2.36"
+        return tuple(int(part) for part in os.confstr("CS_GNU_LIBC_VERSION").split()[1].split("."))
+    except (ValueError, OSError, IndexError, AttributeError):
+        return ()
+
+
 @pytest.mark.skipif(_transparent_huge_pages() != "madvise",
                     reason="huge pages on request only where the kernel's mode is 'madvise' "
                            "(with 'always' every large block has them, with 'never' none)")
+@pytest.mark.skipif(_glibc_version() < (2, 35), reason="glibc.malloc.hugetlb needs glibc 2.35")
 def test_a_threads_large_blocks_come_in_huge_pages_after_the_restart(tmp_path):
     (tmp_path / "thread_faults.py").write_text(_THREAD_FAULTS)
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
