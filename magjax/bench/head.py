@@ -27,7 +27,8 @@ semantics weight decay and momentum move every centre each step, a pass over ``[
 that no implementation avoids; with ``--freeze-unsampled``, the sampled count of rows, as one
 contiguous block.
 Step and floors are timed in turn, best of ``--repeats`` each.
-``bytes_per_device`` is XLA's compiled memory analysis (arguments + outputs + temporaries).
+``bytes_per_device`` is XLA's compiled memory analysis (arguments + outputs + temporaries, less
+the outputs that take donated arguments' buffers).
 ``--abstract`` compiles on shapes only (no allocation, no timing), so that millions of classes
 over 8-512 devices can be sized on one machine.
 """
