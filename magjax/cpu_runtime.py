@@ -71,8 +71,8 @@ def _glibc() -> ctypes.CDLL | None:
 def restart_with_malloc_tunables(module: str) -> None:
     """Starts this process's command line (``sys.orig_argv``) again with
     :data:`MALLOC_TUNABLES` added to ``GLIBC_TUNABLES``, and does not return, when the process
-    was started as ``python -m MODULE``; returns at once otherwise (the entry point run in
-    another process: a test, ``runpy``), when ``GLIBC_TUNABLES`` already holds malloc settings
+    was started as ``python -m MODULE``; returns at once otherwise (the entry point run inside
+    another command: a test, ``runpy``), when ``GLIBC_TUNABLES`` already holds malloc settings
     (the user's own, or after the restart), or when the C library is not glibc. For the
     command-line entry points, first thing."""
     current = os.environ.get("GLIBC_TUNABLES", "")
