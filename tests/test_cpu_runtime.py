@@ -85,8 +85,15 @@ print(json.dumps({"tunables": os.environ.get("GLIBC_TUNABLES", ""), "faults": fa
 """
 
 
-def _run(script, setting):
+def _without_settings(**extra):
+    """This process's environment without magjax's settings (which the tests' conftest set),
+    plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+    return env | extra
+
+
+def _run(script, setting):
+    env = _without_settings()
     out = subprocess.run([sys.executable, "-c", script, setting], env=env, check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -137,8 +144,7 @@ def _glibc_version() -> tuple[int, ...]:
 @pytest.mark.skipif(_glibc_version() < (2, 35), reason="glibc.malloc.hugetlb needs glibc 2.35")
 def test_a_threads_large_blocks_come_in_huge_pages_after_the_restart(tmp_path):
     (tmp_path / "thread_faults.py").write_text(_THREAD_FAULTS)
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *sys.path])
+    env = _without_settings(PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
 
     def run(setting):
         out = subprocess.run([sys.executable, "-m", "thread_faults", setting], env=env,
@@ -155,7 +161,7 @@ def test_a_threads_large_blocks_come_in_huge_pages_after_the_restart(tmp_path):
 
 
 def test_the_entry_points_restart_with_the_malloc_tunables():
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+    env = _without_settings()
     argv = [sys.executable, "-m", "magjax.bench", "head", "--abstract", "--batch", "8",
             "--classes", "64", "--dim", "8"]
     users = "glibc.malloc.arena_max=2"
@@ -175,9 +181,7 @@ def test_no_restart_outside_its_own_command_or_over_the_users_tunables():
               "cpu_runtime.restart_with_malloc_tunables('magjax.bench'); "
               "print(repr(os.environ.get('GLIBC_TUNABLES')))")
     for users in (None, "glibc.malloc.arena_max=2"):
-        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-        if users:
-            env["GLIBC_TUNABLES"] = users
+        env = _without_settings(**({"GLIBC_TUNABLES": users} if users else {}))
         out = subprocess.run([sys.executable, "-c", script], env=env, check=True,
                              capture_output=True, text=True).stdout
         assert out.strip() == repr(users)
