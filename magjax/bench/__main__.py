@@ -2,6 +2,7 @@
 
     python -m magjax.bench head --batch 256 --classes 100000 --devices 8   # head vs its floor
     python -m magjax.bench backbone --arch iresnet18 --batch 32            # vs PyTorch eager
+    python -m magjax.bench backbone --arch tiny --batch 128 --convs        # + each convolution
     python -m magjax.bench input --images 1024                             # input pipeline
     python -m magjax.bench train --arch iresnet50 --batch 256 --torch      # whole train step
     python -m magjax.bench compile --topology v5p:4x4x4 --config configs/arcface.py:r100
