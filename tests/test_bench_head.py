@@ -63,6 +63,9 @@ def test_update_step_updates_the_centres_in_place_against_its_floor(capsys, samp
     products = min(result["floor_class_major_ms"], result["floor_batch_major_ms"])
     assert result["floor_ms"] == pytest.approx(products + result["update_floor_ms"], abs=0.02)
     assert result["update_floor_ms"] > 0 and "dense_write_ms" not in result
+    # With the sampled rows alone, also their update where they lie, timed in the step's state.
+    assert ("sampled_rows_update_ms" in result) == sampled_rows
+    assert result.get("sampled_rows_update_ms", 1) > 0
     # The centres and their momentum are donated: the new ones take their buffers, so the
     # step holds about two [C, d] arrays, not four.
     centre_array = result["weight_bytes_per_device"]

@@ -25,7 +25,9 @@ semantics, the sampled rows alone with ``--freeze-unsampled``. The floor then ad
 with a zero gradient over the rows it must move (``update_floor_ms``): under arcface_torch's
 semantics weight decay and momentum move every centre each step, a pass over ``[C_local, d]``
 that no implementation avoids; with ``--freeze-unsampled``, the sampled count of rows, as one
-contiguous block.
+contiguous block. ``sampled_rows_update_ms`` then times that update alone on the step's own
+sampled rows where they lie in the centres and momentum (``head.on_class_rows``: gather, update,
+scatter back), the part of the step that the contiguous floor does not see.
 Step and floors are timed in turn, best of ``--repeats`` each.
 ``bytes_per_device`` is XLA's compiled memory analysis (arguments + outputs + temporaries, less
 the outputs that take donated arguments' buffers).
@@ -82,10 +84,10 @@ def _time_alternating(calls, repeats):
     return [b * 1e3 for b in best]
 
 
-def _carrying(fn, state, *args):
+def _carrying(fn, state: list, *args):
     """A call of ``fn(params, opt_state, *args) -> (params, opt_state, ...)``, whose first two
-    arguments are donated: each call passes on the state the previous one returned."""
-    state = list(state)
+    arguments are donated: each call passes on the state the previous one returned, kept in
+    ``state`` (``[params, opt_state]``, which calls built on the same list share)."""
 
     def call():
         out = fn(*state, *args)
@@ -179,6 +181,11 @@ def main(argv: list[str]) -> int:
         updates, opt_state = tx.update(jax.tree.map(jnp.zeros_like, params), opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
+    def sampled_rows_update(params, opt_state, index):
+        # The same, for the sampled rows where they lie, as the train step moves them.
+        params_out, opt_state_out = update_alone(on_rows(params, index), on_rows(opt_state, index))
+        return on_rows(params, index, params_out), on_rows(opt_state, index, opt_state_out)
+
     rows = NamedSharding(mesh, P(DATA_AXIS))
     class_rows = NamedSharding(mesh, P(DATA_AXIS, None))
     replicated = NamedSharding(mesh, P())
@@ -215,7 +222,7 @@ def main(argv: list[str]) -> int:
         y = jax.device_put(jnp.arange(batch, dtype=jnp.int32) % args.classes, rows)
         mask = jax.device_put(jnp.ones(batch, bool), rows)
         if args.update:
-            state = (centres(w), jax.jit(tx.init)(centres(w)))
+            state = [centres(w), jax.jit(tx.init)(centres(w))]
             step_call = _carrying(compiled, state, x, y, mask, jax.random.key(1))
         else:
             step_call = functools.partial(compiled, x, w, y, mask, jax.random.key(1))
@@ -247,8 +254,13 @@ def main(argv: list[str]) -> int:
             moved = jax.device_put(jnp.ones((sampled if sampled_rows else padded, args.dim)),
                                    class_rows)
             calls.append(_carrying(jax.jit(update_alone, donate_argnums=(0, 1)),
-                                   (centres(moved), jax.jit(tx.init)(centres(moved)))))
+                                   [centres(moved), jax.jit(tx.init)(centres(moved))]))
+        if args.update and sampled_rows:  # the step's own rows, in the step's own state
+            index = jax.jit(sampler)(y, mask, jax.random.key(1))
+            calls.append(_carrying(jax.jit(sampled_rows_update, donate_argnums=(0, 1)), state,
+                                   index))
         step_ms, *floors_ms = _time_alternating(calls, args.repeats)
+        rows_update_ms = floors_ms.pop() if args.update and sampled_rows else None
         if dense_write:
             write_ms = floors_ms.pop()
         update_ms = floors_ms.pop() if args.update else 0.0
@@ -265,6 +277,11 @@ def main(argv: list[str]) -> int:
             print(f"head step with the centres' update {step_ms:.1f} ms, floor "
                   f"{floor_ms:.1f} ms (products {products_ms:.1f} + update {update_ms:.1f}), "
                   f"ratio {step_ms / floor_ms:.2f}")
+        if rows_update_ms is not None:
+            result.update(sampled_rows_update_ms=round(rows_update_ms, 2))
+            print(f"of which the update of the sampled rows where they lie (gather, update, "
+                  f"scatter) alone: {rows_update_ms:.1f} ms, against {update_ms:.1f} ms for "
+                  "as many contiguous rows")
         else:
             print(f"head step {step_ms:.1f} ms, floor {floor_ms:.1f} ms, "
                   f"ratio {step_ms / floor_ms:.2f}")
