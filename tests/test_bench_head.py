@@ -58,7 +58,9 @@ def test_update_step_updates_the_centres_in_place_against_its_floor(capsys, samp
     argv = ["--batch", "32", "--classes", "4000", "--dim", "32", "--sample-rate", "0.1",
             "--repeats", "2", "--update"] + (["--freeze-unsampled"] if sampled_rows else [])
     assert head_bench.main(argv) in (0, None)
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert out.count("head step") == 1, out
     # The floor is the products plus the update alone (every row, or the sampled ones).
     products = min(result["floor_class_major_ms"], result["floor_batch_major_ms"])
     assert result["floor_ms"] == pytest.approx(products + result["update_floor_ms"], abs=0.02)

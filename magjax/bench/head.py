@@ -277,11 +277,11 @@ def main(argv: list[str]) -> int:
             print(f"head step with the centres' update {step_ms:.1f} ms, floor "
                   f"{floor_ms:.1f} ms (products {products_ms:.1f} + update {update_ms:.1f}), "
                   f"ratio {step_ms / floor_ms:.2f}")
-        if rows_update_ms is not None:
-            result.update(sampled_rows_update_ms=round(rows_update_ms, 2))
-            print(f"of which the update of the sampled rows where they lie (gather, update, "
-                  f"scatter) alone: {rows_update_ms:.1f} ms, against {update_ms:.1f} ms for "
-                  "as many contiguous rows")
+            if rows_update_ms is not None:
+                result.update(sampled_rows_update_ms=round(rows_update_ms, 2))
+                print(f"of which the update of the sampled rows where they lie (gather, "
+                      f"update, scatter) alone: {rows_update_ms:.1f} ms, against "
+                      f"{update_ms:.1f} ms for as many contiguous rows")
         else:
             print(f"head step {step_ms:.1f} ms, floor {floor_ms:.1f} ms, "
                   f"ratio {step_ms / floor_ms:.2f}")
