@@ -255,12 +255,13 @@ def main(argv: list[str]) -> int:
                                    class_rows)
             calls.append(_carrying(jax.jit(update_alone, donate_argnums=(0, 1)),
                                    [centres(moved), jax.jit(tx.init)(centres(moved))]))
-        if args.update and sampled_rows:  # the step's own rows, in the step's own state
+        rows_update = args.update and sampled_rows
+        if rows_update:  # the step's own rows, in the step's own state
             index = jax.jit(sampler)(y, mask, jax.random.key(1))
             calls.append(_carrying(jax.jit(sampled_rows_update, donate_argnums=(0, 1)), state,
                                    index))
         step_ms, *floors_ms = _time_alternating(calls, args.repeats)
-        rows_update_ms = floors_ms.pop() if args.update and sampled_rows else None
+        rows_update_ms = floors_ms.pop() if rows_update else None
         if dense_write:
             write_ms = floors_ms.pop()
         update_ms = floors_ms.pop() if args.update else 0.0
