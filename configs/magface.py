@@ -2,7 +2,7 @@
 at epochs 10/18/22, lambda_g 35, margins 0.45..0.8 over magnitudes 10..110.
 
 CPU demo (builds synthetic identities on first use, minutes on 2 cores):
-    python -m magjax.main --config configs/magface.py:demo --workdir runs/magface_demo
+    python -m magjax.main --config configs/magface.py:demo --workdir runs/demo
 
 Paper recipe on a prepared dataset (python -m magjax.data prepare --format rec ...):
     python -m magjax.main --config configs/magface.py --workdir gs://bucket/magface_r50 \

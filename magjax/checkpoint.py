@@ -3,14 +3,21 @@
 Two kinds of checkpoint:
 * training checkpoints (the whole train state plus input-pipeline position), managed per step;
 * inference models: the backbone variables plus a ``model.json`` naming the architecture and
-  its input convention. ``python -m magjax.convert`` writes one, training exports one to
-  ``WORKDIR/model`` at the end, and ``FaceEncoder`` / ``magjax.extract`` load both the same way.
+  its input convention, and the directory's ``format`` (:data:`MODEL_FORMAT`; a file without it
+  predates the key and is read as version 1, a format this magjax does not know is refused).
+  Loading refuses variables that cannot be read (cut short) or that no trained network holds
+  (NaN/Inf, negative BatchNorm variances), in one line naming the file and the variable.
+  ``python -m magjax.convert`` writes one, training exports one to ``WORKDIR/model`` at the end,
+  and ``FaceEncoder`` / ``magjax.extract`` load both the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import os
 import pathlib
 import shutil
 from collections.abc import Callable
@@ -27,31 +34,132 @@ log = logging.getLogger(__name__)
 
 MODEL_META = "model.json"
 MODEL_VARIABLES = "variables"
+# model.json's "format": what a reader must understand to load the directory. Files written
+# before the key existed (no "format") are version 1; a later layout gets a new number, which an
+# older magjax then refuses instead of loading it wrongly.
+MODEL_FORMAT = "magjax-model/1"
 
 
 def save_inference_model(directory: str | pathlib.Path, variables: Any, meta: dict) -> None:
-    """Writes backbone ``variables`` (``{"params", "batch_stats"}``) and ``meta`` atomically.
+    """Writes backbone ``variables`` (``{"params", "batch_stats"}``) and ``meta`` as the
+    inference model ``directory``, replacing the one there so that a kill at any moment leaves
+    one loadable model at ``directory`` or, for the instant of the swap, beside it.
+
+    The new model is written whole into ``DIR.new/`` (``model.json`` last: a directory with it is
+    complete), then swapped in by renames: ``DIR`` -> ``DIR.old``, ``DIR.new`` -> ``DIR``, and
+    ``DIR.old`` is deleted. A kill between the two renames leaves no ``DIR`` but two complete
+    models beside it: :func:`readable_model_dir` (every loader) reads ``DIR.new``, and the next
+    save (or :func:`recover_inference_model`) finishes the swap. Files in ``DIR`` that are not
+    part of the model (an ONNX export put there) move into the new directory with it.
 
     ``meta`` must hold at least ``arch`` and ``input_spec`` (see ``magjax.models``). With several
-    processes every one must call this (orbax synchronises them); process 0 writes the files.
+    processes every one must call this (orbax synchronises them); process 0 writes ``model.json``
+    and does the renames.
     """
+    global _saves
     directory = pathlib.Path(directory).absolute()
     for key in ("arch", "input_spec"):
         if key not in meta:
             raise ValueError(f"inference model meta needs {key!r}, got keys {sorted(meta)}")
-    directory.mkdir(parents=True, exist_ok=True)
+    new = _aside(directory, NEW_SUFFIX)
+    primary = jax.process_index() == 0
+    if primary:
+        recover_inference_model(directory)  # also removes a DIR.new cut short by a kill
+    _saves += 1
+    if jax.process_count() > 1:  # nobody writes into DIR.new before process 0 cleared it
+        ocp.multihost.sync_global_processes(f"magjax_inference_model_cleared_{_saves}")
     host_variables = jax.tree.map(np.asarray, jax.device_get(variables))
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory / MODEL_VARIABLES, host_variables, force=True)
-    if jax.process_index() != 0:
-        return
-    # The meta is written last and through a rename: a directory with model.json is complete.
-    files.write_text_atomically(directory / MODEL_META, json.dumps(meta, indent=2, sort_keys=True))
+    try:
+        new.mkdir(parents=True, exist_ok=True)
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(new / MODEL_VARIABLES, host_variables, force=True)
+        if not primary:
+            return
+        # The meta is written last, through a rename: a directory with model.json is complete.
+        files.write_text_atomically(new / MODEL_META, json.dumps(
+            {**meta, "format": MODEL_FORMAT}, indent=2, sort_keys=True))
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        if primary:
+            shutil.rmtree(new, ignore_errors=True)  # give the space back
+        previous = readable_model_dir(directory)
+        raise DiskFullError(
+            f"the disk is full: the model could not be written to {directory}; "
+            + (f"the previous one in {previous} is kept. " if previous
+               else "nothing else was changed. ")
+            + "Free space and rerun the same command") from error
+    _swap_in(directory)
+
+
+# Names of the two directories a model swap puts beside DIR (see save_inference_model).
+NEW_SUFFIX = ".new"
+OLD_SUFFIX = ".old"
+_saves = 0  # numbers the barriers of save_inference_model (orbax wants each name once)
+
+
+def _aside(directory: pathlib.Path, suffix: str) -> pathlib.Path:
+    return directory.with_name(directory.name + suffix)
+
+
+def _is_complete(directory: pathlib.Path) -> bool:
+    return (directory / MODEL_META).is_file()
+
+
+def _remove_model(directory: pathlib.Path) -> None:
+    """Deletes a model directory, ``model.json`` first: one cut short never looks complete."""
+    (directory / MODEL_META).unlink(missing_ok=True)
+    shutil.rmtree(directory)
+
+
+def _swap_in(directory: pathlib.Path) -> None:
+    """Puts the complete ``DIR.new`` in the place of ``DIR`` (see ``save_inference_model``)."""
+    new, old = _aside(directory, NEW_SUFFIX), _aside(directory, OLD_SUFFIX)
+    if old.exists():  # left by a swap killed after its second rename: DIR is complete
+        _remove_model(old)
+    if directory.exists():
+        for entry in directory.iterdir():  # what is not the model's goes with the new model
+            if entry.name not in (MODEL_META, MODEL_VARIABLES) and not (new / entry.name).exists():
+                os.rename(entry, new / entry.name)
+        os.rename(directory, old)
+    os.rename(new, directory)
+    if old.exists():
+        _remove_model(old)
+
+
+def readable_model_dir(directory: str | pathlib.Path) -> pathlib.Path | None:
+    """Where the model ``directory`` can be read: itself when complete, else the complete
+    ``DIR.new`` or ``DIR.old`` a swap killed between its renames left (``save_inference_model``);
+    None when there is none. Reading never renames: a reader may share the workdir with a run."""
+    directory = pathlib.Path(directory)
+    for candidate in (directory, _aside(directory, NEW_SUFFIX), _aside(directory, OLD_SUFFIX)):
+        if _is_complete(candidate):
+            return candidate
+    return None
+
+
+def recover_inference_model(directory: str | pathlib.Path) -> None:
+    """Finishes a swap of ``save_inference_model`` that a kill interrupted, and removes a
+    ``DIR.new`` that a kill cut short, so that ``directory`` is the newest complete model.
+    Process 0 only (renames); training calls it for ``model`` and ``model_best`` at start."""
+    directory = pathlib.Path(directory).absolute()
+    new, old = _aside(directory, NEW_SUFFIX), _aside(directory, OLD_SUFFIX)
+    if _is_complete(new):
+        log.warning("%s: finishing the replacement of the model a killed run interrupted",
+                    directory)
+        _swap_in(directory)
+    elif new.exists():
+        shutil.rmtree(new)  # cut short while being written: DIR (if any) is unchanged
+    if not directory.exists() and _is_complete(old):
+        os.rename(old, directory)
+    elif old.exists() and _is_complete(directory):
+        _remove_model(old)
 
 
 def load_inference_model(directory: str | pathlib.Path) -> tuple[Any, dict]:
     """Returns ``(variables, meta)`` written by :func:`save_inference_model` (host numpy arrays)."""
     directory = pathlib.Path(directory).absolute()
+    directory = readable_model_dir(directory) or directory  # a swap killed half-way
     meta_path = directory / MODEL_META
     if not meta_path.exists():
         raise FileNotFoundError(
@@ -67,9 +175,50 @@ def load_inference_model(directory: str | pathlib.Path) -> tuple[Any, dict]:
         meta, dict) else ["arch", "input_spec"]
     if missing:
         raise UserError(f"{meta_path} lacks {', '.join(missing)}: not a magjax inference model")
-    with ocp.StandardCheckpointer() as checkpointer:
-        variables = checkpointer.restore(directory / MODEL_VARIABLES)
+    if meta.get("format", MODEL_FORMAT) != MODEL_FORMAT:
+        raise UserError(f"{meta_path}: format {meta['format']!r}, but this magjax reads "
+                        f"{MODEL_FORMAT!r} only: written by a newer magjax? upgrade magjax")
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            variables = checkpointer.restore(directory / MODEL_VARIABLES)
+    except Exception as error:  # noqa: BLE001 (any failure to read is a damaged model)
+        raise UserError(
+            f"{directory / MODEL_VARIABLES}: cannot be read ({_first_line(error)}): the model "
+            "files are damaged or incomplete (cut short, or a copy still in progress); export "
+            "or convert the model again"
+        ) from error
+    check_variable_values(variables, directory / MODEL_VARIABLES)
     return variables, meta
+
+
+def check_variable_values(variables: Any, where: str | pathlib.Path) -> None:
+    """Refuses variables no trained network holds, naming the variable: NaN or Inf anywhere, or
+    a BatchNorm variance (``batch_stats .../var``) below zero. Such a model evaluates to chance
+    (``XNorm nan``) without another sign."""
+    for path, value in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.floating):
+            name = "/".join(str(getattr(k, "key", k)) for k in path)
+            check_tensor_values(name, value, str(where))
+
+
+def check_tensor_values(name: str, value: np.ndarray, where: str) -> None:
+    """Refuses a tensor that no trained network holds, naming it: NaN or Inf anywhere (a
+    diverged run or a damaged file, which evaluates to chance), or a BatchNorm running variance
+    below zero (its square root is NaN). ``name`` is the tensor's key (``running_var`` /
+    ``batch_stats .../var`` mark variances); ``where`` names the file."""
+    finite = np.isfinite(value)
+    if not finite.all():
+        bad = int(value.size - np.count_nonzero(finite))
+        raise UserError(
+            f"{where}: tensor {name!r} holds {bad} non-finite values (NaN or Inf) of "
+            f"{value.size}: the weights are damaged or come from a diverged run; refused"
+        )
+    if name.endswith(("running_var", "/var")) and (value < 0).any():
+        raise UserError(
+            f"{where}: BatchNorm variance {name!r} holds {int((value < 0).sum())} negative "
+            f"values (minimum {float(value.min()):.4g}); a variance is never below 0: refused"
+        )
 
 
 class TrainCheckpoints:
@@ -82,11 +231,15 @@ class TrainCheckpoints:
 
     def __init__(self, workdir: str | pathlib.Path, *, every_steps: int, keep: int):
         self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self._saving: int | None = None  # the step of the asynchronous save under way
+        self._failed = False  # a save failed for lack of space: nothing more is written
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, save_interval_steps=every_steps,
                 enable_async_checkpointing=True, create=True,
+                # a save cut short (a kill, a full disk) leaves STEP.orbax-checkpoint-tmp
+                cleanup_tmp_directories=True,
             ),
         )
 
@@ -143,13 +296,23 @@ class TrainCheckpoints:
         self._manager.reload()
 
     def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
-        """Starts an asynchronous save if ``step`` is due (or ``force``); returns whether it did."""
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    meta=ocp.args.JsonSave(meta)),
-            force=force,
-        )
+        """Starts an asynchronous save if ``step`` is due (or ``force``); returns whether it did.
+
+        A full disk (here, or in the previous save, which orbax finishes first) raises
+        :class:`DiskFullError`; see :meth:`wait`."""
+        try:
+            started = self._manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        meta=ocp.args.JsonSave(meta)),
+                force=force,
+            )
+        except Exception as error:
+            self._raise_if_disk_full(error, self._saving if self._saving is not None else step)
+            raise
+        if started:
+            self._saving = step
+        return started
 
     def restore_meta(self, step: int) -> dict:
         return self._manager.restore(
@@ -172,10 +335,64 @@ class TrainCheckpoints:
         return restored["state"], restored["meta"]
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Waits for the save under way. A full disk raises :class:`DiskFullError` in one line
+        (the step it could not write, the newest checkpoint kept), not orbax's tracebacks; the
+        incomplete step's files are removed, to give the space back."""
+        if self._failed:
+            return
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:
+            self._raise_if_disk_full(error, self._saving)
+            raise
+        self._saving = None
 
     def close(self) -> None:
-        self._manager.close()
+        try:
+            self._manager.close()
+        except Exception:
+            if not self._failed:  # after a full disk orbax reports the same failure again
+                raise
+
+    def _raise_if_disk_full(self, error: Exception, step: int | None) -> None:
+        if not is_disk_full(error):
+            return
+        self._failed = True
+        # orbax's other writes of that step are still under way: let them end first (closing
+        # reports the same failure again)
+        with contextlib.suppress(Exception):
+            self._manager.close()
+        if jax.process_index() == 0:
+            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        complete = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+        kept = (f"the checkpoint of step {complete[-1]} is kept" if complete
+                else "no earlier checkpoint exists")
+        raise DiskFullError(
+            f"the disk is full: checkpoint step {step} could not be written in "
+            f"{self.directory} (its partial files are removed) and nothing else is lost: "
+            f"{kept}. Free space and rerun the same command to resume (orbax's error is in "
+            "train.log)") from error
+
+
+class DiskFullError(UserError):
+    """A checkpoint could not be written for lack of space (or quota)."""
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error``, or an error it was raised from, says the disk or the quota is full:
+    an ``OSError`` ENOSPC / EDQUOT, or tensorstore's error (orbax's writes) that quotes it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(error)
+        if any(sign in text for sign in ("No space left on device", "Disk quota exceeded",
+                                         "os_error_code='28'")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _first_line(error: Exception) -> str:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from magjax.errors import UserError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a program Ctrl-C ended
 _PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
                 PermissionError)
 
@@ -48,13 +49,19 @@ def report_user_error(message: str) -> int:
 
 def run(work: Callable[[], int | None], *, verbose: bool = False,
         log_file: str | pathlib.Path | None = None) -> int:
-    """Runs ``work()``; returns its exit status, or :data:`EXIT_USER_ERROR` on a user error.
+    """Runs ``work()``; returns its exit status, :data:`EXIT_USER_ERROR` on a user error, or
+    :data:`EXIT_INTERRUPTED` after one line when Ctrl-C stopped it.
 
     ``log_file`` (appended to, when its directory exists) receives the traceback of a user
     error, so that a one-line console message still leaves the details on disk.
     """
     try:
         return work() or 0
+    except KeyboardInterrupt:
+        # Ctrl-C: every result file is written whole or not at all (magjax.files), so nothing
+        # is left half-written and a traceback would only hide that.
+        print("stopped by Ctrl-C", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except Exception as error:
         message = user_error_message(error)
         if message is None:
@@ -63,8 +70,11 @@ def run(work: Callable[[], int | None], *, verbose: bool = False,
         if verbose:
             print(details, file=sys.stderr, end="")
         if log_file is not None and pathlib.Path(log_file).parent.is_dir():
-            with open(log_file, "a") as log:
-                log.write(details)
+            try:
+                with open(log_file, "a") as log:
+                    log.write(details)
+            except OSError:  # a read-only or full workdir: the message itself must still show
+                pass
         return report_user_error(message)
 
 

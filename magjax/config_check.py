@@ -28,13 +28,16 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 # Fields a resumed run may change without changing what it trains: the device layout (a
 # checkpoint restores on another device count), input workers, where the data lives, the
-# evaluation batch size.
+# evaluation batch size, the head's class block (the same loss, in less memory).
 RESUMABLE_FIELDS = frozenset({"num_devices", "cpu_devices", "data.dir", "data.num_workers",
-                              "eval.batch_size"})
+                              "eval.batch_size", "head.block_size"})
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float: every range rule refuses NaN (comparisons with NaN are false) and,
+    through this, infinity (``--config.optim.lr=inf`` is > 0 and would pass otherwise)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def _positive(value: Any) -> bool:
@@ -80,6 +83,8 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("loss.name", _one_of(*losses.registered()), f"one of {tuple(losses.registered())}"),
     ("loss.s", _positive, "> 0"),
     ("head.sample_rate", lambda v: _number(v) and 0 < v <= 1, "in (0, 1]"),
+    ("head.block_size", _optional(lambda v: v == 0 or _at_least_one(v)),
+     "an integer >= 1 (or 0 / unset: the dense head)"),
     ("optim.lr", _positive, "> 0"),
     ("optim.momentum", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
     ("optim.weight_decay", _non_negative, ">= 0"),
@@ -118,6 +123,14 @@ def problems(config: ml_collections.ConfigDict, device_count: int | None = None)
         value = _get(config, field)
         if not check(value):
             found.append(f"config.{field} must be {expected}, got {value!r}")
+    # Every other float field too (loss margins, augmentation strengths ...): no field of a
+    # config means anything by NaN or infinity.
+    ruled = {field for field, _, _ in _RULES}
+    for field, value in flatten(config.to_dict()).items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if field not in ruled and any(isinstance(v, float) and not math.isfinite(v)
+                                      for v in values):
+            found.append(f"config.{field} must be a finite number, got {value!r}")
     found += _foreign_loss_fields(config.loss)
     if not found and device_count is not None:
         devices = config.num_devices or device_count

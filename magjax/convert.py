@@ -26,7 +26,9 @@ PReLU weight -> params weight; ``num_batches_tracked`` is dropped. PyTorch flatt
 NCHW feature map in (C, H, W) order and Flax flattens NHWC in (H, W, C) order, so the rows of the
 Linear after the flatten are permuted. arcface_torch's frozen final BatchNorm scale is loaded
 from ``features.weight`` like every other tensor. A missing, unexpected or mis-shaped tensor is
-an error naming the key and the expected shape.
+an error naming the key and the expected shape (the embedding width is read off the final
+BatchNorm, so a transposed Linear weight is the one tensor named); so is a tensor holding NaN or
+Inf, or a BatchNorm running variance below zero (``magjax.checkpoint.check_tensor_values``).
 
 :func:`to_state_dict` is the inverse mapping (``python -m magjax.export --to FAMILY``).
 
@@ -52,7 +54,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from magjax import checkpoint, cli, models
+from magjax import checkpoint, cli, logs, models
 from magjax.errors import UserError
 
 SOURCES = models.FAMILIES
@@ -217,6 +219,7 @@ def backbone_state_dict(checkpoint_obj: Any, source: str, path: str = "checkpoin
         if stripped.endswith("num_batches_tracked"):
             continue
         result[stripped] = value.detach().cpu().float().numpy()
+        checkpoint.check_tensor_values(key, result[stripped], path)
     return result
 
 
@@ -240,7 +243,16 @@ def _torch_shape(flax_shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
 
 
 def embedding_dim_of(state: Mapping[str, np.ndarray]) -> int:
-    """Output width of the checkpoint's embedding Linear (512 in every official model)."""
+    """The embedding width of a checkpoint (512 in every official model): that of the final
+    BatchNorm1d over the embedding, else the output width of the embedding Linear.
+
+    The BatchNorm comes first: a Linear weight saved transposed would otherwise set the width,
+    and every healthy tensor of the BatchNorm would then be reported as mis-shaped instead of
+    the one wrong tensor."""
+    for path in _EMBEDDING_NORM:
+        mean = state.get(f"{torch_module_name(path)}.running_mean")
+        if mean is not None and np.ndim(mean) == 1:
+            return int(np.shape(mean)[0])
     for key in _EMBEDDING_LINEAR:
         if key in state and state[key].ndim == 2:
             return int(state[key].shape[0])
@@ -266,8 +278,9 @@ def convert_state_dict(state: Mapping[str, np.ndarray], arch: str,
         value = np.asarray(state[key], dtype)
         used.add(key)
         if value.shape != expected:
+            transposed = " (transposed?)" if value.shape == expected[::-1] else ""
             problems["mis-shaped"].append(
-                f"tensor {key!r} has shape {value.shape}, expected {expected}"
+                f"tensor {key!r} has shape {value.shape}, expected {expected}{transposed}"
             )
             continue
         if path[-1] == "kernel" and value.ndim == 4:
@@ -394,6 +407,7 @@ def main(argv: list[str]) -> int:
                         help="replace the model in an existing --out directory")
     cli.add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    logs.route_logging(None, verbose=args.verbose)
     return cli.run(lambda: _convert(args), verbose=args.verbose)
 
 
@@ -401,6 +415,7 @@ def _convert(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.out)
     if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists; pass --overwrite to replace it")
+    logs.start_jax(verbose=args.verbose)
     try:
         meta = convert(args.ckpt, args.source, args.arch, args.out)
     except RuntimeError as error:  # PyTorch missing, or torch.load failing on the file

@@ -7,7 +7,8 @@
 The model's own input convention (RGB/BGR order, value range; ``model.json["input_spec"]``) is
 applied inside the jitted forward pass, so callers always pass plain RGB uint8 images, whichever
 family (arcface_torch, MagFace, AdaFace) the weights come from. Faces must already be aligned to
-the ArcFace 112x112 template (``magjax.eval.align.align_face`` does it from five landmarks).
+the ArcFace 112x112 template (``magjax.eval.align.align_face`` does it from five landmarks);
+``encode_photos`` takes whole photos instead, and detects and aligns their faces itself.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from magjax.checkpoint import MODEL_META
 
 
 def resolve_model_dir(path: str | pathlib.Path) -> pathlib.Path:
-    """``path`` itself if it holds ``model.json``, else ``path/model`` (a training workdir)."""
+    """``path`` itself if it holds ``model.json``, else ``path/model`` (a training workdir).
+    Either may be a model whose replacement a kill interrupted (``checkpoint.readable_model_dir``
+    finds it beside)."""
     path = pathlib.Path(path)
     for candidate in (path, path / "model"):
-        if (candidate / MODEL_META).exists():
+        if checkpoint.readable_model_dir(candidate) is not None:
             return candidate
     raise FileNotFoundError(
         f"no {MODEL_META} in {path} or {path / 'model'}: expected an inference model directory "
@@ -149,3 +152,44 @@ class FaceEncoder:
         norms = np.linalg.norm(raw, axis=1)
         embeddings = raw / np.maximum(norms, np.finfo(np.float32).tiny)[:, None]
         return embeddings.astype(np.float32), norms.astype(np.float32)
+
+    def encode_photos(self, photos, detector=None, *, one_face: bool = False
+                      ) -> dict[str, np.ndarray]:
+        """Detects, aligns and encodes every face of unaligned photos.
+
+        ``photos``: RGB uint8 pictures [H, W, 3] of any sizes (a list, or one array [H, W, 3]),
+        upright (read files with ``magjax.detect.read_photo``, which applies EXIF orientation).
+        ``detector``: a ``magjax.detect.FaceDetector`` (default: YuNet with its default minimum
+        score and face size); ``one_face`` keeps only each photo's
+        ``primary_face``. Returns one row per face, in photo order: ``embeddings`` [N, d],
+        ``quality`` [N], ``boxes`` [N, 4] (x1, y1, x2, y2), ``landmarks`` [N, 5, 2] (x, y),
+        ``scores`` [N] and ``image_index`` [N] (the photo each face is in), plus ``no_face``:
+        the indices of the photos in which no face was found.
+        """
+        from magjax import detect
+
+        if isinstance(photos, np.ndarray) and photos.ndim == 3:
+            photos = [photos]
+        detector = detector if detector is not None else detect.FaceDetector()
+        found, crops, index, no_face = [], [], [], []
+        for i, photo in enumerate(photos):
+            faces, aligned = detector.faces_and_crops(photo, one_face)
+            if not len(faces):
+                no_face.append(i)
+            found.append(faces)
+            crops.append(aligned)
+            index.extend([i] * len(faces))
+        if crops:
+            embeddings, quality = self.encode(np.concatenate(crops))
+        else:
+            embeddings, quality = self.encode(np.zeros((0, *models.INPUT_SHAPE), np.uint8))
+        faces = found or [detect.Faces.empty()]
+        return {
+            "embeddings": embeddings,
+            "quality": quality,
+            "boxes": np.concatenate([f.boxes for f in faces]),
+            "landmarks": np.concatenate([f.landmarks for f in faces]),
+            "scores": np.concatenate([f.scores for f in faces]),
+            "image_index": np.asarray(index, np.int64),
+            "no_face": np.asarray(no_face, np.int64),
+        }

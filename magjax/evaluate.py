@@ -45,7 +45,7 @@ if __name__ == "__main__":  # before the imports below, which take a second
 
 import numpy as np  # noqa: E402
 
-from magjax import cli, evaluators, files  # noqa: E402
+from magjax import cli, evaluators, files, logs  # noqa: E402
 from magjax.eval import cluster, ijb, quality  # noqa: E402
 
 log = logging.getLogger("magjax.evaluate")
@@ -62,6 +62,13 @@ def format_table(report: dict) -> str:
             lines.append(f"{name:16s} {100 * r['accuracy']:8.2f} {100 * r['std']:8.2f} "
                          f"{100 * r['val']:9.2f} {r['xnorm']:8.3f} {erc.get('0.00', np.nan):8.4f} "
                          f"{erc.get('0.20', np.nan):9.4f}")
+    if report.get("quality"):
+        q = report["quality"]
+        lines.append(f"quality set: Spearman(feature norm, quality level) "
+                     f"{q['spearman_norm_vs_quality']:.4f}; recognisability vs level "
+                     f"{q['spearman_recognisability_vs_quality']:.4f}; mean norm per level "
+                     + " ".join(f"{level}: {norm:.2f}"
+                                for level, norm in q["mean_norm_per_level"].items()))
     if report.get("ijb"):
         target = report["ijb_target"]
         fars = [repr(x) for x in ijb.FAR_TARGETS]
@@ -77,9 +84,36 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def run_sets(workdir: pathlib.Path) -> tuple[str, str | None]:
+    """``(--bins, --quality-set)`` of the sets the training run in ``workdir`` evaluated (its
+    ``config.json``: the prepared data's held-out sets and ``config.eval``'s), or ``("",
+    None)`` when it is no training workdir or names none."""
+    saved = workdir / "config.json"
+    try:
+        config = json.loads(saved.read_text())
+        data_dir = pathlib.Path(config["data"]["dir"])
+        bins, quality_set = evaluators.configured_sets(config["eval"], data_dir)
+    except (OSError, ValueError, KeyError, TypeError):
+        return "", None
+    bins = [path for path in bins if path.is_file()]
+    if quality_set is not None and not quality_set.is_file():
+        quality_set = None
+    if bins or quality_set:
+        log.info("evaluating the sets of the run in %s: %s", workdir,
+                 ", ".join(map(str, [*bins, *([quality_set] if quality_set else [])])))
+    return ",".join(map(str, bins)), str(quality_set) if quality_set else None
+
+
 def write_report(report: dict, path: pathlib.Path) -> None:
     """Writes ``report`` as JSON to ``path`` through a rename: never a half-written file."""
     files.write_text_atomically(path, json.dumps(report, indent=2, sort_keys=True))
+
+
+def _without_path(path, message: str) -> str:
+    """``message`` without a leading ``path:`` (most errors name their file), for lines that
+    name the set themselves: the path is then printed once."""
+    prefix = f"{path}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
 
 
 def evaluate_bins(verifier: evaluators.Verification, encoder, out: pathlib.Path, report: dict,
@@ -102,7 +136,7 @@ def evaluate_bins(verifier: evaluators.Verification, encoder, out: pathlib.Path,
             write_report(report, out / "eval.json")
             if message is None:
                 raise
-            log.warning("%s failed: %s", path, message)
+            log.warning("%s failed: %s", path, _without_path(path, message))
             continue
         report["verification"][r["name"]] = r["summary"]
         curves[r["name"]] = r["curve"]
@@ -140,18 +174,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="no progress bars (.bin sets, IJB images)")
     cli.add_verbose_flag(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not (args.bins or args.ijb or args.quality_set or args.cluster):
-        parser.error("nothing to evaluate: give --bins, --ijb, --quality-set and/or --cluster")
     out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "eval"
+    # The log goes beside the results, unless --out's folder is not there (a mistyped workdir
+    # is not created to hold it).
+    log_file = out / "evaluate.log" if out.parent.is_dir() else None
+    logs.route_logging(log_file, verbose=args.verbose)
+    if not (args.bins or args.ijb or args.quality_set or args.cluster):
+        # A training workdir: the sets its run evaluated (the data's held-out set, config.eval).
+        args.bins, args.quality_set = run_sets(pathlib.Path(args.workdir))
+        if not (args.bins or args.quality_set):
+            parser.error(f"nothing to evaluate: {args.workdir} names no evaluation set of its "
+                         "own; give --bins, --ijb, --quality-set and/or --cluster")
     cpu_runtime.configure()
-    return cli.run(lambda: _evaluate(args, out), verbose=args.verbose,
-                   log_file=out / "evaluate.log")
+    return cli.run(lambda: _evaluate(args, out, log_file), verbose=args.verbose,
+                   log_file=log_file)
 
 
-def _evaluate(args: argparse.Namespace, out: pathlib.Path) -> int:
+def _evaluate(args: argparse.Namespace, out: pathlib.Path, log_file: pathlib.Path | None
+              ) -> int:
     from magjax.encoder import FaceEncoder
 
+    logs.start_jax(log_file, verbose=args.verbose)
     encoder = FaceEncoder.load(args.workdir, batch_size=args.batch)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"workdir": str(args.workdir), "arch": encoder.arch}
@@ -189,8 +232,8 @@ def _evaluate(args: argparse.Namespace, out: pathlib.Path) -> int:
         return cli.report_user_error(
             f"{len(report['failed'])} of {len(report['failed']) + len(report['verification'])}"
             f" .bin sets failed, the others are in "
-            f"{out / 'eval.json'}: " + "; ".join(f"{path}: {message}" for path, message
-                                                 in report["failed"].items()))
+            f"{out / 'eval.json'}: " + "; ".join(f"{path}: {_without_path(path, message)}"
+                                                 for path, message in report["failed"].items()))
     return 0
 
 

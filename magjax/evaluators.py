@@ -45,11 +45,17 @@ class Verification:
     _loaded: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def load(self, path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
-        """The set's images and labels, read once (training evaluates the same sets often)."""
-        from magjax.data.verification_bin import load_bin
+        """The set's images and labels, read once (training evaluates the same sets often); a
+        set the 10-fold protocol cannot run on is refused here, before any embedding."""
+        from magjax.data.verification_bin import load_bin, protocol_problem
+        from magjax.errors import UserError
 
         if path not in self._loaded:
-            self._loaded[path] = load_bin(path)
+            images, issame = load_bin(path)
+            problem = protocol_problem(path, issame)
+            if problem:
+                raise UserError(problem)
+            self._loaded[path] = images, issame
         return self._loaded[path]
 
     def run_set(self, encoder, path: pathlib.Path) -> dict:
@@ -198,17 +204,42 @@ class Clustering:
                 "cluster_items": int(len(labels))}
 
 
+OFF = ("", "none", "None")  # what switches a set off in config.eval (a CLI gives strings)
+
+
+def configured_sets(eval_config, data_dir: pathlib.Path) -> tuple[list[pathlib.Path],
+                                                                  pathlib.Path | None]:
+    """``(verification .bin paths, quality set or None)`` that ``eval_config`` (``config.eval``,
+    or its saved JSON) names: the held-out sets the prepared data in ``data_dir`` holds (its
+    manifest's, with ``heldout_sets``) and those of ``bins`` and ``quality_set``, relative ones
+    resolved against ``data_dir``. ``--config.eval.bins=a.bin,b.bin`` arrives as one string
+    and is split; empty and "none" entries are no set."""
+    from magjax.data import builders
+
+    bins = [name.strip() for entry in eval_config["bins"] if entry is not None
+            for name in str(entry).split(",") if name.strip() not in OFF]
+    quality_set = eval_config["quality_set"] if eval_config["quality_set"] not in OFF else None
+    manifest_path = data_dir / builders.MANIFEST
+    if eval_config.get("heldout_sets", True) and manifest_path.is_file():
+        manifest = builders.read_manifest(manifest_path)
+        bins = [*manifest.get("verification_bins", []), *bins]
+        quality_set = quality_set or manifest.get("quality_set")
+    paths = list(dict.fromkeys(data_dir / name for name in bins))
+    return paths, (data_dir / quality_set) if quality_set else None
+
+
 def from_config(config, data_dir: pathlib.Path) -> list[Any]:
-    """The evaluators ``config.eval`` names (paths relative to ``data_dir``): the ``.bin`` sets
-    (read here) and the quality set; training runs them every ``eval.every_steps``."""
+    """The evaluators ``config.eval`` names (:func:`configured_sets`): the ``.bin`` sets (read
+    here, so that a missing or corrupt one fails before training) and the quality set;
+    training runs them every ``eval.every_steps``."""
+    bins, quality_set = configured_sets(config.eval, data_dir)
     evaluators: list[Any] = []
-    if config.eval.bins:
-        verifier = Verification([data_dir / path for path in config.eval.bins],
-                                batch_size=config.eval.batch_size,
+    if bins:
+        verifier = Verification(bins, batch_size=config.eval.batch_size,
                                 fields=("accuracy", "std", "xnorm"))
-        for path in verifier.paths:  # a missing or corrupt set fails now, not at the first eval
+        for path in verifier.paths:
             verifier.load(path)
         evaluators.append(verifier)
-    if config.eval.quality_set:
-        evaluators.append(QualitySet(data_dir / config.eval.quality_set))
+    if quality_set is not None:
+        evaluators.append(QualitySet(quality_set))
     return evaluators

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magjax import checkpoint, cli, convert, files, models
+from magjax import checkpoint, cli, convert, files, logs, models
 from magjax.encoder import resolve_model_dir
 from magjax.errors import UserError
 
@@ -373,7 +373,6 @@ def export_torch(workdir: str | pathlib.Path, family: str, out: str | pathlib.Pa
                  best: bool = False) -> dict:
     """Writes the model of ``workdir`` as an official ``family`` PyTorch checkpoint to ``out``;
     returns the model's meta."""
-    torch = convert._import_torch()
     variables, meta = load_model(workdir, best=best)
     arch = meta["arch"]
     if arch in models.DEMO_ARCHS:
@@ -382,6 +381,7 @@ def export_torch(workdir: str | pathlib.Path, family: str, out: str | pathlib.Pa
     if models.family(arch) != family:
         raise UserError(f"{workdir}: arch {arch!r} belongs to family "
                         f"{models.family(arch)!r}, not --to {family}")
+    torch = convert._import_torch()  # only once the model is known to have the layout
     state = {k: torch.from_numpy(np.array(v, order="C"))  # (ascontiguousarray makes 0-d 1-d)
              for k, v in convert.to_state_dict(jax.tree.map(np.asarray, variables), arch).items()}
     checkpoint_dict = official_checkpoint(state, family, arch)
@@ -395,7 +395,7 @@ def main(argv: list[str]) -> int:
         description="Export a magjax model to ONNX (insightface / onnxruntime) or to an official "
                     "PyTorch checkpoint layout.",
         epilog="examples:\n"
-               "  python -m magjax.export --workdir runs/magface_demo --out magface.onnx\n"
+               "  python -m magjax.export --workdir runs/demo --out demo.onnx\n"
                "  python -m magjax.export --workdir runs/r100 --best --to arcface_torch "
                "--out backbone.pth",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -409,12 +409,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     cli.add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    logs.route_logging(None, verbose=args.verbose)
     return cli.run(lambda: _export(args), verbose=args.verbose)
 
 
 def _export(args: argparse.Namespace) -> None:
     if os.path.exists(args.out) and not args.overwrite:
         raise UserError(f"--out {args.out} already exists; pass --overwrite to replace it")
+    logs.start_jax(verbose=args.verbose)
     if args.to:
         meta = export_torch(args.workdir, args.to, args.out, best=args.best)
         print(f"wrote {args.out}: {meta['arch']} in the {args.to} checkpoint layout")

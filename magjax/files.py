@@ -8,12 +8,29 @@ import tempfile
 from collections.abc import Callable
 
 
+def _user_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the process's umask. Linux reports the
+    umask in /proc; elsewhere ``os.umask`` is the only way to read it, and it sets it too, so it
+    is set back at once (a file another thread creates meanwhile could get the wrong mode)."""
+    try:
+        status = pathlib.Path("/proc/self/status").read_text()
+        umask = int(next(line.split()[1] for line in status.splitlines()
+                         if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomically(out: str | pathlib.Path, write: Callable[[str], None]) -> pathlib.Path:
     """Calls ``write(tmp_path)`` for a temporary file beside ``out``, then renames it to
-    ``out``; the temporary file is removed if ``write`` fails."""
+    ``out``; the temporary file is removed if ``write`` fails. ``out`` gets the mode any new
+    file of the user gets (``mkstemp`` creates 0600, which would keep a model or a summary from
+    another user or a serving container)."""
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.fchmod(fd, _user_file_mode())
     os.close(fd)
     try:
         write(tmp)

@@ -135,10 +135,23 @@ def top_indices(scores: jax.Array, k: int) -> jax.Array:
     return jnp.searchsorted(jnp.cumsum(chosen), jnp.arange(1, k + 1)).astype(jnp.int32)
 
 
-def _loss_on_rows(loss, x, rows, class_ids, local_label, owned, row_mask, state, num_classes):
+def _loss_on_rows(loss, x, rows, class_ids, local_label, owned, row_mask, state, num_classes,
+                  block=None, return_logits=False):
     """The margin loss of the global batch against this shard's ``rows`` (classes
-    ``class_ids``; ``local_label`` indexes ``rows`` where ``owned``)."""
+    ``class_ids``; ``local_label`` indexes ``rows`` where ``owned``), dense or, with
+    ``block``, ``block`` classes at a time (:mod:`magjax.losses.blocked`)."""
     local_label = jnp.where(owned, local_label, -1)
+    if block:
+        # The same casts and sums as the dense path below; the cosines are formed block by
+        # block inside the loss, the target ones gathered here.
+        x_unit, target_cos = losses.blocked.target_cosines(
+            lax.pcast(x, DATA_AXIS, to="varying"), rows, local_label)
+        target_cos = lax.psum(target_cos, DATA_AXIS)
+        total, metrics, new_state = losses.blocked.blocked_margin_loss(
+            x_unit, rows.astype(x_unit.dtype), target_cos, local_label, losses.safe_norm(x),
+            loss, state, block=block, row_mask=row_mask, class_mask=class_ids < num_classes,
+            axis_name=DATA_AXIS, return_logits=return_logits)
+        return total, metrics, new_state, metrics.pop("logits", None)
     # Cast to varying: this shard's cosine gradient w.r.t. x is a per-shard term, summed over
     # shards by the cast's transpose (cosine_similarity's hand-written VJP cannot psum).
     cos, target_cos = losses.cosine_similarity(lax.pcast(x, DATA_AXIS, to="varying"), rows,
@@ -165,8 +178,14 @@ def sharded_margin_loss(
     *,
     sample_rate: float = 1.0,
     return_logits: bool = False,
+    block_size: int | None = None,
 ):
     """Builds ``fn(embeddings, weight, labels, row_mask, state, key) -> HeadOutput``.
+
+    ``block_size`` (``head.block_size``): None or 0 computes each shard's ``[C_local, B]``
+    cosines at once; ``n >= 1`` visits the shard's classes (with Partial FC, its sampled rows)
+    ``n`` at a time, so that no ``[C_local, B]`` array exists (:mod:`magjax.losses.blocked`;
+    the same loss and gradients).
 
     ``embeddings [B, d]``, ``labels [B]`` and ``row_mask [B]`` are split over ``data`` (``B``
     divisible by the device count; pad with masked rows); ``weight [C_pad, d]`` by rows. With
@@ -193,7 +212,8 @@ def sharded_margin_loss(
             index = None
             sampled = jnp.ones(classes_per_shard, bool)
         total, metrics, new_state, logits = _loss_on_rows(
-            loss, x, weight, class_ids, local_label, owned, row_mask, state, num_classes)
+            loss, x, weight, class_ids, local_label, owned, row_mask, state, num_classes,
+            block_size, return_logits)
         outputs = (total, metrics, new_state, sampled)
         if return_logits:
             logits = logits.T  # [B, C_local], as the reference files lay them out
@@ -245,11 +265,13 @@ def put_rows(mesh: Mesh):
                          out_specs=P(DATA_AXIS))
 
 
-def sampled_rows_loss(loss: losses.MarginLoss, mesh: Mesh, num_classes: int):
+def sampled_rows_loss(loss: losses.MarginLoss, mesh: Mesh, num_classes: int,
+                      block_size: int | None = None):
     """Builds ``fn(embeddings, rows, index, labels, row_mask, state) -> HeadOutput``: the
     margin loss against the sampled rows alone (``rows = take_rows(weight, index)``), so that
     its gradient is ``[D·K, d]``, not a dense ``[C_pad, d]`` of mostly zeros. The same loss and
-    gradients as :func:`sharded_margin_loss` for the rows it samples."""
+    gradients as :func:`sharded_margin_loss` for the rows it samples (``block_size`` as
+    there)."""
     devices = mesh.shape[DATA_AXIS]
     classes_per_shard = padded_size(num_classes, devices) // devices
 
@@ -258,7 +280,8 @@ def sampled_rows_loss(loss: losses.MarginLoss, mesh: Mesh, num_classes: int):
         start, local_label, owned = _local_labels(labels, row_mask, classes_per_shard)
         local_label = jnp.searchsorted(index, local_label)
         total, metrics, new_state, _ = _loss_on_rows(
-            loss, x, rows, start + index, local_label, owned, row_mask, state, num_classes)
+            loss, x, rows, start + index, local_label, owned, row_mask, state, num_classes,
+            block_size)
         sampled = jnp.zeros(classes_per_shard, bool).at[index].set(True)
         return total, metrics, new_state, sampled
 
@@ -303,6 +326,7 @@ class MarginHead(nn.Module):
     mesh: Mesh
     sample_rate: float = 1.0
     weight_init: str = "normal"
+    block_size: int | None = None  # sharded_margin_loss's block_size (head.block_size)
 
     @property
     def padded_classes(self) -> int:
@@ -324,7 +348,7 @@ class MarginHead(nn.Module):
         if sample_key is None:
             sample_key = jax.random.key(0)
         fn = sharded_margin_loss(self.loss, self.mesh, self.num_classes,
-                                 sample_rate=self.sample_rate)
+                                 sample_rate=self.sample_rate, block_size=self.block_size)
         state = {name: var.value for name, var in state_vars.items()}
         out = fn(embeddings, weight, labels, row_mask, state, sample_key)
         if not self.is_initializing() and self.is_mutable_collection(MARGIN_STATE):

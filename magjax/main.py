@@ -6,9 +6,14 @@
 
 Rerunning the same command resumes from the newest intact checkpoint in ``--workdir`` (a
 finished run prints its summary and changes nothing); a changed config is refused unless
-``--allow-config-change``. A user error (bad flag or config field, missing data) is one line on
-stderr and exit status 2, its traceback behind ``--verbose`` and in ``WORKDIR/train.log``, where
-library messages (absl, orbax, jax) go too.
+``--allow-config-change``. A second run on a workdir in use is refused in one line naming the
+run that holds it (``WORKDIR/.lock``, released when that process ends, however it ends). Ctrl-C
+during training saves a checkpoint after the current step (an evaluation due included) and
+exits 130, as SIGTERM saves (exit 0); before training, after it, or pressed twice, it stops at
+once, keeping the checkpoints already saved. A user error (bad flag or config field, missing
+data, a workdir that is a file or read-only, a full disk) is one line on stderr and exit status
+2, its traceback behind ``--verbose`` and in ``WORKDIR/train.log``, where library messages
+(absl, orbax, jax) go too.
 
 ``--config magjax:LOSS[:VARIANTS]`` (e.g. ``magjax:magface:demo``) names the recipe file
 ``configs/LOSS.py`` shipped with the package (installed as ``magjax/configs``), so that an
@@ -23,21 +28,43 @@ underscores are accepted too. ``--config.`` overrides name config fields as they
 (``--config.optim.grad_clip_norm=5``).
 """
 
+import logging
 import os
 import pathlib
 import re
+import signal
 import sys
 
 from magjax import cpu_runtime
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as magjax.cli (not imported yet: it is used before)
+
+
+def stop_at_once(signum=None, frame=None) -> None:
+    """Ctrl-C where no training step runs (start-up, compilation, the final export): nothing
+    is in flight that a checkpoint would keep, so the process ends at once with one line, and
+    a rerun starts again or resumes from the newest checkpoint. The training loop takes Ctrl-C
+    over meanwhile to save first (``magjax.train``); a second Ctrl-C there comes here."""
+    del signum, frame
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    # os.write: print() may be in the middle of a write of the main thread, which this
+    # handler interrupts (a reentrant write of sys.stderr raises).
+    os.write(2, b"stopped by Ctrl-C: the newest checkpoint in the workdir (if any) is kept; "
+                b"rerun the same command to resume\n")
+    os._exit(EXIT_INTERRUPTED)
+
+
 if __name__ == "__main__":  # before the imports below, which take seconds
     cpu_runtime.restart_with_malloc_tunables("magjax.main")
+    signal.signal(signal.SIGINT, stop_at_once)  # not a KeyboardInterrupt traceback
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from magjax import cli, logs, train  # noqa: E402
+from magjax import workdir as workdirs  # noqa: E402
 from magjax.errors import UserError  # noqa: E402
 
 RECIPE_PREFIX = "magjax:"
@@ -100,12 +127,41 @@ def _flag_error_message(error: Exception, argv: list[str]) -> str:
 def main(argv):
     del argv
     workdir = pathlib.Path(_WORKDIR.value).absolute()
-    logs.route_logging(workdir / logs.LOG_FILE)
-    status = cli.run(_train, verbose=_VERBOSE.value, log_file=workdir / logs.LOG_FILE)
+    status = cli.run(_start, verbose=_VERBOSE.value, log_file=workdir / logs.LOG_FILE)
     sys.exit(status)
 
 
-def _train() -> None:
+_LOCK: workdirs.WorkdirLock | None = None  # held until the process ends
+
+
+def _start() -> int | None:
+    """The workdir checked and locked before anything is written to it (its log file
+    included), then the run; a run Ctrl-C stopped after saving exits 130."""
+    global _LOCK
+    remote = workdirs.is_remote(_WORKDIR.value)
+    workdir = pathlib.Path(_WORKDIR.value).absolute()
+    if not remote:
+        try:
+            workdirs.prepare(workdir)
+            # Process 0 locks; with --multihost its index is known once JAX has started.
+            if not _MULTIHOST.value and (not _COORDINATOR.value or _PROCESS_ID.value == 0):
+                _LOCK = workdirs.lock(workdir)
+        except UserError as error:  # nothing is written there, not even the error to its log
+            sys.exit(cli.report_user_error(cli.one_line(str(error))))
+    logs.route_logging(workdir / logs.LOG_FILE, verbose=_VERBOSE.value)
+    sys.unraisablehook = logs.log_unraisable
+    if remote:
+        logging.getLogger(__name__).info("%s is remote: not locked against a second run",
+                                         _WORKDIR.value)
+    try:
+        _train(lock=not remote and _MULTIHOST.value)
+    except train.Interrupted:  # saved and stopped; the loop said so in one line
+        return EXIT_INTERRUPTED
+    return None
+
+
+def _train(lock: bool = False) -> None:
+    global _LOCK
     cpu_runtime.configure()
     forced = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
     if _CONFIG.value.cpu_devices and not forced:
@@ -121,12 +177,14 @@ def _train() -> None:
                                    process_id=_PROCESS_ID.value)
     elif _MULTIHOST.value:
         jax.distributed.initialize()
-    with logs.native_stderr_to(pathlib.Path(_WORKDIR.value).absolute() / logs.LOG_FILE):
-        jax.devices()  # starts the backends
+    logs.start_jax(pathlib.Path(_WORKDIR.value).absolute() / logs.LOG_FILE,
+                   verbose=_VERBOSE.value)
+    if lock and jax.process_index() == 0:
+        _LOCK = workdirs.lock(pathlib.Path(_WORKDIR.value).absolute())
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                                        allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     if summary is not None and jax.process_index() == 0:
-        print(train.summary_json(summary))
+        print(train.describe_results(summary, _WORKDIR.value))
 
 
 def recipe_file(name: str) -> pathlib.Path:

@@ -143,6 +143,16 @@ def default_cache_dir() -> str:
     return os.path.join(root, "magjax")
 
 
+def synthetic_data_dir(options: dict) -> str:
+    """Where the synthetic identities of ``options`` (``data.synthetic_options``) are built once
+    and reused: a folder of the cache directory named after the options."""
+    rest = dict(options)
+    name = (f"synthetic_{rest.pop('num_identities', 'default')}x"
+            f"{rest.pop('images_per_identity', 'default')}"
+            + "".join(f"_{key}{value}" for key, value in sorted(rest.items())))
+    return os.path.join(default_cache_dir(), name)
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -158,7 +168,9 @@ def base_config() -> ml_collections.ConfigDict:
         num_examples=ml_collections.config_dict.placeholder(int),
         augment="flip",
         num_workers=0,
-        # Build synthetic identities on first use (demo); keys are magjax.data prepare options.
+        # Without a data.dir: build synthetic identities once under the cache directory and
+        # train on them (the demo); keys are magjax.data prepare options. A data.dir given is
+        # always the user's prepared data, never built into.
         synthetic=False,
         synthetic_options=ml_collections.ConfigDict(),
     )
@@ -173,7 +185,13 @@ def base_config() -> ml_collections.ConfigDict:
                   # Partial FC: True keeps momentum and weight decay off unsampled centres
                   # (and differentiates the sampled rows alone: no dense [C, d] gradient);
                   # False (arcface_torch) lets one SGD move every centre each step.
-                  freeze_unsampled=False)
+                  freeze_unsampled=False,
+                  # None or 0: each shard's [C_local, B] cosines at once. n >= 1: the head
+                  # visits each shard's classes n at a time and recomputes them in the backward
+                  # pass (one matrix product more), so that no [C_local, B] array exists:
+                  # the same loss and gradients, memory no longer growing with batch x classes
+                  # (magjax.losses.blocked; BENCHMARKS.md "The head class block by block").
+                  block_size=ml_collections.config_dict.placeholder(int))
     c.optim = dict(
         lr=0.1, momentum=0.9, weight_decay=5e-4,
         decay_batchnorm=True,  # AdaFace: False (no weight decay on BatchNorm parameters)
@@ -195,8 +213,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.eval = dict(
         every_steps=2000,
+        # The held-out sets the prepared data holds (its manifest names them): the synthetic
+        # data's verification.bin and quality.npz, or the verification.bin of
+        # `magjax.data prepare --holdout N`. Evaluated besides the sets named below.
+        heldout_sets=True,
         # Verification .bin files and a quality set (.npz with images, quality levels and
         # identity labels, from synthetic data); relative paths are resolved against data.dir.
+        # "" / "none" / () switch them off.
         bins=(),
         quality_set="",
         batch_size=256,
@@ -291,7 +314,7 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     # magnitude and level 0.18); at a quarter 0.56 and 0.55 (BENCHMARKS.md).
     options = dict(num_identities=300, images_per_identity=50, nuisance=0.25)
     c.data.synthetic_options = ml_collections.ConfigDict(options)
-    c.data.dir = os.path.join(default_cache_dir(), "synthetic_300x50_nuisance0.25")
+    c.data.dir = None  # synthetic_data_dir(options) unless the user names their own data
     c.data.num_classes = None
     c.data.num_examples = None
     c.data.augment = "flip"
@@ -310,8 +333,8 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     c.optim.update(lr=0.1, schedule="poly", warmup_epochs=0.5, warmup_style="plain",
                    milestones=())
     c.log_every_steps = 20
-    c.eval.update(every_steps=70, bins=("verification.bin",), quality_set="quality.npz",
-                  batch_size=256)
+    # Evaluated on the synthetic data's held-out identities (eval.heldout_sets).
+    c.eval.update(every_steps=70, batch_size=256)
     c.checkpoint.update(every_steps=70, keep=2)
 
 

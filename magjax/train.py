@@ -78,7 +78,8 @@ def build_components(config, mesh, num_classes: int, steps_per_epoch: int, total
     loss = margin_loss_from_config(config.loss)
     margin_head = head.MarginHead(
         num_classes=num_classes, embedding_dim=config.model.embedding_dim, loss=loss, mesh=mesh,
-        sample_rate=config.head.sample_rate, weight_init=config.head.weight_init)
+        sample_rate=config.head.sample_rate, weight_init=config.head.weight_init,
+        block_size=config.head.get("block_size"))
     updates_per_epoch = max(steps_per_epoch // config.optim.accumulate_steps, 1)
     schedule = optim.learning_rate_schedule(
         config.optim, updates_per_epoch, max(total_steps // config.optim.accumulate_steps, 1))
@@ -206,7 +207,7 @@ def make_train_step(components: Components, base_key: jax.Array, *,
     if sampled_rows:
         classes = c.head.num_classes
         sampler = head.partial_fc_sampler(c.mesh, classes, config.head.sample_rate)
-        rows_loss = head.sampled_rows_loss(c.loss, c.mesh, classes)
+        rows_loss = head.sampled_rows_loss(c.loss, c.mesh, classes, c.head.block_size)
         on_rows = head.on_class_rows(c.mesh)
 
     def train_step(state, batch):
@@ -319,33 +320,83 @@ class Evaluator:
 
 
 def resolve_data_dir(config) -> pathlib.Path:
-    """The prepared dataset directory; builds the synthetic demo set on first use."""
-    if config.data.synthetic:
-        from magjax import data
+    """The prepared dataset: ``data.dir``, the user's data, never built into; without one, a
+    recipe with ``data.synthetic`` (the demo) builds its synthetic identities once under the
+    cache directory. Either way a missing dataset is reported before anything else runs."""
+    from magjax.data import builders
 
-        return pathlib.Path(data.prepare("synthetic", None, config.data.dir,
-                                         **dict(config.data.synthetic_options)))
-    if not config.data.dir:
-        raise UserError(
-            "config.data.dir is not set: pass --config.data.dir=/path/to/dataset prepared with "
-            "`python -m magjax.data prepare --format rec|folder --src SRC --out DIR`, or run "
-            "the CPU demo with --config configs/<loss>.py:demo")
-    return pathlib.Path(config.data.dir)
+    if config.data.dir:
+        data_dir = pathlib.Path(config.data.dir)
+        builders.find_dataset_dir(data_dir)  # a missing or unprepared directory fails now
+        return data_dir
+    if config.data.synthetic:
+        options = dict(config.data.synthetic_options)
+        data_dir = pathlib.Path(recipes.synthetic_data_dir(options))
+        if not (data_dir / builders.MANIFEST).is_file():
+            log.info("building the synthetic identities (%s) in %s, once: about half a minute",
+                     ", ".join(f"{k}={v}" for k, v in sorted(options.items())), data_dir)
+        return pathlib.Path(builders.prepare("synthetic", None, data_dir, progress=False,
+                                             **options))
+    raise UserError(
+        "config.data.dir is not set: pass --config.data.dir=/path/to/dataset prepared with "
+        "`python -m magjax.data prepare --format rec|folder --src SRC --out DIR`, or run "
+        "the CPU demo with --config configs/<loss>.py:demo")
+
+
+def _check_evaluation_sets(config, data_dir: pathlib.Path) -> None:
+    """Fails now, not at the first evaluation, when a set ``config.eval`` names is missing, and
+    says in one line what will be evaluated (or that nothing will)."""
+    from magjax import evaluators
+
+    bins, quality_set = evaluators.configured_sets(config.eval, data_dir)
+    missing = [str(path) for path in [*bins, quality_set] if path and not path.is_file()]
+    if missing:
+        raise UserError(f"config.eval: {', '.join(missing)} not found; name existing files in "
+                        "--config.eval.bins / --config.eval.quality_set, or switch them off "
+                        "with =none")
+    if bins or quality_set:
+        log.info("evaluating every %d steps on %s", config.eval.every_steps,
+                 ", ".join(str(path) for path in [*bins, quality_set] if path))
+    else:
+        log.info("no evaluation: %s holds no held-out set and config.eval names none (prepare "
+                 "with --holdout N, or pass --config.eval.bins=/path/to/lfw.bin)", data_dir)
+
+
+class Interrupted(Exception):  # noqa: N818 (a stop asked for, not an error)
+    """Ctrl-C stopped the training loop after saving a checkpoint (the command exits 130)."""
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The loss or the gradients became NaN/Inf with ``nan_policy='stop'``: one line naming the
+    steps, the checkpoint kept and the fix (a ``UserError``: the recipe needs changing)."""
 
 
 class _Preemption:
-    """SIGTERM (Cloud TPU preemption, SLURM time limit) asks the loop to save and stop."""
+    """SIGTERM (Cloud TPU preemption, SLURM time limit) and Ctrl-C (SIGINT) ask the loop to
+    finish its step (an evaluation due included), save and stop. A second Ctrl-C goes to the
+    handler in place before (``magjax.main``'s stops at once; Python's raises
+    KeyboardInterrupt): the checkpoints already saved are kept."""
+
+    SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
 
     def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.requested: str | None = None  # the name of the signal that asked
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        log.warning("SIGTERM received: saving a checkpoint and stopping")
-        self.requested = True
+        if self.requested and signum == signal.SIGINT:
+            previous = self._previous[signal.SIGINT]
+            if callable(previous):
+                previous(signum, frame)
+            raise KeyboardInterrupt
+        self.requested = self.SIGNALS[signum]
+        again = " (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""
+        log.warning("%s received: saving a checkpoint after this step and stopping%s",
+                    self.requested, again)
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 SUMMARY_FILE = "summary.json"
@@ -398,9 +449,8 @@ class _TrainMetrics:
         self._pending.clear()
         bad = [step - len(fetched) + i + 1 for i, m in enumerate(fetched) if m["nonfinite"]]
         if bad and self.config.nan_policy == "stop":
-            raise FloatingPointError(
-                f"loss or gradients became NaN/Inf within steps [{bad[0]}, {bad[-1]}]; "
-                "lower optim.lr, or set nan_policy='skip' to drop such updates")
+            raise NonFiniteLossError(
+                f"loss or gradients became NaN/Inf within steps [{bad[0]}, {bad[-1]}]")
         mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]
                 if np.ndim(fetched[0][k]) == 0}
         mean["skipped_nonfinite"] = len(bad)
@@ -437,11 +487,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # ----------------------------------------------------------------------------------------
     # Input: each process reads its own slice of every global batch.
     data_dir = resolve_data_dir(config)
+    config.data.dir = str(data_dir)  # config.json says where the data was (and evaluate finds it)
     pipeline = data_pipeline.TrainPipeline(
         data_dir, global_batch=config.global_batch, seed=config.seed,
         augment=config.data.augment, process_index=jax.process_index(),
         process_count=jax.process_count(), num_workers=config.data.num_workers)
     _take_dataset_counts(config, pipeline, data_dir)
+    _check_evaluation_sets(config, data_dir)
     steps_per_epoch = pipeline.steps_per_epoch
     total_steps = config.total_steps or max(int(config.epochs * steps_per_epoch), 1)
 
@@ -459,6 +511,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  "they are", workdir_path, latest, total_steps, summary_path)
         return json.loads(summary_path.read_text())
     log.info("%s", run_description(config, data_dir, devices, steps_per_epoch, total_steps))
+    if primary:  # a model export that a kill interrupted is finished, or its remains removed
+        for name in ("model", "model_best"):
+            checkpoint.recover_inference_model(workdir_path / name)
 
     # ----------------------------------------------------------------------------------------
     # Model, head, optimizer and the train state, created in its shardings.
@@ -472,8 +527,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # Restore: the newest intact checkpoint of this same run, on any device count.
     run_facts = {"num_classes": pipeline.num_classes, "arch": config.model.arch,
                  "loss": config.loss.name}
-    best = {"accuracy": -1.0, "step": 0}
+    best = {"accuracy": None, "step": None}  # the best verification accuracy so far
     last_loss = float("nan")
+    restored_step = 0
     if latest is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                                sharding=x.sharding), state)
@@ -493,7 +549,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     train_step = jit_train_step(components, base_key, shardings)
     evaluator = Evaluator(config, components, data_dir)
     logger = MetricsLogger(workdir_path, enabled=primary,
-                           progress_keys=(*components.loss.progress_metrics, "feature_norm"))
+                           progress_keys=(*components.loss.progress_metrics, "feature_norm"),
+                           restored_step=restored_step)
     train_metrics = _TrainMetrics(logger, config, total_steps, last_loss)
     preemption = _Preemption()
     start_step = step = int(state["step"])
@@ -505,10 +562,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     try:
         while step < total_steps:
             batch = parallel.global_batch(mesh, next(pipeline))
+            if step == start_step:
+                log.info("compiling the train step (the first step; a minute or so on a CPU)")
             state, metrics = train_step(state, batch)
             if step == start_step:
                 # The first step includes the compilation: the ETA is timed from its end.
                 jax.block_until_ready(metrics)
+                log.info("compiled and ran the first step in %.0f s", time.time() - start_time)
                 logger.start_clock(step + 1)
             train_metrics.add(metrics)
             step += 1
@@ -522,7 +582,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 if evaluation:
                     logger.write(step, _flatten(evaluation), kind="eval")
                     accuracy = _first_accuracy(evaluation)
-                    if accuracy is not None and accuracy > best["accuracy"]:
+                    if accuracy is not None and (best["accuracy"] is None
+                                                 or accuracy > best["accuracy"]):
                         best = {"accuracy": accuracy, "step": step}
                         export_inference_model(workdir_path / "model_best", state, config, step)
             if due_checkpoint or preemption.requested:
@@ -533,9 +594,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                  force=preemption.requested or step == total_steps)
             if preemption.requested:
                 checkpoints.wait()
-                log.warning("stopped at step %d after SIGTERM; rerun the same command to "
-                            "resume", step)
+                stopped = (f"stopped at step {step} after {preemption.requested} (checkpoint "
+                           f"saved); rerun the same command to resume")
+                log.warning("%s", stopped)
+                if preemption.requested == "Ctrl-C":
+                    raise Interrupted(stopped)
                 return None
+    except NonFiniteLossError as error:
+        checkpoints.wait()
+        kept = checkpoints.latest_step()
+        raise NonFiniteLossError(
+            f"{error}: stopped without saving them; "
+            + (f"the checkpoint of step {kept} in {checkpoints.directory} is kept: lower "
+               "--config.optim.lr and rerun with --allow-config-change to resume from it"
+               if kept is not None else "no checkpoint was saved before them: lower "
+               "--config.optim.lr")
+            + ", or set --config.nan_policy=skip to drop such updates") from None
     finally:
         checkpoints.wait()
         checkpoints.close()
@@ -556,13 +630,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         "params_sha256": params_sha256(state["params"]),
         "devices": devices,
         "processes": jax.process_count(),
-        "best": best,
+        "best": best if best["accuracy"] is not None else None,
         **evaluation,
     }
     summary.setdefault("verification", {})
     if primary:
         files.write_text_atomically(summary_path, summary_json(summary))
     return summary
+
+
+def describe_results(summary: dict, workdir: str | pathlib.Path) -> str:
+    """What a finished run prints: its results in a few lines, where they are, and the commands
+    a user runs next (evaluate, export, extract)."""
+    workdir = pathlib.Path(workdir)
+    loss = summary.get("final_loss")
+    lines = [f"finished {summary['steps']} steps; final loss "
+             f"{'NaN' if loss is None else format(loss, '.4f')}"]
+    for name, result in summary.get("verification", {}).items():
+        lines.append(f"verification set {name}: accuracy {result['accuracy']:.4f} ± "
+                     f"{result['std']:.4f}")
+    if summary.get("best"):
+        lines.append(f"best accuracy {summary['best']['accuracy']:.4f} at step "
+                     f"{summary['best']['step']} (model in {workdir / 'model_best'})")
+    quality = summary.get("quality")
+    if quality:
+        lines.append(f"quality: Spearman(feature norm, quality level) "
+                     f"{quality['spearman_norm_vs_quality']:.3f}")
+    lines += [f"results in {workdir / SUMMARY_FILE}, the model in {workdir / 'model'}; next:",
+              f"  python -m magjax.evaluate --workdir {workdir}"
+              "                  # the run's sets, or --bins lfw.bin,...",
+              f"  python -m magjax.export --workdir {workdir} --out model.onnx",
+              f"  python -m magjax.extract --workdir {workdir} --images FACES --out feats.npz"]
+    return "\n".join(lines)
 
 
 def summary_json(summary: dict) -> str:

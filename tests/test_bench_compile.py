@@ -48,6 +48,61 @@ def test_tiny_recipe_on_v5e_memory_and_flops_follow_the_shapes(capsys):
         PER_CHIP_BATCH * 197e12 / small["flops_per_step"])
 
 
+def test_demo_recipe_on_a_tpu_topology_with_overrides(monkeypatch, capsys):
+    """The demo recipe compiles for a TPU topology: its class and image counts come from its
+    synthetic options (300 x 50), and --config. overrides take effect as in magjax.main. The
+    XLA compile itself is the tiny recipe's test above; here it is replaced to stay fast."""
+    seen = {}
+
+    def fake_compile(config, devices, per_chip_batch):
+        seen.update(config=config, devices=devices, per_chip_batch=per_chip_batch)
+        return {"argument_bytes": 1, "output_bytes": 1, "alias_bytes": 1, "temp_bytes": 1,
+                "bytes_per_chip": 2, "flops_per_step": 1e9, "compile_s": 0.0}
+
+    monkeypatch.setattr(compile_bench, "compile_train_step", fake_compile)
+    argv = ["--topology", "v5e:2x2", "--config", f"{REPO}/configs/magface.py:demo",
+            "--config.model.arch=tiny", "--config.data.synthetic_options.num_identities=500",
+            "--config.global_batch=64", "--json"]
+    assert compile_bench.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    config = seen["config"]
+    assert config.model.arch == "tiny" and result["arch"] == "tiny"
+    assert config.data.num_classes == result["classes"] == 500
+    assert config.data.num_examples == 500 * 50
+    assert seen["per_chip_batch"] == result["per_chip_batch"] == 64 // 8  # MagFace's 8 GPUs
+    assert len(seen["devices"]) == CHIPS and result["device_kind"] == "TPU v5 lite"
+
+
+def test_a_step_too_large_for_the_chip_reports_fits_false(monkeypatch, capsys):
+    """XLA's RESOURCE_EXHAUSTED at compile time is a result (fits: false and the bytes asked
+    for), not a traceback. The compile is replaced by one that refuses as XLA does."""
+    import jax
+
+    from magjax import train
+
+    class Refused:
+        def lower(self, *args):
+            return self
+
+        def compile(self):
+            raise jax.errors.JaxRuntimeError(
+                "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in "
+                "memory space hbm. Used 180.56G of 15.75G hbm. Exceeded hbm capacity by 164.8G."
+                " ... the total memory required for HLO temporaries (180.56G) exceeds "
+                "available HBM (15.75G)")
+
+    monkeypatch.setattr(train, "jit_train_step", lambda *args: Refused())
+    argv = ["--topology", "v5e:2x2", "--config", f"{REPO}/configs/arcface.py:tiny", "--json"]
+    assert compile_bench.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["fits"] is False
+    assert result["temp_bytes_asked"] == result["bytes_per_chip"] == int(180.56 * 2**30)
+    assert result["error"].startswith("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error")
+    assert "DOES NOT FIT: XLA asked for 180.56 GiB of temporaries per chip" in (
+        compile_bench.describe(result))
+
+
 def test_unknown_topology_is_named(capsys):
     with pytest.raises(ValueError, match="v9x"):
         compile_bench.chip_facts("v9x:2x2")

@@ -95,7 +95,7 @@ def test_argument_errors(dataset):
     root, _ = dataset
     with pytest.raises(ValueError, match="multiple of process_count 3"):
         TrainPipeline(root, global_batch=8, seed=0, process_count=3)
-    with pytest.raises(ValueError, match="exceeds the 60 examples"):
+    with pytest.raises(ValueError, match="is more than the 60 images in"):
         TrainPipeline(root, global_batch=64, seed=0)
     with pytest.raises(ValueError, match="augment must be one of"):
         TrainPipeline(root, global_batch=8, seed=0, augment="mixup")

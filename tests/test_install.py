@@ -59,7 +59,7 @@ def test_pip_install_then_train_outside_the_checkout(tmp_path):
         f"--config.data.dir={dataset}", "--config.data.synthetic=False",
         "--config.model.embedding_dim=32", "--config.global_batch=8", "--config.total_steps=2",
         "--config.cpu_devices=1",
-        "--config.eval.bins=()", "--config.eval.quality_set=")
+        "--config.eval.heldout_sets=False")
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["steps"] == 2
     assert json.loads((workdir / "model" / "model.json").read_text())["arch"] == "magface_tiny"

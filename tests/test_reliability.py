@@ -35,7 +35,7 @@ def own_data_config(dataset, variant="tiny", **overrides):
     config.data.dir = str(dataset)
     config.model.update(dtype="float32", embedding_dim=32)
     config.update(num_devices=1, global_batch=16, total_steps=4, log_every_steps=1)
-    config.eval.update(every_steps=1000, bins=(), quality_set="")
+    config.eval.update(every_steps=1000, heldout_sets=False)
     config.checkpoint.update(every_steps=2, keep=3)
     for key, value in overrides.items():
         section, _, leaf = key.rpartition(".")
@@ -303,6 +303,7 @@ BAD_FIELDS = [
     ("optim.warmup_style", "linear", "config.optim.warmup_style must be one of"),
     ("optim.grad_allreduce_dtype", "int8", "config.optim.grad_allreduce_dtype must be one of"),
     ("optim.grad_clip_eps", -1e-6, "config.optim.grad_clip_eps must be >= 0"),
+    ("head.block_size", -1, "config.head.block_size must be an integer >= 1"),
 ]
 
 

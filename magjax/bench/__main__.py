@@ -6,7 +6,10 @@
     python -m magjax.bench input --images 1024                             # input pipeline
     python -m magjax.bench train --arch iresnet50 --batch 256 --torch      # whole train step
     python -m magjax.bench compile --topology v5p:4x4x4 --config configs/arcface.py:r100
+    python -m magjax.bench compile --topology h100:8 --config configs/arcface.py:r50  # GPUs
     python -m magjax.bench capacity --topology v5e:16x16 --config configs/arcface.py:r100
+    python -m magjax.bench capacity --topology a100-40gb:8 --config configs/magface.py:r100 \\
+        --of batch                                       # the largest per-GPU batch that fits
     python -m magjax.bench export --arch iresnet50                         # ONNX Runtime vs JAX
 
 Each prints its figures and, last, one JSON line; BENCHMARKS.md records them. They run with
@@ -17,7 +20,7 @@ after the name runs with XLA's and glibc's defaults instead (the figures before 
 import importlib
 import sys
 
-from magjax import cli, cpu_runtime
+from magjax import cli, cpu_runtime, logs
 
 BENCHMARKS = ("head", "backbone", "input", "train", "compile", "capacity", "export")
 
@@ -38,6 +41,11 @@ def main(argv: list[str]) -> int:
         cpu_runtime.restart_with_malloc_tunables("magjax.bench")
         cpu_runtime.configure()
     options = [arg for arg in argv[1:] if arg != "--cpu-defaults"]
+    logs.route_logging(None)
+    if argv[0] not in ("compile", "capacity", "head"):
+        # Those three start jax themselves once they have set the compilers' environment or
+        # the CPU device count, with libtpu's probing kept off the console too.
+        logs.start_jax()
     module = importlib.import_module(f"magjax.bench.{argv[0]}")
     return module.main(options) or 0
 

@@ -1,8 +1,13 @@
-"""``python -m magjax.bench capacity``: how many identities a recipe's train step fits per chip.
+"""``python -m magjax.bench capacity``: how many identities (or images) a recipe's train step fits
+per chip.
 
     python -m magjax.bench capacity --topology v5p:4x4x4 --config configs/arcface.py:r100,pfc0.1
     python -m magjax.bench capacity --topology v5e:16x16 --config configs/arcface.py:r100 \\
         --classes 2000000 --max-probes 2     # two compiles per rate: the line's estimate
+    python -m magjax.bench capacity --topology v100-32gb:8 --config configs/arcface.py:r50,pfc0.1 \\
+        --classes 29000000 --per-chip-batch 64
+    python -m magjax.bench capacity --topology a100-40gb:8 --config configs/arcface.py:r100 \\
+        --of batch                           # the largest per-GPU batch at the recipe's classes
 
 For the recipe's sample rate and for r = 1.0 (the full softmax), finds the largest number of
 classes whose train step (``python -m magjax.bench compile``: the step ``magjax.main`` runs,
@@ -14,6 +19,11 @@ fits and the smallest that does not (a bisection whose midpoint is the linear es
 last line is JSON: per sample rate the capacity, the smallest count found not to fit, where the
 line through the two largest probes meets the HBM (the estimate to use when ``--max-probes`` cut
 the search short), the bytes per chip and every probe.
+
+``--of batch`` searches instead the largest per-chip batch (a multiple of 8) at the recipe's
+class count and sample rate, the same way (memory grows almost linearly with the batch too).
+Topologies, ``--config.FIELD=VALUE`` overrides and the memory a chip offers (on GPUs the share
+jax allocates, ``XLA_PYTHON_CLIENT_MEM_FRACTION``) are those of ``bench compile``.
 """
 
 from __future__ import annotations
@@ -106,22 +116,30 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-probes", type=cli.positive_int, default=8,
                         help="compiles per sample rate")
     parser.add_argument("--classes", type=cli.positive_int, default=None,
-                        help="the first count probed (default: the recipe's dataset's)")
-    args = parser.parse_args(argv)
-    return cli.run(lambda: _capacity(args), verbose=args.verbose)
+                        help="the first count probed (default: the recipe's dataset's); with "
+                        "--of batch, the class count")
+    parser.add_argument("--of", choices=("classes", "batch"), default="classes",
+                        help="what to search: identities (default) or the per-chip batch")
+    args, overrides = compile_bench.parse_args(parser, argv)
+    return cli.run(lambda: _capacity(args, overrides), verbose=args.verbose)
 
 
-def _capacity(args: argparse.Namespace) -> None:
-    from magjax import recipes
-
-    config = recipes.with_dataset_counts(recipes.config_from_file(args.config))
+def _capacity(args: argparse.Namespace, overrides: list[str]) -> None:
+    config = compile_bench.counted(compile_bench.load_config(args.config, overrides))
     if args.classes:
         config.data.num_classes = args.classes
     hbm, _ = compile_bench.chip_facts(args.topology)
+    budget = compile_bench.memory_budget(args.topology)
     chips = len(compile_bench.topology_devices(args.topology))
-    rates = sorted({config.head.sample_rate, 1.0})
     result = {"topology": args.topology, "chips": chips, "config": args.config,
-              "hbm_bytes_per_chip": hbm, "capacity": {}}
+              "overrides": overrides, "hbm_bytes_per_chip": hbm,
+              "usable_bytes_per_chip": budget}
+    if args.of == "batch":
+        result["largest_batch"] = _largest_batch(args, config, budget)
+        print(json.dumps(result))
+        return
+    result["capacity"] = {}
+    rates = sorted({config.head.sample_rate, 1.0})
     for rate in rates:
         config.head.sample_rate = rate
         runs: dict[int, dict] = {}
@@ -136,11 +154,11 @@ def _capacity(args: argparse.Namespace) -> None:
             return r["bytes_per_chip"]
 
         # Counts are multiples of the chips x 8 rows (a TPU tile) so that no probe pays padding.
-        capacity, probes = largest_fitting(bytes_at, hbm, config.data.num_classes,
+        capacity, probes = largest_fitting(bytes_at, budget, config.data.num_classes,
                                            multiple=8 * chips, tolerance=args.tolerance,
                                            max_probes=args.max_probes)
-        bound = min((c for c, b in probes.items() if b > hbm), default=None)
-        predicted = line_estimate(probes, hbm)
+        bound = min((c for c, b in probes.items() if b > budget), default=None)
+        predicted = line_estimate(probes, budget)
         result["capacity"][str(rate)] = {
             "classes": capacity, "first_failing": bound, "line_estimate": predicted,
             "bytes_per_chip": probes.get(capacity),
@@ -149,8 +167,40 @@ def _capacity(args: argparse.Namespace) -> None:
         }
         print(f"r = {rate}: {capacity:,} identities fit on {args.topology} ({chips} chips)"
               + (f"; {bound:,} do not" if bound else "")
-              + (f"; the line through the two largest probes meets the HBM at {predicted:,}"
+              + (f"; the line through the two largest probes meets the memory at {predicted:,}"
                  if predicted else ""))
         if capacity:  # the next sample rate starts where this one ended
             config.data.num_classes = capacity
     print(json.dumps(result))
+
+
+# Per-chip batches are searched in steps of 8 images: finer than any recipe's batch choice, and
+# what a TPU tile or a GPU's tensor-core fragment takes without padding.
+BATCH_MULTIPLE = 8
+
+
+def _largest_batch(args: argparse.Namespace, config, budget: int) -> dict:
+    """The largest per-chip batch whose step fits ``budget``, at ``config``'s class count and
+    sample rate, starting from ``--per-chip-batch`` (default the official per-GPU batch)."""
+    from magjax import recipes
+
+    start = args.per_chip_batch or recipes.official_per_device_batch(config)
+
+    def bytes_at(batch: int) -> int:
+        r = compile_bench.run(args.topology, config, batch, config.data.num_classes)
+        print(f"{batch} images per chip -> {r['bytes_per_chip'] / 2**30:.2f} GiB per chip "
+              f"({'fits' if r['fits'] else 'does not fit'}, compiled in {r['compile_s']:.0f} s)",
+              flush=True)
+        return r["bytes_per_chip"]
+
+    largest, probes = largest_fitting(bytes_at, budget, start, multiple=BATCH_MULTIPLE,
+                                      tolerance=args.tolerance, max_probes=args.max_probes)
+    bound = min((b for b, used in probes.items() if used > budget), default=None)
+    predicted = line_estimate(probes, budget)
+    print(f"{largest} images per chip fit on {args.topology} at {config.data.num_classes:,} "
+          f"classes, sample rate {config.head.sample_rate}"
+          + (f"; {bound} do not" if bound else ""))
+    return {"per_chip_batch": largest, "first_failing": bound, "line_estimate": predicted,
+            "bytes_per_chip": probes.get(largest), "classes": config.data.num_classes,
+            "sample_rate": config.head.sample_rate,
+            "probes": {str(b): used for b, used in sorted(probes.items())}}

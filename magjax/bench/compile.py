@@ -1,33 +1,51 @@
-"""``python -m magjax.bench compile``: a recipe's train step compiled for a Cloud TPU topology.
+"""``python -m magjax.bench compile``: a recipe's train step compiled for TPUs or NVIDIA GPUs.
 
     python -m magjax.bench compile --topology v5p:4x4x4 --config configs/arcface.py:r100
     python -m magjax.bench compile --topology v5e:2x4 --config configs/magface.py:r100 --json
     python -m magjax.bench compile --topology v6e:16x16 \\
         --config configs/arcface.py:r100,webface42m,pfc0.2 --per-chip-batch 128
+    python -m magjax.bench compile --topology h100:8 --config configs/arcface.py:r50 --json
+    python -m magjax.bench compile --topology a100-40gb:8 --config configs/adaface.py:r100 \\
+        --config.model.dtype=float32                      # any --config. override, as for main
 
-Compiles, ahead of time and on any host (``pip install -r requirements-tpu.txt`` brings the TPU
-compiler), the train step that ``python -m magjax.main`` runs for the recipe: the same
-``train.build_components`` / ``train.jit_train_step``, with the state and the batch given as
-shapes and shardings over the topology's abstract devices. No dataset is needed: the class and
-image counts come from the recipe (``--classes`` overrides the first).
+Compiles, ahead of time and on any host, the train step that ``python -m magjax.main`` runs for
+the recipe: the same ``train.build_components`` / ``train.jit_train_step``, with the state and
+the batch given as shapes and shardings over the topology's abstract devices. ``--topology`` is
+a Cloud TPU topology (v4, v5e, v5p, v6e: ``pip install -r requirements-tpu.txt`` brings the
+compiler) or NVIDIA GPUs, ``NAME:COUNT`` with NAME one of a100-40gb, a100-80gb, h100, h200,
+v100-32gb and COUNT 8 when left out (``pip install -r requirements-gpu.txt`` brings jax's CUDA
+plugin and ptxas; no GPU, driver or CUDA install is needed, and the command sets the plugin's
+environment itself). No dataset is needed: the class and image counts come from the recipe (the
+demo's from its synthetic options; ``--classes`` overrides the first), and ``--config.FIELD=VALUE``
+overrides any config field as ``magjax.main`` does.
 
 Prints per chip XLA's memory analysis (arguments, outputs, aliases, temporaries) against the
-chip's HBM and whether it fits, the FLOPs of one step, the time those FLOPs take at the chip's
-peak bf16 rate (hence a ceiling in images per second per chip), and the compile time. The last
-line is JSON. The cost model's own time estimate is not reported: on a CPU host it comes back
-negative (jax-stack.md).
+chip's memory and whether it fits, the FLOPs of one step, the time those FLOPs take at the
+chip's peak bf16 rate (hence a ceiling in images per second per chip), and the compile time. The
+last line is JSON. The cost model's own time estimate is not reported: on a CPU host it comes
+back negative (jax-stack.md).
+
+On GPUs, ``fits`` holds the step against the memory jax lets a process use: 75% of the GPU's
+unless ``XLA_PYTHON_CLIENT_MEM_FRACTION`` (read from the environment, as training would) says
+otherwise. XLA's GPU compiler reports no FLOPs: ``--flops`` counts them by compiling the same
+step once more for this host's CPU over as many devices (the same per-device program; as long
+again), otherwise they, and the ceiling, are null.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import pathlib
+import re
 import resource
 import sys
 import time
 
-from magjax import cli
+from magjax import cli, logs
+from magjax.bench import gpu_targets
 from magjax.errors import UserError
 
 # Per chip, from the Cloud TPU system-architecture pages: HBM in GiB and peak bf16 TFLOP/s.
@@ -61,17 +79,73 @@ def restart_with_deep_stack(argv: list[str]) -> None:
 
 
 def chip_facts(topology: str) -> tuple[int, float]:
-    """(HBM bytes, peak bf16 FLOP/s) of one chip of ``topology`` (e.g. ``v5p:4x4x4``)."""
+    """(memory bytes, peak bf16 FLOP/s) of one chip of ``topology`` (``v5p:4x4x4``, ``h100:8``;
+    V100: its fp16 rate, having no bf16)."""
+    gpu = gpu_targets.parse_topology(topology)
+    if gpu is not None:
+        facts = gpu_targets.GPUS[gpu[0]]
+        return facts.memory_bytes, facts.peak_dense_flops
     generation = topology.split(":")[0]
     if generation not in TPU_CHIPS:
-        raise UserError(f"unknown TPU generation {generation!r} in {topology!r}; known: "
-                        f"{', '.join(TPU_CHIPS)}")
+        raise UserError(f"unknown TPU generation or GPU {generation!r} in {topology!r}; "
+                        f"TPUs: {', '.join(TPU_CHIPS)}; GPUs: {', '.join(gpu_targets.GPUS)}")
     hbm_gib, tflops = TPU_CHIPS[generation]
     return hbm_gib * GIB, tflops * 1e12
 
 
+def prepare_gpu_environment() -> None:
+    """What jax's CUDA plugin needs to describe GPUs on a host without CUDA: without
+    ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK`` it refuses to load when the CUDA libraries it checks
+    (cuDNN, cuBLAS, ...) are missing, and logs a traceback saying so. Must run before jax starts
+    its backends; the check only concerns running on a GPU, which these compiles never do."""
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
+
+def _missing_gpu_packages() -> list[str]:
+    import importlib.util
+
+    wanted = {"jax_plugins.xla_cuda12": "jax-cuda12-plugin", "jax_cuda12_plugin":
+              "jax-cuda12-plugin", "nvidia.cuda_nvcc": "nvidia-cuda-nvcc-cu12 (ptxas)"}
+    missing = []
+    for module, package in wanted.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # its parent package is missing
+            found = False
+        if not found and package not in missing:
+            missing.append(package)
+    return missing
+
+
+def gpu_devices(topology: str, name: str, count: int) -> list:
+    """The abstract devices of ``count`` GPUs ``name`` (:mod:`magjax.bench.gpu_targets`)."""
+    missing = _missing_gpu_packages()
+    if missing:
+        raise UserError(f"compiling for {topology!r} needs jax's CUDA plugin and ptxas "
+                        f"({', '.join(missing)} missing): pip install -r requirements-gpu.txt "
+                        '(or pip install "magjax[gpu]")')
+    prepare_gpu_environment()
+    from jax.experimental import topologies
+
+    config = gpu_targets.target_config(gpu_targets.GPUS[name])
+    try:
+        described = topologies.get_topology_desc(
+            platform="cuda", target_config=config, topology=gpu_targets.pjrt_topology(count))
+    except NotImplementedError as error:
+        # jax started its backends before the environment above was set, so the plugin
+        # refused to load: only a fresh process (the command line) can describe GPUs then.
+        raise UserError(f"cannot describe {topology!r}: jax's CUDA plugin did not load in this "
+                        "process (set JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 before jax starts, as "
+                        "python -m magjax.bench compile does)") from error
+    return list(described.devices)
+
+
 def topology_devices(topology: str) -> list:
-    """The abstract devices of a Cloud TPU topology, for compiling on a host without them."""
+    """The abstract devices of a Cloud TPU topology or of NVIDIA GPUs (``h100:8``), for
+    compiling on a host without them."""
+    gpu = gpu_targets.parse_topology(topology)
+    if gpu is not None:
+        return gpu_devices(topology, *gpu)
     from jax.experimental import topologies
 
     # Describing a topology opens no chip, so it may run beside a process that holds libtpu's
@@ -85,9 +159,31 @@ def topology_devices(topology: str) -> list:
                         "name such as v5e:2x4, v5p:4x4x4 or v6e:16x16") from error
 
 
+# XLA's TPU compiler refuses a program larger than the chip's memory with, e.g.,
+# "RESOURCE_EXHAUSTED: ... the total memory required for HLO temporaries (171.69G) exceeds
+# available HBM (95.74G)": the first parenthesised size is what the program asked for (binary
+# units, as XLA prints them); allocators say "... trying to allocate 123456 bytes".
+_ASKED = re.compile(r"\((\d+(?:\.\d+)?)([KMGTP]?)i?B?\)")
+_ASKED_BYTES = re.compile(r"allocate (\d+) bytes")
+
+
+def exhausted_bytes(error: Exception) -> int | None:
+    """The bytes a compile refused with RESOURCE_EXHAUSTED asked for (None: another error, or a
+    message without a size)."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text:
+        return None
+    match = _ASKED.search(text)
+    if match is not None:
+        return int(float(match[1]) * 1024 ** "_KMGTP".index(match[2] or "_"))
+    match = _ASKED_BYTES.search(text)
+    return int(match[1]) if match else None
+
+
 def compile_train_step(config, devices: list, per_chip_batch: int) -> dict:
     """Compiles ``config``'s train step over ``devices`` at ``per_chip_batch`` images per chip
-    and returns XLA's memory and FLOP figures per chip."""
+    and returns XLA's memory and FLOP figures per chip (FLOPs None where XLA's compiler for
+    these devices counts none: GPUs)."""
     import jax
 
     from magjax import parallel, train
@@ -104,7 +200,17 @@ def compile_train_step(config, devices: list, per_chip_batch: int) -> dict:
     shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
     step = train.jit_train_step(components, jax.random.key(0), shardings)
     start = time.perf_counter()
-    compiled = step.lower(state, train.abstract_batch(mesh, config.global_batch)).compile()
+    try:
+        compiled = step.lower(state, train.abstract_batch(mesh, config.global_batch)).compile()
+    except jax.errors.JaxRuntimeError as error:
+        asked = exhausted_bytes(error)
+        if asked is None:
+            raise
+        # Too large for the chip: what XLA asked for (a lower bound of the step's bytes, which
+        # is how capacity's search counts it), not a traceback.
+        return {"fits": False, "temp_bytes_asked": asked, "bytes_per_chip": asked,
+                "error": cli.one_line(str(error).splitlines()[0]), "flops_per_step": None,
+                "compile_s": round(time.perf_counter() - start, 1)}
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -117,55 +223,146 @@ def compile_train_step(config, devices: list, per_chip_batch: int) -> dict:
     }
     figures["bytes_per_chip"] = (figures["argument_bytes"] + figures["output_bytes"]
                                  - figures["alias_bytes"] + figures["temp_bytes"])
-    figures.update(flops_per_step=float(cost["flops"]), compile_s=round(compile_s, 1))
+    figures.update(flops_per_step=float(cost["flops"]) if cost else None,
+                   compile_s=round(compile_s, 1))
     return figures
 
 
+def host_flops(config, chips: int, per_chip_batch: int) -> float:
+    """FLOPs per device of ``config``'s step compiled for this host's CPU over ``chips``
+    devices: the program each GPU runs, partitioned the same way (XLA's GPU compiler counts
+    none). The command line splits the CPU into that many devices before jax starts."""
+    import jax
+
+    from magjax import logs
+
+    # libtpu, installed beside, probes for a TPU when the backends start and prints its
+    # warnings from C++; nothing of it concerns a CPU compile.
+    with logs.native_stderr_to(pathlib.Path(os.devnull)):
+        cpus = jax.devices("cpu")
+    if len(cpus) < chips:
+        raise UserError(f"--flops needs {chips} CPU devices to compile the {chips}-device step "
+                        f"on this host, jax has {len(cpus)} (set before jax started)")
+    return compile_train_step(config, cpus[:chips], per_chip_batch)["flops_per_step"]
+
+
+def counted(config):
+    """``config`` with its class and image counts set: the recipe's dataset's published counts
+    (:func:`magjax.recipes.with_dataset_counts`) or, for synthetic data (the demo), the counts
+    its ``data.synthetic_options`` build; counts set in the config are kept."""
+    from magjax import recipes
+
+    if config.data.synthetic and (config.data.num_classes is None
+                                  or config.data.num_examples is None):
+        from magjax.data import synthetic
+
+        config = config.copy_and_resolve_references()
+        try:
+            options = synthetic.SyntheticConfig(**config.data.synthetic_options.to_dict())
+        except TypeError as error:  # an option prepare does not know
+            raise UserError(f"config.data.synthetic_options: {error}") from error
+        if config.data.num_classes is None:
+            config.data.num_classes = options.num_identities
+        if config.data.num_examples is None:
+            config.data.num_examples = options.num_identities * options.images_per_identity
+    try:
+        return recipes.with_dataset_counts(config)
+    except UserError:
+        raise
+    except ValueError as error:  # a dataset without published counts
+        raise UserError(f"{error} (with --config.data.num_classes=N "
+                        "--config.data.num_examples=M)") from error
+
+
+def memory_budget(topology: str) -> int:
+    """Bytes a chip of ``topology`` offers the step: a TPU chip's whole HBM; the share of a
+    GPU's memory jax allocates (``XLA_PYTHON_CLIENT_MEM_FRACTION``, 75% by default)."""
+    gpu = gpu_targets.parse_topology(topology)
+    if gpu is None:
+        return chip_facts(topology)[0]
+    return gpu_targets.usable_memory(gpu_targets.GPUS[gpu[0]])
+
+
 def run(topology: str, config, per_chip_batch: int | None = None,
-        classes: int | None = None) -> dict:
+        classes: int | None = None, flops: bool = False) -> dict:
     """Everything ``bench compile`` reports for one topology and recipe, as a dict."""
     from magjax import recipes
 
     devices = topology_devices(topology)
     hbm, peak = chip_facts(topology)
+    gpu = gpu_targets.parse_topology(topology)
     per_chip_batch = per_chip_batch or recipes.official_per_device_batch(config)
-    config = recipes.with_dataset_counts(config)
+    config = counted(config)
     if classes is not None:
         config.data.num_classes = classes
     figures = compile_train_step(config, devices, per_chip_batch)
-    peak_s = figures["flops_per_step"] / peak
-    return {
+    if figures["flops_per_step"] is None and flops:
+        figures["flops_per_step"] = host_flops(config, len(devices), per_chip_batch)
+    usable = memory_budget(topology)
+    peak_s = figures["flops_per_step"] / peak if figures["flops_per_step"] else None
+    result = {
         "topology": topology, "chips": len(devices), "device_kind": devices[0].device_kind,
         "arch": config.model.arch, "loss": config.loss.name, "dtype": config.model.dtype,
         "classes": config.data.num_classes, "sample_rate": config.head.sample_rate,
         "per_chip_batch": per_chip_batch, **figures, "hbm_bytes_per_chip": hbm,
-        "fits": figures["bytes_per_chip"] <= hbm, "peak_bf16_flops_per_s": peak,
-        "step_s_at_peak": peak_s, "images_per_s_per_chip_at_peak": per_chip_batch / peak_s,
+        "usable_bytes_per_chip": usable,
+        "fits": figures.get("fits", figures["bytes_per_chip"] <= usable),
+        "peak_bf16_flops_per_s": peak, "step_s_at_peak": peak_s,
+        "images_per_s_per_chip_at_peak": per_chip_batch / peak_s if peak_s else None,
     }
+    if gpu:
+        facts = gpu_targets.GPUS[gpu[0]]
+        result.update(memory_fraction=gpu_targets.memory_fraction(),
+                      peak_dtype=facts.peak_dtype,
+                      memory_bandwidth_bytes_per_s=facts.memory_bandwidth,
+                      flops_source="host CPU compile" if flops else None)
+    return result
 
 
 def describe(result: dict) -> str:
     """The human-readable lines of one ``run`` result."""
     r = result
-    return "\n".join([
+    gpu = "memory_fraction" in r
+    if gpu:
+        budget = (f"{r['usable_bytes_per_chip'] / GIB:.2f} GiB jax may use "
+                  f"({r['memory_fraction']:.0%} of {r['hbm_bytes_per_chip'] / GIB:.2f} GiB; "
+                  f"{gpu_targets.MEMORY_FRACTION_VARIABLE})")
+    else:
+        budget = f"{r['hbm_bytes_per_chip'] / GIB:.0f} GiB HBM"
+    if "temp_bytes_asked" in r:
+        return (f"{r['loss']} {r['arch']} ({r['dtype']}), {r['classes']:,} classes, "
+                f"{r['per_chip_batch']} images per chip on {r['topology']}: DOES NOT FIT: XLA "
+                f"asked for {r['temp_bytes_asked'] / GIB:.2f} GiB of temporaries per chip, "
+                f"{budget} ({r['error']})")
+    lines = [
         f"{r['loss']} {r['arch']} ({r['dtype']}), {r['classes']:,} classes, sample rate "
         f"{r['sample_rate']}, {r['per_chip_batch']} images per chip on {r['topology']} "
         f"({r['chips']} x {r['device_kind']}), compiled in {r['compile_s']:.0f} s",
         f"per chip: arguments {r['argument_bytes'] / GIB:.2f} GiB, outputs "
         f"{r['output_bytes'] / GIB:.2f}, aliased {r['alias_bytes'] / GIB:.2f}, temporaries "
-        f"{r['temp_bytes'] / GIB:.2f}: {r['bytes_per_chip'] / GIB:.2f} of "
-        f"{r['hbm_bytes_per_chip'] / GIB:.0f} GiB HBM, {'fits' if r['fits'] else 'DOES NOT FIT'}",
-        f"{r['flops_per_step']:.3e} FLOPs per chip and step: {1e3 * r['step_s_at_peak']:.1f} ms "
-        f"at the peak bf16 rate, at most {r['images_per_s_per_chip_at_peak']:.0f} images/s "
-        "per chip",
-    ])
+        f"{r['temp_bytes'] / GIB:.2f}: {r['bytes_per_chip'] / GIB:.2f} of {budget}, "
+        f"{'fits' if r['fits'] else 'DOES NOT FIT'}",
+    ]
+    rate = "fp16 (no bf16)" if r.get("peak_dtype") == "float16" else "bf16"
+    if r["flops_per_step"] is not None:
+        lines.append(
+            f"{r['flops_per_step']:.3e} FLOPs per chip and step"
+            + (" (counted on this host's CPU compile)" if gpu else "")
+            + f": {1e3 * r['step_s_at_peak']:.1f} ms at the peak {rate} rate, at most "
+            f"{r['images_per_s_per_chip_at_peak']:.0f} images/s per chip")
+    else:
+        lines.append("FLOPs: XLA's GPU compiler counts none; --flops counts them on this "
+                     "host's CPU compile of the same step (as long again)")
+    return "\n".join(lines)
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topology", required=True,
-                        help="Cloud TPU topology, e.g. v5e:2x4, v5p:4x4x4, v6e:16x16")
+                        help="Cloud TPU topology (v5e:2x4, v5p:4x4x4, v6e:16x16) or NVIDIA GPUs "
+                        f"NAME:COUNT, NAME one of {', '.join(gpu_targets.GPUS)} (h100:8)")
     parser.add_argument("--config", required=True,
-                        help="recipe as for magjax.main, e.g. configs/arcface.py:r100,pfc0.2")
+                        help="recipe as for magjax.main, e.g. configs/arcface.py:r100,pfc0.2; "
+                        "--config.FIELD=VALUE overrides a field as there")
     parser.add_argument("--per-chip-batch", type=cli.positive_int, default=None,
                         help="images per chip (default: the official run's per-GPU batch)")
     parser.add_argument("--json", action="store_true",
@@ -179,15 +376,80 @@ def main(argv: list[str]) -> int:
     add_common_options(parser)
     parser.add_argument("--classes", type=cli.positive_int, default=None,
                         help="number of identities (default: the recipe's dataset)")
-    args = parser.parse_args(argv)
-    return cli.run(lambda: _compile(args), verbose=args.verbose)
+    parser.add_argument("--flops", action="store_true",
+                        help="GPUs: count the FLOPs on this host's CPU compile of the step")
+    args, overrides = parse_args(parser, argv)
+    return cli.run(lambda: _compile(args, overrides), verbose=args.verbose)
 
 
-def _compile(args: argparse.Namespace) -> None:
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]
+               ) -> tuple[argparse.Namespace, list[str]]:
+    """The options, and the ``--config.FIELD[=VALUE]`` overrides (with a value given as the next
+    argument) apart; anything else unknown is one line, as any bad flag. For GPU topologies,
+    sets the plugin's environment (:func:`prepare_gpu_environment`) and, with ``--flops``,
+    splits this host's CPU into as many devices, both before jax starts."""
+    args, rest = parser.parse_known_args(argv)
+    overrides, index = [], 0
+    while index < len(rest):
+        arg = rest[index]
+        if not arg.startswith("--config."):
+            parser.error(f"unrecognized arguments: {' '.join(rest[index:])}")
+        overrides.append(arg)
+        if "=" not in arg and index + 1 < len(rest) and not rest[index + 1].startswith("--"):
+            overrides.append(rest[index + 1])
+            index += 1
+        index += 1
+    try:
+        gpu = gpu_targets.parse_topology(args.topology)
+    except UserError as error:
+        parser.error(str(error))
+    if gpu is not None:
+        prepare_gpu_environment()
+        forced = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+        if getattr(args, "flops", False) and not forced:
+            import jax
+
+            # Refused once jax has started in this process: host_flops uses what it has.
+            with contextlib.suppress(RuntimeError):
+                jax.config.update("jax_num_cpu_devices", gpu[1])
+    # Once the compilers' environment is set: libtpu's and the CUDA plugin's probing off the
+    # console (a TPU or GPU compile on this host is what they are installed for).
+    logs.start_jax(verbose=args.verbose)
+    return args, overrides
+
+
+def load_config(spec: str, overrides: list[str]):
+    """The recipe ``spec`` (``configs/arcface.py:r100``, ``magjax:arcface:r100``) with the
+    ``--config.`` overrides applied: ml_collections' config flag on a private flag set, as
+    ``magjax.main`` parses its own (the fields keep their types; a misspelt or ill-typed field is
+    a :class:`UserError` naming it, in ``magjax.main``'s words)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from magjax import main as train_main
     from magjax import recipes
 
-    result = run(args.topology, recipes.config_from_file(args.config), args.per_chip_batch,
-                 args.classes)
+    argv = train_main.expand_recipe_names(["magjax.bench", f"--config={spec}", *overrides])
+    # The recipe alone first: a missing file or an unknown variant said as for every bench
+    # command ("--config SPEC: ..."); ml_collections' flag would report only the last line.
+    recipes.config_from_file(argv[1].removeprefix("--config="))
+    try:
+        values = flags.FlagValues()
+        # sys_argv: the flag reads the overrides from these, not from the process's own argv.
+        holder = config_flags.DEFINE_config_file("config", None, "recipe", flag_values=values,
+                                                 lock_config=True, sys_argv=argv)
+        values(argv)
+        return holder.value.copy_and_resolve_references()
+    except UserError:
+        raise
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as error:
+        raise UserError(train_main._flag_error_message(error, argv)) from error
+
+
+def _compile(args: argparse.Namespace, overrides: list[str]) -> None:
+    result = run(args.topology, load_config(args.config, overrides), args.per_chip_batch,
+                 args.classes, flops=args.flops)
+    result["overrides"] = overrides
     if not args.json:
         print(describe(result))
     print(json.dumps(result))

@@ -4,6 +4,8 @@
     python -m magjax.bench head --abstract --classes 29000000 --devices 64 --sample-rate 0.1
     python -m magjax.bench head --sample-rate 0.1 --freeze-unsampled   # sampled-rows gradient
     python -m magjax.bench head --sample-rate 0.1 --update   # + the centres' optimizer update
+    python -m magjax.bench head --block 4096   # head.block_size: the classes 4096 at a time
+    python -m magjax.bench head --topology v5p:2x2x1 --batch 4096 --classes 20000000 --block 8192
 
 The step is what training runs for the head: all-gather of the embeddings, cosine logits per
 class shard, margin, softmax cross entropy over shards, and the gradients with respect to the
@@ -32,7 +34,11 @@ Step and floors are timed in turn, best of ``--repeats`` each.
 ``bytes_per_device`` is XLA's compiled memory analysis (arguments + outputs + temporaries, less
 the outputs that take donated arguments' buffers).
 ``--abstract`` compiles on shapes only (no allocation, no timing), so that millions of classes
-over 8-512 devices can be sized on one machine.
+over 8-512 devices can be sized on one machine; ``temp_bytes_per_device`` is the temporaries'
+share (what the dense head's ``[C_local, B]`` arrays fill). ``--topology`` compiles on shapes
+for the chips of a Cloud TPU topology (``v5p:2x2x1``; libtpu's compiler, no chip needed) and
+adds XLA's FLOP count per chip. ``--block N`` runs the head that visits each shard's classes N
+at a time (``head.block_size``; :mod:`magjax.losses.blocked`).
 """
 
 from __future__ import annotations
@@ -64,8 +70,17 @@ def _parse(argv):
     parser.add_argument("--loss", default="arcface", help="a loss of magjax.losses")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--abstract", action="store_true", help="compile on shapes only")
+    parser.add_argument("--block", type=int, default=0, metavar="N",
+                        help="head.block_size: each shard's classes N at a time (0: dense)")
+    parser.add_argument("--topology", default=None,
+                        help="compile on shapes for a Cloud TPU topology (e.g. v5p:2x2x1), "
+                             "its chips as the devices; implies --abstract")
     parser.add_argument("--json", action="store_true", help="(the last line is always JSON)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.block < 0:
+        parser.error(f"--block must be >= 1 (or 0: the dense head), got {args.block}")
+    args.abstract = args.abstract or args.topology is not None
+    return args
 
 
 def _time_alternating(calls, repeats):
@@ -105,7 +120,7 @@ def _memory(compiled) -> int:
 
 def main(argv: list[str]) -> int:
     args = _parse(argv)
-    if args.devices > 1 and "jax" not in sys.modules:
+    if args.devices > 1 and "jax" not in sys.modules and args.topology is None:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + f" --xla_force_host_platform_device_count={args.devices}")
     import jax
@@ -114,10 +129,22 @@ def main(argv: list[str]) -> int:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from magjax import cli, head, losses, optim, recipes
+    from magjax import cli, head, logs, losses, optim, recipes
+    from magjax.bench import compile as compile_bench
+    from magjax.errors import UserError
+
+    logs.start_jax()  # once the device count is set: libtpu's probing off the console
     from magjax.parallel import DATA_AXIS, make_mesh, padded_size
 
-    mesh = make_mesh(args.devices)
+    if args.topology is not None:
+        try:
+            chips = compile_bench.topology_devices(args.topology)
+        except UserError as error:
+            return cli.report_user_error(str(error))
+        args.devices = len(chips)
+        mesh = make_mesh(devices=chips)
+    else:
+        mesh = make_mesh(args.devices)
     if args.loss not in losses.registered():
         return cli.report_user_error(f"--loss {args.loss!r}: one of "
                                      f"{', '.join(sorted(losses.registered()))}")
@@ -127,29 +154,33 @@ def main(argv: list[str]) -> int:
     per_shard = padded // args.devices
     active = head.partial_fc_budget(args.sample_rate, per_shard, batch)
     sampled_rows = args.freeze_unsampled and active < per_shard
-    fn = head.sharded_margin_loss(loss, mesh, args.classes, sample_rate=args.sample_rate)
+    block_size = args.block or None
+    # The head at block_size and, for --block, the dense head it is timed against.
+    heads = {size: (head.sharded_margin_loss(loss, mesh, args.classes,
+                                             sample_rate=args.sample_rate, block_size=size),
+                    head.sampled_rows_loss(loss, mesh, args.classes, size))
+             for size in {block_size, None}}
     sampler = head.partial_fc_sampler(mesh, args.classes, args.sample_rate)
-    rows_loss = head.sampled_rows_loss(loss, mesh, args.classes)
     on_rows = head.on_class_rows(mesh)
 
-    def dense_gradient(x, w, y, mask, key):
+    def dense_gradient(x, w, y, mask, key, block=block_size):
         def total(x, w):
-            return fn(x, w, y, mask, loss.initial_state(), key)[0]
+            return heads[block][0](x, w, y, mask, loss.initial_state(), key)[0]
 
         return jax.value_and_grad(total, argnums=(0, 1))(x, w)
 
-    def rows_gradient(x, rows, index, y, mask):
+    def rows_gradient(x, rows, index, y, mask, block=block_size):
         # What training differentiates with head.freeze_unsampled: the sampled rows alone.
         def total(x, rows):
-            return rows_loss(x, rows, index, y, mask, loss.initial_state())[0]
+            return heads[block][1](x, rows, index, y, mask, loss.initial_state())[0]
 
         return jax.value_and_grad(total, argnums=(0, 1))(x, rows)
 
-    def gradient_step(x, w, y, mask, key):
+    def gradient_step(x, w, y, mask, key, block=block_size):
         if sampled_rows:
             index = sampler(y, mask, key)
-            return rows_gradient(x, head.take_rows(mesh)(w, index), index, y, mask)
-        return dense_gradient(x, w, y, mask, key)
+            return rows_gradient(x, head.take_rows(mesh)(w, index), index, y, mask, block)
+        return dense_gradient(x, w, y, mask, key, block)
 
     # The centres as the train state holds them (head.is_class_rows), with the recipe's
     # optimizer: weight decay and SGD with momentum, no clipping on the head.
@@ -160,15 +191,16 @@ def main(argv: list[str]) -> int:
     def centres(w):
         return {"backbone": {}, "head": {"weight": w}}
 
-    def update_step(params, opt_state, x, y, mask, key):
+    def update_step(params, opt_state, x, y, mask, key, block=block_size):
         if sampled_rows:
             index = sampler(y, mask, key)
             params_in, opt_state_in = on_rows(params, index), on_rows(opt_state, index)
             value, (x_grad, w_grad) = rows_gradient(x, params_in["head"]["weight"], index, y,
-                                                    mask)
+                                                    mask, block)
         else:
             params_in, opt_state_in = params, opt_state
-            value, (x_grad, w_grad) = dense_gradient(x, params["head"]["weight"], y, mask, key)
+            value, (x_grad, w_grad) = dense_gradient(x, params["head"]["weight"], y, mask, key,
+                                                     block)
         updates, opt_state_out = tx.update(centres(w_grad), opt_state_in, params_in)
         params_out = optax.apply_updates(params_in, updates)
         if sampled_rows:
@@ -202,15 +234,34 @@ def main(argv: list[str]) -> int:
             lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=class_rows
                                               if leaf.ndim == 2 else replicated),
             jax.eval_shape(tx.init, centres(weight_shape)))
-        compiled = jax.jit(update_step, donate_argnums=(0, 1)).lower(
-            centres(weight_shape), opt_state_shape, x_shape, *batch_shapes).compile()
+        shapes = (centres(weight_shape), opt_state_shape, x_shape, *batch_shapes)
+        step_fn, donate = update_step, (0, 1)
     else:
-        compiled = jax.jit(gradient_step).lower(x_shape, weight_shape, *batch_shapes).compile()
+        shapes, step_fn, donate = (x_shape, weight_shape, *batch_shapes), gradient_step, ()
+    try:
+        compiled = jax.jit(step_fn, donate_argnums=donate).lower(*shapes).compile()
+    except jax.errors.JaxRuntimeError as error:
+        asked = compile_bench.exhausted_bytes(error)
+        if args.topology is None or asked is None:
+            raise
+        # Too large for the chip: say so, with what XLA asked for, rather than a traceback.
+        print(f"does not fit: {str(error).splitlines()[0]}")
+        print(json.dumps({"loss": args.loss, "batch": batch, "classes": args.classes,
+                          "dim": args.dim, "devices": args.devices, "block": block_size,
+                          "topology": args.topology, "fits": False,
+                          "temp_bytes_asked": asked}))
+        return 0
+    # --block: the dense head's step, timed in turn with the blocked one.
+    twin = (jax.jit(functools.partial(step_fn, block=None), donate_argnums=donate)
+            .lower(*shapes).compile() if block_size and not args.abstract else None)
     result = {
         "loss": args.loss, "batch": batch, "classes": args.classes, "dim": args.dim,
         "devices": args.devices, "sample_rate": args.sample_rate,
         "freeze_unsampled": args.freeze_unsampled, "update": args.update,
+        "block": block_size, "topology": args.topology,
+        **({"fits": True} if args.topology else {}),
         "centres_per_device": active, "bytes_per_device": _memory(compiled),
+        "temp_bytes_per_device": int(compiled.memory_analysis().temp_size_in_bytes),
         "weight_bytes_per_device": per_shard * args.dim * 4,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
@@ -224,8 +275,12 @@ def main(argv: list[str]) -> int:
         if args.update:
             state = [centres(w), jax.jit(tx.init)(centres(w))]
             step_call = _carrying(compiled, state, x, y, mask, jax.random.key(1))
+            twin_call = twin and _carrying(
+                twin, [centres(jnp.copy(w)), jax.jit(tx.init)(centres(w))], x, y, mask,
+                jax.random.key(1))
         else:
             step_call = functools.partial(compiled, x, w, y, mask, jax.random.key(1))
+            twin_call = twin and functools.partial(twin, x, w, y, mask, jax.random.key(1))
 
         @jax.jit
         def floor_class_major(x, w, g):
@@ -260,7 +315,10 @@ def main(argv: list[str]) -> int:
             index = jax.jit(sampler)(y, mask, jax.random.key(1))
             calls.append(_carrying(jax.jit(sampled_rows_update, donate_argnums=(0, 1)), state,
                                    index))
+        if twin:
+            calls.insert(1, twin_call)
         step_ms, *floors_ms = _time_alternating(calls, args.repeats)
+        dense_head_ms = floors_ms.pop(0) if twin else None
         rows_update_ms = floors_ms.pop() if rows_update else None
         if dense_write:
             write_ms = floors_ms.pop()
@@ -291,7 +349,16 @@ def main(argv: list[str]) -> int:
                           ratio_with_dense_write=round(step_ms / (floor_ms + write_ms), 3))
             print(f"writing the dense [C_local, d] gradient alone {write_ms:.1f} ms, ratio "
                   f"with it {step_ms / (floor_ms + write_ms):.2f}")
+        if twin:
+            result.update(dense_head_ms=round(dense_head_ms, 2),
+                          ratio_to_dense_head=round(step_ms / dense_head_ms, 3))
+            print(f"the dense head (no --block) in the same run {dense_head_ms:.1f} ms: "
+                  f"blocked/dense {step_ms / dense_head_ms:.2f}")
+    if args.topology is not None:
+        cost = compiled.cost_analysis()
+        result["flops_per_device"] = float(cost["flops"]) if cost else None
     print(f"bytes per device {result['bytes_per_device'] / 2**20:.1f} MiB "
-          f"(class centres {result['weight_bytes_per_device'] / 2**20:.1f} MiB)")
+          f"(class centres {result['weight_bytes_per_device'] / 2**20:.1f} MiB, temporaries "
+          f"{result['temp_bytes_per_device'] / 2**20:.1f} MiB)")
     print(json.dumps(result))
     return 0

@@ -24,6 +24,8 @@ import math
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from magjax.data.images import to_rgb
+
 log = logging.getLogger(__name__)
 
 AUGMENTATIONS = ("none", "flip", "adaface", "adaface_resized")
@@ -40,13 +42,13 @@ def decode(data: bytes, image_size: int = 112) -> Image.Image:
 
     Raises OSError for corrupt or truncated data. Other sizes are resized (bilinear) with a
     one-time warning. Pillow only: prepared data was checked under the stricter policy of
-    ``magjax.data.images`` when it was prepared.
+    ``magjax.data.images`` when it was prepared; the picture is read as every reader reads it
+    (``magjax.data.images.to_rgb``: EXIF orientation, 16-bit and float images, alpha).
     """
     global _warned_size
     im = Image.open(io.BytesIO(data))
     im.load()
-    if im.mode != "RGB":
-        im = im.convert("RGB")
+    im = to_rgb(im)
     if im.size != (image_size, image_size):
         if not _warned_size:
             log.warning("image of %dx%d resized to %d (warned once)", *im.size, image_size)

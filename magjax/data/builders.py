@@ -11,7 +11,12 @@ Every image is decoded once at prepare time: an unreadable one (corrupt, truncat
 corrupt scan data, or a decompression bomb; the policy of ``magjax.data.images``) is skipped,
 counted and logged with its source record (``skipped`` in the metadata, which ``inspect``
 prints); an image that is not 112x112 is resized and re-encoded with a one-time warning, or is an
-error when ``on_size_mismatch="error"``.
+error when ``on_size_mismatch="error"``. A class left without any readable image keeps its label
+(the others must not shift) and is named in a warning, for every source alike
+(``classes_without_images`` in the metadata). Folder builds write ``classes.txt`` (label order,
+the folder names' bytes as the file system holds them) before the build, so that nothing that
+can fail comes after it; an entry that cannot be followed (a symbolic link loop) is refused in
+one line before anything is built.
 
 A prepared dataset root holds ``<builder>/<version>/`` (the TFDS files), ``magjax_dataset.json``
 (written last: its presence marks a complete dataset) and, for synthetic sets, the held-out
@@ -20,6 +25,7 @@ A prepared dataset root holds ``<builder>/<version>/`` (the TFDS files), ``magja
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import inspect
 import io
@@ -114,7 +120,7 @@ class _FaceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if not self.validate:
             return data
         try:
-            im = images.open_image(data, self._source_name(source_id))
+            im = images.decode_rgb(data, self._source_name(source_id))
         except images.UnreadableImageError as e:
             self._skip(source_id, e)
             return None
@@ -133,7 +139,7 @@ class _FaceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 self._source_name(source_id), *size, FACE_SIZE,
             )
         self.resized += 1
-        im = im.convert("RGB").resize((FACE_SIZE, FACE_SIZE), Image.BILINEAR)
+        im = im.resize((FACE_SIZE, FACE_SIZE), Image.BILINEAR)
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=95)
         return buf.getvalue()
@@ -144,14 +150,27 @@ class _FaceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             log.warning("skipping %s", reason)
         self.skipped.append(source_id)
 
+    def _class_name(self, label: int) -> str:
+        return f"class {label}"
+
     def _generate_examples(self):
-        key = 0
+        key, labels = 0, set()
         for source_id, label, data, extra in self._records():
             image = self._checked_image(source_id, data)
             if image is None:
                 continue
             yield key, {"image": image, "label": label, "source_id": source_id, **extra}
+            labels.add(label)
             key += 1
+        # Such a class keeps its label (the others' labels must not shift) and its row in the
+        # classifier, which no image then trains: said here, for every source alike.
+        empty = [c for c in range(self.num_classes) if c not in labels]
+        if empty and key:
+            log.warning("%d of %d classes have no readable image (kept, with no image to train "
+                        "them): %s%s", len(empty), self.num_classes,
+                        ", ".join(self._class_name(c) for c in empty[:10]),
+                        " ..." if len(empty) > 10 else "")
+        self.info.metadata["classes_without_images"] = len(empty)
         if key == 0:
             source = self._extra_metadata().get("source", type(self).__name__)
             raise UserError(f"{source}: no readable image ({len(self.skipped)} skipped, see the "
@@ -174,6 +193,9 @@ class FaceRec(_FaceBuilder, skip_registration=True):
 
     def _extra_metadata(self) -> dict:
         return {"source": str(self.rec.dir), "has_header": self.rec.has_header}
+
+    def _class_name(self, label: int) -> str:
+        return f"label {label}"
 
     def _source_name(self, source_id: int) -> str:
         return f"{self.rec.reader.rec_path} record {source_id}"
@@ -203,10 +225,6 @@ class FaceRec(_FaceBuilder, skip_registration=True):
                 f"in {self.rec.reader.rec_path} use {used} (0..{used - 1}); fix num_classes on "
                 "its first line"
             )
-        if len(labels) < self.num_classes:
-            log.warning("%d of %d classes have no readable image in %s",
-                        self.num_classes - len(labels), self.num_classes,
-                        self.rec.reader.rec_path)
 
 
 def list_image_folder(root: str | os.PathLike, layout: str = "auto") -> tuple[list[str], list]:
@@ -217,7 +235,8 @@ def list_image_folder(root: str | os.PathLike, layout: str = "auto") -> tuple[li
     top-level directory holds only directories. Labels are the positions of the identity names in
     sorted order (torchvision ImageFolder). Hidden entries (names starting with ``.``) are
     ignored; identity folders without image files are not classes (logged); a folder name with
-    a line break is an error. Returns (identity names, [(path, label)]).
+    a line break, or an entry that cannot be followed (a symbolic link loop), is an error.
+    Returns (identity names, [(path, label)]).
     """
     root = pathlib.Path(root)
     if not root.is_dir():
@@ -228,7 +247,7 @@ def list_image_folder(root: str | os.PathLike, layout: str = "auto") -> tuple[li
     if layout == "auto":
         def only_dirs(d):
             entries = _visible(d.path)
-            return bool(entries) and all(e.is_dir() for e in entries)
+            return bool(entries) and all(_is(e, "dir") for e in entries)
 
         layout = "split" if all(only_dirs(d) for d in top) else "flat"
     if layout == "flat":
@@ -253,7 +272,7 @@ def list_image_folder(root: str | os.PathLike, layout: str = "auto") -> tuple[li
     for name, path in identity_dirs.items():
         images_of[name] = sorted(
             f.path for f in _visible(path)
-            if f.is_file() and f.name.lower().endswith(images.IMAGE_SUFFIXES)
+            if f.name.lower().endswith(images.IMAGE_SUFFIXES) and _is(f, "file")
         )
     empty = sorted(identity_dirs[n] for n, found in images_of.items() if not found)
     if empty:
@@ -272,17 +291,122 @@ def _visible(path) -> list[os.DirEntry]:
 
 
 def _subdirs(path) -> list[os.DirEntry]:
-    return [e for e in _visible(path) if e.is_dir()]
+    return [e for e in _visible(path) if _is(e, "dir")]
+
+
+def _is(entry: os.DirEntry, kind: str) -> bool:
+    """``entry.is_dir()`` / ``is_file()`` (following links; a dangling link is neither), with
+    an entry that cannot be followed (a symbolic link loop, a permission error) refused in one
+    line naming it, before anything is built."""
+    try:
+        return entry.is_dir() if kind == "dir" else entry.is_file()
+    except OSError as error:
+        raise UserError(f"{entry.path}: cannot be followed: {error.strerror or error}; "
+                        "remove or fix it") from None
+
+
+def split_identities(names: list[str], files: list, holdout: int
+                     ) -> tuple[list[str], list, list[str], list]:
+    """``holdout`` identities of ``names`` (among those with two images or more, drawn with a
+    fixed seed) set apart from the training ones: ``(train names, train files, held-out names,
+    held-out files)``, each file list ``[(path, label)]`` with labels numbering its own names in
+    sorted order."""
+    if holdout == 0:
+        return names, files, [], []
+    counts = np.bincount([label for _, label in files], minlength=len(names))
+    eligible = np.flatnonzero(counts >= 2)
+    if holdout < 2 or holdout > len(eligible) or holdout >= len(names):
+        raise UserError(
+            f"--holdout {holdout}: must be at least 2 and at most the {len(eligible)} of "
+            f"{len(names)} identities with two images or more, leaving one to train on")
+    held = set(np.random.default_rng(0).choice(eligible, holdout, replace=False).tolist())
+
+    def part(keep) -> tuple[list[str], list]:
+        kept = [label for label in range(len(names)) if keep(label)]
+        relabel = {old: new for new, old in enumerate(kept)}
+        return ([names[label] for label in kept],
+                [(path, relabel[label]) for path, label in files if label in relabel])
+
+    return (*part(lambda label: label not in held), *part(lambda label: label in held))
+
+
+def heldout_pairs(labels: np.ndarray, max_pairs: int, seed: int = 0) -> np.ndarray:
+    """Verification pairs ``[P, 3]`` (first, second, same) among images with identity
+    ``labels``: as many same-identity pairs as there are (at most ``max_pairs // 2``, drawn at
+    random) and as many different-identity pairs, in random order, so the 10-fold protocol's
+    folds each hold both kinds."""
+    rng = np.random.default_rng(seed)
+    same = [(a, b) for members in (np.flatnonzero(labels == label) for label in np.unique(labels))
+            for i, a in enumerate(members) for b in members[i + 1:]]
+    if len(same) > max_pairs // 2:
+        same = [same[i] for i in rng.choice(len(same), max_pairs // 2, replace=False)]
+    different = set()
+    while len(different) < len(same):
+        a, b = rng.integers(0, len(labels), 2)
+        if labels[a] != labels[b]:
+            different.add((min(a, b), max(a, b)))
+    pairs = np.array([(a, b, 1) for a, b in same] + [(a, b, 0) for a, b in sorted(different)])
+    return pairs[rng.permutation(len(pairs))]
+
+
+def write_heldout_set(out: pathlib.Path, files: list, max_pairs: int = 3000,
+                      read=images.read_face) -> int:
+    """Writes ``out`` (a verification ``.bin``) from the held-out identities' images ``files``
+    (``[(path, label)]``; unreadable ones skipped and logged, others resized to 112x112 as in
+    training); returns the number of pairs. ``read(path)`` gives a file's 112x112 face, or None
+    to skip it (a photo in which ``--detect`` finds no face)."""
+    faces, labels = [], []
+    for path, label in files:
+        try:
+            face = read(path)
+        except images.UnreadableImageError as error:
+            log.warning("held-out set: skipping %s", error)
+            continue
+        if face is None:
+            log.warning("held-out set: skipping %s: no face found", path)
+            continue
+        faces.append(face)
+        labels.append(label)
+    pairs = heldout_pairs(np.asarray(labels), max_pairs)
+    if len(pairs) < 10:
+        raise UserError(f"--holdout: the held-out identities give {len(pairs)} verification "
+                        "pairs, the 10-fold protocol needs at least 10; hold out more identities")
+    faces_array = np.stack(faces)
+    verification_bin.write_bin(out, faces_array[pairs[:, :2].reshape(-1)], pairs[:, 2] == 1)
+    return len(pairs)
 
 
 class FaceFolder(_FaceBuilder, skip_registration=True):
-    """Face images from an image folder with one sub-folder per identity."""
+    """Face images from an image folder with one sub-folder per identity.
 
-    def __init__(self, *, src: str | os.PathLike, layout: str = "auto", **kwargs):
+    With ``detect`` (a dict of ``magjax.detect.FaceDetector`` options, ``{}`` for the defaults)
+    the images are unaligned photos: each becomes the aligned 112x112 crop of its
+    ``primary_face`` (the largest, most central one), and a photo without a face is skipped and
+    counted (``no_face`` in the metadata and the manifest).
+    """
+
+    def __init__(self, *, src: str | os.PathLike, layout: str = "auto", holdout: int = 0,
+                 detect: dict | None = None, **kwargs):
         self.src = pathlib.Path(src)
-        self.class_names, self.files = list_image_folder(self.src, layout)
+        names, files = list_image_folder(self.src, layout)
+        self.class_names, self.files, self.heldout_names, self.heldout_files = split_identities(
+            names, files, holdout)
         self.num_classes = len(self.class_names)
+        self.detector = None
+        self.no_face: list[int] = []
+        if detect is not None:
+            from magjax.detect import FaceDetector
+
+            # Built here, before anything is written: a missing model is refused at once.
+            self.detector = FaceDetector(**detect)
         super().__init__(**kwargs)
+
+    def aligned_face(self, path) -> np.ndarray | None:
+        """``--detect``: the aligned crop of the photo's primary face, or None without a face."""
+        from magjax.detect import read_photo
+
+        faces, crops = self.detector.faces_and_crops(read_photo(path), one_face=True)
+        return crops[0] if len(faces) else None
 
     def _extra_metadata(self) -> dict:
         return {"source": str(self.src)}
@@ -290,9 +414,42 @@ class FaceFolder(_FaceBuilder, skip_registration=True):
     def _source_name(self, source_id: int) -> str:
         return f"{self.files[source_id][0]} (file {source_id})"
 
+    def _class_name(self, label: int) -> str:
+        return repr(self.class_names[label])
+
     def _records(self):
         for i, (path, label) in enumerate(self.files):
-            yield i, label, pathlib.Path(path).read_bytes(), {}
+            if self.detector is None:
+                yield i, label, pathlib.Path(path).read_bytes(), {}
+                continue
+            try:
+                face = self.aligned_face(path)
+            except images.UnreadableImageError as e:
+                self._skip(i, e)
+                continue
+            if face is None:
+                if len(self.no_face) < _MAX_LOGGED_SKIPS:
+                    log.warning("skipping %s: no face found", self._source_name(i))
+                self.no_face.append(i)
+                continue
+            buf = io.BytesIO()
+            Image.fromarray(face).save(buf, format="JPEG", quality=95)
+            yield i, label, buf.getvalue(), {}
+
+    def _generate_examples(self):
+        try:
+            yield from super()._generate_examples()
+        except UserError:
+            if self.no_face:
+                raise UserError(f"{self.src}: no face found in any readable photo "
+                                f"({len(self.no_face)} without a face, {len(self.skipped)} "
+                                "unreadable; see the log)") from None
+            raise
+        if self.detector is not None:
+            self.info.metadata["no_face"] = len(self.no_face)
+            self.info.metadata["no_face_source_ids"] = self.no_face[:_MAX_LOGGED_SKIPS]
+            if self.no_face:
+                log.warning("skipped %d photos without a face in total", len(self.no_face))
 
 
 class SyntheticFaces(_FaceBuilder, skip_registration=True):
@@ -360,26 +517,36 @@ def _normalise(options: dict) -> dict:
     return json.loads(json.dumps(options, sort_keys=True, default=str))
 
 
-def prepare(format: str, src: str | os.PathLike | None, out: str | os.PathLike,
-            **options) -> pathlib.Path:
+def prepare(format: str, src: str | os.PathLike | None, out: str | os.PathLike, *,
+            progress: bool = True, **options) -> pathlib.Path:
     """Builds a TFDS dataset from ``src`` into ``out`` and returns ``out`` (the dataset root).
 
     format: ``rec`` (insightface RecordIO dir), ``folder`` (identity sub-folders; option
     ``layout``), or ``synthetic`` (``src`` unused; options are SyntheticConfig fields).
-    Common option: ``on_size_mismatch`` ('resize' | 'error'). Idempotent: when ``out`` already
+    Common option: ``on_size_mismatch`` ('resize' | 'error'); folder option ``holdout``: that
+    many identities (with two images or more, drawn with a fixed seed) are kept out of the
+    training data and written as the verification set ``out/verification.bin`` (their names in
+    ``out/heldout.txt``), which training evaluates (``config.eval.heldout_sets``); folder option
+    ``detect`` (a dict of ``magjax.detect.FaceDetector`` options): the images are unaligned
+    photos, aligned here (see :class:`FaceFolder`).
+    ``progress``: TFDS's progress bars on stderr (training builds the demo's data without).
+    Idempotent: when ``out`` already
     holds a complete dataset built with the same format and options it is returned as is; one
     built differently is an error rather than a silent mix. Safe to call from several processes
     of one job at once (an exclusive lock on ``out/.prepare.lock``): one builds, the others wait
     and then find the complete dataset.
     """
     out = pathlib.Path(out)
+    if format in ("rec", "folder"):
+        _need_src(src, format)  # before anything is written into --out
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".prepare.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _prepare(format, src, out, **options)
+        return _prepare(format, src, out, progress=progress, **options)
 
 
-def _prepare(format: str, src, out: pathlib.Path, **options) -> pathlib.Path:
+def _prepare(format: str, src, out: pathlib.Path, *, progress: bool, **options
+             ) -> pathlib.Path:
     src = pathlib.Path(src).resolve() if src else None
     request = _normalise({"format": format, "src": str(src) if src else None, "options": options})
     manifest_path = out / MANIFEST
@@ -398,8 +565,10 @@ def _prepare(format: str, src, out: pathlib.Path, **options) -> pathlib.Path:
         builder = FaceRec(src=_need_src(src, format), data_dir=str(out), **size_opt)
     elif format == "folder":
         layout = options.pop("layout", "auto")
-        builder = FaceFolder(src=_need_src(src, format), layout=layout, data_dir=str(out),
-                             **size_opt)
+        holdout = options.pop("holdout", 0)
+        detect = options.pop("detect", None)
+        builder = FaceFolder(src=_need_src(src, format), layout=layout, holdout=holdout,
+                             detect=detect, data_dir=str(out), **size_opt)
     elif format == "synthetic":
         cfg = synthetic.SyntheticConfig(**options)
         builder = SyntheticFaces(config=cfg, data_dir=str(out), **size_opt)
@@ -408,22 +577,31 @@ def _prepare(format: str, src, out: pathlib.Path, **options) -> pathlib.Path:
     if options and format != "synthetic":
         raise TypeError(f"unknown options for format {format}: {sorted(options)}")
 
+    extras: dict = {}
+    if format == "folder":
+        # Written before the build: nothing that can fail may come after hours of building.
+        write_class_names(out / "classes.txt", builder.class_names)
+        extras["classes"] = "classes.txt"
+        if builder.heldout_files:
+            read = builder.aligned_face if builder.detector is not None else images.read_face
+            pairs = write_heldout_set(out / "verification.bin", builder.heldout_files, read=read)
+            write_class_names(out / "heldout.txt", builder.heldout_names)
+            log.info("held out %d identities (%s) as %s: %d pairs", len(builder.heldout_names),
+                     out / "heldout.txt", out / "verification.bin", pairs)
+            extras.update(verification_bins=["verification.bin"], heldout="heldout.txt")
+
     # A half-written earlier attempt (no manifest) is rebuilt from scratch.
     version_dir = pathlib.Path(builder.data_dir)
     if version_dir.exists():
         shutil.rmtree(version_dir)
     start = time.time()
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(verify_ssl=False)
-    )
+    if progress:
+        log.info("building %s: %d classes", out, builder.num_classes)
+    _build_quietly(builder, progress)
     downloads = out / "downloads"
     if downloads.is_dir() and not any(p.is_file() for p in downloads.rglob("*")):
         shutil.rmtree(downloads)  # tfds creates it; nothing is downloaded here
 
-    extras: dict = {}
-    if format == "folder":
-        (out / "classes.txt").write_text("".join(n + "\n" for n in builder.class_names))
-        extras["classes"] = "classes.txt"
     if cfg is not None:
         jpegs, issame, _, _ = builder.faces.verification_pairs()
         verification_bin.write_bin(out / "verification.bin", jpegs, issame)
@@ -443,15 +621,56 @@ def _prepare(format: str, src, out: pathlib.Path, **options) -> pathlib.Path:
         "seconds": round(time.time() - start, 1),
         **extras,
     }
+    if getattr(builder, "detector", None) is not None:
+        manifest["no_face"] = len(builder.no_face)
     tmp = manifest_path.with_name(MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     tmp.replace(manifest_path)
     return out
 
 
+def write_class_names(path: pathlib.Path, names: list[str]) -> None:
+    """Writes ``classes.txt``: line ``i`` is the folder name of label ``i``, as the file system
+    stores it. Names are UTF-8; a folder name that is not valid UTF-8 keeps its bytes (read the
+    file with ``errors="surrogateescape"`` to get the ``os.listdir`` names back) and is named in
+    a warning."""
+    odd = [n for n in names if not _is_utf8(n)]
+    if odd:
+        log.warning("%d identity folder names are not valid UTF-8; classes.txt keeps their bytes"
+                    ": %s%s", len(odd), ", ".join(map(ascii, odd[:5])),
+                    " ..." if len(odd) > 5 else "")
+    path.write_bytes(b"".join(os.fsencode(n) + b"\n" for n in names))
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")  # os.fsdecode turned undecodable bytes into lone surrogates
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _build_quietly(builder: _FaceBuilder, progress: bool) -> None:
+    """``builder.download_and_prepare``, with what TFDS prints on stdout for a download
+    ("Downloading and preparing dataset Unknown size ...": nothing is downloaded here) sent to
+    the log instead; its progress bars only when ``progress``."""
+    stdout = io.StringIO()
+    tfds.display_progress_bar(progress)
+    try:
+        with contextlib.redirect_stdout(stdout):
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    finally:
+        tfds.display_progress_bar(True)  # TFDS's default
+        for line in stdout.getvalue().splitlines():
+            if line.strip():
+                log.debug("tfds: %s", line.strip())
+
+
 def _need_src(src, format: str) -> pathlib.Path:
     if not src:
-        raise ValueError(f"--src is required for format {format}")
+        raise UserError(f"--src is required for --format {format}: the "
+                        f"{'RecordIO directory' if format == 'rec' else 'image folder'} to read")
     return pathlib.Path(src)
 
 
@@ -475,5 +694,5 @@ def inspect_dataset(path: str | os.PathLike) -> dict:
     if manifest.is_file():
         m = read_manifest(manifest)
         summary.update({k: m[k] for k in ("format", "src", "options", "verification_bins",
-                                          "quality_set", "classes") if k in m})
+                                          "quality_set", "classes", "no_face") if k in m})
     return summary

@@ -13,6 +13,22 @@ An image is unreadable, and raises :class:`UnreadableImageError` naming it, when
   ``simplejpeg`` in strict mode, which turns every libjpeg warning into an error. Corruption that
   libjpeg cannot notice (bytes changed into other valid codes) stays undetectable.
 
+A decoded image is read as the 8-bit RGB picture it shows (:func:`to_rgb`, used by every reader:
+``prepare``, training, ``.bin`` sets, ``extract``, IJB and clustering):
+
+* EXIF orientation is applied, as ``cv2.imread`` / ``cv2.imdecode`` (what insightface reads
+  images with) do by default;
+* 16-bit images (Pillow modes ``I;16``, ``I;16B``, ``I``: 16-bit greyscale PNG and TIFF) are
+  scaled from [0, 65535] to [0, 255] by ``round(v / 257)`` (the inverse of the usual
+  ``v * 257``), not clipped; 16-bit RGB(A) PNGs, which Pillow opens as 8-bit RGB(A), keep their
+  high byte;
+* 32-bit float images (mode ``F``) are taken to hold [0, 1], the convention of float image files
+  (scikit-image, tifffile), and are scaled by 255 and rounded (NaN reads as 0);
+* alpha (``LA``, ``RGBA``, ``PA``, palette images with transparency) is dropped: the colour
+  under it is kept, as ``cv2.imread`` does without ``IMREAD_UNCHANGED`` (face crops are opaque);
+* every other mode (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``LAB`` ...) goes through Pillow's
+  ``convert("RGB")``.
+
 Where skipping is what the user asked for (``prepare``, ``extract --skip-unreadable``) such an
 image is skipped, counted and logged; everywhere else it is an error naming the file.
 
@@ -28,7 +44,7 @@ import pathlib
 
 import numpy as np
 import simplejpeg
-from PIL import Image, ImageFile
+from PIL import ExifTags, Image, ImageFile, ImageOps
 
 from magjax.data import FACE_SIZE
 from magjax.errors import UserError
@@ -80,6 +96,52 @@ def open_image(data: bytes, what: str) -> Image.Image:
     return im
 
 
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa", "P")
+
+
+# Where JPEG, PNG and WebP keep an orientation: Pillow puts EXIF and XMP there in ``info``. For
+# an image with neither the costly ``getexif()`` (a fifth of a training image's decode) is
+# skipped; other formats (TIFF keeps it among its tags) always ask.
+_ORIENTATION_INFO = ("exif", "xmp", "XML:com.adobe.xmp")
+
+
+def _orientation(im: Image.Image) -> int | None:
+    if im.format in ("JPEG", "MPO", "PNG", "WEBP") and not any(
+            key in im.info for key in _ORIENTATION_INFO):
+        return 1
+    return im.getexif().get(ExifTags.Base.Orientation, 1)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """The 8-bit RGB picture a decoded image shows, under the rules of this module's docstring
+    (EXIF orientation applied; 16-bit and float images scaled, not clipped; alpha dropped)."""
+    if _orientation(im) not in (1, None):
+        im = ImageOps.exif_transpose(im)
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in _SIXTEEN_BIT_MODES:
+        # int64: mode I is signed 32-bit; values outside 16 bits are clipped.
+        wide = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
+        grey = ((wide + 128) // 257).astype(np.uint8)  # round(v / 257)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "F":
+        unit = np.nan_to_num(np.asarray(im, np.float64), nan=0.0)
+        grey = np.rint(np.clip(unit, 0.0, 1.0) * 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode in _ALPHA_MODES:
+        # Through RGBA: Pillow's P -> RGB warns for transparency given as bytes; the alpha
+        # channel is then dropped, keeping the colour under it.
+        return im.convert("RGBA").convert("RGB")
+    return im.convert("RGB")
+
+
+def decode_rgb(data: bytes, what: str) -> Image.Image:
+    """:func:`open_image` then :func:`to_rgb`: the 8-bit RGB picture of encoded image bytes."""
+    return to_rgb(open_image(data, what))
+
+
 def read_image(path) -> Image.Image:
     """Reads and decodes an image file (see :func:`open_image`); errors name the path."""
     try:
@@ -123,7 +185,7 @@ def read_face(path: str | pathlib.Path, size: int = FACE_SIZE) -> np.ndarray:
     An unreadable file (``magjax.data.images``: corrupt, truncated, a corrupt JPEG scan, a
     decompression bomb) raises ``UnreadableImageError``, an ``OSError`` naming the path.
     """
-    img = read_image(path).convert("RGB")  # UnreadableImageError (an OSError) names the path
+    img = to_rgb(read_image(path))  # UnreadableImageError (an OSError) names the path
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
@@ -134,7 +196,7 @@ def crop_face_box(path: pathlib.Path, columns: dict, row: int) -> np.ndarray:
     box, if the CSV has one, resized to 112x112 RGB."""
 
     try:
-        img = read_image(path).convert("RGB")
+        img = to_rgb(read_image(path))
         if all(c in columns for c in ("FACE_X", "FACE_Y", "FACE_WIDTH", "FACE_HEIGHT")):
             x, y, w, h = (float(columns[c][row]) for c in
                           ("FACE_X", "FACE_Y", "FACE_WIDTH", "FACE_HEIGHT"))

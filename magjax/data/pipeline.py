@@ -123,9 +123,9 @@ class TrainPipeline:
         self.num_classes = int(builder.info.features["label"].num_classes)
         if global_batch > self.num_examples:
             raise UserError(
-                f"global_batch {global_batch} exceeds the {self.num_examples} examples of "
-                f"{self.dataset_dir}"
-            )
+                f"config.global_batch {global_batch} is more than the {self.num_examples} "
+                f"images in {data_dir}: pass a smaller --config.global_batch (a multiple of "
+                "the device count)")
         self.global_batch, self.seed, self.augment = global_batch, seed, augment
         self.local_batch = global_batch // process_count
         self.process_index, self.process_count = process_index, process_count

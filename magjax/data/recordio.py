@@ -22,6 +22,7 @@ import math
 import mmap
 import os
 import pathlib
+import reprlib
 import struct
 from collections.abc import Iterable, Iterator
 
@@ -142,8 +143,12 @@ def read_index(idx_path: str | os.PathLike) -> dict[int, int]:
     if not idx_path.is_file():
         raise FileNotFoundError(f"{idx_path}: RecordIO index not found (expected key<TAB>offset)")
     index: dict[int, int] = {}
-    with open(idx_path) as f:
-        for lineno, line in enumerate(f, 1):
+    # Read as bytes, in lines of at most 256 bytes (a real line has two integers): a binary
+    # file (a .rec passed as the .idx, say) is then a bad line naming the file, neither a
+    # UnicodeDecodeError nor a file-sized line in memory.
+    with open(idx_path, "rb") as f:
+        for lineno, raw in enumerate(iter(lambda: f.readline(256), b""), 1):
+            line = raw.decode("ascii", errors="replace")
             if not line.strip():
                 continue
             parts = line.split()
@@ -151,7 +156,8 @@ def read_index(idx_path: str | os.PathLike) -> dict[int, int]:
                 key, offset = int(parts[0]), int(parts[1])
             except (ValueError, IndexError):
                 raise RecordIOError(
-                    f"{idx_path}:{lineno}: expected 'key<TAB>offset' with integers, got {line!r}"
+                    f"{idx_path}:{lineno}: expected 'key<TAB>offset' with integers, got "
+                    f"{reprlib.repr(line)}"
                 ) from None
             if key in index:
                 raise RecordIOError(f"{idx_path}:{lineno}: key {key} appears twice")
@@ -180,6 +186,23 @@ class RecordIOReader:
             raise RecordIOError(
                 f"{idx_path}: key {k} points at offset {o} outside {self.rec_path} ({size} bytes);"
                 f" .idx and .rec do not match ({len(bad)} such keys)"
+            )
+        self._refuse_shared_offsets(idx_path)
+
+    def _refuse_shared_offsets(self, idx_path) -> None:
+        """Two keys at one offset would read one record twice (one image trained under two
+        keys, or a record whose own key is lost): no writer produces that, so the index is
+        corrupt. Refused, naming both keys (numpy sort: no second dict as large as the index)."""
+        keys = np.fromiter(self.index.keys(), np.int64, len(self.index))
+        offsets = np.fromiter(self.index.values(), np.int64, len(self.index))
+        order = np.argsort(offsets, kind="stable")
+        same = np.flatnonzero(offsets[order][1:] == offsets[order][:-1])
+        if same.size:
+            first, second = keys[order[same[0]]], keys[order[same[0] + 1]]
+            raise RecordIOError(
+                f"{idx_path}: keys {first} and {second} both point at offset "
+                f"{offsets[order[same[0]]]} ({same.size} such duplicates): a corrupt index, as no "
+                "two records can start at one offset"
             )
 
     def keys(self) -> list[int]:
@@ -239,7 +262,14 @@ def read_property(path: str | os.PathLike) -> Property:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: property file not found (expected 'num_classes,H,W')")
-    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    try:
+        text = path.read_bytes().decode("ascii")
+    except UnicodeDecodeError as e:
+        raise RecordIOError(
+            f"{path}: not a text file (byte {e.object[e.start]:#04x} at offset {e.start}); "
+            "expected 'num_classes,H,W' on line 1"
+        ) from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     try:
         c, h, w = (int(v) for v in lines[0].split(","))
         n = int(lines[1]) if len(lines) > 1 else None
@@ -279,14 +309,17 @@ class FaceRecord:
         first = self.reader.index.get(0)
         header = unpack(self.reader.read_at(first, 0))[0] if first is not None else None
         if header is not None and header.flag > 0:
-            end = int(scalar_label(header))
-            self.image_keys = list(range(1, end))
-            missing = [k for k in self.image_keys if k not in self.reader.index]
-            if missing:
+            end = self._header_image_end(header, rec, idx)
+            # Bounded above by the index's size, so building the list allocates what the
+            # .idx backs; the first missing key is found without listing the others.
+            missing = next((k for k in range(1, end) if k not in self.reader.index), None)
+            if missing is not None:
+                count = sum(k not in self.reader.index for k in range(1, end))
                 raise RecordIOError(
                     f"{idx}: header record 0 announces image keys 1..{end - 1}, "
-                    f"but {len(missing)} are missing from the index (first: {missing[0]})"
+                    f"but {count} are missing from the index (first: {missing})"
                 )
+            self.image_keys = list(range(1, end))
             self.has_header = True
         else:
             self.image_keys = self.reader.keys()
@@ -296,6 +329,30 @@ class FaceRecord:
             raise RecordIOError(
                 f"{self.dir / 'property'}: says {n} images, {rec} holds {len(self.image_keys)}"
             )
+
+    def _header_image_end(self, header: IRHeader, rec: pathlib.Path, idx: pathlib.Path) -> int:
+        """``label[0]`` of header record 0 (images are keys 1 .. label[0]-1), checked before
+        anything is allocated for it: a whole number, at least 1, announcing no more image keys
+        than the index holds; ``label[1]`` (end of the identity records), where present, a
+        whole number not below ``label[0]``. Errors name the field and the files."""
+        labels = np.atleast_1d(np.asarray(header.label, np.float64))
+        names = ("label[0] (first identity record, images are keys 1 .. label[0]-1)",
+                 "label[1] (end of the identity records)")
+        for field, value in zip(names, labels[:2], strict=False):
+            if not (math.isfinite(value) and value == int(value) and value >= 1):
+                raise RecordIOError(f"{rec}: header record 0 {field} is {value:g}, expected a "
+                                    "whole number >= 1 (a corrupt header)")
+        end = int(labels[0])
+        if len(labels) > 1 and labels[1] < end:
+            raise RecordIOError(f"{rec}: header record 0 label[1] ends the identity records "
+                                f"[{end}, {int(labels[1])}) before label[0] starts them")
+        if end - 1 > len(self.reader.index) - 1:
+            raise RecordIOError(
+                f"{rec}: header record 0 label[0] announces {end - 1} image records (keys 1.."
+                f"{end - 1}), but {idx} holds only {len(self.reader.index)} keys in all "
+                "(a corrupt header, or the wrong .idx)"
+            )
+        return end
 
     def __len__(self) -> int:
         return len(self.image_keys)

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from magjax.data import FACE_SIZE
+from magjax.data import images as image_io
 
 NUM_QUALITY_LEVELS = 5
 CLEAN = NUM_QUALITY_LEVELS - 1
@@ -432,7 +433,7 @@ class SyntheticFaces:
         images, flags = [], []
         for img, f in generate(self.heldout_identities, labels, qualities, rng, cfg):
             jpeg = encode_jpeg(img, cfg.jpeg_quality)
-            images.append(np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")))
+            images.append(np.asarray(image_io.to_rgb(Image.open(io.BytesIO(jpeg)))))
             flags.append(f)
         return {
             "images": np.stack(images),

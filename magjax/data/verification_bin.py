@@ -6,11 +6,17 @@ holds 2P encoded images (py2 ``str`` in the original releases, numpy uint8 array
 
 A pickle can run arbitrary code, and these files are downloaded from mirrors, so they are read
 through :class:`RestrictedUnpickler`, which resolves only the few globals that rebuild uint8
-numpy arrays (and the latin-1 bytes helper of protocol-2 pickles written by Python 3); anything
+numpy arrays (and bool ones: an ``issame`` saved as a numpy array, which insightface's loader
+reads like its list of bools), and the latin-1 bytes helper of protocol-2 pickles written by
+Python 3; anything
 else is refused with an error naming the file and the global. The check has to be written by
 hand: the standard library offers only the ``find_class`` hook for it. A tiny pickle could also
 declare huge arrays or reference one image many times; what a ``.bin`` may declare is bounded
 by its own size (:func:`read_bin`) before anything is allocated or copied.
+
+The 10-fold protocol needs at least 10 pairs, same- and different-identity pairs both, and the
+different ones in more than one fold (:func:`protocol_problem`): evaluation refuses other sets in
+one line naming the file, ``inspect`` reports why in ``protocol_problem``.
 """
 
 from __future__ import annotations
@@ -45,10 +51,19 @@ def _ndarray_class(*args):
     raise UnsafePickleError("numpy.ndarray(...) called directly: refused")
 
 
+# uint8 for the encoded images, bool for an issame list saved as a numpy array (insightface
+# writes a list of bools; a bool array is read the same way by its loader). Both are one byte per
+# element, so the bound on a declared array's bytes holds for either.
+_DTYPES = {"u1": np.dtype("u1"), "b1": np.dtype("b1")}
+
+
 def _uint8_dtype(name, *args):
-    if name not in ("u1", b"u1"):
-        raise UnsafePickleError(f"numpy.dtype({name!r}) refused: only uint8 ('u1') is allowed")
-    return np.dtype("u1")
+    key = name.decode("ascii", "replace") if isinstance(name, bytes) else name
+    if key not in _DTYPES:
+        raise UnsafePickleError(
+            f"numpy.dtype({name!r}) refused: a verification .bin holds uint8 images ('u1') and "
+            "bool issame flags ('b1') only")
+    return _DTYPES[key]
 
 
 def _latin1_encode(text, encoding="utf-8"):
@@ -112,9 +127,10 @@ class RestrictedUnpickler(pickle.Unpickler):
         return np.ndarray.__new__(np.ndarray, self._check_size(shape), _uint8_dtype("u1"))
 
     def _frombuffer(self, buf, dtype, shape, order):
-        if np.dtype(dtype) != np.uint8:
-            raise UnsafePickleError(f"array of dtype {dtype} refused: only uint8 is allowed")
-        return np.frombuffer(buf, np.uint8).reshape(self._check_size(shape), order=order)
+        if np.dtype(dtype) not in _DTYPES.values():
+            raise UnsafePickleError(f"array of dtype {dtype} refused: a verification .bin holds "
+                                    "uint8 images and bool issame flags only")
+        return np.frombuffer(buf, dtype).reshape(self._check_size(shape), order=order)
 
 
 def _restricted_load(data: bytes, source: str):
@@ -153,6 +169,11 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
             f"{path}: expected a pickled (bins, issame_list) pair, got {type(obj).__name__}"
         )
     bins, issame = obj
+    if isinstance(issame, np.ndarray) and issame.dtype == np.bool_ and issame.ndim == 1:
+        issame = issame.tolist()  # a bool array: what insightface's loader reads alike
+    elif isinstance(issame, np.ndarray):
+        raise UserError(f"{path}: issame_list is a {issame.dtype} array of shape {issame.shape},"
+                        " expected a list (or 1-D array) of bools")
     if not (isinstance(bins, list | tuple) and isinstance(issame, list | tuple)):
         raise UserError(f"{path}: expected lists of images and of bools, got "
                         f"{type(bins).__name__} and {type(issame).__name__}")
@@ -161,7 +182,8 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
         if isinstance(b, bytes | bytearray) or (isinstance(b, np.ndarray) and b.dtype == np.uint8):
             total += len(b) if not isinstance(b, np.ndarray) else b.nbytes
         else:
-            raise UserError(f"{path}: image {i} is {type(b).__name__}, expected bytes or uint8")
+            kind = f"a {b.dtype} array" if isinstance(b, np.ndarray) else type(b).__name__
+            raise UserError(f"{path}: image {i} is {kind}, expected bytes or uint8")
     if total > len(data):
         raise UnsafePickleError(
             f"{path}: its {len(bins)} images hold {total} bytes, more than the file's "
@@ -194,7 +216,7 @@ def decode_image(data: bytes, image_size: int = FACE_SIZE, *, what: str = "image
     truncated, a corrupt JPEG scan, a decompression bomb) raises ``UnreadableImageError``.
     """
     global _warned_resize
-    im = image_io.open_image(data, what).convert("RGB")
+    im = image_io.decode_rgb(data, what)
     if im.size != (image_size, image_size):
         if not _warned_resize:
             log.warning("%s is %dx%d, resizing to %d (warned once)", what, *im.size, image_size)
@@ -251,20 +273,51 @@ def write_bin(
     return path
 
 
+def protocol_problem(path, issame: np.ndarray, nrof_folds: int = 10) -> str | None:
+    """Why the ``nrof_folds``-fold protocol cannot run on ``issame`` (None when it can).
+
+    It needs at least ``nrof_folds`` pairs, same- and different-identity pairs both, and the
+    different-identity pairs spread over at least two folds: each fold's threshold is chosen at
+    a false-accept rate of the other folds, undefined where they hold no different pair.
+    """
+    from magjax.eval.verification import fold_bounds
+
+    n, same = len(issame), int(np.count_nonzero(issame))
+    if n < nrof_folds:
+        return (f"{path}: holds {n} pairs; the {nrof_folds}-fold verification protocol needs at "
+                f"least {nrof_folds}")
+    if same in (0, n):
+        kind = "same-identity" if same == 0 else "different-identity"
+        return (f"{path}: holds no {kind} pair (issame is {bool(same)} for all {n} pairs); the "
+                "verification protocol needs both kinds")
+    folds = [start for start, stop in fold_bounds(n, nrof_folds) if not issame[start:stop].all()]
+    if len(folds) == 1:
+        return (f"{path}: all its different-identity pairs lie in one of the {nrof_folds} "
+                "folds (contiguous blocks of pairs); the other folds then hold none and the "
+                "false-accept rate is undefined: interleave the pairs, as insightface's sets do")
+    return None
+
+
 def inspect_bin(path: str | os.PathLike) -> dict:
-    """Summary of a verification set for ``python -m magjax.data inspect FILE.bin``."""
+    """Summary of a verification set for ``python -m magjax.data inspect FILE.bin``.
+
+    ``protocol_problem`` says why the 10-fold protocol cannot run on the set (None when it can;
+    evaluation refuses such a set, and this is logged as a warning)."""
     bins, issame = read_bin(path)
     sizes: dict[str, int] = {}
     corrupt = []
     for i, b in enumerate(bins):
         try:
-            im = image_io.open_image(b, f"{path}: image {i}")
+            im = image_io.decode_rgb(b, f"{path}: image {i}")
         except image_io.UnreadableImageError as e:
             log.warning("%s", e)
             corrupt.append(i)
             continue
         key = f"{im.size[0]}x{im.size[1]}"
         sizes[key] = sizes.get(key, 0) + 1
+    problem = protocol_problem(path, issame)
+    if problem:
+        log.warning("%s", problem)
     return {
         "path": str(path),
         "num_pairs": int(len(issame)),
@@ -272,4 +325,5 @@ def inspect_bin(path: str | os.PathLike) -> dict:
         "num_images": len(bins),
         "image_sizes": sizes,
         "corrupt_images": corrupt,
+        "protocol_problem": problem,
     }

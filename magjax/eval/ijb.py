@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 import warnings
 from collections.abc import Callable, Iterable
 
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from magjax.errors import UserError
 from magjax.eval.verification import embed_with_flip, l2_normalize
 
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -56,7 +58,8 @@ def _lines(path: pathlib.Path) -> list[list[str]]:
     """Non-empty lines of a whitespace-separated text file, split into fields."""
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
-    with open(path) as f:
+    # Undecodable bytes (a binary file) become fields that fail to parse, naming the line.
+    with open(path, errors="replace") as f:
         return [line.split() for line in f if line.strip()]
 
 
@@ -66,14 +69,14 @@ def read_face_tid_mid(path: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray,
     names, templates, medias = [], [], []
     for number, fields in enumerate(_lines(path), 1):
         if len(fields) < 3:
-            raise ValueError(
+            raise UserError(
                 f"{path}:{number}: expected 'img_name template_id media_id', got {fields}"
             )
         try:
             templates.append(int(fields[1]))
             medias.append(int(fields[2]))
         except ValueError as e:
-            raise ValueError(f"{path}:{number}: template/media ids must be integers: {e}") from e
+            raise UserError(f"{path}:{number}: template/media ids must be integers: {e}") from e
         names.append(fields[0])
     return np.asarray(names), np.asarray(templates, np.int64), np.asarray(medias, np.int64)
 
@@ -93,15 +96,37 @@ def read_template_pair_label(path: str | pathlib.Path) -> tuple[np.ndarray, np.n
         try:
             values = np.fromfile(path, dtype=np.float64, sep=" ")
         except (DeprecationWarning, ValueError) as e:
-            raise ValueError(f"{path}: expected lines 't1 t2 label' of integers: {e}") from e
-    if values.size % 3 or not np.all(values == np.round(values)):
-        raise ValueError(
+            raise UserError(f"{path}: expected lines 't1 t2 label' of integers: {e}") from e
+    _check_three_columns(path, values.size)
+    if not np.all(values == np.round(values)):
+        raise UserError(
             f"{path}: expected lines 't1 t2 label' of integers ({values.size} numbers read)"
         )
     values = values.astype(np.int64).reshape(-1, 3)
     if not np.isin(values[:, 2], (0, 1)).all():
-        raise ValueError(f"{path}: labels (3rd column) must be 0 or 1")
+        raise UserError(f"{path}: labels (3rd column) must be 0 or 1")
     return values[:, 0], values[:, 1], values[:, 2]
+
+
+def _check_three_columns(path: pathlib.Path, numbers: int) -> None:
+    """``np.fromfile`` reads numbers regardless of lines: a file whose lines lack a column
+    can still hold a multiple of 3 numbers, which would then be read with template ids in the
+    label column. The non-blank lines are counted (in C: blank lines are rare, so the regular
+    expression finds few) and, if they do not hold 3 numbers each, the first line that does
+    not is named."""
+    data = path.read_bytes()
+    ends_line = data.endswith(b"\n")
+    lines = data.count(b"\n") + (0 if ends_line else 1)
+    # With re.M, "^...$" also matches the empty text after a final line break: not a line.
+    blank = len(re.findall(rb"^[ \t\r\f\v]*$", data, re.M)) - (1 if ends_line else 0)
+    if numbers == 3 * (lines - blank if data else 0):
+        return
+    for number, line in enumerate(data.splitlines(), 1):
+        fields = line.split()
+        if fields and len(fields) != 3:
+            raise UserError(f"{path}:{number}: expected 't1 t2 label', got {len(fields)} "
+                            f"fields: {line[:80].decode('ascii', 'replace')!r}")
+    raise UserError(f"{path}: expected lines 't1 t2 label' of integers ({numbers} numbers)")
 
 
 def read_name_5pts_score(
@@ -112,14 +137,14 @@ def read_name_5pts_score(
     names, landmarks, scores = [], [], []
     for number, fields in enumerate(_lines(path), 1):
         if len(fields) != 12:
-            raise ValueError(
+            raise UserError(
                 f"{path}:{number}: expected 'img_name x1 y1 ... x5 y5 faceness_score' "
                 f"(12 fields), got {len(fields)}"
             )
         try:
             values = [float(v) for v in fields[1:]]
         except ValueError as e:
-            raise ValueError(f"{path}:{number}: landmarks/score must be numbers: {e}") from e
+            raise UserError(f"{path}:{number}: landmarks/score must be numbers: {e}") from e
         names.append(fields[0])
         landmarks.append(values[:10])
         scores.append(values[10])
@@ -163,20 +188,25 @@ def load_meta(root: str | pathlib.Path, target: str = "IJBC") -> IJBMeta:
     lmk_path = meta_dir / f"{prefix}_name_5pts_score.txt"
     lmk_names, landmarks, faceness = read_name_5pts_score(lmk_path)
     if len(set(lmk_names.tolist())) != lmk_names.size:
-        raise ValueError(f"{lmk_path}: duplicate image names")
+        raise UserError(f"{lmk_path}: duplicate image names")
     row_of = {name: i for i, name in enumerate(lmk_names.tolist())}
     missing = [n for n in names.tolist() if n not in row_of]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{lmk_path}: no landmarks for {len(missing)} images of {prefix}_face_tid_mid.txt, "
             f"e.g. {missing[:3]}"
         )
     order = np.asarray([row_of[n] for n in names.tolist()], np.int64)
-    t1, t2, labels = read_template_pair_label(meta_dir / f"{prefix}_template_pair_label.txt")
+    pairs_path = meta_dir / f"{prefix}_template_pair_label.txt"
+    t1, t2, labels = read_template_pair_label(pairs_path)
+    if labels.size == 0 or labels.min() == labels.max():
+        raise UserError(f"{pairs_path}: TAR@FAR needs genuine (label 1) and impostor (label 0) "
+                        f"pairs; its {labels.size} pairs hold "
+                        f"{'no' if labels.size == 0 else 'only label ' + str(labels.min())}")
     unknown = np.setdiff1d(np.union1d(t1, t2), templates)
     if unknown.size:
-        raise ValueError(
-            f"{prefix}_template_pair_label.txt names {unknown.size} templates absent from "
+        raise UserError(
+            f"{pairs_path} names {unknown.size} templates absent from "
             f"{prefix}_face_tid_mid.txt, e.g. {unknown[:3].tolist()}"
         )
     return IJBMeta(
@@ -198,10 +228,10 @@ def load_meta(root: str | pathlib.Path, target: str = "IJBC") -> IJBMeta:
 
 def load_aligned(path: pathlib.Path, landmarks: np.ndarray) -> np.ndarray:
     """One loose crop read with Pillow (RGB) and aligned to 112x112 with its landmarks."""
-    from magjax.data.images import read_image
+    from magjax.data.images import read_image, to_rgb
     from magjax.eval.align import align_face
 
-    image = np.asarray(read_image(path).convert("RGB"))  # errors name the path
+    image = np.asarray(to_rgb(read_image(path)))  # errors name the path
     return align_face(image, landmarks)
 
 

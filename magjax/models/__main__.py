@@ -13,7 +13,7 @@ import sys
 import jax
 import numpy as np
 
-from magjax import models
+from magjax import logs, models
 
 
 def _summary(arch: str) -> dict:
@@ -42,7 +42,8 @@ def main(argv: list[str]) -> int:
     summary.add_argument("arch", choices=models.ARCHS)
     summary.add_argument("--json", action="store_true", help="last line is JSON")
     args = parser.parse_args(argv)
-
+    logs.route_logging(None)
+    logs.start_jax()
     info = _summary(args.arch)
     if args.json:
         compact = {k: info[k] for k in ("arch", "family", "params", "embedding_dim", "input_shape")}

@@ -1,6 +1,6 @@
 """Checks magjax against reference values produced by running the official code.
 
-    python -m magjax.refcheck tests/fixtures/loss_refs.json [--dtype float32] [--mesh 8]
+    python -m magjax.refcheck tests/fixtures/loss_refs.json [--dtype float32] [--mesh 8] [--block 3]
     python -m magjax.refcheck tests/fixtures/curricularface_refs.json [--mesh 8]
     python -m magjax.refcheck tests/fixtures/eval_refs.json
 
@@ -13,7 +13,8 @@ non-zero if any case fails. Formats:
   straight-through ArcFace gradient; ``magface``: official MagFace; ``adaface``: official
   AdaFace head, EMA state carried across the case's steps; ``curricularface``: the authors'
   head, ``t`` carried across the steps). With ``--mesh N`` every case runs
-  through the class-sharded head on N devices instead of the dense loss.
+  through the class-sharded head on N devices instead of the dense loss; with ``--block N``
+  through the head that visits the classes N at a time (``head.block_size``).
 * ``magjax-eval-refs/1``: verification and IJB cases (:mod:`magjax.refcheck.eval_cases`).
 
 The harnesses that run magjax's code on a case live beside this module
@@ -40,7 +41,13 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(TOLERANCE), default="float64")
     parser.add_argument("--mesh", type=int, default=0,
                         help="run loss cases through the class-sharded head on N devices")
-    return parser.parse_args(argv)
+    parser.add_argument("--block", type=int, default=0, metavar="N",
+                        help="run loss cases through the head N classes at a time "
+                             "(head.block_size; on the --mesh devices, or on one)")
+    args = parser.parse_args(argv)
+    if args.block < 0:
+        parser.error(f"--block must be >= 1 (or 0: the dense head), got {args.block}")
+    return args
 
 
 def _provide_devices(count: int) -> None:
@@ -76,8 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     _provide_devices(args.mesh)
     import jax
 
+    from magjax import logs
+
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
+    logs.route_logging(None)
+    logs.start_jax()
     if args.mesh and jax.device_count() < args.mesh:
         print(f"--mesh {args.mesh} needs {args.mesh} devices, have {jax.device_count()} "
               "(jax was imported before the fake devices could be set up)", file=sys.stderr)
@@ -92,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             if fmt == "magjax-loss-refs/1":
                 from magjax.refcheck import loss_cases
 
-                ok, detail = loss_cases.check_case(case, args.dtype, args.mesh)
+                ok, detail = loss_cases.check_case(case, args.dtype, args.mesh,
+                                                   args.block or None)
             elif fmt == "magjax-eval-refs/1":
                 from magjax.refcheck import eval_cases
 

@@ -52,11 +52,12 @@ def value_and_grads(
     }
 
 
-def reference_step(loss: losses.MarginLoss, devices: int, sample_rate: float = 1.0):
+def reference_step(loss: losses.MarginLoss, devices: int, sample_rate: float = 1.0,
+                   block_size: int | None = None):
     """A jitted ``fn(embeddings, weight, labels, state) -> dict`` that runs the sharded head on
-    ``devices`` devices and returns the fields of the reference files (as
-    :func:`value_and_grads`). Batch and classes are padded here, so any shapes
-    work; the padding is checked to contribute nothing by slicing it off.
+    ``devices`` devices (``block_size`` classes at a time if given) and returns the fields of
+    the reference files (as :func:`value_and_grads`). Batch and classes are padded here, so any
+    shapes work; the padding is checked to contribute nothing by slicing it off.
     """
     mesh = make_mesh(devices)
 
@@ -68,7 +69,7 @@ def reference_step(loss: losses.MarginLoss, devices: int, sample_rate: float = 1
         mask = jnp.arange(rows) < batch
         w = jnp.pad(weight, ((0, padded_size(classes, devices) - classes), (0, 0)))
         fn = head.sharded_margin_loss(loss, mesh, classes, sample_rate=sample_rate,
-                                      return_logits=True)
+                                      return_logits=True, block_size=block_size)
 
         def total(x, w):
             out = fn(x, w, y, mask, state, jax.random.key(0))
@@ -88,14 +89,17 @@ def reference_step(loss: losses.MarginLoss, devices: int, sample_rate: float = 1
     return jax.jit(step)
 
 
-def run_case(case: dict, dtype: str, mesh_devices: int) -> dict[str, list]:
-    """Runs every step of a loss case; returns ``{field: [got, expected]}`` per step, flattened."""
+def run_case(case: dict, dtype: str, mesh_devices: int, block_size: int | None = None
+             ) -> dict[str, list]:
+    """Runs every step of a loss case; returns ``{field: [got, expected]}`` per step, flattened.
+    With ``block_size`` the head visits the classes that many at a time (through the sharded
+    head on ``mesh_devices`` devices, or on one)."""
     loss = loss_from_case(case)
     weight = jnp.asarray(np.asarray(case["weight"]), dtype=dtype)
     state = case.get("initial_state") or loss.initial_state()
     state = {k: jnp.asarray(v, dtype=dtype) for k, v in state.items()}
-    if mesh_devices:
-        step_fn = reference_step(loss, mesh_devices)
+    if mesh_devices or block_size:
+        step_fn = reference_step(loss, mesh_devices or 1, block_size=block_size)
     else:
         step_fn = jax.jit(lambda x, w, y, state: value_and_grads(x, w, y, loss, state))
 
@@ -117,12 +121,13 @@ def run_case(case: dict, dtype: str, mesh_devices: int) -> dict[str, list]:
     return pairs
 
 
-def check_case(case: dict, dtype: str, mesh_devices: int) -> tuple[bool, str]:
-    """Checks one case (dense, or through the head on ``mesh_devices`` devices); returns
-    ``(passed, the worst relative error of each field)``."""
+def check_case(case: dict, dtype: str, mesh_devices: int, block_size: int | None = None
+               ) -> tuple[bool, str]:
+    """Checks one case (dense, or through the head on ``mesh_devices`` devices, ``block_size``
+    classes at a time if given); returns ``(passed, the worst relative error of each field)``."""
     passed = True
     worst: dict[str, float] = {}
-    for key, (got, expected) in run_case(case, dtype, mesh_devices).items():
+    for key, (got, expected) in run_case(case, dtype, mesh_devices, block_size).items():
         error, scale = field_error(got, expected)
         field = key.split("@")[0]
         worst[field] = max(worst.get(field, 0.0), error / scale)

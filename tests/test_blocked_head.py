@@ -1,0 +1,280 @@
+"""The head that visits the classes block by block (``head.block_size``) against the dense head:
+every loss, on one device and on 8 fake ones, with Partial FC, and its compiled memory."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FIXTURES
+
+from magjax import config_check, head, losses, recipes
+from magjax.losses import blocked
+from magjax.parallel import DATA_AXIS, make_mesh, padded_size
+from magjax.refcheck import loss_cases
+
+# Every registered loss, each with what its blocks must reproduce switched on: arcface_torch's
+# probability floor and straight-through gradient (arcface, combined), its inter-class
+# filtering (cosface), MagFace's magnitude gradient, AdaFace's and CurricularFace's state (a
+# fast EMA, so that one step moves it) and CurricularFace's re-weighted hard non-targets.
+LOSSES = {
+    "arcface": losses.MarginLoss.create("arcface"),
+    "cosface": losses.MarginLoss.create("cosface", interclass_filtering_threshold=0.1),
+    "combined": losses.MarginLoss.create("combined"),
+    "magface": losses.MarginLoss.create("magface"),
+    "adaface": losses.MarginLoss.create("adaface", t_alpha=0.5),
+    "curricularface": losses.MarginLoss.create("curricularface", t_alpha=0.5),
+}
+CLASSES, BATCH = 37, 13  # 8 devices: 40 padded classes, 5 per shard; 16 padded samples
+
+
+def test_every_registered_loss_is_covered():
+    assert set(LOSSES) == set(losses.registered())
+
+
+def problem(seed, batch=BATCH, classes=CLASSES, dim=16):
+    """Raw embeddings of varied norms, some near their centre, and sample 0 opposite its own
+    centre with 4 classes along it: its loss (~120) is above arcface_torch's cap of 69.08."""
+    rng = np.random.default_rng(seed)
+    W = rng.normal(0, 0.05, (classes, dim))
+    y = rng.integers(0, classes, batch)
+    y[0] = 0
+    x = rng.normal(size=(batch, dim)) * rng.uniform(5, 120, (batch, 1))
+    x[1: batch // 2] += 3 * W[y[1: batch // 2]] / 0.05
+    # Not exactly opposite: sqrt(1 - c^2)'s derivative is infinite at c = -1.
+    W[0] = -0.05 * x[0] / np.linalg.norm(x[0]) + rng.normal(0, 1e-3, dim)
+    W[1:5] = 0.05 * x[0] / np.linalg.norm(x[0]) + rng.normal(0, 1e-3, (4, dim))
+    return x, W, y
+
+
+def assert_same(got, expected, fields=("loss", "grad_embeddings", "grad_weight")):
+    """Loss, gradients and state to 1e-12 of each field's largest value."""
+    for key in fields:
+        want = np.asarray(expected[key])
+        np.testing.assert_allclose(got[key], want, rtol=1e-12,
+                                   atol=1e-12 * np.abs(want).max(), err_msg=key)
+    for key, want in expected["state_after"].items():
+        np.testing.assert_allclose(got["state_after"][key], want, rtol=1e-12, err_msg=key)
+
+
+def dense_reference(loss, x, W, y):
+    state = {k: jnp.asarray(v, jnp.float64) for k, v in loss.initial_state().items()}
+    out = jax.jit(lambda x, W, y, s: loss_cases.value_and_grads(x, W, y, loss, s))(x, W, y, state)
+    return out, state
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_blocked_head_equals_dense(name, x64):
+    """Through the class-sharded head on 8 devices (5 classes per shard: blocks of 2, the last
+    one short, and of 5), the loss, the loss state and both gradients are the dense head's."""
+    loss = LOSSES[name]
+    x, W, y = problem(1)
+    dense, state = dense_reference(loss, x, W, y)
+    if loss.probability_floor:  # sample 0 is past the floor: capped (its gradient is not)
+        logits = np.asarray(dense["logits"][0])
+        assert np.logaddexp.reduce(logits) - logits[y[0]] > 69.0776
+    for block in (2, 5):
+        assert_same(loss_cases.reference_step(loss, 8, block_size=block)(x, W, y, state), dense)
+
+
+@pytest.mark.parametrize("name", ["cosface", "curricularface"])
+def test_running_max_equals_dense(name, x64):
+    """The running-max log-sum-exp (the float32 path of losses whose logits exceed the fixed
+    shift's range), forced in float64 on one device, blocks of 4 of 37: the dense loss,
+    state and gradients (filtered non-targets; CurricularFace's re-weighted ones)."""
+    loss = LOSSES[name]
+    x, W, y = problem(2)
+    state = {k: jnp.asarray(v, jnp.float64) for k, v in loss.initial_state().items()}
+
+    def grads(fn):
+        def total(x, W):
+            value, _, new_state = fn(x, W, y, loss, state)
+            return value, new_state
+
+        (value, new_state), (gx, gw) = jax.jit(jax.value_and_grad(total, (0, 1), has_aux=True))(
+            x, W)
+        return {"loss": value, "state_after": new_state, "grad_embeddings": gx,
+                "grad_weight": gw}
+
+    online = grads(lambda *a: blocked.blocked_dense_loss(*a, block=4, online=True))
+    assert_same(online, grads(losses.dense_loss))
+
+
+def test_curricularface_float32_takes_the_running_max_over_shards():
+    """CurricularFace's logits reach 2s = 128: in float32 the fixed shift has no room, so the
+    blocks keep a running max, combined over the 8 shards with pmax; it matches the dense
+    float32 head to float32 rounding."""
+    loss = LOSSES["curricularface"]
+    assert losses.base._lowest_shift(loss, jnp.float32) is None
+    x, W, y = (a.astype(np.float32) if a.dtype.kind == "f" else a for a in problem(3))
+    dense = loss_cases.reference_step(loss, 8)(x, W, y, loss.initial_state())
+    got = loss_cases.reference_step(loss, 8, block_size=2)(x, W, y, loss.initial_state())
+    for key in ("loss", "grad_embeddings", "grad_weight"):
+        want = np.asarray(dense[key])
+        np.testing.assert_allclose(got[key], want, rtol=0, atol=2e-5 * np.abs(want).max(),
+                                   err_msg=key)
+    np.testing.assert_allclose(got["state_after"]["t"], dense["state_after"]["t"], rtol=1e-6)
+
+
+def test_partial_fc_blocked_equals_dense(x64):
+    """Partial FC (r = 0.25 of 203 classes over 8 devices, 16 of 26 rows per shard, blocks of
+    3): the same key samples the same rows, and the loss, state and gradients on them are the
+    dense head's, with the dense centre gradient (AdaFace) and with the sampled rows' alone
+    (CurricularFace)."""
+    loss = LOSSES["adaface"]
+    classes, rate, devices = 203, 0.25, 8
+    x, W, y = problem(4, batch=16, classes=classes)
+    mesh = make_mesh(devices)
+    Wp = jnp.pad(W, ((0, padded_size(classes, devices) - classes), (0, 0)))
+    mask, key, state = jnp.ones(16, bool), jax.random.key(5), loss.initial_state()
+
+    def sharded(block_size):
+        fn = head.sharded_margin_loss(loss, mesh, classes, sample_rate=rate,
+                                      block_size=block_size)
+
+        def total(x, w):
+            out = fn(x, w, jnp.asarray(y), mask, state, key)
+            return out.loss, out
+
+        (value, out), grads = jax.jit(jax.value_and_grad(total, (0, 1), has_aux=True))(x, Wp)
+        return {"loss": value, "state_after": out.state, "grad_embeddings": grads[0],
+                "grad_weight": grads[1], "sampled": out.sampled}
+
+    dense, got = sharded(None), sharded(3)
+    np.testing.assert_array_equal(got["sampled"], dense["sampled"])
+    assert_same(got, dense)
+
+    loss, state = LOSSES["curricularface"], LOSSES["curricularface"].initial_state()
+    index = jax.jit(head.partial_fc_sampler(mesh, classes, rate))(jnp.asarray(y), mask, key)
+    rows = jax.jit(head.take_rows(mesh))(Wp, index)
+
+    def rows_step(block_size):
+        fn = head.sampled_rows_loss(loss, mesh, classes, block_size)
+
+        def total(x, rows):
+            out = fn(x, rows, index, jnp.asarray(y), mask, state)
+            return out.loss, out
+
+        (value, out), grads = jax.jit(jax.value_and_grad(total, (0, 1), has_aux=True))(x, rows)
+        return {"loss": value, "state_after": out.state, "grad_embeddings": grads[0],
+                "grad_weight": grads[1]}
+
+    assert_same(rows_step(3), rows_step(None))
+
+
+@pytest.mark.parametrize("case_name", ["arcface_theta_plus_m_gt_pi",
+                                       "curricularface_3steps_t_ema"])
+def test_reference_cases_through_blocked_head(case_name, x64):
+    """Two official reference cases (an arcface_torch one with capped rows; CurricularFace's
+    t over three steps) through the blocked head on 8 devices (``refcheck --mesh 8 --block
+    2``); the others run in ``python -m magjax.refcheck ... --block N``."""
+    import json
+
+    cases = [case for path in ("loss_refs.json", "curricularface_refs.json")
+             for case in json.loads((FIXTURES / path).read_text())["cases"]]
+    case = next(c for c in cases if c["name"] == case_name)
+    passed, detail = loss_cases.check_case(case, "float64", 8, block_size=2)
+    assert passed, detail
+
+
+def head_memory(block_size, classes, batch=256, dim=64, devices=8):
+    """Temporary bytes per device of the sharded head's loss and gradients, compiled for the 8
+    fake CPU devices on shapes alone."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = make_mesh(devices)
+    loss = LOSSES["arcface"]
+    fn = head.sharded_margin_loss(loss, mesh, classes, block_size=block_size)
+
+    def grads(x, w, y, mask):
+        return jax.grad(lambda x, w: fn(x, w, y, mask, {}, jax.random.key(0)).loss,
+                        (0, 1))(x, w)
+
+    rows = NamedSharding(mesh, P(DATA_AXIS))
+    shapes = (jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=rows),
+              jax.ShapeDtypeStruct((padded_size(classes, devices), dim), jnp.float32,
+                                   sharding=NamedSharding(mesh, P(DATA_AXIS, None))),
+              jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
+              jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=rows))
+    return jax.jit(grads).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_blocked_head_temporaries_do_not_grow_with_batch_times_classes():
+    """The dense head's temporaries hold at least one [C_local, B] float32 array; the blocked
+    head's grow only by the centre gradient's [C_local, d] when the classes grow eightfold."""
+    small, large = 40_000, 320_000
+    per_shard_logits = large // 8 * 256 * 4
+    assert head_memory(None, large) >= per_shard_logits
+    blocked_small, blocked_large = head_memory(1024, small), head_memory(1024, large)
+    assert blocked_large < per_shard_logits / 4
+    # Beyond [C_local, d] float32 buffers, nothing that scales with the classes.
+    growth = blocked_large - blocked_small
+    assert growth <= 3 * (large - small) // 8 * 64 * 4
+
+
+def test_config_block_size_rule():
+    config = recipes.base_config()
+    assert config.head.block_size is None
+    for value in (None, 0, 1, 4096):
+        config.head.block_size = value
+        assert not [p for p in config_check.problems(config) if "block_size" in p]
+    config.head.block_size = -1
+    assert [p for p in config_check.problems(config) if "head.block_size" in p]
+
+
+def test_bench_reads_the_bytes_a_refused_compile_asked_for():
+    """`bench head --topology` reports a head too large for the chip as ``fits: false`` with
+    the bytes of XLA's RESOURCE_EXHAUSTED message (here the dense head at 20 M classes on
+    v5p:2x2x1), and other errors stay errors."""
+    from magjax.bench.compile import exhausted_bytes
+
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+               "HLO temporaries (171.69G) exceeds available HBM (95.74G).")
+    assert exhausted_bytes(RuntimeError(message)) == int(171.69 * 2**30)
+    assert exhausted_bytes(RuntimeError("INTERNAL: (1.5G)")) is None
+    assert exhausted_bytes(RuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123456 bytes.")) == 123456
+
+
+def test_margin_head_module_with_block_size(x64):
+    """The Flax module with ``block_size`` (blocks of 3 of a shard's 4 rows on 8 devices): the
+    loss, the updated AdaFace state and the gradients of the dense module."""
+    mesh = make_mesh(8)
+    x, _, y = problem(5, batch=16, classes=30)
+    results = []
+    for block_size in (None, 3):
+        module = head.MarginHead(num_classes=30, embedding_dim=16, loss=LOSSES["adaface"],
+                                 mesh=mesh, weight_init="unit", block_size=block_size)
+        variables = jax.jit(module.init)(jax.random.key(0), jnp.asarray(x), jnp.asarray(y))
+
+        def total(params, x, variables=variables, module=module):
+            (value, metrics, _), updated = module.apply(
+                {**variables, "params": params}, x, jnp.asarray(y), mutable=["margin_state"])
+            return value, updated["margin_state"]
+
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), variables["params"])
+        (value, state), grads = jax.jit(jax.value_and_grad(total, (0, 1), has_aux=True))(
+            params, jnp.asarray(x))
+        results.append({"loss": value, "state_after": state, "grad_embeddings": grads[1],
+                        "grad_weight": grads[0]["weight"]})
+    assert_same(results[1], results[0])
+
+
+def test_train_components_pass_head_block_size(monkeypatch):
+    """``head.block_size`` reaches the train step's head: the module (MarginHead) and, for
+    Partial FC with ``freeze_unsampled``, the sampled-rows loss (checked where it is built:
+    the step is not compiled here; the losses' equality is tested above)."""
+    from magjax import parallel, train
+
+    built = []
+    original = head.sampled_rows_loss
+    monkeypatch.setattr(head, "sampled_rows_loss",
+                        lambda *args, **kwargs: built.append(args[3:]) or original(*args,
+                                                                                   **kwargs))
+    config = recipes.get_config("arcface", "tiny,pfc0.25")
+    config.head.update(freeze_unsampled=True, block_size=5)
+    components = train.build_components(config, parallel.make_mesh(8), 512, steps_per_epoch=10,
+                                        total_steps=40)
+    assert components.head.block_size == 5
+    train.make_train_step(components, jax.random.key(0))
+    assert built == [(5,)]
