@@ -371,6 +371,17 @@ def margin_cross_entropy(
         sum_exp = _sum_exp_over_classes(loss, cos, labels, class_mask, shift)
     else:
         sum_exp = _shifted_exp(logits, labels, class_mask, shift).sum(axis=0)
+    return joined_cross_entropy(sum_exp, target_logit, owned, shift, loss, mask, axis_name)
+
+
+def joined_cross_entropy(sum_exp: jax.Array, target_logit: jax.Array, owned: jax.Array,
+                         shift: jax.Array, loss: MarginLoss, mask: jax.Array | None,
+                         axis_name: str | None) -> jax.Array:
+    """The mean cross entropy from each sample's sum of shifted non-target exponentials (over
+    this shard's classes), its target logit (where this shard owns the label) and the shift:
+    shards joined with ``psum`` over ``axis_name``, arcface_torch's probability floor applied
+    (forward only), padded samples (``mask``) left out. Shared by the dense and the blocked
+    cross entropy (:mod:`magjax.losses.blocked`)."""
     sum_exp = sum_exp + jnp.exp(target_logit - shift)
     target = jnp.where(owned, target_logit, 0.0)
     if axis_name is not None:

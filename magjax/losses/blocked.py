@@ -48,8 +48,8 @@ from magjax.losses.base import (
     _target_index,
     clamp,
     head_dtype,
+    joined_cross_entropy,
     l2_normalize,
-    masked_mean,
     safe_norm,
 )
 
@@ -213,16 +213,7 @@ def blocked_cross_entropy(
             shift = lax.pmax(shift, axis_name)
         _, sum_exp = _blocked_sum_exp(loss, block, False, x_unit, weight, labels, class_mask,
                                       context, shift)
-    sum_exp = sum_exp + jnp.exp(target_logit - shift)
-    target = jnp.where(owned, target_logit, 0.0)
-    if axis_name is not None:
-        sum_exp = lax.psum(sum_exp, axis_name)
-        target = lax.psum(target, axis_name)
-    per_sample = jnp.log(sum_exp) + shift - target
-    if loss.probability_floor is not None:
-        cap = -math.log(loss.probability_floor)
-        per_sample = per_sample + lax.stop_gradient(jnp.minimum(per_sample, cap) - per_sample)
-    return masked_mean(per_sample, mask)
+    return joined_cross_entropy(sum_exp, target_logit, owned, shift, loss, mask, axis_name)
 
 
 def blocked_margin_loss(
