@@ -28,9 +28,11 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 # Fields a resumed run may change without changing what it trains: the device layout (a
 # checkpoint restores on another device count), input workers, where the data lives, the
-# evaluation batch size, the head's class block (the same loss, in less memory).
+# evaluation batch size, whether the data's held-out sets are evaluated, the head's class block
+# (the same loss, in less memory). The last two are also absent from the config.json of runs
+# started before they existed, which must still resume.
 RESUMABLE_FIELDS = frozenset({"num_devices", "cpu_devices", "data.dir", "data.num_workers",
-                              "eval.batch_size", "head.block_size"})
+                              "eval.batch_size", "eval.heldout_sets", "head.block_size"})
 
 
 def _number(value: Any) -> bool:

@@ -79,7 +79,7 @@ def build_components(config, mesh, num_classes: int, steps_per_epoch: int, total
     margin_head = head.MarginHead(
         num_classes=num_classes, embedding_dim=config.model.embedding_dim, loss=loss, mesh=mesh,
         sample_rate=config.head.sample_rate, weight_init=config.head.weight_init,
-        block_size=config.head.get("block_size"))
+        block_size=config.head.block_size)
     updates_per_epoch = max(steps_per_epoch // config.optim.accumulate_steps, 1)
     schedule = optim.learning_rate_schedule(
         config.optim, updates_per_epoch, max(total_steps // config.optim.accumulate_steps, 1))

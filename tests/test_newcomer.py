@@ -268,3 +268,16 @@ def test_a_missing_evaluation_set_is_named_before_training_starts(tmp_path):
     with pytest.raises(UserError, match=r"^config.eval: .*/data/lfw.bin not found; name "):
         train.train_and_evaluate(config, str(workdir))
     assert not (workdir / "checkpoints").exists()  # refused before anything was built
+
+
+def test_a_run_saved_before_the_new_fields_still_resumes():
+    """config.json of a run started before eval.heldout_sets and head.block_size existed: the
+    resumed run's config differs only in those, which change nothing that is trained."""
+    from magjax import config_check
+
+    current = config_check.as_json_dict(recipes.get_config("arcface", "r50"))
+    saved = json.loads(json.dumps(current))
+    del saved["eval"]["heldout_sets"], saved["head"]["block_size"]
+    assert config_check.changed_fields(saved, current) == []
+    saved["eval"]["every_steps"] = 1
+    assert config_check.changed_fields(saved, current) == ["eval.every_steps: 1 -> 2000"]
