@@ -36,7 +36,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from magjax import cli, cpu_runtime, logs
+from magjax import cli, cpu_runtime, files, logs
 from magjax.data.images import list_images, read_face
 from magjax.errors import UserError
 
@@ -230,8 +230,7 @@ def _extract(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.out)
     if out.suffix != ".npz":  # np.savez would append it
         out = out.with_name(out.name + ".npz")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, **result)
+    files.write_npz_atomically(out, result)
     log.info("wrote %s: %d embeddings of dimension %d", out, *result["embeddings"].shape)
     return 0
 

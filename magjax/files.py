@@ -41,6 +41,18 @@ def write_atomically(out: str | pathlib.Path, write: Callable[[str], None]) -> p
     return out
 
 
+def write_npz_atomically(out: str | pathlib.Path, arrays: dict) -> pathlib.Path:
+    """``out`` holds ``np.savez`` of ``arrays`` afterwards, or what it held before. (The file
+    object keeps ``np.savez`` from appending ``.npz`` to the temporary name.)"""
+    import numpy as np
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    return write_atomically(out, save)
+
+
 def write_text_atomically(out: str | pathlib.Path, text: str) -> pathlib.Path:
     """``out`` holds ``text`` afterwards, or what it held before."""
     return write_atomically(out, lambda path: pathlib.Path(path).write_text(text))

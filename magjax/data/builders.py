@@ -42,6 +42,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from magjax import files
 from magjax.data import FACE_SIZE, images, recordio, synthetic, verification_bin
 from magjax.errors import UserError
 
@@ -605,7 +606,7 @@ def _prepare(format: str, src, out: pathlib.Path, *, progress: bool, **options
     if cfg is not None:
         jpegs, issame, _, _ = builder.faces.verification_pairs()
         verification_bin.write_bin(out / "verification.bin", jpegs, issame)
-        np.savez(out / "quality.npz", **builder.faces.quality_set())
+        files.write_npz_atomically(out / "quality.npz", builder.faces.quality_set())
         extras["verification_bins"] = ["verification.bin"]
         extras["quality_set"] = "quality.npz"
 
@@ -623,9 +624,7 @@ def _prepare(format: str, src, out: pathlib.Path, *, progress: bool, **options
     }
     if getattr(builder, "detector", None) is not None:
         manifest["no_face"] = len(builder.no_face)
-    tmp = manifest_path.with_name(MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.replace(manifest_path)
+    files.write_text_atomically(manifest_path, json.dumps(manifest, indent=1) + "\n")
     return out
 
 

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from magjax import files
 from magjax.data import FACE_SIZE
 from magjax.data import images as image_io
 from magjax.errors import UserError
@@ -265,12 +266,11 @@ def write_bin(
     flags = [bool(s) for s in np.asarray(issame).reshape(-1)]
     if len(bins) != 2 * len(flags):
         raise ValueError(f"{len(bins)} images for {len(flags)} pairs: need exactly 2 per pair")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump((bins, flags), f, protocol=4)
-    tmp.replace(path)
-    return path
+    def dump(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            pickle.dump((bins, flags), f, protocol=4)
+
+    return files.write_atomically(path, dump)
 
 
 def protocol_problem(path, issame: np.ndarray, nrof_folds: int = 10) -> str | None:
