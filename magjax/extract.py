@@ -43,20 +43,34 @@ from magjax.errors import UserError
 log = logging.getLogger("magjax.extract")
 
 
+def _read_or_skip(read, path, skip_unreadable: bool, skipped: list[str]):
+    """``read(path)``, or None when it is unreadable and ``skip_unreadable`` (the path then
+    logged and added to ``skipped``); without it the error (naming the file) propagates."""
+    try:
+        return read(path)
+    except OSError as e:
+        if not skip_unreadable:
+            raise
+        log.warning("skipped: %s", e)
+        skipped.append(str(path))
+        return None
+
+
+def _none_readable(count: int) -> UserError:
+    return UserError(f"none of the {count} images could be read (all skipped as unreadable, "
+                     "named above)")
+
+
 def iter_batches(
     paths: list[pathlib.Path], batch_size: int, skip_unreadable: bool, skipped: list[str]
 ) -> Iterator[tuple[list[str], np.ndarray]]:
     """Yields ``(paths, images [b, 112, 112, 3])``; unreadable files raise or go to ``skipped``."""
     names, images = [], []
     for path in paths:
-        try:
-            images.append(read_face(path))
-        except OSError as e:
-            if not skip_unreadable:
-                raise
-            log.warning("skipped: %s", e)
-            skipped.append(str(path))
+        face = _read_or_skip(read_face, path, skip_unreadable, skipped)
+        if face is None:
             continue
+        images.append(face)
         names.append(str(path))
         if len(images) == batch_size:
             yield names, np.stack(images)
@@ -87,8 +101,7 @@ def extract(
     if skipped:
         log.warning("%d of %d images skipped (unreadable)", len(skipped), len(paths))
     if not names:
-        raise UserError(f"none of the {len(paths)} images could be read (all skipped as "
-                        "unreadable, named above)")
+        raise _none_readable(len(paths))
     return {
         "embeddings": np.concatenate(embeddings).astype(np.float32),
         "quality": np.concatenate(quality).astype(np.float32),
@@ -127,13 +140,8 @@ def extract_photos(
     with tqdm(total=len(paths), disable=not progress, desc="detect", unit="photo") as bar:
         for path in paths:
             bar.update(1)
-            try:
-                picture = detect.read_photo(path)
-            except OSError as e:
-                if not skip_unreadable:
-                    raise
-                log.warning("skipped: %s", e)
-                skipped.append(str(path))
+            picture = _read_or_skip(detect.read_photo, path, skip_unreadable, skipped)
+            if picture is None:
                 continue
             faces, crops = detector.faces_and_crops(picture, one_face)
             if not len(faces):
@@ -153,7 +161,7 @@ def extract_photos(
         log.warning("no face found in %d of %d photos: %s%s", len(no_face), len(read),
                     ", ".join(no_face[:5]), " ..." if len(no_face) > 5 else "")
     if not read:
-        raise UserError(f"none of the {len(paths)} images could be read (see the log)")
+        raise _none_readable(len(paths))
     found = sum(len(s) for s in fields["scores"])
     if not found:
         raise UserError(f"no face found in any of the {len(read)} photos (minimum score "

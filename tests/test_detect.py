@@ -12,12 +12,11 @@ import pathlib
 
 import numpy as np
 import pytest
+import test_encoder
 from PIL import Image
-from test_encoder import random_variables
 
-from magjax import checkpoint, detect, extract, models
+from magjax import detect, extract
 from magjax.data import builders
-from magjax.encoder import FaceEncoder
 from magjax.errors import UserError
 from magjax.eval.align import align_face
 
@@ -185,20 +184,9 @@ def test_model_errors_are_one_line_user_errors(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ extract --detect, encoder
 
-DIM = 32
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    checkpoint.save_inference_model(root / "model", random_variables(), {
-        "arch": "tiny", "input_spec": models.input_spec("tiny")})
-    return root
-
-
-@pytest.fixture(scope="module")
-def encoder(workdir):
-    return FaceEncoder.load(workdir, batch_size=8)
+DIM = test_encoder.DIM
+# The random 'tiny' model and its encoder of tests/test_encoder.py, as fixtures here too.
+workdir, encoder = test_encoder.workdir, test_encoder.encoder
 
 
 @pytest.fixture(scope="module")
