@@ -11,6 +11,18 @@ Paper recipe on a prepared dataset (python -m magjax.data prepare --format rec .
 Variants after the colon, comma-separated (magjax/recipes.py): r18 r34 r50 r100 r200 mbf tiny,
 ms1mv2 ms1mv3 glint360k webface4m webface12m webface42m, pfc0.1 (Partial FC), demo; e.g.
     --config configs/arcface.py:r100,webface42m,pfc0.2
+
+arcface_torch's Vision Transformer recipes on WebFace42M: vit_t vit_s vit_b vit_l vit_h are its
+configs wf42m_pfc03_40epoch_8gpu_vit_t.py, _64gpu_vit_s.py, _8gpu_vit_b.py, _64gpu_vit_l.py and
+wf42m_pfc02_vit_h.py: their networks (vit_t_dp005_mask0, vit_s_dp005_mask_0,
+vit_b_dp005_mask_005, vit_l_dp005_mask_005, vit_h), CosFace margin_list (1, 0, 0.4) with s 64
+as those files train (not ArcFace), AdamW lr 1e-3 weight decay 0.1, Partial FC 0.3 (vit_h 0.5),
+40 epochs with 4 of warm-up (vit_h 16 and 2), clipping at 5, the official batch per GPU x GPUs
+(vit_b with 12 accumulated micro-batches per update). They compute in bfloat16 where the official
+files train fp16 (with a loss scaler); e.g.
+    python -m magjax.main --config configs/arcface.py:vit_b --workdir gs://bucket/vit_b \
+        --config.data.dir=/data/webface42m
+
 Any field can be overridden, e.g. --config.optim.lr=0.2 --config.loss.s=32; a misspelt field
 is an error naming it.
 """

@@ -19,7 +19,7 @@ from typing import Any
 
 import ml_collections
 
-from magjax import files, losses, models, optim
+from magjax import files, losses, models, optim, recipes
 from magjax.data import augment
 from magjax.errors import UserError
 
@@ -33,6 +33,10 @@ CONFIG_FILE = "config.json"
 # started before they existed, which must still resume.
 RESUMABLE_FIELDS = frozenset({"num_devices", "cpu_devices", "data.dir", "data.num_workers",
                               "eval.batch_size", "eval.heldout_sets", "head.block_size"})
+# Fields that change what a run trains, added after runs were saved without them: a saved config
+# lacking one trained with its default (``recipes.base_config``; every run before AdamW was SGD),
+# so it resumes as long as the field keeps that value, and a change is named like any other.
+ADDED_FIELDS = ("optim.optimizer", "optim.adam_betas", "optim.adam_eps")
 
 
 def _number(value: Any) -> bool:
@@ -76,7 +80,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.augment", _one_of(*augment.AUGMENTATIONS), f"one of {augment.AUGMENTATIONS}"),
     ("data.num_workers", lambda v: _non_negative(v) and float(v).is_integer(),
      "an integer >= 0"),
-    ("model.arch", _one_of(*models.ARCHS), "an architecture of magjax.models.ARCHS"),
+    ("model.arch", _one_of(*models.ARCHS), f"one of the archs {', '.join(models.ARCHS)}"),
     ("model.dtype", _one_of("float32", "bfloat16", "float16"),
      "'float32', 'bfloat16' or 'float16'"),
     ("model.dropout", _optional(lambda v: _number(v) and 0 <= v < 1), "in [0, 1) (or unset)"),
@@ -88,7 +92,11 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("head.block_size", _optional(lambda v: v == 0 or _at_least_one(v)),
      "an integer >= 1 (or 0 / unset: the dense head)"),
     ("optim.lr", _positive, "> 0"),
+    ("optim.optimizer", _one_of(*optim.OPTIMIZERS), f"one of {optim.OPTIMIZERS}"),
     ("optim.momentum", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
+    ("optim.adam_betas", lambda v: isinstance(v, (tuple, list)) and len(v) == 2
+     and all(_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    ("optim.adam_eps", _non_negative, ">= 0"),
     ("optim.weight_decay", _non_negative, ">= 0"),
     ("optim.schedule", _one_of("poly", "step"), "'poly' or 'step'"),
     ("optim.warmup_epochs", _non_negative, ">= 0"),
@@ -134,6 +142,13 @@ def problems(config: ml_collections.ConfigDict, device_count: int | None = None)
                                       for v in values):
             found.append(f"config.{field} must be a finite number, got {value!r}")
     found += _foreign_loss_fields(config.loss)
+    if (config.head.freeze_unsampled and config.head.sample_rate < 1
+            and config.optim.accumulate_steps > 1):
+        # Each micro-batch samples other classes, and keep_unsampled_rows would restore the
+        # accumulated gradient and the update of every row the last micro-batch did not sample.
+        found.append("config.head.freeze_unsampled cannot be combined with "
+                     "config.optim.accumulate_steps > 1 (each micro-batch samples other classes); "
+                     "set head.freeze_unsampled=False, as arcface_torch")
     if not found and device_count is not None:
         devices = config.num_devices or device_count
         if devices > device_count:
@@ -182,8 +197,12 @@ def as_json_dict(config: ml_collections.ConfigDict) -> dict:
 
 
 def changed_fields(saved: dict, current: dict) -> list[str]:
-    """``field: saved -> current`` for every field that differs, resumable ones excepted."""
+    """``field: saved -> current`` for every field that differs, resumable ones excepted (a field
+    of :data:`ADDED_FIELDS` absent from ``saved`` counts as its default)."""
     old, new = flatten(saved), flatten(current)
+    defaults = flatten(as_json_dict(recipes.base_config()))
+    for key in ADDED_FIELDS:
+        old.setdefault(key, defaults[key])
     return [f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
             for key in sorted(old.keys() | new.keys())
             if key not in RESUMABLE_FIELDS and old.get(key) != new.get(key)

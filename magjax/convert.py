@@ -22,9 +22,11 @@ needs anything else is refused (never re-read with ``weights_only=False``).
 Mapping (the Flax modules mirror the PyTorch module names, ``layer1.0.bn1`` <->
 ``layer1_0/bn1``): Conv weight OIHW -> HWIO kernel; Linear weight (out, in) -> (in, out);
 BatchNorm weight/bias -> params scale/bias and running_mean/var -> batch_stats mean/var;
-PReLU weight -> params weight; ``num_batches_tracked`` is dropped. PyTorch flattens the last
-NCHW feature map in (C, H, W) order and Flax flattens NHWC in (H, W, C) order, so the rows of the
-Linear after the flatten are permuted. arcface_torch's frozen final BatchNorm scale is loaded
+PReLU weight -> params weight; a module's own parameter (the ViT's ``pos_embed``) keeps its
+name; ``num_batches_tracked`` is dropped. PyTorch flattens the last NCHW feature map in
+(C, H, W) order and Flax flattens NHWC in (H, W, C) order, so the rows of the Linear after the
+flatten are permuted (the family's ``Layout.flattened_linear`` names them; the ViT flattens
+tokens the same way on both sides). arcface_torch's frozen final BatchNorm scale is loaded
 from ``features.weight`` like every other tensor. A missing, unexpected or mis-shaped tensor is
 an error naming the key and the expected shape (the embedding width is read off the final
 BatchNorm, so a transposed Linear weight is the one tensor named); so is a tensor holding NaN or
@@ -59,13 +61,6 @@ from magjax.errors import UserError
 
 SOURCES = models.FAMILIES
 
-# Linear layers that follow a flatten of a spatial map, with the BatchNorm2d just before the
-# flatten (its width is the channel count C of the map).
-_FLATTENED_LINEAR = {"fc": "bn2", "output_layer.3": "output_layer.0"}
-# The Linear that produces the embedding, per family of module names (gives embedding_dim).
-_EMBEDDING_LINEAR = ("fc.weight", "output_layer.3.weight", "features.layers.2.weight")
-# The final BatchNorm1d over the embedding (iresnet, AdaFace IR, mbf), as Flax module paths.
-_EMBEDDING_NORM = (("features",), ("output_layer_4",), ("features", "layers_3"))
 _LEAF_TO_TORCH = {
     ("params", "kernel"): "weight",
     ("params", "scale"): "weight",
@@ -230,8 +225,12 @@ def torch_module_name(path: tuple[str, ...]) -> str:
 
 def _torch_key(collection: str, path: tuple[str, ...]) -> str:
     """Flax variable path -> PyTorch state_dict key (``layer1_0/bn1/scale`` ->
-    ``layer1.0.bn1.weight``)."""
-    return f"{torch_module_name(path[:-1])}.{_LEAF_TO_TORCH[(collection, path[-1])]}"
+    ``layer1.0.bn1.weight``); a parameter declared by a module itself rather than by one of its
+    layers (the ViT's ``pos_embed``) keeps its name (``pos_embed`` -> ``pos_embed``)."""
+    leaf = _LEAF_TO_TORCH.get((collection, path[-1]))
+    if leaf is None:
+        return torch_module_name(path)
+    return f"{torch_module_name(path[:-1])}.{leaf}" if len(path) > 1 else leaf
 
 
 def _torch_shape(flax_shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
@@ -242,28 +241,24 @@ def _torch_shape(flax_shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
     return tuple(flax_shape)
 
 
-def embedding_dim_of(state: Mapping[str, np.ndarray]) -> int:
-    """The embedding width of a checkpoint (512 in every official model): that of the final
-    BatchNorm1d over the embedding, else the output width of the embedding Linear.
+def embedding_dim_of(state: Mapping[str, np.ndarray], arch: str) -> int:
+    """The embedding width of an ``arch`` checkpoint (512 in every official model): that of its
+    final BatchNorm1d over the embedding (512 when that is missing, which is then reported).
 
-    The BatchNorm comes first: a Linear weight saved transposed would otherwise set the width,
-    and every healthy tensor of the BatchNorm would then be reported as mis-shaped instead of
-    the one wrong tensor."""
-    for path in _EMBEDDING_NORM:
-        mean = state.get(f"{torch_module_name(path)}.running_mean")
-        if mean is not None and np.ndim(mean) == 1:
-            return int(np.shape(mean)[0])
-    for key in _EMBEDDING_LINEAR:
-        if key in state and state[key].ndim == 2:
-            return int(state[key].shape[0])
-    return 512
+    Read off the BatchNorm, not the embedding Linear: a Linear weight saved transposed would
+    otherwise set the width, and every healthy tensor of the BatchNorm would then be reported
+    as mis-shaped instead of the one wrong tensor."""
+    norm = torch_module_name(models.arch_spec(arch).layout.embedding_norm)
+    mean = state.get(f"{norm}.running_mean")
+    return int(np.shape(mean)[0]) if mean is not None and np.ndim(mean) == 1 else 512
 
 
 def convert_state_dict(state: Mapping[str, np.ndarray], arch: str,
                        dtype: np.dtype = np.float32) -> dict:
     """Maps a bare backbone ``state_dict`` (numpy) to magjax ``{"params", "batch_stats"}`` of
     ``dtype`` (float32; float64 for the float64 comparisons with PyTorch)."""
-    abstract = models.abstract_variables(arch, embedding_dim=embedding_dim_of(state))
+    abstract = models.abstract_variables(arch, embedding_dim=embedding_dim_of(state, arch))
+    flattened_linear = models.arch_spec(arch).layout.flattened_linear
     flat = traverse_util.flatten_dict(abstract)
     out, used = {}, set()
     problems = {"missing": [], "mis-shaped": [], "unexpected": []}
@@ -287,9 +282,9 @@ def convert_state_dict(state: Mapping[str, np.ndarray], arch: str,
             value = value.transpose(2, 3, 1, 0)
         elif path[-1] == "kernel" and value.ndim == 2:
             module = key[: -len(".weight")]
-            if module in _FLATTENED_LINEAR:
+            if module in flattened_linear:
                 # Rows in PyTorch's (C, H, W) flatten order -> Flax's (H, W, C) order.
-                bn_mean = f"{_FLATTENED_LINEAR[module]}.running_mean"
+                bn_mean = f"{flattened_linear[module]}.running_mean"
                 if bn_mean not in state:
                     continue  # reported as a missing tensor below
                 channels = state[bn_mean].shape[0]
@@ -321,7 +316,7 @@ def to_state_dict(variables: Mapping, arch: str) -> dict[str, np.ndarray]:
     """
     flat = traverse_util.flatten_dict(variables)
     abstract = traverse_util.flatten_dict(models.abstract_variables(
-        arch, embedding_dim=embedding_dim_of_variables(variables)))
+        arch, embedding_dim=embedding_dim_of_variables(variables, arch)))
     if set(flat) != set(abstract):
         names = sorted("/".join(k) for k in set(flat) ^ set(abstract))
         raise ConversionError(f"variables do not match arch {arch!r}: {', '.join(names[:4])}")
@@ -337,7 +332,7 @@ def to_state_dict(variables: Mapping, arch: str) -> dict[str, np.ndarray]:
         elif path[-1] == "kernel" and value.ndim == 2:  # (in, out) -> (out, in)
             value = value.T
         state[_torch_key(collection, path)] = np.ascontiguousarray(value)
-    for module, norm in _FLATTENED_LINEAR.items():
+    for module, norm in models.arch_spec(arch).layout.flattened_linear.items():
         if f"{module}.weight" in state:
             # Rows in Flax's (H, W, C) flatten order -> PyTorch's (C, H, W) order.
             value = state[f"{module}.weight"]
@@ -350,14 +345,14 @@ def to_state_dict(variables: Mapping, arch: str) -> dict[str, np.ndarray]:
     return state
 
 
-def embedding_dim_of_variables(variables: Mapping) -> int:
-    """Output width of the final BatchNorm1d of magjax backbone ``variables``."""
+def embedding_dim_of_variables(variables: Mapping, arch: str) -> int:
+    """Output width of the final BatchNorm1d of magjax ``arch`` backbone ``variables``."""
+    path = models.arch_spec(arch).layout.embedding_norm
     stats = traverse_util.flatten_dict(variables["batch_stats"])
-    for path in _EMBEDDING_NORM:
-        if (*path, "mean") in stats:
-            return int(np.shape(stats[(*path, "mean")])[0])
-    raise ConversionError("variables have no final embedding BatchNorm "
-                          f"({' or '.join('/'.join(p) for p in _EMBEDDING_NORM)})")
+    if (*path, "mean") not in stats:
+        raise ConversionError(f"variables of {arch!r} have no final embedding BatchNorm "
+                              f"{'/'.join(path)}")
+    return int(np.shape(stats[(*path, "mean")])[0])
 
 
 def convert(ckpt: str | pathlib.Path, source: str, arch: str, out: str | pathlib.Path) -> dict:
@@ -379,7 +374,7 @@ def convert(ckpt: str | pathlib.Path, source: str, arch: str, out: str | pathlib
     except ConversionError as error:
         raise ConversionError(f"{ckpt}: {error}") from None
     meta = models.inference_meta(
-        arch, embedding_dim_of(state),
+        arch, embedding_dim_of(state, arch),
         converted_from={"path": str(pathlib.Path(ckpt).absolute()), "family": source})
     checkpoint.save_inference_model(out, variables, meta)
     return meta
@@ -401,7 +396,8 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--from", dest="source", choices=SOURCES, required=True)
     parser.add_argument("ckpt", help="official checkpoint (.pth / .pt / .ckpt)")
-    parser.add_argument("--arch", required=True, choices=models.ARCHS)
+    parser.add_argument("--arch", required=True, choices=models.ARCHS, metavar="ARCH",
+                        help=f"one of {', '.join(models.ARCHS)}")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the model in an existing --out directory")

@@ -22,14 +22,26 @@ nodes named ``Sub*`` and ``Mul*``, in which case it feeds raw RGB 0..255 values.
 The convention is also recorded in the model's ``metadata_props`` (``magjax_input_spec``: the
 model's own spec as JSON; ``input_convention``: what the graph's input expects, in words).
 
+Weights of 2 GiB or more (vit_h's ~3 GB; protobuf cannot serialise a larger message) are written
+as ONNX external data (:func:`save_onnx`): ``--out`` holds the graph, ``--out`` + ``.data``
+(``model.onnx.data``) all the weights. Keep the two files side by side under these names and
+load the ``.onnx`` by path: ``onnxruntime.InferenceSession(path)`` and insightface's
+``get_model(path)`` then read the weights (not from bytes). insightface's ``ArcFaceONNX`` also
+calls ``onnx.load(path)`` to look at the first nodes, which reads every weight into memory once
+more, so ``get_model`` needs about twice the weights in RAM while it loads (vit_h: ~6 GB), then
+once (onnxruntime's copy). Smaller models are one self-contained file.
+
 Why the graph is written with ``onnx.helper`` rather than a JAX exporter: ``jax2onnx``, the
 maintained one, requires orbax-checkpoint < 0.11.37, which conflicts with magjax's pinned 0.12.8
 (docs/jax-stack.md, ONNX). The backbones are few and plain (conv, BatchNorm, PReLU, add,
-max-pool shortcut, flatten, linear), so the graph is emitted from the PyTorch-layout tensors of
-``magjax.convert.to_state_dict`` (OIHW convolutions, the (C, H, W) flatten order ONNX uses too).
-Per-layer settings (strides, paddings, groups, BatchNorm epsilon) are read off the Flax modules
-themselves during an abstract forward pass, so only the wiring is written here. A BatchNorm that
-follows a convolution or the embedding Linear is folded into it (in float64); the pre-activation
+max-pool shortcut, flatten, linear; for the ViT also LayerNormalization (opset 17), MatMul,
+Reshape/Transpose, Softmax and Clip for ReLU6), so the graph is emitted from the PyTorch-layout
+tensors of ``magjax.convert.to_state_dict`` (OIHW convolutions, the (C, H, W) flatten order ONNX
+uses too). Per-layer settings (strides, paddings, groups, BatchNorm and LayerNorm epsilon,
+attention heads) are read off the Flax modules themselves during an abstract forward pass, so
+only the wiring is written, by each family module (``Layout.onnx`` of
+:mod:`magjax.models.arch`), with :class:`GraphBuilder`. A BatchNorm that follows a convolution
+or an embedding Linear is folded into it (in float64); the pre-activation
 BatchNorms that precede a convolution stay ``BatchNormalization`` nodes (folding them would be
 wrong at the zero-padded borders).
 
@@ -44,10 +56,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -66,6 +79,11 @@ OUTPUT_NAME = "embedding"
 # The input convention insightface's ArcFaceONNX applies itself to a graph without Sub/Mul at
 # its top: RGB, (x - 127.5) / 127.5, i.e. arcface_torch's (x/255 - 0.5)/0.5.
 INSIGHTFACE_DEFAULT_SPEC = {"channel_order": "RGB", "mean": 0.5, "std": 0.5}
+# Protobuf cannot serialise a message of 2 GiB or more, so a model whose weights take at least
+# this many bytes (vit_h: ~3 GB) is written with ONNX external data: the graph in --out, the
+# weights in --out + ".data" beside it. The 64 MiB margin is for the graph and its metadata
+# (under 1 MiB for every arch).
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 
 
 def model_directory(workdir: str | pathlib.Path, *, best: bool = False) -> pathlib.Path:
@@ -103,26 +121,41 @@ def _import_onnx():
     return onnx
 
 
+def _conv_settings(module: nn.Conv) -> dict:
+    """ONNX ``Conv`` attributes of a Flax convolution (its strides and padding in any of the
+    forms Flax accepts: an int, pairs, ``"VALID"``)."""
+    rank = len(module.kernel_size)
+    strides = module.strides or 1
+    strides = [strides] * rank if isinstance(strides, int) else list(strides)
+    padding = nn.linear.canonicalize_padding(module.padding, rank)
+    if padding == "VALID":
+        padding = [(0, 0)] * rank
+    elif isinstance(padding, str):  # SAME/CIRCULAR: no official backbone has them
+        raise NotImplementedError(f"ONNX export of a {padding!r}-padded convolution")
+    return {"strides": strides, "pads": [p[0] for p in padding] + [p[1] for p in padding],
+            "group": module.feature_group_count}
+
+
 def _layer_settings(arch: str, variables: Any) -> dict[str, dict]:
-    """Strides, paddings and groups of every convolution and the epsilon of every BatchNorm of
-    ``arch``, keyed by the PyTorch module name (``layer1.0.conv1``), read from the Flax modules
-    during an abstract forward pass."""
-    embedding_dim = convert.embedding_dim_of_variables(variables)
+    """Strides, paddings and groups of every convolution, the epsilon of every BatchNorm and
+    LayerNorm and the head count of every attention module (a module with an int ``heads``
+    field) of ``arch``, keyed by the PyTorch module name (``layer1.0.conv1``), read from the
+    Flax modules during an abstract forward pass."""
+    embedding_dim = convert.embedding_dim_of_variables(variables, arch)
     model = models.build(arch, embedding_dim=embedding_dim)
     settings = {}
 
     def record(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name == "__call__" and isinstance(module, nn.Conv | nn.BatchNorm):
-            name = convert.torch_module_name(module.path)
-            if isinstance(module, nn.Conv):
-                settings[name] = {
-                    "strides": list(module.strides),
-                    "pads": [p[0] for p in module.padding] + [p[1] for p in module.padding],
-                    "group": module.feature_group_count,
-                }
-            else:
-                settings[name] = {"epsilon": module.epsilon}
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        name = convert.torch_module_name(module.path)
+        if isinstance(module, nn.Conv):
+            settings[name] = _conv_settings(module)
+        elif isinstance(module, nn.BatchNorm | nn.LayerNorm):
+            settings[name] = {"epsilon": module.epsilon}
+        elif isinstance(getattr(module, "heads", None), int):
+            settings[name] = {"heads": module.heads}
         return next_fun(*args, **kwargs)
 
     images = jax.ShapeDtypeStruct((1, *models.INPUT_SHAPE), jnp.float32)
@@ -131,7 +164,7 @@ def _layer_settings(arch: str, variables: Any) -> dict[str, dict]:
     return settings
 
 
-class _GraphBuilder:
+class GraphBuilder:
     """Emits ONNX nodes from a PyTorch-layout ``state_dict``; every tensor must be used once."""
 
     def __init__(self, state: Mapping[str, np.ndarray], settings: Mapping[str, dict]):
@@ -196,89 +229,82 @@ class _GraphBuilder:
     def add(self, a: str, b: str, name: str) -> str:
         return self.node("Add", [a, b], name)
 
-    def linear_bn(self, x: str, linear: str, norm: str) -> str:
-        """Flatten, then the Linear ``linear`` with the BatchNorm1d ``norm`` folded in."""
-        x = self.node("Flatten", [x], f"{linear}.flatten", axis=1)
+    def take(self, key: str) -> np.ndarray:
+        """The tensor ``key`` in float64, marked as used (for a wiring that splits or rescales
+        a weight before emitting it, e.g. a fused query/key/value projection)."""
+        return self._take(key)
+
+    def skip(self, key: str) -> None:
+        """Marks ``key`` as deliberately absent from the graph: a tensor only training reads
+        (e.g. the ViT's mask token), which inference never touches."""
+        self._take(key)
+
+    def conv(self, x: str, module: str) -> str:
+        """Convolution ``module`` with its own bias (no BatchNorm after it)."""
+        weight = self._take(f"{module}.weight")
+        inputs = [x, self.constant(f"{module}.weight", weight)]
+        if f"{module}.bias" in self.state:
+            inputs.append(self.constant(f"{module}.bias", self._take(f"{module}.bias")))
+        return self.node("Conv", inputs, module, kernel_shape=list(weight.shape[2:]),
+                         **self.settings[module])
+
+    def layer_norm(self, x: str, module: str) -> str:
+        """LayerNorm ``module`` over the last axis (``LayerNormalization``, opset 17, which
+        computes in float32 like the Flax module)."""
+        inputs = [x] + [self.constant(f"{module}.{key}", self._take(f"{module}.{key}"))
+                        for key in ("weight", "bias")]
+        return self.node("LayerNormalization", inputs, module, axis=-1,
+                         epsilon=self.settings[module]["epsilon"])
+
+    def matmul(self, x: str, weight: np.ndarray, name: str,
+               bias: np.ndarray | None = None) -> str:
+        """``x @ weight (+ bias)`` over the last axis of ``x`` of any rank; ``weight`` is
+        (in, out). ``MatMul`` (and ``Add``) rather than ``Gemm``, which takes 2-D inputs only."""
+        y = self.node("MatMul", [x, self.constant(f"{name}.weight", weight)],
+                      name if bias is None else f"{name}.matmul")
+        if bias is None:
+            return y
+        return self.node("Add", [y, self.constant(f"{name}.bias", bias)], name)
+
+    def linear(self, x: str, module: str) -> str:
+        """PyTorch Linear ``module`` (weight (out, in), optional bias) over the last axis."""
+        bias = self._take(f"{module}.bias") if f"{module}.bias" in self.state else None
+        return self.matmul(x, self._take(f"{module}.weight").T, module, bias)
+
+    def add_tensor(self, x: str, key: str) -> str:
+        """``x + state[key]`` (broadcast; e.g. a learned positional embedding)."""
+        return self.node("Add", [x, self.constant(key, self._take(key))], f"{key}.add")
+
+    def reshape(self, x: str, shape: list[int], name: str) -> str:
+        """Reshape to ``shape`` (ONNX rules: 0 keeps that input dimension, -1 is inferred), so
+        the batch dimension stays dynamic."""
+        return self.node("Reshape", [x, self.constant(f"{name}.shape", np.array(shape),
+                                                      np.int64)], name)
+
+    def transpose(self, x: str, perm: list[int], name: str) -> str:
+        return self.node("Transpose", [x], name, perm=list(perm))
+
+    def softmax(self, x: str, name: str) -> str:
+        """Softmax over the last axis."""
+        return self.node("Softmax", [x], name, axis=-1)
+
+    def relu6(self, x: str, name: str) -> str:
+        """``min(max(x, 0), 6)`` as ``Clip`` (PyTorch's ReLU6)."""
+        return self.node("Clip", [x, self.constant(f"{name}.min", np.array(0.0)),
+                                  self.constant(f"{name}.max", np.array(6.0))], name)
+
+    def linear_bn(self, x: str, linear: str, norm: str, *, flatten: bool = True) -> str:
+        """Flatten (all but the batch axis, in the input's memory order; skipped with
+        ``flatten=False`` for a 2-D input), then the Linear ``linear`` with the BatchNorm1d
+        ``norm`` folded in."""
+        if flatten:
+            x = self.node("Flatten", [x], f"{linear}.flatten", axis=1)
         k, b = self._norm(norm)
         weight = self._take(f"{linear}.weight") * k[:, None]
         if f"{linear}.bias" in self.state:
             b = b + self._take(f"{linear}.bias") * k
         return self.node("Gemm", [x, self.constant(f"{linear}.weight", weight),
                                   self.constant(f"{linear}.bias", b)], linear, transB=1)
-
-
-def _iresnet(g: _GraphBuilder, x: str) -> str:
-    """arcface_torch / MagFace iresnet (and the demo nets)."""
-    x = g.prelu(g.conv_bn(x, "conv1", "bn1"), "prelu")
-    stage = 1
-    while g.has(f"layer{stage}.0.conv1"):
-        block = 0
-        while g.has(f"layer{stage}.{block}.conv1"):
-            p = f"layer{stage}.{block}"
-            out = g.conv_bn(g.batch_norm(x, f"{p}.bn1"), f"{p}.conv1", f"{p}.bn2")
-            out = g.conv_bn(g.prelu(out, f"{p}.prelu"), f"{p}.conv2", f"{p}.bn3")
-            if g.has(f"{p}.downsample.0"):
-                x = g.conv_bn(x, f"{p}.downsample.0", f"{p}.downsample.1")
-            x = g.add(out, x, f"{p}.add")
-            block += 1
-        stage += 1
-    return g.linear_bn(g.batch_norm(x, "bn2"), "fc", "features")
-
-
-def _adaface_ir(g: _GraphBuilder, x: str) -> str:
-    """AdaFace IR: units with a conv1x1+BN or a MaxPool2d(1, stride) shortcut."""
-    x = g.prelu(g.conv_bn(x, "input_layer.0", "input_layer.1"), "input_layer.2")
-    unit = 0
-    while g.has_prefix(p := f"body.{unit}"):
-        if g.has(f"{p}.shortcut_layer.0"):
-            shortcut = g.conv_bn(x, f"{p}.shortcut_layer.0", f"{p}.shortcut_layer.1")
-        elif (stride := g.settings[f"{p}.res_layer.4"]["strides"]) != [1, 1]:
-            shortcut = g.node("MaxPool", [x], f"{p}.shortcut_layer", kernel_shape=[1, 1],
-                              strides=stride)
-        else:
-            shortcut = x
-        res = g.conv_bn(g.batch_norm(x, f"{p}.res_layer.0"), f"{p}.res_layer.1",
-                        f"{p}.res_layer.2")
-        res = g.conv_bn(g.prelu(res, f"{p}.res_layer.3"), f"{p}.res_layer.4", f"{p}.res_layer.5")
-        x = g.add(res, shortcut, f"{p}.add")
-        unit += 1
-    return g.linear_bn(g.batch_norm(x, "output_layer.0"), "output_layer.3", "output_layer.4")
-
-
-def _mobilefacenet(g: _GraphBuilder, x: str) -> str:
-    """arcface_torch mbf: ConvBlock / DepthWise / Residual stages, conv_sep, GDC head."""
-
-    def conv_block(x, p):  # conv -> BN (-> PReLU), a Sequential under p.layers
-        x = g.conv_bn(x, f"{p}.layers.0", f"{p}.layers.1")
-        return g.prelu(x, f"{p}.layers.2") if g.has(f"{p}.layers.2") else x
-
-    def depthwise(x, p, residual):  # three ConvBlocks under p.layers
-        out = x
-        for index in range(3):
-            out = conv_block(out, f"{p}.layers.{index}")
-        return g.add(x, out, f"{p}.add") if residual else out
-
-    stage = 0
-    while g.has_prefix(p := f"layers.{stage}"):
-        if g.has(f"{p}.layers.0"):
-            x = conv_block(x, p)
-        elif g.has(f"{p}.layers.0.layers.0"):
-            x = depthwise(x, p, residual=False)
-        else:  # Residual: DepthWise units under p.layers
-            unit = 0
-            while g.has_prefix(f"{p}.layers.{unit}"):
-                x = depthwise(x, f"{p}.layers.{unit}", residual=True)
-                unit += 1
-        stage += 1
-    x = conv_block(x, "conv_sep")
-    x = conv_block(x, "features.layers.0")
-    return g.linear_bn(x, "features.layers.2", "features.layers.3")
-
-
-def _wiring(arch: str) -> Callable[[_GraphBuilder, str], str]:
-    if arch == "mbf":
-        return _mobilefacenet
-    return _adaface_ir if models.family(arch) == "adaface" else _iresnet
 
 
 def _input_convention(spec: Mapping) -> str:
@@ -290,9 +316,12 @@ def _input_convention(spec: Mapping) -> str:
             f"{spec['std']} (nodes Sub_mean, Mul_scale: insightface feeds raw 0..255)")
 
 
-def onnx_model(variables: Any, arch: str, input_spec: Mapping, *, meta: Mapping | None = None):
+def onnx_model(variables: Any, arch: str, input_spec: Mapping, *, meta: Mapping | None = None,
+               check: bool = True):
     """The ``onnx.ModelProto`` of backbone ``variables`` of ``arch`` whose weights expect
-    ``input_spec`` (see the module docstring for the graph's input and output)."""
+    ``input_spec`` (see the module docstring for the graph's input and output). ``check``:
+    run ``onnx.checker`` on it here, unless its weights reach :data:`EXTERNAL_DATA_THRESHOLD`
+    (the checker takes such a model by path only: :func:`save_onnx` checks it)."""
     onnx = _import_onnx()
     spec = {"channel_order": input_spec["channel_order"], "mean": float(input_spec["mean"]),
             "std": float(input_spec["std"])}
@@ -301,7 +330,7 @@ def onnx_model(variables: Any, arch: str, input_spec: Mapping, *, meta: Mapping 
                         "and std > 0")
     variables = jax.tree.map(np.asarray, variables)
     state = convert.to_state_dict(variables, arch)
-    g = _GraphBuilder(state, _layer_settings(arch, variables))
+    g = GraphBuilder(state, _layer_settings(arch, variables))
     x = INPUT_NAME
     if spec != INSIGHTFACE_DEFAULT_SPEC:
         # insightface's ArcFaceONNX looks for Sub* and Mul* among the first eight nodes and then
@@ -313,12 +342,12 @@ def onnx_model(variables: Any, arch: str, input_spec: Mapping, *, meta: Mapping 
                    "Sub_mean")
         x = g.node("Mul", [x, g.constant("input_scale", np.array(1.0 / (255.0 * spec["std"])))],
                    "Mul_scale")
-    embedding = _wiring(arch)(g, x)
+    embedding = models.arch_spec(arch).layout.onnx(g, x)
     if g.unused:
         raise AssertionError(f"ONNX export of {arch} left tensors unused: {sorted(g.unused)[:5]}")
     assert g.nodes[-1].output[0] == embedding  # the embedding Linear writes the graph output
     g.nodes[-1].output[0] = OUTPUT_NAME
-    dim = convert.embedding_dim_of_variables(variables)
+    dim = convert.embedding_dim_of_variables(variables, arch)
     graph = onnx.helper.make_graph(
         g.nodes, f"magjax_{arch}",
         [onnx.helper.make_tensor_value_info(INPUT_NAME, onnx.TensorProto.FLOAT,
@@ -338,19 +367,68 @@ def onnx_model(variables: Any, arch: str, input_spec: Mapping, *, meta: Mapping 
            if k in ("trained_with", "step", "converted_from")},
     }
     onnx.helper.set_model_props(model, properties)
-    onnx.checker.check_model(model)
+    if check and weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+        onnx.checker.check_model(model)
     return model
 
 
-def export_onnx(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
-                best: bool = False) -> dict:
-    """Writes the ONNX model of ``workdir`` to ``out``; returns its metadata properties."""
+def weight_bytes(model) -> int:
+    """Bytes of the initializers of ``model`` (an ``onnx.ModelProto``), from their shapes and
+    types: ``ByteSize()`` would serialise the whole model to count them (and fails past 2 GiB)."""
     onnx = _import_onnx()
+    return sum(math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in model.graph.initializer)
+
+
+def external_data_path(out: str | pathlib.Path) -> pathlib.Path:
+    """Where the weights of a model too large for one protobuf go: ``model.onnx.data`` beside
+    ``model.onnx`` (the graph names it relative to its own directory)."""
+    out = pathlib.Path(out)
+    return out.with_name(f"{out.name}.data")
+
+
+def save_onnx(model, out: str | pathlib.Path) -> pathlib.Path | None:
+    """Checks ``model`` with ``onnx.checker`` and writes it to ``out``, whole or not at all.
+
+    A model whose weights take less than :data:`EXTERNAL_DATA_THRESHOLD` bytes (every arch but
+    vit_h) is one self-contained file, serialised once for both the check and the write; a
+    stale :func:`external_data_path` file of an earlier, larger export to ``out`` is removed.
+    A larger one is saved with ONNX external data, all weights in one file,
+    :func:`external_data_path` (returned), which must stay beside ``out`` under its name: load
+    it by path (``onnxruntime.InferenceSession(path)``, insightface's ``get_model(path)``,
+    ``onnx.load(path)``); from bytes the weights cannot be found. The check then reads the
+    file (``onnx.checker`` takes a model of 2 GiB or more by path only), and the save moves
+    the weights out of ``model`` into the file (``onnx.save_model`` clears them in the proto),
+    so ``model`` cannot be saved again. Both files are written beside ``out`` first and moved
+    into place, ``out`` last (:func:`magjax.files.write_together_atomically`)."""
+    onnx = _import_onnx()
+    out = pathlib.Path(out)
+    data = external_data_path(out)
+    if weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+        serialized = model.SerializeToString()
+        onnx.checker.check_model(serialized)
+        files.write_atomically(out, lambda path: pathlib.Path(path).write_bytes(serialized))
+        data.unlink(missing_ok=True)
+        return None
+
+    def write(directory: pathlib.Path) -> None:
+        onnx.save_model(model, directory / out.name, save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data.name)
+        onnx.checker.check_model(directory / out.name)
+
+    files.write_together_atomically([data, out], write)
+    return data
+
+
+def export_onnx(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
+                best: bool = False) -> tuple[dict, pathlib.Path | None]:
+    """Writes the ONNX model of ``workdir`` to ``out`` (:func:`save_onnx`); returns its
+    metadata properties and its external-data file (None: ``out`` is self-contained)."""
     variables, meta = load_model(workdir, best=best)
     spec = meta.get("input_spec") or models.input_spec(meta["arch"])
-    model = onnx_model(variables, meta["arch"], spec, meta=meta)
-    files.write_atomically(out, lambda path: onnx.save(model, path))
-    return {p.key: p.value for p in model.metadata_props}
+    model = onnx_model(variables, meta["arch"], spec, meta=meta, check=False)  # save_onnx does
+    props = {p.key: p.value for p in model.metadata_props}
+    return props, save_onnx(model, out)
 
 
 # -------------------------------------------------------------------------------- PyTorch
@@ -416,14 +494,23 @@ def main(argv: list[str]) -> int:
 def _export(args: argparse.Namespace) -> None:
     if os.path.exists(args.out) and not args.overwrite:
         raise UserError(f"--out {args.out} already exists; pass --overwrite to replace it")
+    data = external_data_path(args.out)
+    if not args.to and data.exists() and not args.overwrite:
+        # Whether this export needs it is known only once the model is built; either way a
+        # rerun must not replace (or leave beside a new self-contained file) earlier weights.
+        raise UserError(f"{data} (the weights of an earlier export to --out {args.out}) already "
+                        "exists; pass --overwrite to replace it")
     logs.start_jax(verbose=args.verbose)
     if args.to:
         meta = export_torch(args.workdir, args.to, args.out, best=args.best)
         print(f"wrote {args.out}: {meta['arch']} in the {args.to} checkpoint layout")
     else:
-        props = export_onnx(args.workdir, args.out, best=args.best)
+        props, data = export_onnx(args.workdir, args.out, best=args.best)
         size = os.path.getsize(args.out) / 2**20
-        print(f"wrote {args.out} ({size:.1f} MiB): {props['magjax_arch']}, input "
+        weights = "" if data is None else (
+            f" and its weights {data} ({os.path.getsize(data) / 2**20:.1f} MiB; ONNX external "
+            "data: keep it beside the .onnx under this name, load the .onnx by path)")
+        print(f"wrote {args.out} ({size:.1f} MiB){weights}: {props['magjax_arch']}, input "
               f"{props['input_convention']}")
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 
 def _user_file_mode() -> int:
@@ -39,6 +40,37 @@ def write_atomically(out: str | pathlib.Path, write: Callable[[str], None]) -> p
         if os.path.exists(tmp):
             os.remove(tmp)
     return out
+
+
+def write_together_atomically(outs: Sequence[str | pathlib.Path],
+                              write: Callable[[pathlib.Path], None]) -> list[pathlib.Path]:
+    """Files that belong together (an ONNX graph and its external-data file): calls
+    ``write(directory)``, which must write each of ``outs`` under its own name into
+    ``directory``, a temporary directory beside them, then moves them into place, the last of
+    ``outs`` last. The last one is the entry point, the file a reader opens and which names
+    the others, so whenever it exists the others are complete. An entry point that already
+    exists is removed before a companion is replaced (so that it never reads a newer
+    companion); a crash between the moves thus leaves companions without an entry point,
+    never a mixed pair. The temporary directory is removed whatever happens; every file gets
+    the mode any new file of the user gets."""
+    outs = [pathlib.Path(out) for out in outs]
+    parent = outs[-1].parent
+    if any(out.parent != parent for out in outs):
+        raise ValueError(f"files written together must share a directory: {outs}")
+    parent.mkdir(parents=True, exist_ok=True)
+    directory = pathlib.Path(tempfile.mkdtemp(prefix=f".{outs[-1].name}.", suffix=".tmp",
+                                              dir=parent))
+    try:
+        write(directory)
+        for out in outs:
+            os.chmod(directory / out.name, _user_file_mode())
+        if any(out.exists() for out in outs[:-1]):
+            outs[-1].unlink(missing_ok=True)
+        for out in outs:
+            os.replace(directory / out.name, out)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return outs
 
 
 def write_npz_atomically(out: str | pathlib.Path, arrays: dict) -> pathlib.Path:

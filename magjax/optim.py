@@ -2,7 +2,9 @@
 
 PyTorch ``SGD(momentum=0.9, weight_decay=wd)`` adds ``wd · p`` to the gradient before the
 momentum buffer; the optax equivalent is ``add_decayed_weights`` followed by ``sgd(momentum)``.
-arcface_torch clips the backbone gradient norm at 5 before that (not the class centres), with
+``torch.optim.AdamW(lr, betas, eps, weight_decay)`` (arcface_torch's ViT recipes) shrinks every
+parameter by ``lr · wd`` besides the Adam step: ``optax.adamw``, the same formula.
+arcface_torch clips the backbone gradient norm at 5 before either (not the class centres), with
 ``torch.nn.utils.clip_grad_norm_``'s formula (:func:`clip_by_global_norm_torch`).
 """
 
@@ -18,6 +20,7 @@ from flax import traverse_util
 from magjax.errors import UserError
 
 WARMUP_STYLES = ("arcface_torch", "plain")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 def learning_rate_schedule(optim: Any, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
@@ -54,6 +57,19 @@ def learning_rate_schedule(optim: Any, steps_per_epoch: int, total_steps: int) -
         boundaries = {int(epoch * steps_per_epoch): 0.1 for epoch in optim.milestones}
         return optax.piecewise_constant_schedule(optim.lr, boundaries)
     raise ValueError(f"optim.schedule must be 'poly' or 'step', got {optim.schedule!r}")
+
+
+def per_update_schedule(micro: optax.Schedule, accumulate_steps: int) -> optax.Schedule:
+    """The learning rate of each optimizer update when ``micro`` is stepped every micro-batch.
+
+    arcface_torch's ``train_v2.py`` with ``gradient_acc = a`` counts warm-up and total steps in
+    micro-batches, steps its scheduler after every micro-batch and the optimizer after every
+    ``a``-th, so update ``u`` (from 0) takes the rate of micro-batch ``u·a + a - 1``, the last of
+    its window. ``a == 1`` returns ``micro`` itself.
+    """
+    if accumulate_steps == 1:
+        return micro
+    return lambda update: micro(update * accumulate_steps + accumulate_steps - 1)
 
 
 def _is_batchnorm(path: tuple[str, ...], module_params: dict) -> bool:
@@ -129,24 +145,44 @@ def round_gradients(dtype: str) -> optax.GradientTransformation:
 
 def make_optimizer(optim: Any, schedule: optax.Schedule, decay_mask: Any
                    ) -> optax.GradientTransformation:
-    """SGD with momentum and decoupled-from-clipping weight decay, as the official trainers.
+    """``optim.optimizer`` as the official trainers run it, after the gradient clip.
+
+    * ``"sgd"``: ``torch.optim.SGD(momentum, weight_decay)``: ``wd · p`` added to the gradient
+      (where ``decay_mask`` allows), then momentum;
+    * ``"adamw"``: ``torch.optim.AdamW(betas=optim.adam_betas, eps=optim.adam_eps,
+      weight_decay)``: the Adam step plus the decoupled decay ``lr · wd · p`` where
+      ``decay_mask`` allows (arcface_torch passes every parameter).
 
     Parameters are ``{"backbone": ..., "head": ...}``; the gradient-norm clip (if set) applies to
     the backbone only, with PyTorch's formula and ``optim.grad_clip_eps`` (1e-6 as PyTorch; 0
     gives optax's ``clip_by_global_norm``), after rounding the backbone gradients to
-    ``optim.grad_allreduce_dtype`` (:func:`round_gradients`). ``accumulate_steps > 1`` sums
-    that many micro-batch gradients per update (``optax.MultiSteps``, which averages them).
+    ``optim.grad_allreduce_dtype`` (:func:`round_gradients`). ``accumulate_steps > 1``
+    averages that many micro-batch gradients per update (``optax.MultiSteps``; arcface_torch
+    sums the gradients of ``loss / gradient_acc``, the same mean) and clips and updates once per
+    window; ``schedule`` counts updates (:func:`per_update_schedule`).
     """
+    if optim.optimizer not in OPTIMIZERS:
+        raise UserError(f"config.optim.optimizer must be one of {', '.join(OPTIMIZERS)}; "
+                        f"got {optim.optimizer!r}")
     clip = (clip_by_global_norm_torch(optim.grad_clip_norm, optim.grad_clip_eps)
             if optim.grad_clip_norm else optax.identity())
     backbone = optax.chain(round_gradients(optim.grad_allreduce_dtype), clip)
-    tx = optax.chain(
-        optax.multi_transform({"backbone": backbone, "head": optax.identity()}, _part_labels),
-        optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
-        optax.sgd(schedule, momentum=optim.momentum),
-    )
+    clipped = optax.multi_transform({"backbone": backbone, "head": optax.identity()},
+                                    _part_labels)
+    if optim.optimizer == "adamw":
+        b1, b2 = optim.adam_betas
+        tx = optax.chain(clipped, optax.adamw(schedule, b1=b1, b2=b2, eps=optim.adam_eps,
+                                              weight_decay=optim.weight_decay, mask=decay_mask))
+    else:
+        # Three links, as before AdamW existed: checkpoints hold the state in this structure.
+        tx = optax.chain(clipped, optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
+                         optax.sgd(schedule, momentum=optim.momentum))
     if optim.accumulate_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=optim.accumulate_steps)
+        # optax accumulates in float32 unless told; the default float dtype is float32 too,
+        # float64 where x64 is on (the float64 lockstep tests: PyTorch accumulates in the
+        # parameters' dtype).
+        tx = optax.MultiSteps(tx, every_k_schedule=optim.accumulate_steps,
+                              accumulator_dtype=jax.dtypes.canonicalize_dtype(jnp.float64))
     return tx
 
 

@@ -4,7 +4,9 @@ Each ``configs/<loss>.py`` calls :func:`get_config` with its loss name and the a
 the colon of ``--config configs/<loss>.py:ARG``. ``ARG`` is a comma-separated list of variants:
 
 * backbone: ``r18`` ``r34`` ``r50`` ``r100`` ``r200`` (the loss's official family: arcface_torch
-  iresnet, MagFace iresnet or AdaFace IR), ``mbf``, ``tiny``;
+  iresnet, MagFace iresnet or AdaFace IR), ``mbf``, ``tiny``; ``vit_t`` ``vit_s`` ``vit_b``
+  ``vit_l`` ``vit_h`` (arcface_torch losses only: its five ViT configs, on WebFace42M unless a
+  dataset is named);
 * dataset: ``ms1mv2`` ``ms1mv3`` ``glint360k`` ``webface4m`` ``webface12m`` ``webface42m``
   (sets the class and image counts, which training checks against the data; the prepared data
   still comes from ``--config.data.dir``). Without one, both counts are read off the data;
@@ -37,9 +39,32 @@ adaface.py (ir_50; :r100)  AdaFace run_ir{50,101}_*.sh   0.1  5e-4*  512   26  0
 curricularface.py (r100)   CurricularFace config.py      0.1  5e-4*  512   24  0   m 0.5 s 64
 =========================  ============================  ===  =====  ====  ==  ==  ============
 
-(* AdaFace, CurricularFace: not on BatchNorm parameters.) Every arcface_torch recipe clips the
-backbone gradient norm at 5 (PyTorch's formula), uses ``PolynomialLRWarmup``'s first value
-(``optim.warmup_style="arcface_torch"``) and trains the loss of its ``configs/<loss>.py`` file:
+(* AdaFace, CurricularFace: not on BatchNorm parameters.)
+
+The ViT recipes (arcface_torch's WebFace42M configs; all AdamW, lr 1e-3, weight decay 0.1,
+``margin_list`` (1, 0, 0.4); batch: images per GPU x GPUs, accumulated micro-batches per
+update; Partial FC sample rate):
+
+================  ==================================  ========  ===  ==  ==  ===
+recipe            official source                     batch     acc  ep  wu  PFC
+================  ==================================  ========  ===  ==  ==  ===
+arcface.py:vit_t  wf42m_pfc03_40epoch_8gpu_vit_t.py   512 x 8   1    40  4   0.3
+arcface.py:vit_s  wf42m_pfc03_40epoch_64gpu_vit_s.py  384 x 64  1    40  4   0.3
+arcface.py:vit_b  wf42m_pfc03_40epoch_8gpu_vit_b.py   256 x 8   12   40  4   0.3
+arcface.py:vit_l  wf42m_pfc03_40epoch_64gpu_vit_l.py  384 x 64  1    40  4   0.3
+arcface.py:vit_h  wf42m_pfc02_vit_h.py                768 x 40  1    16  2   0.5
+================  ==================================  ========  ===  ==  ==  ===
+
+The ViT recipes train with AdamW (``optim.optimizer="adamw"``, weight decay on every parameter
+as ``train_v2.py`` passes them) and CosFace whichever arcface_torch file names them (the recipe
+rows' ``loss``); vit_h's 40 GPUs are the 5 nodes x 8 of the ``dist.sh`` committed with its
+config; vit_b accumulates 12 micro-batches of 2048 (``optim.accumulate_steps``: 24576 images
+per update, warm-up and decay counted in micro-batches as ``train_v2.py``); bfloat16 where the
+files say fp16, and vit_h's DALI augmentation (``dali_aug``) is not reproduced (flips only).
+
+Every arcface_torch recipe clips the backbone gradient norm at 5 (PyTorch's formula) and uses
+``PolynomialLRWarmup``'s first value (``optim.warmup_style="arcface_torch"``); the ResNet
+recipes train the loss of their ``configs/<loss>.py`` file:
 the official glint360k and WebFace configs are CosFace, so ``arcface.py:glint360k`` takes
 their lr, weight decay and epochs with ArcFace's margin (no official config trains that). A
 (dataset, backbone) pair without an official config keeps arcface_torch's ``base.py`` values
@@ -77,7 +102,14 @@ OFFICIAL_GPUS = {"arcface": 8, "cosface": 8, "combined": 8, "magface": 8, "adafa
 
 @dataclasses.dataclass(frozen=True)
 class ArcfaceTorchRecipe:
-    """The hyper-parameters of one arcface_torch config file (8 GPUs x 128 images)."""
+    """The hyper-parameters of one arcface_torch config file: ``batch_per_gpu`` x ``gpus``
+    images per micro-batch (``global_batch``), ``gradient_acc`` micro-batches per update.
+
+    ``network``: the magjax arch of the file's ``config.network`` where the variant naming the
+    backbone is not the ResNet rule's (``vit_t`` trains ``vit_t_dp005_mask0``). ``loss``: the loss
+    of the file's ``margin_list`` when it replaces the ``configs/<loss>.py`` file's own (the ViT
+    recipes are CosFace whichever arcface_torch file names them); None keeps the file's loss.
+    """
 
     source: str
     lr: float
@@ -85,6 +117,12 @@ class ArcfaceTorchRecipe:
     epochs: float
     warmup_epochs: float = 0.0
     sample_rate: float = 1.0
+    network: str | None = None
+    loss: str | None = None
+    optimizer: str = "sgd"
+    batch_per_gpu: int = 128
+    gpus: int = 8
+    gradient_acc: int = 1
 
 
 # (dataset, backbone) -> official config; the table in the module docstring lists them.
@@ -105,21 +143,66 @@ ARCFACE_TORCH_RECIPES = {
     ("webface12m", "mbf"): ArcfaceTorchRecipe("configs/wf12m_mbf.py", 0.1, 1e-4, 20),
     ("webface42m", "r100"): ArcfaceTorchRecipe("configs/wf42m_pfc02_r100.py", 0.1, 5e-4, 20,
                                                sample_rate=0.2),
+    # The Vision Transformers: margin_list (1.0, 0.0, 0.4), AdamW, warm-up num_epoch // 10
+    # (vit_h: // 8), Partial FC 0.3 (vit_h: 0.5). vit_h's GPUs: dist.sh of the commit that added
+    # its config launches it on 5 nodes x 8 GPUs.
+    ("webface42m", "vit_t"): ArcfaceTorchRecipe(
+        "configs/wf42m_pfc03_40epoch_8gpu_vit_t.py", 1e-3, 0.1, 40, 4, sample_rate=0.3,
+        network="vit_t_dp005_mask0", loss="cosface", optimizer="adamw", batch_per_gpu=512),
+    ("webface42m", "vit_s"): ArcfaceTorchRecipe(
+        "configs/wf42m_pfc03_40epoch_64gpu_vit_s.py", 1e-3, 0.1, 40, 4, sample_rate=0.3,
+        network="vit_s_dp005_mask_0", loss="cosface", optimizer="adamw", batch_per_gpu=384,
+        gpus=64),
+    ("webface42m", "vit_b"): ArcfaceTorchRecipe(
+        "configs/wf42m_pfc03_40epoch_8gpu_vit_b.py", 1e-3, 0.1, 40, 4, sample_rate=0.3,
+        network="vit_b_dp005_mask_005", loss="cosface", optimizer="adamw", batch_per_gpu=256,
+        gradient_acc=12),
+    ("webface42m", "vit_l"): ArcfaceTorchRecipe(
+        "configs/wf42m_pfc03_40epoch_64gpu_vit_l.py", 1e-3, 0.1, 40, 4, sample_rate=0.3,
+        network="vit_l_dp005_mask_005", loss="cosface", optimizer="adamw", batch_per_gpu=384,
+        gpus=64),
+    ("webface42m", "vit_h"): ArcfaceTorchRecipe(
+        "configs/wf42m_pfc02_vit_h.py", 1e-3, 0.1, 16, 2, sample_rate=0.5, network="vit_h",
+        loss="cosface", optimizer="adamw", batch_per_gpu=768, gpus=40),
 }
 ARCFACE_TORCH_LOSSES = ("arcface", "cosface", "combined")
+# Backbone variants that name an official config's network (the ViTs): variant -> (dataset,
+# arch). Without a dataset variant they train on their recipe's dataset.
+ARCFACE_TORCH_NETWORKS = {backbone: (dataset, recipe.network)
+                          for (dataset, backbone), recipe in ARCFACE_TORCH_RECIPES.items()
+                          if recipe.network}
 
 
 def _arcface_torch_backbone(arch: str) -> str:
+    for backbone, (_, network) in ARCFACE_TORCH_NETWORKS.items():
+        if arch == network:
+            return backbone
     return "mbf" if arch == "mbf" else "r" + arch.removeprefix("iresnet")
 
 
+def official_recipe(config: ml_collections.ConfigDict) -> ArcfaceTorchRecipe | None:
+    """The arcface_torch config file that ``config``'s loss, dataset and backbone follow. A ViT
+    on another published dataset keeps its own recipe (arcface_torch has no other for it; base.py's
+    SGD at lr 0.1 is a ResNet setting)."""
+    if config.loss.name not in ARCFACE_TORCH_LOSSES:
+        return None
+    backbone = _arcface_torch_backbone(config.model.arch)
+    recipe = ARCFACE_TORCH_RECIPES.get((config.data.dataset, backbone))
+    if recipe is None and backbone in ARCFACE_TORCH_NETWORKS and config.data.dataset in DATASETS:
+        recipe = ARCFACE_TORCH_RECIPES[ARCFACE_TORCH_NETWORKS[backbone][0], backbone]
+    return recipe
+
+
 def _apply_arcface_torch_recipe(c: ml_collections.ConfigDict, sample_rate_given: bool) -> None:
-    recipe = ARCFACE_TORCH_RECIPES.get((c.data.dataset, _arcface_torch_backbone(c.model.arch)))
+    recipe = official_recipe(c)
     if recipe is None:
         return
-    c.optim.update(lr=recipe.lr, weight_decay=recipe.weight_decay,
-                   warmup_epochs=recipe.warmup_epochs)
+    c.optim.update(optimizer=recipe.optimizer, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                   warmup_epochs=recipe.warmup_epochs, accumulate_steps=recipe.gradient_acc)
     c.epochs = float(recipe.epochs)
+    c.global_batch = recipe.batch_per_gpu * recipe.gpus
+    if recipe.loss is not None and recipe.loss != c.loss.name:
+        c.loss = _loss_fields(recipe.loss)
     if not sample_rate_given:
         c.head.sample_rate = recipe.sample_rate
 
@@ -193,7 +276,11 @@ def base_config() -> ml_collections.ConfigDict:
                   # (magjax.losses.blocked; BENCHMARKS.md "The head class block by block").
                   block_size=ml_collections.config_dict.placeholder(int))
     c.optim = dict(
+        # "sgd" (torch.optim.SGD with momentum) or "adamw" (torch.optim.AdamW: decoupled
+        # decay lr·wd, betas and eps below, arcface_torch's ViT recipes).
+        optimizer="sgd",
         lr=0.1, momentum=0.9, weight_decay=5e-4,
+        adam_betas=(0.9, 0.999), adam_eps=1e-8,  # "adamw" only; torch.optim.AdamW's defaults
         decay_batchnorm=True,  # AdaFace: False (no weight decay on BatchNorm parameters)
         schedule="poly",  # "poly": linear warm-up then linear decay to 0 per step; "step"
         warmup_epochs=0.0,
@@ -204,6 +291,8 @@ def base_config() -> ml_collections.ConfigDict:
         # Backbone gradients rounded to and all-reduced in this dtype before clipping;
         # "float16" is arcface_torch's fp16_compress_hook (train.per_device_forward).
         grad_allreduce_dtype="float32",
+        # arcface_torch's gradient_acc: micro-batches (of global_batch each) per update, their
+        # gradients averaged; the schedule still steps every micro-batch (optim.py).
         accumulate_steps=1,
     )
     c.global_batch = 1024
@@ -277,6 +366,7 @@ def get_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"no recipe for loss {loss!r}")
 
     named_dataset = sample_rate_given = False
+    network_dataset = None
     for variant in filter(None, (arg or "").replace(":", ",").split(",")):
         if variant in DATASETS:
             c.data.dataset = variant
@@ -285,6 +375,11 @@ def get_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
             c.model.arch = _arch(loss, variant[1:])
         elif variant == "mbf":
             c.model.arch = variant
+        elif variant in ARCFACE_TORCH_NETWORKS:
+            if loss not in ARCFACE_TORCH_LOSSES:
+                raise ValueError(f"variant {variant!r} is an arcface_torch recipe; use "
+                                 f"configs/arcface.py:{variant}")
+            network_dataset, c.model.arch = ARCFACE_TORCH_NETWORKS[variant]
         elif variant == "tiny":
             c.model.arch = _tiny_arch(loss)
         elif variant.startswith("pfc"):
@@ -295,6 +390,9 @@ def get_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
         else:
             raise ValueError(f"unknown config variant {variant!r} in {arg!r}; see "
                              "magjax/recipes.py for the list")
+    if network_dataset is not None and not named_dataset and not c.data.synthetic:
+        c.data.dataset = network_dataset
+        named_dataset = True
     if loss in ARCFACE_TORCH_LOSSES:
         _apply_arcface_torch_recipe(c, sample_rate_given)
     if named_dataset and not c.data.synthetic:
@@ -339,8 +437,10 @@ def _demo(c: ml_collections.ConfigDict) -> None:
 
 
 def official_per_device_batch(config: ml_collections.ConfigDict) -> int:
-    """Images per GPU in the official run that ``config``'s recipe follows."""
-    return config.global_batch // OFFICIAL_GPUS[config.loss.name]
+    """Images per GPU in the official run that ``config``'s recipe follows (its config file's
+    GPUs, else the loss's, :data:`OFFICIAL_GPUS`)."""
+    recipe = official_recipe(config)
+    return config.global_batch // (recipe.gpus if recipe else OFFICIAL_GPUS[config.loss.name])
 
 
 def with_dataset_counts(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -64,10 +64,12 @@ def build_components(config, mesh, num_classes: int, steps_per_epoch: int, total
                      ) -> Components:
     """Everything static a train step needs, from the config: the backbone (``model.*``), the
     class-sharded margin head over ``mesh`` (``loss.*``, ``head.*``), the learning-rate schedule
-    and the optimizer (``optim.*``: SGD with momentum, weight decay off the frozen parameters and,
-    if ``optim.decay_batchnorm`` is off, off BatchNorm; the backbone gradient rounded to
-    ``optim.grad_allreduce_dtype`` and clipped). ``steps_per_epoch`` and ``total_steps`` are in
-    micro-batches; the schedule counts optimizer updates (``optim.accumulate_steps``)."""
+    and the optimizer (``optim.*``: SGD with momentum or AdamW, weight decay off the frozen
+    parameters and, if ``optim.decay_batchnorm`` is off, off BatchNorm; the backbone gradient
+    rounded to ``optim.grad_allreduce_dtype`` and clipped). ``steps_per_epoch`` and
+    ``total_steps`` are in micro-batches, as arcface_torch counts warm-up and decay with
+    ``gradient_acc``; ``Components.schedule`` gives each optimizer update the rate of the last
+    micro-batch of its window (``optim.per_update_schedule``)."""
     if config.model.batchnorm_stats not in models.BATCHNORM_STATS:
         raise UserError(f"config.model.batchnorm_stats must be one of "
                         f"{', '.join(models.BATCHNORM_STATS)}; "
@@ -80,9 +82,9 @@ def build_components(config, mesh, num_classes: int, steps_per_epoch: int, total
         num_classes=num_classes, embedding_dim=config.model.embedding_dim, loss=loss, mesh=mesh,
         sample_rate=config.head.sample_rate, weight_init=config.head.weight_init,
         block_size=config.head.block_size)
-    updates_per_epoch = max(steps_per_epoch // config.optim.accumulate_steps, 1)
-    schedule = optim.learning_rate_schedule(
-        config.optim, updates_per_epoch, max(total_steps // config.optim.accumulate_steps, 1))
+    schedule = optim.per_update_schedule(
+        optim.learning_rate_schedule(config.optim, steps_per_epoch, total_steps),
+        config.optim.accumulate_steps)
     abstract = jax.eval_shape(functools.partial(_init_variables, backbone, margin_head, config),
                               jax.random.key(0))
     trainable = {"backbone": models.trainable_mask(config.model.arch,
@@ -274,6 +276,7 @@ def make_train_step(components: Components, base_key: jax.Array, *,
         if skip_nonfinite:
             old = {**state, "step": step + 1}
             new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, old)
+        # The rate of the update this micro-batch's gradient goes into.
         metrics.update(loss=loss, grad_norm=grad_norm, nonfinite=~finite,
                        lr=c.schedule(step // config.optim.accumulate_steps))
         return new_state, metrics
@@ -716,11 +719,16 @@ def run_description(config, data_dir, devices: int, steps_per_epoch: int,
     return (f"training {config.loss.name} on {config.model.arch} ({config.model.dtype}): "
             f"{config.data.num_classes} classes, {config.data.num_examples} images in "
             f"{data_dir}{f' ({config.data.dataset})' if _named_dataset(config) else ''}; "
-            f"global batch {config.global_batch} on {devices} {platform} device"
-            f"{'s' if devices > 1 else ''} x {jax.process_count()} process"
+            f"global batch {config.global_batch}{_per_update(config)} on {devices} {platform} "
+            f"device{'s' if devices > 1 else ''} x {jax.process_count()} process"
             f"{'es' if jax.process_count() > 1 else ''}; {total_steps} step"
             f"{'s' if total_steps > 1 else ''} "
             f"({total_steps / max(steps_per_epoch, 1):.3g} epochs of {steps_per_epoch})")
+
+
+def _per_update(config) -> str:
+    acc = config.optim.accumulate_steps
+    return f" ({acc} per update: {acc * config.global_batch} images)" if acc > 1 else ""
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

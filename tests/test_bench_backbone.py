@@ -35,7 +35,8 @@ def test_convs_times_each_convolution_in_both_frameworks(capsys, monkeypatch):
     assert "layer1.0.downsample.0" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("arch", ["tiny", "iresnet18", "magface_iresnet18", "ir_18", "mbf"])
+@pytest.mark.parametrize("arch", ["tiny", "iresnet18", "magface_iresnet18", "ir_18", "mbf",
+                                  "vit_demo"])
 def test_each_family_has_the_same_convolutions_in_both_nets(arch):
     pairs = backbone.paired_convolutions(arch, 1, "float32", with_torch=True)
     variables = jax.eval_shape(lambda: models.build(arch).init(

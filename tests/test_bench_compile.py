@@ -46,6 +46,49 @@ def test_tiny_recipe_on_v5e_memory_and_flops_follow_the_shapes(capsys):
     assert products <= delta["flops_per_step"] <= 1.1 * products
     assert small["images_per_s_per_chip_at_peak"] == pytest.approx(
         PER_CHIP_BATCH * 197e12 / small["flops_per_step"])
+    # Bytes accessed: at least the centres and their momentum read and written once by the
+    # update; at most 16 passes over a chip's centres (their normalisation and its backward,
+    # the products, the gradient, the update: measured 11.2).
+    assert 4 * centre_bytes <= delta["bytes_accessed_per_step"] <= 16 * centre_bytes
+    # The floor is the larger of the two times, at v5e's 197 TFLOP/s and 819 GB/s: this tiny
+    # step (0.95 GB for 3e9 FLOPs) is memory-bound, 80x below what its FLOPs alone allow.
+    floor = max(small["flops_per_step"] / 197e12, small["bytes_accessed_per_step"] / 819e9)
+    assert small["memory_bandwidth_bytes_per_s"] == 819e9 and small["bound"] == "memory"
+    assert small["step_s_floor"] == pytest.approx(floor)
+    assert small["images_per_s_per_chip_ceiling"] == pytest.approx(PER_CHIP_BATCH / floor)
+    assert small["images_per_s_per_chip_ceiling"] < small["images_per_s_per_chip_at_peak"] / 50
+
+
+# vit_demo (patch 9, D 64, depth 2, MLP 256, 144 tokens): forward multiply-adds per image, by
+# layer: patch embedding 144 x 243 x 64 = 2,239,488; per block qkv 1,769,472, scores and
+# attention x V 2 x 1,327,104, proj 589,824, MLP 2 x 2,359,296 (9,732,096, twice); the
+# embedding head 9,216 x 64 + 64 x 512 = 622,592.
+VIT_DEMO_MACS, VIT_DEMO_PATCH_MACS, VIT_DEMO_PARAMS = 22_326_272, 2_239_488, 748_352
+
+
+def test_vit_b_recipe_compiles_for_a_tpu_topology():
+    """The ViT-B recipe's train step (CosFace, Partial FC 0.3, AdamW, 12 accumulated
+    micro-batches) compiled for v5e:2x2 with the reduced class count and magjax's small ViT
+    (the same code path as vit_b at a CPU test's cost): its state and FLOPs follow the shapes."""
+    classes, batch = 4_000, 8
+    config = compile_bench.load_config(f"{REPO}/configs/arcface.py:vit_b",
+                                       ["--config.model.arch=vit_demo"])
+    result = compile_bench.run("v5e:2x2", config, per_chip_batch=batch, classes=classes)
+    assert result["arch"] == "vit_demo" and result["loss"] == "cosface" and result["fits"]
+    assert result["sample_rate"] == 0.3 and result["chips"] == CHIPS
+    # The state: parameters, AdamW's two moments and MultiSteps' accumulated gradient, all
+    # float32, of the (replicated) backbone and of each chip's C/D class centres; TPU tiles pad
+    # the small arrays (a [64] bias takes 4 KB): measured 5.8% more.
+    weights = VIT_DEMO_PARAMS + classes // CHIPS * DIM
+    assert 4 * 4 * weights <= result["argument_bytes"] <= 1.1 * 4 * 4 * weights
+    # FLOPs: forward, and backward twice it (the patch embedding's input gradient is not
+    # needed), per image; plus the head's three products over the 0.3 x 1,000 sampled centres
+    # and the global batch; the rest (normalisations, softmax, AdamW) within 15% (measured 12%).
+    backbone = 6 * VIT_DEMO_MACS - 2 * VIT_DEMO_PATCH_MACS
+    head = 3 * 2 * batch * CHIPS * (classes // CHIPS * 3 // 10) * DIM
+    assert 1.0 <= result["flops_per_step"] / (batch * backbone + head) <= 1.15
+    assert result["step_s_floor"] == pytest.approx(max(
+        result["flops_per_step"] / 197e12, result["bytes_accessed_per_step"] / 819e9))
 
 
 def test_demo_recipe_on_a_tpu_topology_with_overrides(monkeypatch, capsys):
@@ -57,7 +100,8 @@ def test_demo_recipe_on_a_tpu_topology_with_overrides(monkeypatch, capsys):
     def fake_compile(config, devices, per_chip_batch):
         seen.update(config=config, devices=devices, per_chip_batch=per_chip_batch)
         return {"argument_bytes": 1, "output_bytes": 1, "alias_bytes": 1, "temp_bytes": 1,
-                "bytes_per_chip": 2, "flops_per_step": 1e9, "compile_s": 0.0}
+                "bytes_per_chip": 2, "flops_per_step": 1e9, "bytes_accessed_per_step": None,
+                "compile_s": 0.0}
 
     monkeypatch.setattr(compile_bench, "compile_train_step", fake_compile)
     argv = ["--topology", "v5e:2x2", "--config", f"{REPO}/configs/magface.py:demo",
@@ -71,6 +115,38 @@ def test_demo_recipe_on_a_tpu_topology_with_overrides(monkeypatch, capsys):
     assert config.data.num_examples == 500 * 50
     assert seen["per_chip_batch"] == result["per_chip_batch"] == 64 // 8  # MagFace's 8 GPUs
     assert len(seen["devices"]) == CHIPS and result["device_kind"] == "TPU v5 lite"
+
+
+@pytest.mark.parametrize("topology, flops, bytes_accessed, bound, floor", [
+    # 1e13 FLOPs at v5p's 459 TFLOP/s: 21.8 ms; 2e10 bytes at 2,765 GB/s: 7.2 ms.
+    ("v5p:2x2x1", 1e13, 2e10, "compute", 1e13 / 459e12),
+    # The same step on a v5e (197 TFLOP/s, 819 GB/s): 50.8 ms against 24.4 ms.
+    ("v5e:2x2", 1e13, 2e10, "compute", 1e13 / 197e12),
+    # Ten times the bytes: 244 ms at v5e's bandwidth, memory-bound.
+    ("v5e:2x2", 1e13, 2e11, "memory", 2e11 / 819e9),
+    ("v6e:2x2", 1e13, 2e11, "memory", 2e11 / 1638e9),
+    ("v4:2x2x1", 1e13, 2e11, "memory", 2e11 / 1200e9),
+])
+def test_the_ceiling_is_the_slower_of_compute_and_memory(monkeypatch, topology, flops,
+                                                          bytes_accessed, bound, floor):
+    """The step's floor is the larger of its FLOPs at the chip's peak rate and its bytes
+    accessed at the chip's HBM bandwidth; the ceiling is the per-chip batch over it. The
+    compile is replaced by its figures (the tiny recipe's test compiles for real)."""
+    def fake_compile(config, devices, per_chip_batch):
+        return {"argument_bytes": 1, "output_bytes": 1, "alias_bytes": 0, "temp_bytes": 1,
+                "bytes_per_chip": 3, "flops_per_step": flops,
+                "bytes_accessed_per_step": bytes_accessed, "compile_s": 0.0}
+
+    monkeypatch.setattr(compile_bench, "compile_train_step", fake_compile)
+    config = compile_bench.load_config(f"{REPO}/configs/arcface.py:tiny", [])
+    result = compile_bench.run(topology, config, per_chip_batch=128)
+    assert result["bound"] == bound
+    assert result["step_s_floor"] == pytest.approx(floor)
+    assert result["images_per_s_per_chip_ceiling"] == pytest.approx(128 / floor)
+    # The FLOPs-only figure stays, for comparison, and is never below the ceiling.
+    assert result["images_per_s_per_chip_at_peak"] >= result["images_per_s_per_chip_ceiling"]
+    lines = compile_bench.describe(result).splitlines()
+    assert f"{bound}-bound, at most {128 / floor:.0f} images/s per chip" in lines[-1]
 
 
 def test_a_step_too_large_for_the_chip_reports_fits_false(monkeypatch, capsys):

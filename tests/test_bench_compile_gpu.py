@@ -61,6 +61,12 @@ def test_demo_on_two_h100s_its_counts_the_overrides_and_memory_follow_the_shapes
     assert products <= delta["flops_per_step"] <= 1.1 * products
     assert small["images_per_s_per_chip_at_peak"] == pytest.approx(
         16 * 989.5e12 / small["flops_per_step"])
+    # Bytes accessed, from the same CPU compile (an estimate of the GPU program's): the ceiling
+    # is the slower of the FLOPs at 989.5 TFLOP/s and the bytes at the H100's 3,350 GB/s.
+    floor = max(small["flops_per_step"] / 989.5e12, small["bytes_accessed_per_step"] / 3350e9)
+    assert small["memory_bandwidth_bytes_per_s"] == 3350e9
+    assert small["bytes_accessed_per_step"] > small["argument_bytes"]  # the state is read
+    assert small["images_per_s_per_chip_ceiling"] == pytest.approx(16 / floor)
 
 
 @pytest.mark.parametrize("override, says", [

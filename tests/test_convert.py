@@ -115,6 +115,87 @@ def test_conversion_matches_pytorch_forward(tmp_path, capsys, source, arch):
     assert rel < 1e-4, rel
 
 
+def _uninitialised_torch(arch):
+    """``arch``'s PyTorch module with uninitialised floating-point tensors (for
+    :func:`_randomise` to fill) and zero ``num_batches_tracked``, built without running the
+    official initialisers: the ViTs' ``trunc_normal_`` of millions of weights takes seconds."""
+    with torch.device("meta"):
+        module = torch_reference.build_torch(arch)
+    module = module.to_empty(device="cpu")
+    with torch.no_grad():
+        for tensor in module.buffers():
+            if not tensor.dtype.is_floating_point:
+                tensor.zero_()
+    return module
+
+
+def _agreement(got, expected):
+    """Per row: cosine of ``got`` with ``expected`` and relative difference of their norms."""
+    got_norms, norms = np.linalg.norm(got, axis=1), np.linalg.norm(expected, axis=1)
+    cosines = np.sum(got * expected, axis=1) / (got_norms * norms)
+    return cosines, np.abs(got_norms - norms) / norms
+
+
+# ViT-S through the export too would add ~15 s on 2 CPU cores (serialising and running a 76 M
+# parameter ONNX file) and test no wiring that ViT-T does not.
+@pytest.mark.parametrize("arch,through_export", [("vit_t", True), ("vit_s", False)])
+def test_vit_conversion_matches_pytorch_on_real_faces(tmp_path, capsys, arch, through_export):
+    """arcface_torch's ViT end to end on real face crops: backbone.pth -> ``magjax.convert``
+    -> ``FaceEncoder`` equals the PyTorch ViT's own embeddings (cosine >= 0.9999, norm within
+    1e-3); with ``through_export``, so does insightface's ``get_feat`` on the ``magjax.export``
+    ONNX file, and ``export --to arcface_torch`` writes the checkpoint back bit for bit. One
+    test, so that the model (19 M / 76 M parameters) is converted and compiled once."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("insightface")
+    from insightface.model_zoo import get_model
+    from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+    from test_export import insightface_faces
+
+    from magjax import export
+    from magjax.encoder import FaceEncoder
+
+    module = _randomise(_uninitialised_torch(arch), seed=7)
+    with torch.no_grad():  # _randomise's fan-in scale would make it ~0.005: too small to matter
+        module.pos_embed.normal_(0.0, 0.5)
+    original = module.state_dict()
+    ckpt = _save_official_layout(module, "arcface_torch", arch, tmp_path / "backbone.pth")
+    out = tmp_path / "converted"
+    argv = ["--from", "arcface_torch", str(ckpt), "--arch", arch, "--out", str(out)]
+    assert convert.main(argv) == 0, capsys.readouterr().err
+
+    faces = insightface_faces()  # RGB uint8 [5, 112, 112, 3]
+    x = (faces.astype(np.float32) / 255 - 0.5) / 0.5  # arcface_torch's input convention
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    unit = expected / np.linalg.norm(expected, axis=1, keepdims=True)
+    # The test has power only if the embedding depends on the face.
+    assert (unit @ unit.T - np.eye(len(faces))).max() < 0.99
+    embeddings, quality = FaceEncoder.load(out, batch_size=len(faces)).encode(faces)
+    cosines, norm_errors = _agreement(embeddings * quality[:, None], expected)
+    assert (cosines >= 0.9999).all() and (norm_errors <= 1e-3).all(), (cosines, norm_errors)
+    if not through_export:
+        return
+
+    onnx_path = tmp_path / "model.onnx"
+    assert export.main(["--workdir", str(out), "--out", str(onnx_path)]) == 0, \
+        capsys.readouterr().err
+    recogniser = get_model(str(onnx_path), providers=["CPUExecutionProvider"])
+    # arcface_torch's convention: insightface must normalise itself, (x - 127.5) / 127.5.
+    assert isinstance(recogniser, ArcFaceONNX)
+    assert (recogniser.input_mean, recogniser.input_std) == (127.5, 127.5)
+    feats = recogniser.get_feat([np.ascontiguousarray(face[..., ::-1]) for face in faces])
+    cosines, norm_errors = _agreement(feats, expected)
+    assert (cosines >= 0.9999).all() and (norm_errors <= 1e-3).all(), (cosines, norm_errors)
+
+    exported = tmp_path / "exported.pth"
+    assert export.main(["--workdir", str(out), "--to", "arcface_torch", "--out",
+                        str(exported)]) == 0, capsys.readouterr().err
+    state = torch.load(exported, map_location="cpu", weights_only=True)
+    assert sorted(state) == sorted(original)
+    for key, tensor in original.items():
+        assert state[key].dtype == tensor.dtype and torch.equal(state[key], tensor), key
+
+
 def test_torch_reference_has_official_layout_and_counts():
     """The parity modules must save exactly the official key names, else the converter would be
     tested against a layout no real checkpoint has."""
@@ -196,6 +277,27 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(mbf_state):
     assert "'conv_sep.layers.0.weight' has shape (512, 128, 1, 1), expected (512, 256, 1, 1)" in (
         message
     )
+
+
+def test_vit_checkpoint_is_read_strictly():
+    """Every tensor of a ViT checkpoint is required and shape-checked, the raw parameters
+    ``pos_embed`` and ``mask_token`` (which inference does not use) included."""
+    with torch.device("meta"):
+        shapes = torch_reference.build_torch("vit_t").state_dict()
+    state = {k: np.zeros(v.shape, np.float32) for k, v in shapes.items()
+             if "num_batches" not in k}
+    convert.convert_state_dict(state, "vit_t")  # complete: converts
+    del state["pos_embed"], state["mask_token"]
+    state["blocks.3.attn.qkv.weight"] = np.zeros((256, 768), np.float32)
+    state["blocks.12.norm1.weight"] = np.zeros(256, np.float32)  # a block of a deeper ViT
+    with pytest.raises(convert.ConversionError) as info:
+        convert.convert_state_dict(state, "vit_t")
+    message = str(info.value)
+    assert "missing tensor 'pos_embed' (expected shape (1, 144, 256))" in message
+    assert "missing tensor 'mask_token' (expected shape (1, 1, 256))" in message
+    assert ("'blocks.3.attn.qkv.weight' has shape (256, 768), expected (768, 256) "
+            "(transposed?)") in message
+    assert "unexpected tensor 'blocks.12.norm1.weight' (256,)" in message
 
 
 def test_wrong_arch_for_checkpoint_is_an_error(mbf_state):

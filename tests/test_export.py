@@ -110,18 +110,26 @@ def assert_onnx_matches_jax(onnx_model_, arch, variables, spec, batches=(1, 7)):
         assert rel <= 1e-5, (arch, batch, rel)
 
 
+def insightface_feeds_raw_pixels(model):
+    """insightface ArcFaceONNX's rule: nodes named Sub*/_minus* and Mul*/_mul* among the first
+    eight mean "feed raw 0..255" (else it feeds (x - 127.5) / 127.5)."""
+    top = [node.name for node in model.graph.node[:8]]
+    return (any(n.startswith(("Sub", "_minus")) for n in top)
+            and any(n.startswith(("Mul", "_mul")) for n in top))
+
+
 @pytest.mark.parametrize("arch", ["tiny", "magface_tiny", "mbf", "iresnet18",
-                                  "magface_iresnet18", "ir_18"])
+                                  "magface_iresnet18", "ir_18", "vit_demo"])
 def test_onnx_matches_jax_forward_on_random_weights(arch):
     variables = random_variables(arch)
     spec = models.input_spec(arch)
     model = export.onnx_model(variables, arch, spec)
     props = {p.key: p.value for p in model.metadata_props}
     assert props["magjax_arch"] == arch and props["magjax_family"] == models.family(arch)
-    top = [node.name for node in model.graph.node[:8]]
-    has_sub_mul = any(n.startswith("Sub") for n in top) and any(n.startswith("Mul") for n in top)
-    # insightface's rule: Sub* and Mul* at the top mean "feed raw 0..255".
-    assert has_sub_mul == (spec != export.INSIGHTFACE_DEFAULT_SPEC)
+    assert insightface_feeds_raw_pixels(model) == (spec != export.INSIGHTFACE_DEFAULT_SPEC)
+    if spec == export.INSIGHTFACE_DEFAULT_SPEC:  # not even one of the two names at the top
+        top = [node.name for node in model.graph.node[:8]]
+        assert not any(n.startswith(("Sub", "_minus", "Mul", "_mul")) for n in top), top
     assert_onnx_matches_jax(model, arch, variables, spec)
 
 
@@ -164,7 +172,7 @@ def insightface_agrees(onnx_path, workdir, faces_rgb):
 
 # Each arch with an arch of another input convention (whose spec is the wrong one for it).
 @pytest.mark.parametrize("arch,wrong_arch", [("tiny", "magface_tiny"), ("magface_tiny", "tiny"),
-                                             ("ir_18", "tiny")])
+                                             ("ir_18", "tiny"), ("vit_demo", "magface_tiny")])
 def test_insightface_reproduces_face_encoder(tmp_path, capsys, arch, wrong_arch):
     """The three conventions (arcface_torch RGB; MagFace BGR x/255; AdaFace BGR
     (x/255-0.5)/0.5) through insightface's own loader and preprocessing."""
@@ -190,6 +198,8 @@ def test_insightface_reproduces_face_encoder(tmp_path, capsys, arch, wrong_arch)
 
 
 # ------------------------------------------------- official PyTorch layouts, round trip
+# (The ViT's: test_convert.test_vit_conversion_matches_pytorch_on_real_faces, which converts a
+# ViT-T checkpoint, compares with PyTorch, exports to ONNX and back to arcface_torch in one go.)
 
 
 @pytest.mark.parametrize("source,arch", [("arcface_torch", "iresnet18"),
@@ -257,3 +267,91 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert existing.read_bytes() == b"an earlier export"
     assert export.main(["--workdir", str(workdir), "--out", str(existing), "--overwrite"]) == 0
     assert existing.read_bytes() != b"an earlier export"
+
+
+def test_model_over_the_protobuf_limit_is_written_with_external_data(tmp_path, capsys,
+                                                                      monkeypatch):
+    """vit_h's ~3 GB of weights exceed protobuf's 2 GiB: such a model is written as a graph and
+    one external-data file beside it (here the threshold is lowered so that vit_demo crosses
+    it). onnxruntime and insightface load it by path and give the self-contained file's output
+    exactly; both files appear whole or not at all and a rerun refuses either."""
+    import stat
+
+    import onnx
+    from insightface.model_zoo import get_model
+    from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+
+    arch = "vit_demo"
+    variables = random_variables(arch, seed=4)
+    spec = models.input_spec(arch)
+    workdir = tmp_path / "run"
+    checkpoint.save_inference_model(workdir / "model", variables,
+                                    {"arch": arch, "input_spec": spec})
+    single, out = tmp_path / "single.onnx", tmp_path / "big.onnx"
+    data = tmp_path / "big.onnx.data"
+    assert export.main(["--workdir", str(workdir), "--out", str(single)]) == 0
+    assert "weights" not in capsys.readouterr().out
+    assert not (tmp_path / "single.onnx.data").exists()
+    full_weights = export.weight_bytes(onnx.load(str(single)))
+    assert full_weights > 2**21  # vit_demo: ~2.9 MB of float32 weights
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_THRESHOLD", 2**20)
+    assert export.main(["--workdir", str(workdir), "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert f"its weights {data} " in printed and "\n" not in printed.strip()
+    # Nothing else (no temporary directory) is left beside them; the weights file has the
+    # user's file mode (onnx creates it 0600, which would hide it from a serving container).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "run",
+                                                          "single.onnx"]
+    assert stat.S_IMODE(data.stat().st_mode) == stat.S_IMODE(single.stat().st_mode)
+    graph_only = onnx.load(str(out), load_external_data=False)
+    locations = {entry.value for tensor in graph_only.graph.initializer
+                 for entry in tensor.external_data if entry.key == "location"}
+    assert locations == {"big.onnx.data"}
+    # All but the tensors under 1 KiB (onnx's size_threshold) are in the data file.
+    assert out.stat().st_size < 0.02 * full_weights < 0.02 * data.stat().st_size / 0.99
+    onnx.checker.check_model(str(out))
+
+    faces = insightface_faces()
+    x = onnx_input(faces, spec)
+    expected = session(str(single)).run(None, {export.INPUT_NAME: x})[0]
+    np.testing.assert_array_equal(session(str(out)).run(None, {export.INPUT_NAME: x})[0],
+                                  expected)
+    recogniser = get_model(str(out), providers=["CPUExecutionProvider"])
+    assert isinstance(recogniser, ArcFaceONNX)
+    bgr = [np.ascontiguousarray(f[..., ::-1]) for f in faces]
+    reference = get_model(str(single), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(recogniser.get_feat(bgr), reference.get_feat(bgr))
+
+    # A rerun without --overwrite refuses the graph, or the weights of an earlier export alone.
+    before = (out.read_bytes(), data.read_bytes())
+    assert export.main(["--workdir", str(workdir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"--out {out} already exists" in err
+    moved = tmp_path / "moved.onnx"
+    out.rename(moved)
+    assert export.main(["--workdir", str(workdir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"error: {data} ") and "--overwrite" in err
+    assert not out.exists() and data.read_bytes() == before[1]
+    moved.rename(out)
+
+    # A failed write (the check, after both files are written) leaves the earlier pair as it
+    # was and nothing else.
+    def fail(model, *args, **kwargs):
+        raise onnx.checker.ValidationError("injected")
+
+    model = export.onnx_model(variables, arch, spec)
+    with monkeypatch.context() as patch:
+        patch.setattr(onnx.checker, "check_model", fail)
+        with pytest.raises(onnx.checker.ValidationError, match="injected"):
+            export.save_onnx(model, out)
+    assert (out.read_bytes(), data.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "run",
+                                                          "single.onnx"]
+
+    # --overwrite with the real threshold: one self-contained file, the stale weights removed.
+    monkeypatch.undo()
+    assert export.main(["--workdir", str(workdir), "--out", str(out), "--overwrite"]) == 0
+    assert not data.exists() and out.read_bytes() == single.read_bytes()

@@ -7,7 +7,9 @@ a margin head per family, ``torch.optim.SGD`` with each trainer's parameter grou
 each trainer's schedule. Both sides start from the same weights (magjax.convert maps them) and
 take 5 steps on the same batches with momentum, weight decay and a changing learning rate;
 parameters and AdaFace's EMA state must agree to 1e-12, BatchNorm running statistics to
-1e-10 (relative to each tensor's largest value).
+1e-10 (relative to each tensor's largest value). The ViT case trains configs/arcface.py:vit_b's
+recipe (AdamW, CosFace, gradient accumulation) on the CPU ViT against ``torch.optim.AdamW``
+driven as arcface_torch's train_v2.py (parameters to 2e-12 absolute: see ADAMW_TOLERANCE).
 """
 
 import math
@@ -257,3 +259,115 @@ def test_five_steps_match_pytorch(loss_name, devices, x64):
     # The run moved everything it compares: a frozen comparison would pass trivially.
     moved = np.abs(np.asarray(state["batch_stats"]["features"]["var"]) - 1.0).max()
     assert moved > 1e-3
+
+
+# ----------------------------------------------------------------------- the ViT with AdamW
+
+def cosface_head(embeddings, weight, labels, s, m):
+    """PartialFC_V2 (sample rate 1) + CombinedMarginLoss(s, 1, 0, m): its CosFace branch, the
+    target logit s·(cos - m); softmax CE."""
+    cos = F.linear(F.normalize(embeddings), F.normalize(weight)).clamp(-1, 1)
+    onehot = F.one_hot(labels, cos.shape[1]).to(cos.dtype)
+    return F.cross_entropy(s * (cos - m * onehot), labels)
+
+
+def test_vit_adamw_with_accumulation_matches_pytorch(x64):
+    """configs/arcface.py:vit_b's training (AdamW with weight decay on every parameter, CosFace,
+    the clip at 5, gradient_acc) on the CPU ViT, 2 micro-batches per update, against
+    torch.optim.AdamW driven as arcface_torch's train_v2.py drives it: each micro-batch's loss
+    divided by gradient_acc and backpropagated, every 2nd micro-batch clip_grad_norm_(backbone,
+    5) and the step, the scheduler stepped every micro-batch (warm-up 2 micro-batches, decay to 0
+    at 6: the three updates at lr/2, 3lr/4, lr/4). 2 devices against 2 DDP ranks (the
+    embedding head's BatchNorms per device)."""
+    devices, accumulate, micro_batches, steps_per_epoch = 2, 2, 6, 2
+    config = recipes.get_config("arcface", "vit_b")
+    assert (config.optim.optimizer, config.loss.name, config.optim.grad_clip_norm) == (
+        "adamw", "cosface", 5.0)
+    config.model.update(arch="vit_demo", dtype="float64")
+    config.head.sample_rate = 1.0
+    config.global_batch = BATCH
+    config.optim.update(accumulate_steps=accumulate, warmup_epochs=1.0)
+    mesh = parallel.make_mesh(devices)
+    components = train.build_components(config, mesh, CLASSES, steps_per_epoch, micro_batches)
+    state = _to_float64(train.init_state(components, jax.random.key(0)))
+    step = jax.jit(train.make_train_step(components, jax.random.key(1)))
+
+    net = models.arch_spec("vit_demo").torch(None).double().train()
+    state_dict = _torch_state_dict_of({"params": state["params"]["backbone"],
+                                       "batch_stats": state["batch_stats"]})
+    loaded = net.load_state_dict({k: torch.from_numpy(np.array(v))
+                                  for k, v in state_dict.items()}, strict=False)
+    assert not loaded.unexpected_keys
+    assert all(key.endswith("num_batches_tracked") for key in loaded.missing_keys)
+    head_start = np.array(state["params"]["head"]["weight"])
+    head_weight = torch.nn.Parameter(torch.from_numpy(head_start.copy()))
+    # train_v2.py: both parameter lists, every tensor decayed; betas and eps left at their defaults
+    optimizer = torch.optim.AdamW([{"params": net.parameters()}, {"params": [head_weight]}],
+                                  lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+
+    def lr_at(micro_batch):  # PolynomialLRWarmup after `micro_batch` scheduler steps
+        return _schedule_lr(config, micro_batch, steps_per_epoch, micro_batches)
+
+    rng = np.random.default_rng(0)
+    for global_step in range(1, micro_batches + 1):
+        images = rng.integers(0, 256, (BATCH, *models.INPUT_SHAPE), dtype=np.uint8)
+        labels = rng.integers(0, CLASSES, BATCH).astype(np.int32)
+        state, metrics = step(state, {"image": images, "label": labels})
+
+        x = np.asarray(models.preprocess(images, components.input_spec, jnp.float64))
+        embeddings = _ddp_forward(net, torch.from_numpy(np.array(x.transpose(0, 3, 1, 2))),
+                                  devices)
+        value = cosface_head(embeddings, head_weight, torch.from_numpy(labels.astype(np.int64)),
+                             config.loss.s, config.loss.m)
+        (value / accumulate).backward()
+        update_at = (global_step - 1) // accumulate * accumulate + accumulate - 1
+        if global_step % accumulate == 0:
+            norm = torch.nn.utils.clip_grad_norm_(net.parameters(), config.optim.grad_clip_norm)
+            assert norm > config.optim.grad_clip_norm  # the clip acts
+            assert global_step - 1 == update_at
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(global_step - 1)
+            optimizer.step()
+            optimizer.zero_grad()
+        np.testing.assert_allclose(float(metrics["loss"]), value.item(), rtol=1e-12)
+        # the rate of the update this micro-batch's gradient goes into
+        np.testing.assert_allclose(float(metrics["lr"]), lr_at(update_at), rtol=1e-14)
+    assert [lr_at(k) for k in (1, 3, 5)] == pytest.approx(
+        [config.optim.lr / 2, 3 * config.optim.lr / 4, config.optim.lr / 4], rel=1e-12)
+
+    expected = traverse_util.flatten_dict(convert.convert_state_dict(
+        {k: v.detach().numpy() for k, v in net.state_dict().items()
+         if not k.endswith("num_batches_tracked")}, "vit_demo", np.float64))
+    actual = traverse_util.flatten_dict(
+        {"params": state["params"]["backbone"], "batch_stats": state["batch_stats"]})
+    start = traverse_util.flatten_dict(convert.convert_state_dict(
+        state_dict, "vit_demo", np.float64))
+    expected[("params", "head weight")] = head_weight.detach().numpy()
+    actual[("params", "head weight")] = state["params"]["head"]["weight"]
+    start[("params", "head weight")] = head_start
+    # Without masking mask_token takes no part: PyTorch's AdamW skips it (no grad), magjax
+    # neither decays nor moves it (models.trainable_mask).
+    np.testing.assert_array_equal(actual[("params", "mask_token")], start[("params", "mask_token")])
+    np.testing.assert_array_equal(expected[("params", "mask_token")],
+                                  start[("params", "mask_token")])
+    for path, value in expected.items():
+        if path[0] == "batch_stats":
+            assert _relative_difference(actual[path], value) <= STATISTICS_TOLERANCE, path
+        elif path in VIT_ZERO_GRADIENT:
+            # Both sides keep them at 0 up to AdamW's lr·noise/eps steps (about 1e-12).
+            assert np.abs(actual[path]).max() < 1e-10 and np.abs(value).max() < 1e-10, path
+        elif path[-1] != "mask_token":
+            assert np.abs(np.asarray(actual[path]) - value).max() <= ADAMW_TOLERANCE, path
+            # AdamW moves each parameter by about lr per update: none stood still.
+            assert np.abs(value - start[path]).max() > 1e-4, path
+
+
+# AdamW divides each gradient element by its magnitude plus eps 1e-8: where an element is near
+# eps, PyTorch's and XLA's float64 roundings of it (~1e-17 apart) move the step by up to
+# lr·1e-17/eps ~ 1e-12; measured at most 8e-13 (the embedding Linear feature_0), absolute.
+ADAMW_TOLERANCE = 2e-12
+# Biases whose gradient is zero but for rounding (~1e-18): a constant shift of every sample's
+# features that the next BatchNorm's batch mean removes (the final LayerNorm's bias before
+# feature_0 -> feature_1, feature_1's bias before feature_2 -> feature_3); AdamW normalises
+# that noise, so neither side holds a value worth comparing, only that it stays near 0.
+VIT_ZERO_GRADIENT = {("params", "norm", "bias"), ("params", "feature_1", "bias")}

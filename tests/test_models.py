@@ -94,6 +94,35 @@ def test_unknown_arch_lists_valid_ones():
         models.family("r50")
 
 
+def test_unknown_arch_is_one_line_naming_the_valid_ones(capsys):
+    with pytest.raises(models.UnknownArchError, match="unknown arch 'vit_x'; valid archs: .*vit_t"):
+        models.arch_spec("vit_x")
+    with pytest.raises(SystemExit) as exit_info:
+        models_cli.main(["summary", "vit_x"])
+    assert exit_info.value.code == 2
+    error_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(error_lines) == 1 and "vit_x" in error_lines[0], error_lines
+
+
+def test_every_arch_declares_the_official_state_dict_layout():
+    """The registry's promise for every family at once: the Flax variables of each arch map by
+    magjax.convert's rule onto exactly the keys and shapes of its PyTorch definition (built on
+    torch's meta device: no memory), so conversion and export have nothing per-arch to add."""
+    torch = pytest.importorskip("torch")
+    from magjax import convert
+
+    for arch in models.ARCHS:
+        abstract = traverse_util.flatten_dict(models.abstract_variables(arch))
+        ours = {convert._torch_key(collection, tuple(path)):
+                convert._torch_shape(spec.shape, path[-1])
+                for (collection, *path), spec in abstract.items()}
+        with torch.device("meta"):
+            module = models.arch_spec(arch).torch(models.dropout_rate(arch))
+        theirs = {key: tuple(value.shape) for key, value in module.state_dict().items()
+                  if not key.endswith("num_batches_tracked")}
+        assert ours == theirs, arch
+
+
 def test_families_and_input_specs():
     assert models.family("iresnet100") == "arcface_torch"
     assert models.family("mbf") == "arcface_torch"

@@ -1,4 +1,7 @@
-"""Optimizer pieces against float64 NumPy computations of the PyTorch formulas they reproduce."""
+"""Optimizer pieces against float64 NumPy computations of the PyTorch formulas they reproduce,
+and AdamW with gradient accumulation against PyTorch driven as arcface_torch's train_v2.py."""
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -134,7 +137,7 @@ def test_make_optimizer_rounds_the_backbone_gradients_only(x64):
     import optax
 
     config = ml_collections.ConfigDict(dict(
-        grad_clip_norm=None, grad_clip_eps=1e-6, grad_allreduce_dtype="float16",
+        optimizer="sgd", grad_clip_norm=None, grad_clip_eps=1e-6, grad_allreduce_dtype="float16",
         weight_decay=0.0, momentum=0.0, accumulate_steps=1))
     params = {"backbone": {"w": jnp.zeros(3)}, "head": {"w": jnp.zeros(3)}}
     mask = jax.tree.map(lambda _: True, params)
@@ -144,3 +147,154 @@ def test_make_optimizer_rounds_the_backbone_gradients_only(x64):
     np.testing.assert_array_equal(-updates["backbone"]["w"], g.astype(jnp.float16)
                                   .astype(jnp.float64))
     np.testing.assert_array_equal(-updates["head"]["w"], g)
+
+
+# ----------------------------------------- AdamW and gradient accumulation against PyTorch
+
+def _optim_config(optimizer, accumulate_steps=1, **changes):
+    """The recipes' optim fields (base_config) with arcface_torch's clip at 5."""
+    from magjax import recipes
+
+    config = recipes.base_config().optim
+    config.update(optimizer=optimizer, accumulate_steps=accumulate_steps, grad_clip_norm=5.0,
+                  warmup_style="arcface_torch", **changes)
+    return config
+
+
+_SHAPES = {"backbone": {"conv": (3, 4), "bn_scale": (4,)}, "head": {"weight": (6, 4)}}
+# arcface_torch's AdamW decays every parameter; one leaf off the mask checks the mask as well.
+_DECAY = {"backbone": {"conv": True, "bn_scale": False}, "head": {"weight": True}}
+
+
+def _micro_batch_loss(params, data, xp):
+    """A loss whose gradient depends on the parameters (so that a micro-batch computed with
+    parameters already updated would differ): sin of the backbone, a quadratic head."""
+    backbone = params["backbone"]
+    value = (xp.sin(backbone["conv"] * data["a"]).sum()
+             + (backbone["bn_scale"] ** 2 * data["b"]).sum() * 3.0
+             + ((params["head"]["weight"] - data["c"]) ** 2).sum())
+    return value * data["scale"]
+
+
+def _micro_batches(count, accumulate_steps, seed=0):
+    """Large and small gradients by turns of updates, so that the clip acts on some only."""
+    rng = np.random.default_rng(seed)
+    return [{"a": rng.standard_normal((3, 4)), "b": rng.standard_normal(4),
+             "c": rng.standard_normal((6, 4)),
+             "scale": 4.0 if k // accumulate_steps % 2 == 0 else 0.05} for k in range(count)]
+
+
+def _torch_train_v2(config, params, batches, lr_at, accumulate_steps):
+    """arcface_torch train_v2.py's loop, from its specification: each micro-batch's loss divided
+    by gradient_acc and backpropagated (gradients accumulate), every gradient_acc-th micro-batch
+    (global_step from 1) clip_grad_norm_(backbone, 5), optimizer step and zero_grad; the
+    scheduler steps after every micro-batch, so micro-batch k runs at lr_at(k). Returns the
+    parameters after every micro-batch."""
+    import torch
+
+    tensors = jax.tree.map(lambda p: torch.tensor(np.asarray(p), requires_grad=True), params)
+    pairs = list(zip(jax.tree.leaves(tensors), jax.tree.leaves(_DECAY), strict=True))
+    decayed, plain = [t for t, d in pairs if d], [t for t, d in pairs if not d]
+    groups = [{"params": decayed}, {"params": plain, "weight_decay": 0.0}]
+    if config.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=config.lr, betas=config.adam_betas,
+                                eps=config.adam_eps, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                              weight_decay=config.weight_decay)
+    history, clipped = [], []
+    for global_step, data in enumerate(batches, start=1):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(global_step - 1)
+        torch_data = {k: torch.tensor(v) if isinstance(v, np.ndarray) else v
+                      for k, v in data.items()}
+        (_micro_batch_loss(tensors, torch_data, torch) / accumulate_steps).backward()
+        if global_step % accumulate_steps == 0:
+            norm = torch.nn.utils.clip_grad_norm_(list(tensors["backbone"].values()), 5.0)
+            clipped.append(bool(norm > 5.0))
+            opt.step()
+            opt.zero_grad()
+        history.append(jax.tree.map(lambda t: t.detach().numpy().copy(), tensors))
+    return history, clipped
+
+
+@pytest.mark.parametrize("optimizer, accumulate_steps", [
+    ("adamw", 1), ("adamw", 3), ("sgd", 3)])
+def test_optimizer_and_accumulation_follow_train_v2(optimizer, accumulate_steps, x64):
+    """make_optimizer with the per-update schedule, micro-batch by micro-batch, equals
+    torch.optim.AdamW / SGD driven as train_v2.py drives them (4 updates, the rate changing at
+    every micro-batch: arcface_torch's warm-up then the linear decay, both in micro-batches)."""
+    import optax
+
+    lr, steps_per_epoch, updates = 1e-3, 3, 4
+    total = updates * accumulate_steps
+    config = _optim_config(optimizer, accumulate_steps, lr=lr, warmup_epochs=1.0,
+                           weight_decay=0.1, momentum=0.9)
+    micro = optim.learning_rate_schedule(config, steps_per_epoch, total)
+    tx = optim.make_optimizer(config, optim.per_update_schedule(micro, accumulate_steps),
+                              _DECAY)
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda shape: jnp.asarray(rng.standard_normal(shape)), _SHAPES,
+                          is_leaf=lambda x: isinstance(x, tuple))
+    batches = _micro_batches(total, accumulate_steps)
+
+    def lr_at(k):
+        return float(_polynomial_lr_warmup(lr, steps_per_epoch, total, [k])[0])
+
+    expected, clipped = _torch_train_v2(config, params, batches, lr_at, accumulate_steps)
+    assert True in clipped and False in clipped  # the clip acts on some updates only
+    state = tx.init(params)
+    update = jax.jit(lambda p, s, d: tx.update(
+        jax.grad(_micro_batch_loss)(p, d, jnp), s, p))
+    for k, data in enumerate(batches):
+        updates_k, state = update(params, state, jax.tree.map(jnp.asarray, data))
+        params = optax.apply_updates(params, updates_k)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14),
+                     params, expected[k])
+    moved = np.abs(expected[-1]["backbone"]["bn_scale"] - expected[0]["backbone"]["bn_scale"])
+    assert moved.max() > 1e-4
+
+
+def test_update_u_takes_the_rate_of_its_last_micro_batch(x64):
+    """train_v2.py with gradient_acc 3: update u steps at micro-batch 3u + 2, after the scheduler
+    has stepped 3u + 2 times. With 2 micro-batches per epoch, 1 warm-up epoch (2 micro-batches)
+    and 12 micro-batches: the end of the warm-up (lr), then the decay at 5, 8 and 11."""
+    lr = 0.5
+    config = _poly_config("arcface_torch", warmup_epochs=1.0, lr=lr)
+    micro = optim.learning_rate_schedule(config, 2, 12)
+    schedule = optim.per_update_schedule(micro, 3)
+    values = [float(schedule(jnp.asarray(u))) for u in range(4)]
+    np.testing.assert_allclose(values, lr * np.array([1 - 0 / 10, 1 - 3 / 10, 1 - 6 / 10,
+                                                      1 - 9 / 10]), rtol=1e-14)
+    assert optim.per_update_schedule(micro, 1) is micro  # no accumulation: the schedule itself
+
+
+def test_a_run_saved_before_the_optimizer_fields_resumes_as_sgd():
+    """config.json of a run started before optim.optimizer, adam_betas and adam_eps existed: it
+    trained SGD, so it resumes while they keep their defaults, and switching it to AdamW (whose
+    state the checkpoint does not hold) is named as a change."""
+    from magjax import config_check, recipes
+
+    current = config_check.as_json_dict(recipes.get_config("arcface", "r50"))
+    saved = json.loads(json.dumps(current))
+    for field in ("optimizer", "adam_betas", "adam_eps"):
+        del saved["optim"][field]
+    assert config_check.changed_fields(saved, current) == []
+    current["optim"]["optimizer"] = "adamw"
+    assert config_check.changed_fields(saved, current) == ["optim.optimizer: 'sgd' -> 'adamw'"]
+
+
+def test_freeze_unsampled_with_accumulation_is_refused():
+    """Each micro-batch samples other classes; keep_unsampled_rows, which keeps the rows the step
+    did not sample, would drop the rows earlier micro-batches sampled from the update."""
+    from magjax import config_check, recipes
+
+    config = recipes.get_config("arcface", "tiny")
+    config.head.update(freeze_unsampled=True, sample_rate=0.5)
+    assert config_check.problems(config) == []
+    config.optim.accumulate_steps = 2
+    (problem,) = config_check.problems(config)
+    assert problem.startswith("config.head.freeze_unsampled cannot be combined with "
+                              "config.optim.accumulate_steps > 1")
+    config.head.sample_rate = 1.0  # no Partial FC: nothing is frozen
+    assert config_check.problems(config) == []

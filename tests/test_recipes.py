@@ -81,10 +81,76 @@ def test_every_arcface_torch_recipe_follows_its_official_config(dataset, backbon
     assert c.optim.grad_clip_norm == 5.0 and c.optim.grad_clip_eps == 1e-6
     assert c.optim.warmup_style == "arcface_torch"
     # every official config is in the table, and nothing else is
-    assert set(recipes.ARCFACE_TORCH_RECIPES) == set(OFFICIAL_ARCFACE_TORCH)
+    assert set(recipes.ARCFACE_TORCH_RECIPES) == set(OFFICIAL_ARCFACE_TORCH) | {
+        ("webface42m", variant) for variant in OFFICIAL_VIT}
+
+
+# arcface_torch's ViT configs, written out here: variant of configs/arcface.py -> (source file,
+# config.network, batch_size per GPU, GPUs, gradient_acc, num_epoch, warmup_epoch, sample_rate).
+# All: WebFace42M (2,059,906 classes, 42,474,557 images), margin_list (1.0, 0.0, 0.4), AdamW,
+# lr 0.001, weight_decay 0.1. vit_h's GPUs: dist.sh of the commit adding its config (5 x 8).
+OFFICIAL_VIT = {
+    "vit_t": ("configs/wf42m_pfc03_40epoch_8gpu_vit_t.py", "vit_t_dp005_mask0", 512, 8, 1, 40,
+              4, 0.3),
+    "vit_s": ("configs/wf42m_pfc03_40epoch_64gpu_vit_s.py", "vit_s_dp005_mask_0", 384, 64, 1,
+              40, 4, 0.3),
+    "vit_b": ("configs/wf42m_pfc03_40epoch_8gpu_vit_b.py", "vit_b_dp005_mask_005", 256, 8, 12,
+              40, 4, 0.3),
+    "vit_l": ("configs/wf42m_pfc03_40epoch_64gpu_vit_l.py", "vit_l_dp005_mask_005", 384, 64, 1,
+              40, 4, 0.3),
+    "vit_h": ("configs/wf42m_pfc02_vit_h.py", "vit_h", 768, 40, 1, 16, 2, 0.5),
+}
+
+
+@pytest.mark.parametrize("variant", list(OFFICIAL_VIT))
+def test_every_vit_recipe_follows_its_official_config(variant):
+    from magjax import config_check
+
+    source, network, per_gpu, gpus, acc, epochs, warmup, sample_rate = OFFICIAL_VIT[variant]
+    c = recipes.config_from_file(f"configs/arcface.py:{variant}")
+    assert recipes.ARCFACE_TORCH_RECIPES[("webface42m", variant)].source == source
+    assert c.model.arch == network and c.model.dtype == "bfloat16"
+    assert (c.data.dataset, c.data.num_classes, c.data.num_examples) == (
+        "webface42m", 2_059_906, 42_474_557)
+    # margin_list (1.0, 0.0, 0.4): CombinedMarginLoss's CosFace branch, s 64
+    assert c.loss.to_dict() == {"name": "cosface", "s": 64.0, "m": 0.4,
+                                "probability_floor": 1e-30,
+                                "interclass_filtering_threshold": 0.0}
+    # torch.optim.AdamW(lr, weight_decay) with its default betas and eps, on every parameter
+    assert (c.optim.optimizer, c.optim.lr, c.optim.weight_decay, tuple(c.optim.adam_betas),
+            c.optim.adam_eps, c.optim.decay_batchnorm) == (
+        "adamw", 0.001, 0.1, (0.9, 0.999), 1e-8, True)
+    assert (c.global_batch, c.optim.accumulate_steps) == (per_gpu * gpus, acc)
+    assert recipes.official_per_device_batch(c) == per_gpu
+    assert (c.epochs, c.optim.warmup_epochs, c.head.sample_rate) == (epochs, warmup, sample_rate)
+    assert (c.optim.schedule, c.optim.warmup_style, c.optim.grad_clip_norm,
+            c.optim.grad_clip_eps) == ("poly", "arcface_torch", 5.0, 1e-6)
+    assert (c.model.batchnorm_stats, c.head.freeze_unsampled) == ("per_device", False)
+    assert config_check.problems(c) == []
+    # the other arcface_torch loss file gives the same recipe; an explicit pfc still wins
+    assert recipes.get_config("cosface", variant).to_dict() == c.to_dict()
+    assert recipes.get_config("arcface", f"{variant},pfc0.1").head.sample_rate == 0.1
+
+
+def test_vit_recipes_on_another_dataset_and_outside_arcface_torch():
+    c = recipes.get_config("arcface", "vit_b,webface4m")
+    assert (c.data.dataset, c.data.num_classes, c.optim.optimizer, c.optim.accumulate_steps,
+            c.loss.name) == ("webface4m", 205_990, "adamw", 12, "cosface")
+    with pytest.raises(ValueError, match="arcface_torch recipe; use configs/arcface.py:vit_t"):
+        recipes.get_config("magface", "vit_t")
 
 
 def test_demo_keeps_its_own_settings():
     c = recipes.get_config("arcface", "demo")
     assert (c.model.arch, c.optim.warmup_epochs, c.model.batchnorm_stats) == (
         "tiny", 0.5, "global")
+
+
+def test_the_run_line_states_the_images_per_update():
+    from magjax import train
+
+    c = recipes.get_config("arcface", "vit_b")
+    line = train.run_description(c, "/data/wf42m", 8, 20_739, 829_560)
+    assert "global batch 2048 (12 per update: 24576 images) on 8 " in line
+    line = train.run_description(recipes.get_config("arcface", "vit_t"), "/data", 8, 10, 400)
+    assert "global batch 4096 on 8 " in line

@@ -293,7 +293,7 @@ BAD_FIELDS = [
     ("optim.accumulate_steps", 0, "config.optim.accumulate_steps must be an integer >= 1"),
     ("optim.schedule", "cosine", "config.optim.schedule must be 'poly' or 'step'"),
     ("optim.milestones", (18, 10), "config.optim.milestones must be increasing epochs"),
-    ("model.arch", "resnet9", "config.model.arch must be an architecture"),
+    ("model.arch", "resnet9", "config.model.arch must be one of the archs iresnet18, "),
     ("loss.s", -64.0, "config.loss.s must be > 0"),
     ("loss.u_a", 5.0, "config.loss.u_a is not a hyper-parameter of the arcface loss"),
     ("loss.name", "magface", "config.loss.m is not a hyper-parameter of the magface loss"),
@@ -304,6 +304,9 @@ BAD_FIELDS = [
     ("optim.grad_allreduce_dtype", "int8", "config.optim.grad_allreduce_dtype must be one of"),
     ("optim.grad_clip_eps", -1e-6, "config.optim.grad_clip_eps must be >= 0"),
     ("head.block_size", -1, "config.head.block_size must be an integer >= 1"),
+    ("optim.optimizer", "adam", "config.optim.optimizer must be one of ('sgd', 'adamw')"),
+    ("optim.adam_betas", (0.9, 1.0), "config.optim.adam_betas must be two numbers in [0, 1)"),
+    ("optim.adam_eps", -1e-8, "config.optim.adam_eps must be >= 0"),
 ]
 
 

@@ -20,16 +20,27 @@ demo's from its synthetic options; ``--classes`` overrides the first), and ``--c
 overrides any config field as ``magjax.main`` does.
 
 Prints per chip XLA's memory analysis (arguments, outputs, aliases, temporaries) against the
-chip's memory and whether it fits, the FLOPs of one step, the time those FLOPs take at the
-chip's peak bf16 rate (hence a ceiling in images per second per chip), and the compile time. The
-last line is JSON. The cost model's own time estimate is not reported: on a CPU host it comes
-back negative (jax-stack.md).
+chip's memory and whether it fits, the FLOPs and the bytes accessed of one step (XLA's cost
+analysis of the compiled program), the time the FLOPs take at the chip's peak bf16 rate and the
+time the bytes take at its HBM bandwidth, the larger of the two as the step's floor (hence a
+ceiling in images per second per chip: a roofline bound, communication and overlap ignored),
+and the compile time. The last line is JSON. The cost model's own time estimate is not
+reported: on a CPU host it comes back negative (jax-stack.md).
+
+The bytes are XLA's cost model of the traffic, not a measurement: for a TPU it counts a chain of
+element-wise operations at exactly its operands and result, but a bf16 matrix product at 2-3
+times them (BENCHMARKS.md), so a memory-bound floor may be pessimistic by up to that much.
+XLA's cost analysis counts a loop's body once, whatever its trip count: a step with a
+``while`` loop (``head.block_size``'s blocked head) is undercounted in FLOPs and bytes alike, so
+its floor is too low and its ceiling too high. A conditional counts its costliest branch
+(``optax.MultiSteps``' update, under gradient accumulation, is counted in every micro-step).
 
 On GPUs, ``fits`` holds the step against the memory jax lets a process use: 75% of the GPU's
 unless ``XLA_PYTHON_CLIENT_MEM_FRACTION`` (read from the environment, as training would) says
-otherwise. XLA's GPU compiler reports no FLOPs: ``--flops`` counts them by compiling the same
-step once more for this host's CPU over as many devices (the same per-device program; as long
-again), otherwise they, and the ceiling, are null.
+otherwise. XLA's GPU compiler reports no cost analysis: ``--flops`` counts the FLOPs and the
+bytes accessed by compiling the same step once more for this host's CPU over as many devices
+(the same per-device program, as long again; the bytes are XLA:CPU's fusion of it, an estimate
+of the GPU's), otherwise they, and the ceiling, are null.
 """
 
 from __future__ import annotations
@@ -54,6 +65,17 @@ TPU_CHIPS = {
     "v5e": (16, 197.0),
     "v5p": (95, 459.0),
     "v6e": (32, 918.0),
+}
+# HBM bandwidth per chip in bytes/s, from the same pages (docs.cloud.google.com/tpu/docs/v4,
+# /v5e, /v5p, /v6e, read 2026-12-07): v4 "HBM2 capacity and bandwidth 32 GiB, 1200 GBps" (not
+# the 1228 GB/s some papers quote), v5e "16 GB, 819 GBps" (a newer revision of the page says
+# "800 GiBps", 859 GB/s; 819 is kept, the figure the chip was announced with), v5p "95GB, 2765
+# GBps", v6e "HBM bandwidth per chip 1638 GBps". The GPUs' are in gpu_targets.GPUS.
+TPU_HBM_BANDWIDTH = {
+    "v4": 1200e9,
+    "v5e": 819e9,
+    "v5p": 2765e9,
+    "v6e": 1638e9,
 }
 GIB = 2**30
 
@@ -91,6 +113,32 @@ def chip_facts(topology: str) -> tuple[int, float]:
                         f"TPUs: {', '.join(TPU_CHIPS)}; GPUs: {', '.join(gpu_targets.GPUS)}")
     hbm_gib, tflops = TPU_CHIPS[generation]
     return hbm_gib * GIB, tflops * 1e12
+
+
+def memory_bandwidth(topology: str) -> float:
+    """Bytes/s one chip of ``topology`` reads and writes its memory (HBM) at, at most."""
+    gpu = gpu_targets.parse_topology(topology)
+    if gpu is not None:
+        return gpu_targets.GPUS[gpu[0]].memory_bandwidth
+    chip_facts(topology)  # an unknown generation: the one error, naming the known ones
+    return TPU_HBM_BANDWIDTH[topology.split(":")[0]]
+
+
+def roofline(flops: float | None, bytes_accessed: float | None, peak: float, bandwidth: float,
+             per_chip_batch: int) -> dict:
+    """The step's time floor per chip: the larger of its FLOPs at the ``peak`` rate and its bytes
+    accessed at the memory ``bandwidth`` (a step cannot be faster than either), the bound that
+    sets it, and the images per second per chip it allows. None where a count is missing: a
+    floor from one of the two would overstate the ceiling."""
+    compute_s = flops / peak if flops else None
+    memory_s = bytes_accessed / bandwidth if bytes_accessed else None
+    if compute_s is None or memory_s is None:
+        return {"step_s_at_bandwidth": memory_s, "step_s_floor": None, "bound": None,
+                "images_per_s_per_chip_ceiling": None}
+    floor = max(compute_s, memory_s)
+    return {"step_s_at_bandwidth": memory_s, "step_s_floor": floor,
+            "bound": "memory" if memory_s > compute_s else "compute",
+            "images_per_s_per_chip_ceiling": per_chip_batch / floor}
 
 
 def prepare_gpu_environment() -> None:
@@ -210,6 +258,7 @@ def compile_train_step(config, devices: list, per_chip_batch: int) -> dict:
         # is how capacity's search counts it), not a traceback.
         return {"fits": False, "temp_bytes_asked": asked, "bytes_per_chip": asked,
                 "error": cli.one_line(str(error).splitlines()[0]), "flops_per_step": None,
+                "bytes_accessed_per_step": None,
                 "compile_s": round(time.perf_counter() - start, 1)}
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
@@ -223,15 +272,23 @@ def compile_train_step(config, devices: list, per_chip_batch: int) -> dict:
     }
     figures["bytes_per_chip"] = (figures["argument_bytes"] + figures["output_bytes"]
                                  - figures["alias_bytes"] + figures["temp_bytes"])
+    # "bytes accessed": XLA's cost model of the step's memory traffic, the bytes the optimised
+    # program's instructions read and write (libtpu 0.0.42 also returns its parts by operand,
+    # "bytes accessed0{}", ..., and by output, "bytes accessedout{}"; "optimal_seconds" is
+    # negative on this host).
     figures.update(flops_per_step=float(cost["flops"]) if cost else None,
+                   bytes_accessed_per_step=(float(cost["bytes accessed"])
+                                            if cost and "bytes accessed" in cost else None),
                    compile_s=round(compile_s, 1))
     return figures
 
 
-def host_flops(config, chips: int, per_chip_batch: int) -> float:
-    """FLOPs per device of ``config``'s step compiled for this host's CPU over ``chips``
-    devices: the program each GPU runs, partitioned the same way (XLA's GPU compiler counts
-    none). The command line splits the CPU into that many devices before jax starts."""
+def host_cost(config, chips: int, per_chip_batch: int) -> tuple[float, float | None]:
+    """FLOPs and bytes accessed per device of ``config``'s step compiled for this host's CPU over
+    ``chips`` devices: the program each GPU runs, partitioned the same way (XLA's GPU compiler
+    counts neither). The FLOPs are the GPU program's; the bytes are XLA:CPU's fusion of it, an
+    estimate of the GPU's (XLA:GPU fuses more, so it moves fewer). The command line splits the
+    CPU into that many devices before jax starts."""
     import jax
 
     from magjax import logs
@@ -243,7 +300,8 @@ def host_flops(config, chips: int, per_chip_batch: int) -> float:
     if len(cpus) < chips:
         raise UserError(f"--flops needs {chips} CPU devices to compile the {chips}-device step "
                         f"on this host, jax has {len(cpus)} (set before jax started)")
-    return compile_train_step(config, cpus[:chips], per_chip_batch)["flops_per_step"]
+    figures = compile_train_step(config, cpus[:chips], per_chip_batch)
+    return figures["flops_per_step"], figures["bytes_accessed_per_step"]
 
 
 def counted(config):
@@ -297,9 +355,11 @@ def run(topology: str, config, per_chip_batch: int | None = None,
         config.data.num_classes = classes
     figures = compile_train_step(config, devices, per_chip_batch)
     if figures["flops_per_step"] is None and flops:
-        figures["flops_per_step"] = host_flops(config, len(devices), per_chip_batch)
+        figures["flops_per_step"], figures["bytes_accessed_per_step"] = host_cost(
+            config, len(devices), per_chip_batch)
     usable = memory_budget(topology)
     peak_s = figures["flops_per_step"] / peak if figures["flops_per_step"] else None
+    bandwidth = memory_bandwidth(topology)
     result = {
         "topology": topology, "chips": len(devices), "device_kind": devices[0].device_kind,
         "arch": config.model.arch, "loss": config.loss.name, "dtype": config.model.dtype,
@@ -308,13 +368,16 @@ def run(topology: str, config, per_chip_batch: int | None = None,
         "usable_bytes_per_chip": usable,
         "fits": figures.get("fits", figures["bytes_per_chip"] <= usable),
         "peak_bf16_flops_per_s": peak, "step_s_at_peak": peak_s,
+        # The FLOPs alone: kept for comparison; the ceiling is images_per_s_per_chip_ceiling.
         "images_per_s_per_chip_at_peak": per_chip_batch / peak_s if peak_s else None,
+        "memory_bandwidth_bytes_per_s": bandwidth,
+        **roofline(figures["flops_per_step"], figures.get("bytes_accessed_per_step"), peak,
+                   bandwidth, per_chip_batch),
     }
     if gpu:
         facts = gpu_targets.GPUS[gpu[0]]
         result.update(memory_fraction=gpu_targets.memory_fraction(),
                       peak_dtype=facts.peak_dtype,
-                      memory_bandwidth_bytes_per_s=facts.memory_bandwidth,
                       flops_source="host CPU compile" if flops else None)
     return result
 
@@ -348,8 +411,19 @@ def describe(result: dict) -> str:
         lines.append(
             f"{r['flops_per_step']:.3e} FLOPs per chip and step"
             + (" (counted on this host's CPU compile)" if gpu else "")
-            + f": {1e3 * r['step_s_at_peak']:.1f} ms at the peak {rate} rate, at most "
-            f"{r['images_per_s_per_chip_at_peak']:.0f} images/s per chip")
+            + f": {1e3 * r['step_s_at_peak']:.1f} ms at the peak {rate} rate")
+        if r.get("step_s_floor") is not None:
+            lines.append(
+                f"{r['bytes_accessed_per_step']:.3e} bytes accessed per chip and step"
+                + (" (this host's CPU compile: XLA:GPU fuses more)" if gpu else "")
+                + f": {1e3 * r['step_s_at_bandwidth']:.1f} ms at "
+                f"{r['memory_bandwidth_bytes_per_s'] / 1e9:,.0f} GB/s; {r['bound']}-bound, "
+                f"at most {r['images_per_s_per_chip_ceiling']:.0f} images/s per chip "
+                "(XLA's cost model)")
+        else:
+            lines.append(f"no bytes accessed counted: at most "
+                         f"{r['images_per_s_per_chip_at_peak']:.0f} images/s per chip from "
+                         "the FLOPs alone")
     else:
         lines.append("FLOPs: XLA's GPU compiler counts none; --flops counts them on this "
                      "host's CPU compile of the same step (as long again)")
@@ -377,7 +451,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--classes", type=cli.positive_int, default=None,
                         help="number of identities (default: the recipe's dataset)")
     parser.add_argument("--flops", action="store_true",
-                        help="GPUs: count the FLOPs on this host's CPU compile of the step")
+                        help="GPUs: count the FLOPs and bytes accessed on this host's CPU compile "
+                        "of the step")
     args, overrides = parse_args(parser, argv)
     return cli.run(lambda: _compile(args, overrides), verbose=args.verbose)
 
@@ -409,7 +484,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]
         if getattr(args, "flops", False) and not forced:
             import jax
 
-            # Refused once jax has started in this process: host_flops uses what it has.
+            # Refused once jax has started in this process: host_cost uses what it has.
             with contextlib.suppress(RuntimeError):
                 jax.config.update("jax_num_cpu_devices", gpu[1])
     # Once the compilers' environment is set: libtpu's and the CUDA plugin's probing off the

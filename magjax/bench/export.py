@@ -44,7 +44,8 @@ def random_variables(arch: str) -> dict:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m magjax.bench export", description=__doc__)
-    parser.add_argument("--arch", default="iresnet50", choices=models.ARCHS)
+    parser.add_argument("--arch", default="iresnet50", choices=models.ARCHS, metavar="ARCH",
+                        help=f"one of {', '.join(models.ARCHS)}")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--steps", type=int, default=5, help="timed calls per batch (median)")
     args = parser.parse_args(argv)

@@ -64,6 +64,10 @@ class Gpu:
         return self.memory_mib * MIB
 
 
+# memory_bandwidth, the datasheets' "GPU memory bandwidth" (bench compile's time floor for the
+# bytes a step moves): A100 SXM 40GB 1,555 GB/s and 80GB 2,039 GB/s (NVIDIA A100 datasheet,
+# nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf), H100 SXM 3.35 TB/s, H200 SXM 4.8 TB/s
+# (H100 and H200 Tensor Core GPU datasheets), V100 SXM2 900 GB/s (Tesla V100 datasheet).
 GPUS = {
     "a100-40gb": Gpu("NVIDIA A100-SXM4-40GB", (8, 0), 108, 64, 40_960, 1_555e9, 40 * MIB,
                      164 * 1024, 163 * 1024, 1.41, 312e12, "bfloat16"),

@@ -121,7 +121,8 @@ def main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m magjax.bench train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="iresnet50", choices=models.ARCHS)
+    parser.add_argument("--arch", default="iresnet50", choices=models.ARCHS, metavar="ARCH",
+                        help=f"one of {', '.join(models.ARCHS)}")
     parser.add_argument("--loss", default="arcface", choices=sorted(losses.registered()))
     parser.add_argument("--batch", type=int, default=256, help="global batch over all devices")
     parser.add_argument("--classes", type=int, default=100_000)

@@ -5,15 +5,15 @@ images [B, 112, 112, 3] to the RAW (un-normalised) float32 embedding [B, embeddi
 margin losses normalise it and read its norm. Variables: ``params`` (always float32) and
 ``batch_stats``; with dropout > 0 a training call needs the ``dropout`` rng.
 
-Families (the official repository each architecture reproduces, which fixes the input
-convention and the checkpoint layout ``magjax.convert`` reads):
-
-* ``arcface_torch``: ``iresnet18/34/50/100/200``, ``mbf`` (insightface arcface_torch), and
-  ``tiny``, a small iresnet-style net for the CPU demo (not an official architecture);
-  ``magface_tiny`` is the same net in the MagFace family (trainable final BatchNorm scale, so
-  that feature magnitudes can spread: with arcface_torch's fixed scale their mean is pinned);
-* ``magface``: ``magface_iresnet18/34/50/100`` (MagFace's iresnet variant);
-* ``adaface``: ``ir_18/34/50/101`` (AdaFace's IR nets).
+Each backbone family is one module declaring its archs (:mod:`magjax.models.arch`):
+``iresnet`` (arcface_torch's ``iresnet18/34/50/100/200``, MagFace's
+``magface_iresnet18/34/50/100``, and the CPU-demo nets ``tiny`` and ``magface_tiny``), ``ir``
+(AdaFace's ``ir_18/34/50/101``), ``mobilefacenet`` (arcface_torch's ``mbf``), ``vit``
+(arcface_torch's Vision Transformers ``vit_t`` ... ``vit_h`` and the CPU net ``vit_demo``). An
+arch belongs to the official repository it reproduces (its family: ``arcface_torch``,
+``magface``, ``adaface``), which fixes the input convention and the checkpoint layout
+``magjax.convert`` reads. An unknown name is a :class:`UnknownArchError` (a user error) listing
+the valid ones.
 
 BatchNorm under data parallelism (:func:`apply_train`, ``config.model.batchnorm_stats``): the
 train step runs the backbone under plain ``jax.jit`` with the batch sharded on mesh axis
@@ -38,34 +38,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from magjax.models import ir, iresnet, mobilefacenet
+from magjax.errors import UserError
+from magjax.models import ir, iresnet, mobilefacenet, vit
+from magjax.models.arch import FAMILIES, Arch
 
-ARCHS = (
-    "iresnet18",
-    "iresnet34",
-    "iresnet50",
-    "iresnet100",
-    "iresnet200",
-    "magface_iresnet18",
-    "magface_iresnet34",
-    "magface_iresnet50",
-    "magface_iresnet100",
-    "ir_18",
-    "ir_34",
-    "ir_50",
-    "ir_101",
-    "mbf",
-    "tiny",
-    "magface_tiny",
-)
-DEMO_ARCHS = ("tiny", "magface_tiny")  # magjax's CPU-demo nets; no official checkpoint exists
-# The demo nets: a stride-2 stem, then one block per stage, 112 -> 56 -> 28 -> 14 -> 7 -> 4 and a
-# 4*4*64 head. Narrow because XLA's CPU convolution weight gradients at 56x56 and 28x28 dominate
-# the step (BENCHMARKS.md); 0.6 M parameters.
-TINY_STAGE_BLOCKS = (1, 1, 1, 1)
-TINY_WIDTHS = (8, 16, 32, 64)
-FAMILIES = ("arcface_torch", "magface", "adaface")
+# One module per backbone family, each declaring its archs (magjax.models.arch).
+FAMILY_MODULES = (iresnet, ir, mobilefacenet, vit)
+_ARCHS: dict[str, Arch] = {spec.name: spec for module in FAMILY_MODULES for spec in module.ARCHS}
+ARCHS = tuple(_ARCHS)
+DEMO_ARCHS = tuple(name for name, spec in _ARCHS.items() if not spec.official)
 INPUT_SHAPE = (112, 112, 3)
+__all__ = ["ARCHS", "DEMO_ARCHS", "FAMILIES", "INPUT_SHAPE", "Arch", "arch_spec", "build"]
 
 # x_float = (x_uint8 / 255 - mean) / std, channels in `channel_order` (field.md section 1).
 _INPUT_SPECS = {
@@ -73,23 +56,24 @@ _INPUT_SPECS = {
     "magface": {"channel_order": "BGR", "mean": 0.0, "std": 1.0},
     "adaface": {"channel_order": "BGR", "mean": 0.5, "std": 0.5},
 }
-# Dropout each official family trains with by default.
-DEFAULT_DROPOUT = {"arcface_torch": 0.0, "magface": 0.4, "adaface": 0.4}
 
 
-def _check_arch(arch: str) -> None:
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(ARCHS)}")
+class UnknownArchError(UserError):
+    """An architecture name magjax does not have."""
+
+
+def arch_spec(arch: str) -> Arch:
+    """The declaration of ``arch`` (:class:`magjax.models.arch.Arch`); an unknown name is a
+    :class:`UnknownArchError` listing the valid ones."""
+    try:
+        return _ARCHS[arch]
+    except KeyError:
+        raise UnknownArchError(f"unknown arch {arch!r}; valid archs: {', '.join(ARCHS)}") from None
 
 
 def family(arch: str) -> str:
     """The official repository ``arch`` reproduces: arcface_torch, magface or adaface."""
-    _check_arch(arch)
-    if arch.startswith("magface_"):
-        return "magface"
-    if arch.startswith("ir_"):
-        return "adaface"
-    return "arcface_torch"
+    return arch_spec(arch).family
 
 
 def input_spec(arch: str) -> dict:
@@ -116,6 +100,17 @@ def preprocess(images_uint8_rgb: jax.Array, spec: dict, dtype: Any = jnp.float32
     return (x - mean) / std
 
 
+def dropout_rate(arch: str, dropout: float | None = None) -> float:
+    """``dropout``, or the official family's default for ``arch`` when None (arcface_torch 0.0,
+    MagFace and AdaFace 0.4); a non-zero rate for an arch without a dropout layer is refused."""
+    spec = arch_spec(arch)
+    if spec.default_dropout is None:
+        if dropout:
+            raise UserError(f"{arch} has no dropout layer; got dropout={dropout}")
+        return 0.0
+    return spec.default_dropout if dropout is None else float(dropout)
+
+
 def build(
     arch: str,
     *,
@@ -125,38 +120,10 @@ def build(
 ) -> nn.Module:
     """The Flax backbone ``arch``; ``dtype`` is the compute dtype (parameters stay float32).
 
-    ``dropout=None`` takes the official family's default (arcface_torch 0.0, MagFace and
-    AdaFace 0.4); ``mbf`` has no dropout layer.
+    ``dropout=None`` takes the official family's default (:func:`dropout_rate`).
     """
-    _check_arch(arch)
-    fam = family(arch)
-    rate = DEFAULT_DROPOUT[fam] if dropout is None else float(dropout)
-    if arch == "mbf":
-        if rate:
-            raise ValueError(f"mbf has no dropout layer; got dropout={dropout}")
-        return mobilefacenet.MobileFaceNet(embedding_dim=embedding_dim, dtype=dtype)
-    if arch in DEMO_ARCHS:
-        return iresnet.IResNet(
-            stage_blocks=TINY_STAGE_BLOCKS,
-            widths=TINY_WIDTHS,
-            stem_width=TINY_WIDTHS[0],
-            stem_stride=2,
-            family=fam,
-            dropout=rate,
-            embedding_dim=embedding_dim,
-            dtype=dtype,
-        )
-    depth = int(arch.rsplit("iresnet", 1)[-1] if "iresnet" in arch else arch[len("ir_") :])
-    if fam == "adaface":
-        blocks = ir.STAGE_BLOCKS[100 if depth == 101 else depth]
-        return ir.IRNet(blocks, dropout=rate, embedding_dim=embedding_dim, dtype=dtype)
-    return iresnet.IResNet(
-        iresnet.STAGE_BLOCKS[depth],
-        family=fam,
-        dropout=rate,
-        embedding_dim=embedding_dim,
-        dtype=dtype,
-    )
+    return arch_spec(arch).build(dtype=dtype, dropout=dropout_rate(arch, dropout),
+                                 embedding_dim=embedding_dim)
 
 
 BATCHNORM_STATS = ("per_device", "global")
@@ -223,10 +190,7 @@ def count_params(arch: str, **build_kwargs: Any) -> int:
 
 def frozen_params(arch: str) -> tuple[tuple[str, ...], ...]:
     """Paths of the parameters the official code never trains (arcface_torch's fixed scale)."""
-    _check_arch(arch)
-    if family(arch) == "arcface_torch" and arch != "mbf":
-        return (("features", "scale"),)
-    return ()
+    return arch_spec(arch).frozen
 
 
 def trainable_mask(arch: str, params: Any) -> Any:

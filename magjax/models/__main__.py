@@ -6,14 +6,13 @@ last line is ``{"arch", "params", "embedding_dim", "input_shape", ...}``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import jax
 import numpy as np
 
-from magjax import logs, models
+from magjax import cli, logs, models
 
 
 def _summary(arch: str) -> dict:
@@ -36,10 +35,11 @@ def _summary(arch: str) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m magjax.models", description=__doc__)
+    parser = cli.ArgumentParser(prog="python -m magjax.models", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     summary = sub.add_parser("summary", help="parameter count of an architecture")
-    summary.add_argument("arch", choices=models.ARCHS)
+    summary.add_argument("arch", choices=models.ARCHS, metavar="ARCH",
+                         help=f"one of {', '.join(models.ARCHS)}")
     summary.add_argument("--json", action="store_true", help="last line is JSON")
     args = parser.parse_args(argv)
     logs.route_logging(None)

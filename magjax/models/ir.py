@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from magjax.models.arch import Arch, Layout
 from magjax.models.layers import KAIMING_FAN_OUT, PReLU, batch_norm, conv, flatten
 
 STAGE_BLOCKS = {
@@ -126,3 +127,45 @@ class IRNet(nn.Module):
             name="output_layer_3",
         )(x)
         return _bn(train, "output_layer_4", head_dtype, affine=False)(x)
+
+
+def onnx_graph(g, x: str) -> str:
+    """The ONNX wiring (``magjax.export``'s graph builder ``g``): units with a conv1x1+BN or a
+    MaxPool2d(1, stride) shortcut."""
+    x = g.prelu(g.conv_bn(x, "input_layer.0", "input_layer.1"), "input_layer.2")
+    unit = 0
+    while g.has_prefix(p := f"body.{unit}"):
+        if g.has(f"{p}.shortcut_layer.0"):
+            shortcut = g.conv_bn(x, f"{p}.shortcut_layer.0", f"{p}.shortcut_layer.1")
+        elif (stride := g.settings[f"{p}.res_layer.4"]["strides"]) != [1, 1]:
+            shortcut = g.node("MaxPool", [x], f"{p}.shortcut_layer", kernel_shape=[1, 1],
+                              strides=stride)
+        else:
+            shortcut = x
+        res = g.conv_bn(g.batch_norm(x, f"{p}.res_layer.0"), f"{p}.res_layer.1",
+                        f"{p}.res_layer.2")
+        res = g.conv_bn(g.prelu(res, f"{p}.res_layer.3"), f"{p}.res_layer.4", f"{p}.res_layer.5")
+        x = g.add(res, shortcut, f"{p}.add")
+        unit += 1
+    return g.linear_bn(g.batch_norm(x, "output_layer.0"), "output_layer.3", "output_layer.4")
+
+
+LAYOUT = Layout(embedding_norm=("output_layer_4",), onnx=onnx_graph,
+                flattened_linear={"output_layer.3": "output_layer.0"})
+
+
+def _arch(depth: int) -> Arch:
+    stage_blocks = STAGE_BLOCKS[100 if depth == 101 else depth]
+
+    def build(*, dtype, dropout, embedding_dim):
+        return IRNet(stage_blocks, dropout=dropout, embedding_dim=embedding_dim, dtype=dtype)
+
+    def torch_module(dropout):
+        from magjax.models import torch_reference
+
+        return torch_reference.IRNet(stage_blocks, dropout)
+
+    return Arch(f"ir_{depth}", "adaface", build, LAYOUT, torch_module, default_dropout=0.4)
+
+
+ARCHS = tuple(_arch(depth) for depth in (18, 34, 50, 101))

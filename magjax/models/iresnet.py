@@ -34,7 +34,13 @@ statistics over the global batch (jax-stack.md section 2), as synchronised Batch
 trainers' behaviour). No ``axis_name`` is set, so do not call the backbone inside
 ``shard_map``.
 
-``tiny`` is the same design shrunk for the CPU demo (stride-2 stem, one block per stage).
+``tiny`` is the same design shrunk for the CPU demo (stride-2 stem, one block per stage);
+``magface_tiny`` is it in the MagFace family (trainable final BatchNorm scale, so that feature
+magnitudes can spread: with arcface_torch's fixed scale their mean is pinned).
+
+The archs (:data:`ARCHS`): ``iresnet18/34/50/100/200`` (arcface_torch), ``magface_iresnet18/34/
+50/100`` (MagFace), ``tiny`` and ``magface_tiny`` (magjax's CPU-demo nets, no official
+checkpoint).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from magjax.models.arch import Arch, Layout
 from magjax.models.layers import (
     KAIMING_FAN_OUT,
     TORCH_DEFAULT_KERNEL,
@@ -200,3 +207,58 @@ class IResNet(nn.Module):
             name="fc",
         )(x)
         return bn("features", head_dtype, frozen_scale=cfg["frozen_final_scale"])(x)
+
+
+# The demo nets: a stride-2 stem, then one block per stage, 112 -> 56 -> 28 -> 14 -> 7 -> 4 and a
+# 4*4*64 head. Narrow because XLA's CPU convolution weight gradients at 56x56 and 28x28 dominate
+# the step (BENCHMARKS.md); 0.6 M parameters.
+TINY_STAGE_BLOCKS = (1, 1, 1, 1)
+TINY_WIDTHS = (8, 16, 32, 64)
+
+
+def onnx_graph(g, x: str) -> str:
+    """The ONNX wiring (``magjax.export``'s graph builder ``g``) of the iresnets and demo nets."""
+    x = g.prelu(g.conv_bn(x, "conv1", "bn1"), "prelu")
+    stage = 1
+    while g.has(f"layer{stage}.0.conv1"):
+        block = 0
+        while g.has(f"layer{stage}.{block}.conv1"):
+            p = f"layer{stage}.{block}"
+            out = g.conv_bn(g.batch_norm(x, f"{p}.bn1"), f"{p}.conv1", f"{p}.bn2")
+            out = g.conv_bn(g.prelu(out, f"{p}.prelu"), f"{p}.conv2", f"{p}.bn3")
+            if g.has(f"{p}.downsample.0"):
+                x = g.conv_bn(x, f"{p}.downsample.0", f"{p}.downsample.1")
+            x = g.add(out, x, f"{p}.add")
+            block += 1
+        stage += 1
+    return g.linear_bn(g.batch_norm(x, "bn2"), "fc", "features")
+
+
+LAYOUT = Layout(embedding_norm=("features",), onnx=onnx_graph, flattened_linear={"fc": "bn2"})
+
+
+def _arch(name: str, family: str, stage_blocks, *, demo: bool = False) -> Arch:
+    widths = dict(widths=TINY_WIDTHS, stem_width=TINY_WIDTHS[0], stem_stride=2) if demo else {}
+
+    def build(*, dtype, dropout, embedding_dim):
+        return IResNet(stage_blocks, family=family, dropout=dropout,
+                       embedding_dim=embedding_dim, dtype=dtype, **widths)
+
+    def torch_module(dropout):
+        from magjax.models import torch_reference
+
+        return torch_reference.IResNet(stage_blocks, family, dropout=dropout,
+                                       spatial=4 if demo else 7, **widths)
+
+    return Arch(name, family, build, LAYOUT, torch_module,
+                default_dropout=0.0 if family == "arcface_torch" else 0.4, official=not demo,
+                frozen=(("features", "scale"),) if family == "arcface_torch" else ())
+
+
+ARCHS = (
+    *(_arch(f"iresnet{depth}", "arcface_torch", STAGE_BLOCKS[depth]) for depth in STAGE_BLOCKS),
+    *(_arch(f"magface_iresnet{depth}", "magface", STAGE_BLOCKS[depth])
+      for depth in (18, 34, 50, 100)),
+    _arch("tiny", "arcface_torch", TINY_STAGE_BLOCKS, demo=True),
+    _arch("magface_tiny", "magface", TINY_STAGE_BLOCKS, demo=True),
+)

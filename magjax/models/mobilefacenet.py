@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from magjax.models.arch import Arch, Layout
 from magjax.models.layers import KAIMING_FAN_OUT, PReLU, batch_norm, conv, flatten
 
 
@@ -148,3 +149,51 @@ class MobileFaceNet(nn.Module):
         x = Residual(c2, self.blocks[3], 256, dtype=dt, name="layers_7")(x, train=train)
         x = ConvBlock(512, dtype=jnp.float32, name="conv_sep")(x, train=train)
         return GDC(self.embedding_dim, name="features")(x, train=train)
+
+
+def onnx_graph(g, x: str) -> str:
+    """The ONNX wiring (``magjax.export``'s graph builder ``g``): ConvBlock / DepthWise /
+    Residual stages, conv_sep, GDC head."""
+
+    def conv_block(x, p):  # conv -> BN (-> PReLU), a Sequential under p.layers
+        x = g.conv_bn(x, f"{p}.layers.0", f"{p}.layers.1")
+        return g.prelu(x, f"{p}.layers.2") if g.has(f"{p}.layers.2") else x
+
+    def depthwise(x, p, residual):  # three ConvBlocks under p.layers
+        out = x
+        for index in range(3):
+            out = conv_block(out, f"{p}.layers.{index}")
+        return g.add(x, out, f"{p}.add") if residual else out
+
+    stage = 0
+    while g.has_prefix(p := f"layers.{stage}"):
+        if g.has(f"{p}.layers.0"):
+            x = conv_block(x, p)
+        elif g.has(f"{p}.layers.0.layers.0"):
+            x = depthwise(x, p, residual=False)
+        else:  # Residual: DepthWise units under p.layers
+            unit = 0
+            while g.has_prefix(f"{p}.layers.{unit}"):
+                x = depthwise(x, f"{p}.layers.{unit}", residual=True)
+                unit += 1
+        stage += 1
+    x = conv_block(x, "conv_sep")
+    x = conv_block(x, "features.layers.0")
+    return g.linear_bn(x, "features.layers.2", "features.layers.3")
+
+
+def _build(*, dtype, dropout, embedding_dim):
+    del dropout  # mbf has no dropout layer (the registry refuses a non-zero rate)
+    return MobileFaceNet(embedding_dim=embedding_dim, dtype=dtype)
+
+
+def _torch_module(dropout):
+    del dropout
+    from magjax.models import torch_reference
+
+    return torch_reference.MobileFaceNet()
+
+
+ARCHS = (Arch("mbf", "arcface_torch", _build,
+              Layout(embedding_norm=("features", "layers_3"), onnx=onnx_graph), _torch_module,
+              default_dropout=None),)

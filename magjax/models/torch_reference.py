@@ -1,7 +1,8 @@
 """PyTorch definitions of the magjax architectures with the official ``state_dict`` key layouts.
 
 Written from the architecture descriptions (docs/official-losses.md section 5 and the
-``mbf`` structure in ``magjax.models.mobilefacenet``), not copied from the official code. They
+``mbf`` structure in ``magjax.models.mobilefacenet``), not copied from the official code; each
+family module's ``Arch.torch`` builds them (the ViT's is ``magjax.models.vit_torch``). They
 serve two purposes: the PyTorch side of ``python -m magjax.bench backbone``, and the checkpoints
 the conversion parity tests write in each family's layout. Importing this module needs torch.
 """
@@ -14,7 +15,6 @@ import torch
 from torch import nn
 
 from magjax import models
-from magjax.models import ir, iresnet
 
 
 def _bn2d(channels: int, eps: float, momentum: float) -> nn.BatchNorm2d:
@@ -221,16 +221,6 @@ class MobileFaceNet(nn.Module):
 
 
 def build_torch(arch: str, dropout: float | None = None) -> nn.Module:
-    """The PyTorch module for ``arch`` (same defaults as ``magjax.models.build``)."""
-    fam = models.family(arch)
-    rate = models.DEFAULT_DROPOUT[fam] if dropout is None else dropout
-    if arch == "mbf":
-        return MobileFaceNet()
-    if arch in models.DEMO_ARCHS:
-        return IResNet(models.TINY_STAGE_BLOCKS, fam, models.TINY_WIDTHS, models.TINY_WIDTHS[0],
-                       2, rate, spatial=4)
-    if fam == "adaface":
-        depth = int(arch[len("ir_") :])
-        return IRNet(ir.STAGE_BLOCKS[100 if depth == 101 else depth], rate)
-    depth = int(arch.rsplit("iresnet", 1)[-1])
-    return IResNet(iresnet.STAGE_BLOCKS[depth], fam, dropout=rate)
+    """The PyTorch module for ``arch`` (same defaults as ``magjax.models.build``), built by its
+    family module's declaration (``Arch.torch``)."""
+    return models.arch_spec(arch).torch(models.dropout_rate(arch, dropout))
