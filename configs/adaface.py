@@ -1,18 +1,15 @@
 """AdaFace with the official recipe: IR-50 on MS1MV2, batch 512, 26 epochs, lr 0.1 x0.1 at epochs
 12/20/24, m 0.4, h 0.333, EMA t_alpha 0.01, AdaFace augmentation.
 
-CPU demo (builds synthetic identities on first use, minutes on 2 cores):
+CPU demo:
     python -m magjax.main --config configs/adaface.py:demo --workdir runs/adaface_demo
 
-Paper recipe on a prepared dataset (python -m magjax.data prepare --format rec ...):
+Paper recipe on a prepared dataset:
     python -m magjax.main --config configs/adaface.py --workdir gs://bucket/adaface_r50 \
         --config.data.dir=/data/faces_emore_tfds
 
-Variants after the colon, comma-separated (magjax/recipes.py): r18 r34 r50 r100 r200 mbf tiny,
-ms1mv2 ms1mv3 glint360k webface4m webface12m webface42m, pfc0.1 (Partial FC), demo; e.g.
-    --config configs/adaface.py:r100,webface42m,pfc0.2
-Any field can be overridden, e.g. --config.optim.lr=0.2 --config.loss.s=32; a misspelt field
-is an error naming it.
+Variants, overrides and data preparation: magjax/recipes.py's docstring; the settings: its
+RECIPES["adaface"].
 """
 
 from magjax import recipes

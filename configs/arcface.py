@@ -1,16 +1,12 @@
 """ArcFace (additive angular margin) with arcface_torch's recipe: iresnet50 on MS1MV2, 20 epochs,
 batch 1024, lr 0.1 with linear decay, straight-through margin as insightface.
 
-CPU demo (builds synthetic identities on first use, minutes on 2 cores):
+CPU demo:
     python -m magjax.main --config configs/arcface.py:demo --workdir runs/arcface_demo
 
-Paper recipe on a prepared dataset (python -m magjax.data prepare --format rec ...):
+Paper recipe on a prepared dataset:
     python -m magjax.main --config configs/arcface.py --workdir gs://bucket/arcface_r50 \
         --config.data.dir=/data/faces_emore_tfds
-
-Variants after the colon, comma-separated (magjax/recipes.py): r18 r34 r50 r100 r200 mbf tiny,
-ms1mv2 ms1mv3 glint360k webface4m webface12m webface42m, pfc0.1 (Partial FC), demo; e.g.
-    --config configs/arcface.py:r100,webface42m,pfc0.2
 
 arcface_torch's Vision Transformer recipes on WebFace42M: vit_t vit_s vit_b vit_l vit_h are its
 configs wf42m_pfc03_40epoch_8gpu_vit_t.py, _64gpu_vit_s.py, _8gpu_vit_b.py, _64gpu_vit_l.py and
@@ -23,8 +19,8 @@ files train fp16 (with a loss scaler); e.g.
     python -m magjax.main --config configs/arcface.py:vit_b --workdir gs://bucket/vit_b \
         --config.data.dir=/data/webface42m
 
-Any field can be overridden, e.g. --config.optim.lr=0.2 --config.loss.s=32; a misspelt field
-is an error naming it.
+Variants, overrides and data preparation: magjax/recipes.py's docstring; the settings: its
+RECIPES["arcface"].
 """
 
 from magjax import recipes

@@ -19,7 +19,7 @@ from typing import Any
 
 import ml_collections
 
-from magjax import files, losses, models, optim, recipes
+from magjax import files, losses, models, optim, recipes, trees
 from magjax.data import augment
 from magjax.errors import UserError
 
@@ -36,7 +36,8 @@ RESUMABLE_FIELDS = frozenset({"num_devices", "cpu_devices", "data.dir", "data.nu
 # Fields that change what a run trains, added after runs were saved without them: a saved config
 # lacking one trained with its default (``recipes.base_config``; every run before AdamW was SGD),
 # so it resumes as long as the field keeps that value, and a change is named like any other.
-ADDED_FIELDS = ("optim.optimizer", "optim.adam_betas", "optim.adam_eps")
+ADDED_FIELDS = ("optim.optimizer", "optim.adam_betas", "optim.adam_eps", "eval.sets",
+                "eval.best_metric")
 
 
 def _number(value: Any) -> bool:
@@ -110,6 +111,8 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("optim.accumulate_steps", _at_least_one, "an integer >= 1"),
     ("eval.every_steps", _at_least_one, "an integer >= 1"),
     ("eval.batch_size", _at_least_one, "an integer >= 1"),
+    ("eval.best_metric", lambda v: isinstance(v, str) and bool(v.strip()),
+     "a metric's name as logged, '*' matching any part (e.g. 'verification/*/accuracy')"),
     ("checkpoint.every_steps", _at_least_one, "an integer >= 1"),
     ("checkpoint.keep", _at_least_one, "an integer >= 1"),
 )
@@ -142,6 +145,7 @@ def problems(config: ml_collections.ConfigDict, device_count: int | None = None)
                                       for v in values):
             found.append(f"config.{field} must be a finite number, got {value!r}")
     found += _foreign_loss_fields(config.loss)
+    found += _evaluation_set_problems(config.eval.sets)
     if (config.head.freeze_unsampled and config.head.sample_rate < 1
             and config.optim.accumulate_steps > 1):
         # Each micro-batch samples other classes, and keep_unsampled_rows would restore the
@@ -173,6 +177,20 @@ def _foreign_loss_fields(loss_config: ml_collections.ConfigDict) -> list[str]:
             for field in loss_config if field != "name" and field not in own]
 
 
+def _evaluation_set_problems(sets: ml_collections.ConfigDict) -> list[str]:
+    """What is wrong with each of ``config.eval.sets`` (a kind that is none of
+    :data:`magjax.evaluators.KINDS`, an option the kind does not have, one it needs)."""
+    from magjax import evaluators  # scikit-learn and the readers: only for a config with sets
+
+    found = []
+    for name, spec in sets.items():
+        spec = spec.to_dict() if isinstance(spec, ml_collections.ConfigDict) else spec
+        problem = evaluators.spec_problem(name, spec)
+        if problem:
+            found.append(problem)
+    return found
+
+
 def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
     """Raises one :class:`UserError` naming every problem of ``config`` (see :func:`problems`)."""
     found = problems(config, device_count)
@@ -180,15 +198,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         raise UserError("; ".join(found))
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+def flatten(config: dict) -> dict[str, Any]:
+    """The fields of a config's dict by dotted name: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    return trees.flatten(config, ".", keep_empty=True)
 
 
 def as_json_dict(config: ml_collections.ConfigDict) -> dict:

@@ -1,10 +1,16 @@
 """``python -m magjax.evaluate``: verification, IJB, quality and clustering of one model, with the
-evaluators of :mod:`magjax.evaluators` (those training runs too).
+evaluators of :mod:`magjax.evaluators` (the kinds training runs too).
 
     python -m magjax.evaluate --workdir runs/demo --bins lfw.bin,cfp_fp.bin,agedb_30.bin
     python -m magjax.evaluate --workdir runs/r100 --ijb /data/IJB_release --target IJBC
     python -m magjax.evaluate --workdir runs/r100 \
         --cluster /data/IJB-B/clustering_protocol/cs3.csv --cluster-root /data/IJB-B
+    python -m magjax.evaluate --workdir runs/r100 \
+        --sets '{"cfp": {"kind": "verification", "paths": ["/data/cfp_fp.bin"]}}'
+
+Each flag names evaluation sets of one kind of :data:`magjax.evaluators.KINDS`; ``--sets``
+names any, as ``config.eval.sets`` does. Without any, a training workdir's own sets are
+evaluated (those its ``config.json`` names: the data's held-out sets, ``config.eval``'s).
 
 Writes to ``--out`` (default ``WORKDIR/eval``):
 
@@ -46,6 +52,7 @@ if __name__ == "__main__":  # before the imports below, which take a second
 import numpy as np  # noqa: E402
 
 from magjax import cli, evaluators, files, logs  # noqa: E402
+from magjax.errors import UserError  # noqa: E402
 from magjax.eval import cluster, ijb, quality  # noqa: E402
 
 log = logging.getLogger("magjax.evaluate")
@@ -81,27 +88,72 @@ def format_table(report: dict) -> str:
         for method, r in report["cluster"].items():
             lines.append(f"{method:16s} {r['precision']:7.4f} {r['recall']:7.4f} "
                          f"{r['fmeasure']:7.4f} {r['nmi']:7.4f} {r['num_clusters']:6d}")
+    # The results of any other kind (magjax.evaluators.KINDS): one line per number.
+    for name, value in evaluators.flatten({key: value for key, value in report.items()
+                                           if key not in _TABULATED}).items():
+        lines.append(f"{name:40s} {value}")
     return "\n".join(lines)
 
 
-def run_sets(workdir: pathlib.Path) -> tuple[str, str | None]:
-    """``(--bins, --quality-set)`` of the sets the training run in ``workdir`` evaluated (its
-    ``config.json``: the prepared data's held-out sets and ``config.eval``'s), or ``("",
-    None)`` when it is no training workdir or names none."""
+# The report's entries format_table shows in its own way (or not: the run's, the failures).
+_TABULATED = ("workdir", "arch", "failed", "verification", "quality", "ijb", "ijb_target",
+              "cluster", "cluster_items")
+
+
+def run_sets(workdir: pathlib.Path, **runtime) -> dict[str, evaluators.Evaluator]:
+    """The evaluators of the sets the training run in ``workdir`` evaluated (its
+    ``config.json``: the prepared data's held-out sets and ``config.eval``'s) whose files are
+    still there, or {} when it is no training workdir or names none."""
     saved = workdir / "config.json"
     try:
         config = json.loads(saved.read_text())
         data_dir = pathlib.Path(config["data"]["dir"])
-        bins, quality_set = evaluators.configured_sets(config["eval"], data_dir)
+        specs = evaluators.set_specs(config["eval"], data_dir)
     except (OSError, ValueError, KeyError, TypeError):
-        return "", None
-    bins = [path for path in bins if path.is_file()]
-    if quality_set is not None and not quality_set.is_file():
-        quality_set = None
-    if bins or quality_set:
-        log.info("evaluating the sets of the run in %s: %s", workdir,
-                 ", ".join(map(str, [*bins, *([quality_set] if quality_set else [])])))
-    return ",".join(map(str, bins)), str(quality_set) if quality_set else None
+        return {}
+    found = {}
+    for name, evaluator in evaluators.from_specs(specs, data_dir=data_dir, **runtime).items():
+        if isinstance(evaluator, evaluators.Verification):  # the .bin files still there
+            evaluator.paths = [path for path in evaluator.paths if path.is_file()]
+            if not evaluator.paths:
+                continue
+        if all(path.exists() for path in evaluator.files()):
+            found[name] = evaluator
+    if found:
+        log.info("evaluating the sets of the run in %s: %s", workdir, ", ".join(
+            str(path) for evaluator in found.values() for path in evaluator.files()))
+    return found
+
+
+def flag_specs(args: argparse.Namespace) -> dict[str, dict]:
+    """The evaluation sets the flags name, ``{name: {"kind": ..., **options}}``, in the order
+    they are evaluated: the ``.bin`` sets, IJB, the quality set, clustering, ``--sets``."""
+    specs: dict[str, dict] = {}
+    paths = [item.strip() for item in args.bins.split(",") if item.strip()]
+    if paths:
+        specs["verification"] = {"kind": "verification", "paths": paths}
+    if args.ijb:
+        specs[args.target] = {"kind": "ijb", "root": args.ijb, "target": args.target}
+    if args.quality_set:
+        specs["quality"] = {"kind": "quality", "path": args.quality_set}
+    if args.cluster:
+        specs["cluster"] = {
+            "kind": "clustering", "spec": args.cluster, "root": args.cluster_root,
+            "methods": tuple(m.strip() for m in args.cluster_methods.split(",") if m.strip()),
+            "eps": args.dbscan_eps, "min_samples": args.dbscan_min_samples}
+    if args.sets:
+        try:
+            named = json.loads(args.sets)
+        except ValueError as error:
+            raise UserError(f"--sets is not JSON ({error}): give an object such as "
+                            '\'{"lfw": {"kind": "verification", "paths": ["lfw.bin"]}}\'') from None
+        if not isinstance(named, dict):
+            raise UserError(f"--sets must be a JSON object of sets by name, got {args.sets!r}")
+        for name, spec in named.items():
+            if name in specs:
+                raise UserError(f"--sets: {name!r} is the name of a set another flag gives")
+            specs[name] = spec
+    return specs
 
 
 def write_report(report: dict, path: pathlib.Path) -> None:
@@ -116,16 +168,15 @@ def _without_path(path, message: str) -> str:
     return message[len(prefix):] if message.startswith(prefix) else message
 
 
-def evaluate_bins(verifier: evaluators.Verification, encoder, out: pathlib.Path, report: dict,
-                  mags: dict) -> None:
+def evaluate_bins(verifier: evaluators.Verification, encoder, out: pathlib.Path, report: dict
+                  ) -> None:
     """Evaluates each ``.bin`` set in turn, saving ``eval.json`` after each one.
 
     A set that fails with a user error (missing or corrupt file) is recorded in
     ``report["failed"]`` and the next set is evaluated; any other error is recorded, the report
     saved, and the error raised.
     """
-    report["verification"] = {}
-    curves = {}
+    report.setdefault("verification", {})
     for path in verifier.paths:
         try:
             r = verifier.run_set(encoder, path)
@@ -139,11 +190,7 @@ def evaluate_bins(verifier: evaluators.Verification, encoder, out: pathlib.Path,
             log.warning("%s failed: %s", path, _without_path(path, message))
             continue
         report["verification"][r["name"]] = r["summary"]
-        curves[r["name"]] = r["curve"]
-        mags[r["name"]] = r["magnitudes"]
         write_report(report, out / "eval.json")
-    if curves:
-        quality.plot_erc(curves, out / "erc.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dbscan-eps", type=float, default=0.5,
                         help="DBSCAN radius in cosine distance")
     parser.add_argument("--dbscan-min-samples", type=int, default=2)
+    parser.add_argument("--sets", default=None,
+                        help="evaluation sets of any kind as JSON, as config.eval.sets: "
+                             '\'{"NAME": {"kind": "KIND", OPTION: VALUE, ...}}\'')
     parser.add_argument("--out", default=None, help="output directory (default WORKDIR/eval)")
     parser.add_argument("--batch", "--batch-size", type=cli.positive_int, default=64,
                         dest="batch", help="images per forward pass (default 64)")
@@ -179,53 +229,46 @@ def main(argv: list[str] | None = None) -> int:
     # is not created to hold it).
     log_file = out / "evaluate.log" if out.parent.is_dir() else None
     logs.route_logging(log_file, verbose=args.verbose)
-    if not (args.bins or args.ijb or args.quality_set or args.cluster):
-        # A training workdir: the sets its run evaluated (the data's held-out set, config.eval).
-        args.bins, args.quality_set = run_sets(pathlib.Path(args.workdir))
-        if not (args.bins or args.quality_set):
-            parser.error(f"nothing to evaluate: {args.workdir} names no evaluation set of its "
-                         "own; give --bins, --ijb, --quality-set and/or --cluster")
+    runtime = {"batch_size": args.batch, "out": out, "progress": not args.no_progress}
+    try:
+        specs = flag_specs(args)
+        chosen = evaluators.from_specs(specs, where="--sets", **runtime)
+        if not specs:
+            # A training workdir: the sets its run evaluated (the data's held-out set, its
+            # config.eval).
+            chosen = run_sets(pathlib.Path(args.workdir), **runtime)
+    except UserError as error:  # a set naming no kind, or an option its kind lacks
+        return cli.report_user_error(str(error))
+    if not chosen:
+        parser.error(f"nothing to evaluate: {args.workdir} names no evaluation set of its "
+                     "own; give --bins, --ijb, --quality-set, --cluster and/or --sets")
     cpu_runtime.configure()
-    return cli.run(lambda: _evaluate(args, out, log_file), verbose=args.verbose,
+    return cli.run(lambda: _evaluate(args, chosen, out, log_file), verbose=args.verbose,
                    log_file=log_file)
 
 
-def _evaluate(args: argparse.Namespace, out: pathlib.Path, log_file: pathlib.Path | None
-              ) -> int:
+def _evaluate(args: argparse.Namespace, chosen: dict[str, evaluators.Evaluator],
+              out: pathlib.Path, log_file: pathlib.Path | None) -> int:
     from magjax.encoder import FaceEncoder
 
     logs.start_jax(log_file, verbose=args.verbose)
     encoder = FaceEncoder.load(args.workdir, batch_size=args.batch)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"workdir": str(args.workdir), "arch": encoder.arch}
-    mags: dict = {}
 
-    progress = not args.no_progress
-    if args.bins:
-        paths = [pathlib.Path(item.strip()) for item in args.bins.split(",") if item.strip()]
-        verifier = evaluators.Verification(paths, args.batch, out=out, progress=progress)
-        evaluate_bins(verifier, encoder, out, report, mags)
-
-    if args.ijb:
-        ijb_evaluator = evaluators.IJB(args.ijb, args.target, args.batch, out=out,
-                                       progress=progress)
-        report.update(ijb_evaluator.run(encoder))
-        mags[args.target] = ijb_evaluator.magnitudes
+    for evaluator in chosen.values():
+        if isinstance(evaluator, evaluators.Verification):
+            evaluate_bins(evaluator, encoder, out, report)  # a failed .bin: the others still run
+            curves = {name: curve for e in chosen.values() for name, curve in e.curve.items()}
+            if curves:
+                quality.plot_erc(curves, out / "erc.png")
+        else:
+            evaluators.merge(report, evaluator.run(encoder))
         write_report(report, out / "eval.json")
-
-    if args.quality_set:
-        report.update(evaluators.QualitySet(pathlib.Path(args.quality_set)).run(encoder))
-
+    mags = {name: m for e in chosen.values() for name, m in e.magnitudes.items()}
     if mags:
         quality.plot_magnitude_histograms(mags, out / "magnitude_hist.png")
 
-    if args.cluster:
-        methods = tuple(m.strip() for m in args.cluster_methods.split(",") if m.strip())
-        report.update(evaluators.Clustering(
-            args.cluster, args.cluster_root, methods, eps=args.dbscan_eps,
-            min_samples=args.dbscan_min_samples, batch_size=args.batch).run(encoder))
-
-    write_report(report, out / "eval.json")
     print(format_table(report))
     log.info("wrote %s", out / "eval.json")
     if report.get("failed"):

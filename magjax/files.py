@@ -7,6 +7,7 @@ import pathlib
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from typing import IO
 
 
 def _user_file_mode() -> int:
@@ -88,3 +89,25 @@ def write_npz_atomically(out: str | pathlib.Path, arrays: dict) -> pathlib.Path:
 def write_text_atomically(out: str | pathlib.Path, text: str) -> pathlib.Path:
     """``out`` holds ``text`` afterwards, or what it held before."""
     return write_atomically(out, lambda path: pathlib.Path(path).write_text(text))
+
+
+def write_stream_atomically(out: str | pathlib.Path, write: Callable[[IO], None], *,
+                            mode: str = "w", **open_options) -> pathlib.Path:
+    """``out`` holds what ``write(f)`` writes to the open file ``f`` (``open(tmp, mode,
+    **open_options)``) afterwards, or what it held before: for writers that take a file object
+    (``csv.writer``, ``pickle.dump``)."""
+
+    def write_path(tmp: str) -> None:
+        with open(tmp, mode, **open_options) as f:
+            write(f)
+
+    return write_atomically(out, write_path)
+
+
+def save_figure_atomically(figure, out: str | pathlib.Path, **savefig_options) -> pathlib.Path:
+    """``out`` holds matplotlib ``figure`` afterwards, or what it held before, in the format its
+    suffix names (as ``figure.savefig(out)`` infers it; the temporary file's name has none)."""
+    out = pathlib.Path(out)
+    return write_stream_atomically(
+        out, lambda f: figure.savefig(f, format=out.suffix[1:] or None, **savefig_options),
+        mode="wb")

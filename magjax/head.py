@@ -25,28 +25,40 @@ agree whenever ``int(r·C_local) ≥ min(B, C_local)``, the regime of every real
 Sampling draws a uniform score per class, forces positives to 2 and takes the top ``K`` (as the
 official code), with the key folded with the shard index. Unsampled rows get exactly zero
 gradient; whether momentum and weight decay still move them is the optimizer's choice
-(``magjax.train``: arcface_torch keeps them in one SGD, so they do). When they must not move
+(arcface_torch keeps them in one SGD, so they do). When they must not move
 (``head.freeze_unsampled``), training samples first and differentiates the sampled rows alone
 (:func:`partial_fc_sampler`, :func:`take_rows`, :func:`sampled_rows_loss`, :func:`put_rows`).
+
+:class:`ClassShardedHead` puts these pieces together: its parameters and state, its loss and,
+given the optimizer, one update of the rows it used. The train step and ``python -m
+magjax.bench head`` both go through it, so that the benchmark times the code training runs
+and a new Partial FC variant is written here alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import re
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from magjax import losses
+from magjax import losses, optim
 from magjax.parallel import DATA_AXIS, padded_size, path_name
 
-MARGIN_STATE = "margin_state"
+
+def class_rows_per_shard(mesh: Mesh, num_classes: int) -> int:
+    """``C_local = ceil(C/N)``: the class rows (padding included) each device of ``data`` owns."""
+    devices = mesh.shape[DATA_AXIS]
+    return padded_size(num_classes, devices) // devices
 
 
 def partial_fc_budget(sample_rate: float, classes_per_shard: int, global_batch: int) -> int:
@@ -193,8 +205,7 @@ def sharded_margin_loss(
     step that only moves the sampled rows uses :func:`partial_fc_sampler` and
     :func:`sampled_rows_loss` instead, with a gradient of the sampled rows alone.
     """
-    devices = mesh.shape[DATA_AXIS]
-    classes_per_shard = padded_size(num_classes, devices) // devices
+    classes_per_shard = class_rows_per_shard(mesh, num_classes)
 
     def local(embeddings, weight, labels, row_mask, state, key):
         x, labels, row_mask = _gather_batch(embeddings, labels, row_mask)
@@ -237,8 +248,7 @@ def partial_fc_sampler(mesh: Mesh, num_classes: int, sample_rate: float):
     """Builds ``fn(labels, row_mask, key) -> index``: Partial FC's rows, ``[D·K]`` split over
     ``data`` (each shard's ``K`` sampled rows of its own ``C_pad/D``, sorted), the rows
     :func:`sharded_margin_loss` samples for the same key."""
-    devices = mesh.shape[DATA_AXIS]
-    classes_per_shard = padded_size(num_classes, devices) // devices
+    classes_per_shard = class_rows_per_shard(mesh, num_classes)
 
     def local(labels, row_mask, key):
         labels, row_mask = _all_gather(labels), _all_gather(row_mask)
@@ -272,8 +282,7 @@ def sampled_rows_loss(loss: losses.MarginLoss, mesh: Mesh, num_classes: int,
     its gradient is ``[D·K, d]``, not a dense ``[C_pad, d]`` of mostly zeros. The same loss and
     gradients as :func:`sharded_margin_loss` for the rows it samples (``block_size`` as
     there)."""
-    devices = mesh.shape[DATA_AXIS]
-    classes_per_shard = padded_size(num_classes, devices) // devices
+    classes_per_shard = class_rows_per_shard(mesh, num_classes)
 
     def local(embeddings, rows, index, labels, row_mask, state):
         x, labels, row_mask = _gather_batch(embeddings, labels, row_mask)
@@ -312,52 +321,7 @@ def init_weight(kind: str, num_classes: int):
     return init
 
 
-class MarginHead(nn.Module):
-    """Class-sharded margin softmax over ``mesh`` (Flax module holding ``W`` and the loss state).
-
-    ``W`` is the parameter ``weight [C_pad, d]``; the loss's state (e.g. AdaFace's EMA
-    statistics) lives in the variable collection ``margin_state``, updated when
-    called with ``mutable=["margin_state"]`` and checkpointed with the rest of the train state.
-    """
-
-    num_classes: int
-    embedding_dim: int
-    loss: losses.MarginLoss
-    mesh: Mesh
-    sample_rate: float = 1.0
-    weight_init: str = "normal"
-    block_size: int | None = None  # sharded_margin_loss's block_size (head.block_size)
-
-    @property
-    def padded_classes(self) -> int:
-        return padded_size(self.num_classes, self.mesh.shape[DATA_AXIS])
-
-    @nn.compact
-    def __call__(self, embeddings, labels, row_mask=None, *, sample_key=None
-                 ) -> tuple[jax.Array, dict[str, Any], jax.Array]:
-        """``(loss, metrics, sampled)``: ``sampled`` ``[C_pad]`` marks the class rows used
-        (Partial FC; all of them otherwise), for the optimizer (``head.freeze_unsampled``)."""
-        weight = self.param("weight", init_weight(self.weight_init, self.num_classes),
-                            (self.padded_classes, self.embedding_dim))
-        state_vars = {
-            name: self.variable(MARGIN_STATE, name, lambda v=value: jnp.asarray(v, jnp.float32))
-            for name, value in self.loss.initial_state().items()
-        }
-        if row_mask is None:
-            row_mask = jnp.ones(labels.shape, bool)
-        if sample_key is None:
-            sample_key = jax.random.key(0)
-        fn = sharded_margin_loss(self.loss, self.mesh, self.num_classes,
-                                 sample_rate=self.sample_rate, block_size=self.block_size)
-        state = {name: var.value for name, var in state_vars.items()}
-        out = fn(embeddings, weight, labels, row_mask, state, sample_key)
-        if not self.is_initializing() and self.is_mutable_collection(MARGIN_STATE):
-            for name, var in state_vars.items():
-                var.value = out.state[name].astype(var.value.dtype)
-        return out.loss, out.metrics, out.sampled
-
-
-# The class centres in a train state: MarginHead's ``weight`` under the name ``head`` (and the
+# The class centres in a train state: the head's ``weight`` under the name ``head`` (and the
 # optimizer moments that share that path suffix). Their rows are the classes: split over
 # ``data`` (parallel.state_shardings) and, under Partial FC with freeze_unsampled, kept per row
 # (optim.keep_unsampled_rows).
@@ -387,3 +351,183 @@ def on_class_rows(mesh: Mesh):
         return jax.tree_util.tree_map_with_path(leaf, *args)
 
     return on_rows
+
+
+# The key the centres are drawn from: ``key`` folded as Flax folds the first ``params`` key of a
+# top-level module (SHA-1 of the counter 1), as when the head was a Flax module: a seed still
+# gives the centres it always gave (the demo's params_sha256 unchanged).
+_WEIGHT_KEY_DATA = int.from_bytes(hashlib.sha1(b"\x01").digest()[:4], "big")
+
+
+class HeadGradient(NamedTuple):
+    """What :meth:`ClassShardedHead.value_and_grad` returns."""
+
+    rows: jax.Array | None  # Partial FC's rows differentiated alone (``sample``), or None
+    params: Any  # the parameters differentiated: the class rows cut to ``rows``
+    output: HeadOutput  # the head's loss, metrics, new state and rows used
+    aux: Any  # what the objective returned besides
+    grads: Any  # the gradient, structured as ``params``
+
+
+@dataclasses.dataclass
+class ClassShardedHead:
+    """The class-sharded margin head over ``mesh``, Partial FC included: the one way the train
+    step (``make_train_step``) and ``python -m magjax.bench head`` reach the head.
+
+    Its parameters are ``{"weight": W [C_pad, d]}`` (the train state's ``params["head"]``,
+    rows split over ``data``), its state the loss's (the train state's ``margin_state``:
+    AdaFace's and CurricularFace's EMAs): :meth:`init`. A training step is :meth:`update`:
+
+    1. :meth:`sample`: with :attr:`sampled_rows`, Partial FC's rows, chosen before the gradient;
+    2. :meth:`take`: the class-row leaves (:func:`is_class_rows`) of the parameters and of the
+       optimizer state cut to those rows;
+    3. :meth:`value_and_grad`: the caller's objective (its forward, then :meth:`loss`)
+       differentiated w.r.t. those parameters;
+    4. the optimizer's update, then :meth:`keep`: the updated rows put back where they lie, or,
+       with ``freeze_unsampled`` and a dense gradient, the unsampled rows restored.
+
+    ``freeze_unsampled`` (``head.freeze_unsampled``, with ``sample_rate < 1``): unsampled
+    centres and their optimizer state do not move. ``rows_gradient`` picks how: True
+    differentiates the sampled rows alone (no dense ``[C_pad, d]`` gradient); False takes the
+    dense gradient and restores the unsampled rows after the update (the same result), the only
+    way under gradient accumulation, where each micro-batch samples other rows.
+    ``block_size`` (``head.block_size``): see :func:`sharded_margin_loss`.
+    """
+
+    margin_loss: losses.MarginLoss
+    mesh: Mesh
+    num_classes: int
+    embedding_dim: int
+    sample_rate: float = 1.0
+    freeze_unsampled: bool = False
+    rows_gradient: bool = True
+    weight_init: str = "normal"
+    block_size: int | None = None
+    classes_per_shard: int = dataclasses.field(init=False)
+    # The shard_map'ed pieces, built once per head (for its settings).
+    _dense_loss: Callable = dataclasses.field(init=False, repr=False, compare=False)
+    _rows_loss: Callable | None = dataclasses.field(init=False, repr=False, compare=False)
+    _sampler: Callable | None = dataclasses.field(init=False, repr=False, compare=False)
+    _on_rows: Callable | None = dataclasses.field(init=False, repr=False, compare=False)
+
+    @classmethod
+    def from_config(cls, config, mesh: Mesh, loss: losses.MarginLoss, num_classes: int
+                    ) -> ClassShardedHead:
+        """The head a training config describes (``head.*``, ``model.embedding_dim``; the
+        sampled rows' own gradient unless ``optim.accumulate_steps > 1``)."""
+        return cls(loss, mesh, num_classes, config.model.embedding_dim,
+                   sample_rate=config.head.sample_rate,
+                   freeze_unsampled=config.head.freeze_unsampled,
+                   rows_gradient=config.optim.accumulate_steps == 1,
+                   weight_init=config.head.weight_init, block_size=config.head.block_size)
+
+    def __post_init__(self):
+        self.classes_per_shard = class_rows_per_shard(self.mesh, self.num_classes)
+        self._dense_loss = sharded_margin_loss(self.margin_loss, self.mesh, self.num_classes,
+                                               sample_rate=self.sample_rate,
+                                               block_size=self.block_size)
+        self._rows_loss = self._sampler = self._on_rows = None
+        if self.sampled_rows:
+            self._sampler = partial_fc_sampler(self.mesh, self.num_classes, self.sample_rate)
+            self._rows_loss = sampled_rows_loss(self.margin_loss, self.mesh, self.num_classes,
+                                                self.block_size)
+            self._on_rows = on_class_rows(self.mesh)
+
+    @property
+    def padded_classes(self) -> int:
+        """``C_pad``: the rows of ``W``."""
+        return self.classes_per_shard * self.mesh.shape[DATA_AXIS]
+
+    @property
+    def frozen(self) -> bool:
+        """Whether unsampled centres and their optimizer state must stay as they are."""
+        return self.freeze_unsampled and self.sample_rate < 1.0
+
+    @property
+    def sampled_rows(self) -> bool:
+        """Whether a step differentiates Partial FC's sampled rows alone."""
+        return self.frozen and self.rows_gradient
+
+    def budget(self, global_batch: int) -> int:
+        """Centres each shard uses per step (:func:`partial_fc_budget`)."""
+        return partial_fc_budget(self.sample_rate, self.classes_per_shard, global_batch)
+
+    def initial_state(self) -> dict:
+        """The loss's state before the first step, float32 as the train state holds it."""
+        return {name: jnp.asarray(value, jnp.float32)
+                for name, value in self.margin_loss.initial_state().items()}
+
+    def init(self, key: jax.Array) -> tuple[dict, dict]:
+        """``(params, state)``: the centres (``head.weight_init``; padding rows zero) and the
+        loss's initial state."""
+        weight = init_weight(self.weight_init, self.num_classes)(
+            jax.random.fold_in(key, _WEIGHT_KEY_DATA), (self.padded_classes, self.embedding_dim))
+        return {"weight": weight}, self.initial_state()
+
+    def sample(self, labels: jax.Array, key: jax.Array) -> jax.Array | None:
+        """With :attr:`sampled_rows`, the rows a step uses (:func:`partial_fc_sampler`, the
+        rows :meth:`loss` would sample for ``key``); otherwise None: every row takes part in
+        the gradient (the loss samples inside, if at all)."""
+        if not self.sampled_rows:
+            return None
+        return self._sampler(labels, jnp.ones(labels.shape, bool), key)
+
+    def take(self, tree: Any, rows: jax.Array | None) -> Any:
+        """``tree`` (parameters or optimizer state) with its class-row leaves cut to ``rows``
+        (:func:`on_class_rows`); unchanged for None."""
+        return tree if rows is None else self._on_rows(tree, rows)
+
+    def keep(self, new: Any, old: Any, rows: jax.Array | None, sampled: jax.Array) -> Any:
+        """After an update of :meth:`take`'s ``new`` tree: ``old`` with the updated ``rows``
+        put back; with a dense gradient and ``freeze_unsampled``, ``new`` with the rows not
+        ``sampled`` restored from ``old`` (:func:`magjax.optim.keep_unsampled_rows`)."""
+        if rows is not None:
+            return self._on_rows(old, rows, new)
+        if self.frozen:
+            return optim.keep_unsampled_rows(new, old, sampled, is_class_rows)
+        return new
+
+    def loss(self, params: dict, state: dict, embeddings: jax.Array, labels: jax.Array,
+             key: jax.Array, rows: jax.Array | None = None,
+             row_mask: jax.Array | None = None) -> HeadOutput:
+        """The margin loss of the batch (``embeddings [B, d]``, ``labels [B]`` split over
+        ``data``; ``row_mask`` marks real samples, all by default) against ``params["weight"]``:
+        all centres (Partial FC sampling inside, for ``key``) or, given ``rows``, the rows
+        :meth:`take` cut (:func:`sampled_rows_loss`). The new state keeps ``state``'s dtypes."""
+        if row_mask is None:
+            row_mask = jnp.ones(labels.shape, bool)
+        if rows is None:
+            out = self._dense_loss(embeddings, params["weight"], labels, row_mask, state, key)
+        else:
+            out = self._rows_loss(embeddings, params["weight"], rows, labels, row_mask, state)
+        return out._replace(state={name: value.astype(state[name].dtype)
+                                   for name, value in out.state.items()})
+
+    def value_and_grad(self, objective: Callable, params: Any, labels: jax.Array,
+                       key: jax.Array) -> HeadGradient:
+        """Steps 1-3 of :meth:`update`: ``objective(params, rows) -> (HeadOutput, aux)``
+        (whose ``params["head"]`` goes to :meth:`loss` with ``rows``) differentiated w.r.t.
+        ``params`` with the class rows cut to the sampled ones."""
+        rows = self.sample(labels, key)
+        params = self.take(params, rows)
+
+        def total(params):
+            output, aux = objective(params, rows)
+            return output.loss, (output, aux)
+
+        (_, (output, aux)), grads = jax.value_and_grad(total, has_aux=True)(params)
+        return HeadGradient(rows, params, output, aux, grads)
+
+    def update(self, tx: optax.GradientTransformation, objective: Callable, params: Any,
+               opt_state: Any, labels: jax.Array, key: jax.Array
+               ) -> tuple[Any, Any, HeadGradient]:
+        """One step of ``tx`` on ``params`` (``{"head": ..., ...}``) through ``objective``
+        (:meth:`value_and_grad`), the class rows moved as Partial FC and ``freeze_unsampled``
+        require: ``(params, opt_state, gradient)``."""
+        step = self.value_and_grad(objective, params, labels, key)
+        updates, new_opt_state = tx.update(step.grads, self.take(opt_state, step.rows),
+                                           step.params)
+        new_params = optax.apply_updates(step.params, updates)
+        sampled = step.output.sampled
+        return (self.keep(new_params, params, step.rows, sampled),
+                self.keep(new_opt_state, opt_state, step.rows, sampled), step)

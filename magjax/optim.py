@@ -126,7 +126,7 @@ def round_gradients(dtype: str) -> optax.GradientTransformation:
     ``float16`` is what arcface_torch's DDP ``fp16_compress_hook`` does to each backbone
     gradient before clipping and the update: cast to float16 (round to nearest even, overflow to
     inf), all-reduce, cast back. With per-device BatchNorm statistics the train step reduces the
-    gradients itself in this dtype (``train.per_device_forward``: each device's share rounded,
+    gradients itself in this dtype (``models.per_device_forward``: each device's share rounded,
     then summed in the dtype, as the hook on several GPUs) and this rounding changes nothing; with
     global statistics (one device, or the CPU demo) it is the whole effect. Under fp16 AMP the
     hook rounds the loss-scaled gradients, which for a power-of-two scale is the same rounding

@@ -13,6 +13,14 @@ the colon of ``--config configs/<loss>.py:ARG``. ``ARG`` is a comma-separated li
 * ``pfcR``: Partial FC with sample rate R, e.g. ``pfc0.1``;
 * ``demo``: a small backbone on synthetic identities on CPU, building them on first use.
 
+A run: ``python -m magjax.main --config configs/<loss>.py[:VARIANTS] --workdir DIR`` (or
+``--config magjax:<loss>[:VARIANTS]`` from any directory), with ``--config.data.dir=`` a dataset
+prepared by ``python -m magjax.data prepare`` (e.g. ``--format rec`` for insightface's record
+files); ``demo`` needs none. Any field can be overridden, e.g. ``--config.optim.lr=0.2
+--config.loss.s=32``; a misspelt field is an error naming it. Each ``configs/<loss>.py`` says
+what its recipe is and how to launch it; the settings are the loss's row of :data:`RECIPES`
+(and, for arcface_torch's losses, of :data:`ARCFACE_TORCH_RECIPES`).
+
 Sources of the defaults: docs/official-losses.md section 6 and the official config
 files below. The official recipes magjax reproduces: variants after ``configs/<loss>.py:``, the
 official file (arcface_torch's under ``recognition/arcface_torch/configs/``), learning rate,
@@ -79,6 +87,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import ml_collections
 
@@ -94,10 +104,79 @@ DATASETS = {  # name: (identities, images)
     "webface42m": (2_059_906, 42_474_557),
 }
 DEPTHS = ("18", "34", "50", "100", "200")
-# GPUs of the official runs, whose global batch each recipe keeps: arcface_torch 8 x 128,
-# MagFace 8 x 64 (DataParallel), AdaFace 2 x 256 (official-losses.md section 6).
-OFFICIAL_GPUS = {"arcface": 8, "cosface": 8, "combined": 8, "magface": 8, "adaface": 2,
-                 "curricularface": 8}
+
+
+def _backbones(resnet: str, tiny: str = "tiny",
+               depth_names: Mapping[str, str] | None = None) -> Mapping[str, str]:
+    """The backbone variants of one loss's official family -> magjax archs: ``rN`` the ResNet
+    ``resnet.format(N)`` (``depth_names`` renames a depth: AdaFace's r100 is ``ir_101``),
+    ``mbf``, and ``tiny`` (the demo's backbone; MagFace's keeps the trainable final BatchNorm
+    scale of its family, magjax/models)."""
+    names = depth_names or {}
+    return MappingProxyType({**{f"r{depth}": resnet.format(names.get(depth, depth))
+                                for depth in DEPTHS},
+                             "mbf": "mbf", "tiny": tiny})
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """The official recipe of one ``configs/<loss>.py``: what :func:`get_config` sets over
+    :func:`base_config` before the variants. ``backbone`` is the variant (a key of
+    ``backbones``) trained when none is named; ``optim`` the optimizer fields it sets; ``gpus``
+    those of the official run, whose global batch the recipe keeps (``global_batch`` / ``gpus``
+    images per GPU). ``arcface_torch``: the (dataset, backbone) configs of
+    :data:`ARCFACE_TORCH_RECIPES` apply on top (their lr, weight decay, epochs, batch)."""
+
+    source: str
+    dataset: str
+    backbone: str
+    backbones: Mapping[str, str]
+    global_batch: int
+    gpus: int
+    epochs: float
+    optim: Mapping[str, object]
+    head_weight_init: str = "normal"
+    augment: str = "flip"
+    arcface_torch: bool = False
+
+
+# What every arcface_torch recipe shares: clipping the backbone gradient norm at 5, and
+# PolynomialLRWarmup's first value (module docstring).
+_ARCFACE_TORCH = dict(backbone="r50", backbones=_backbones("iresnet{}"), global_batch=1024,
+                      gpus=8, epochs=20.0, arcface_torch=True,
+                      optim=MappingProxyType(dict(grad_clip_norm=5.0,
+                                                  warmup_style="arcface_torch")))
+# loss -> its official recipe; official-losses.md section 6. Global batches: arcface_torch
+# 8 x 128, MagFace 8 x 64 (DataParallel), AdaFace 2 x 256, CurricularFace 8 x 64.
+RECIPES = {
+    # insightface arcface_torch (recognition/arcface_torch/configs/): 20 epochs, poly decay.
+    "arcface": Recipe("arcface_torch configs/ms1mv2_r50.py", "ms1mv2", **_ARCFACE_TORCH),
+    "cosface": Recipe("arcface_torch configs/wf4m_r50.py", "webface4m", **_ARCFACE_TORCH),
+    "combined": Recipe("arcface_torch configs/ms1mv2_r50.py", "ms1mv2", **_ARCFACE_TORCH),
+    # MagFace run/run.sh: iresnet50, 25 epochs, x0.1 at 10/18/22.
+    "magface": Recipe(
+        "MagFace run/run.sh", "ms1mv2", "r50",
+        _backbones("magface_iresnet{}", tiny="magface_tiny"), global_batch=512, gpus=8,
+        epochs=25.0, optim=MappingProxyType(dict(schedule="step", milestones=(10, 18, 22))),
+        head_weight_init="unit"),
+    # AdaFace scripts/run_ir50_ms1mv2.sh: ir_50, 26 epochs, x0.1 at 12/20/24, no weight decay
+    # on BatchNorm parameters, its own augmentation.
+    "adaface": Recipe(
+        "AdaFace scripts/run_ir50_ms1mv2.sh", "ms1mv2", "r50",
+        _backbones("ir_{}", depth_names={"100": "101"}), global_batch=512, gpus=2, epochs=26.0,
+        optim=MappingProxyType(dict(schedule="step", milestones=(12, 20, 24),
+                                    decay_batchnorm=False)),
+        head_weight_init="unit", augment="adaface"),
+    # CurricularFace config.py and train.py: IR_101 on (refined) MS1MV2, 24 epochs, lr 0.1
+    # x0.1 at epochs 10/18/22, no weight decay on BatchNorm parameters, centres N(0, 0.01²),
+    # flip augmentation, RGB in [-1, 1]. The backbone is arcface_torch's iresnet (same input
+    # convention), not the authors' IR_101 layout.
+    "curricularface": Recipe(
+        "CurricularFace config.py", "ms1mv2", "r100", _backbones("iresnet{}"),
+        global_batch=512, gpus=8, epochs=24.0,
+        optim=MappingProxyType(dict(schedule="step", milestones=(10, 18, 22),
+                                    decay_batchnorm=False))),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +244,6 @@ ARCFACE_TORCH_RECIPES = {
         "configs/wf42m_pfc02_vit_h.py", 1e-3, 0.1, 16, 2, sample_rate=0.5, network="vit_h",
         loss="cosface", optimizer="adamw", batch_per_gpu=768, gpus=40),
 }
-ARCFACE_TORCH_LOSSES = ("arcface", "cosface", "combined")
 # Backbone variants that name an official config's network (the ViTs): variant -> (dataset,
 # arch). Without a dataset variant they train on their recipe's dataset.
 ARCFACE_TORCH_NETWORKS = {backbone: (dataset, recipe.network)
@@ -173,20 +251,21 @@ ARCFACE_TORCH_NETWORKS = {backbone: (dataset, recipe.network)
                           if recipe.network}
 
 
-def _arcface_torch_backbone(arch: str) -> str:
-    for backbone, (_, network) in ARCFACE_TORCH_NETWORKS.items():
-        if arch == network:
-            return backbone
-    return "mbf" if arch == "mbf" else "r" + arch.removeprefix("iresnet")
+def _backbone_variant(recipe: Recipe, arch: str) -> str | None:
+    """The backbone variant of ``recipe`` (or ViT variant) that trains ``arch``."""
+    archs = {**recipe.backbones,
+             **{variant: network for variant, (_, network) in ARCFACE_TORCH_NETWORKS.items()}}
+    return next((variant for variant, name in archs.items() if name == arch), None)
 
 
 def official_recipe(config: ml_collections.ConfigDict) -> ArcfaceTorchRecipe | None:
     """The arcface_torch config file that ``config``'s loss, dataset and backbone follow. A ViT
     on another published dataset keeps its own recipe (arcface_torch has no other for it; base.py's
     SGD at lr 0.1 is a ResNet setting)."""
-    if config.loss.name not in ARCFACE_TORCH_LOSSES:
+    loss_recipe = RECIPES.get(config.loss.name)
+    if loss_recipe is None or not loss_recipe.arcface_torch:
         return None
-    backbone = _arcface_torch_backbone(config.model.arch)
+    backbone = _backbone_variant(loss_recipe, config.model.arch)
     recipe = ARCFACE_TORCH_RECIPES.get((config.data.dataset, backbone))
     if recipe is None and backbone in ARCFACE_TORCH_NETWORKS and config.data.dataset in DATASETS:
         recipe = ARCFACE_TORCH_RECIPES[ARCFACE_TORCH_NETWORKS[backbone][0], backbone]
@@ -205,19 +284,6 @@ def _apply_arcface_torch_recipe(c: ml_collections.ConfigDict, sample_rate_given:
         c.loss = _loss_fields(recipe.loss)
     if not sample_rate_given:
         c.head.sample_rate = recipe.sample_rate
-
-
-def _arch(loss: str, depth: str) -> str:
-    if loss == "magface":
-        return f"magface_iresnet{depth}"
-    if loss == "adaface":
-        return f"ir_{101 if depth == '100' else depth}"
-    return f"iresnet{depth}"
-
-
-def _tiny_arch(loss: str) -> str:
-    # MagFace needs the trainable final BatchNorm scale of its family (magjax/models).
-    return "magface_tiny" if loss == "magface" else "tiny"
 
 
 def default_cache_dir() -> str:
@@ -289,7 +355,7 @@ def base_config() -> ml_collections.ConfigDict:
         grad_clip_norm=ml_collections.config_dict.placeholder(float),  # on the backbone only
         grad_clip_eps=1e-6,  # torch clip_grad_norm_: x max_norm / (norm + eps); 0: optax's
         # Backbone gradients rounded to and all-reduced in this dtype before clipping;
-        # "float16" is arcface_torch's fp16_compress_hook (train.per_device_forward).
+        # "float16" is arcface_torch's fp16_compress_hook (models.per_device_forward).
         grad_allreduce_dtype="float32",
         # arcface_torch's gradient_acc: micro-batches (of global_batch each) per update, their
         # gradients averaged; the schedule still steps every micro-batch (optim.py).
@@ -311,6 +377,14 @@ def base_config() -> ml_collections.ConfigDict:
         # "" / "none" / () switch them off.
         bins=(),
         quality_set="",
+        # More evaluation sets, of any kind of magjax.evaluators.KINDS, by name: e.g.
+        # {"cfp_fp": {"kind": "verification", "paths": "cfp_fp.bin"},
+        #  "ijbc": {"kind": "ijb", "root": "/data/IJB_release", "target": "IJBC"}}.
+        sets={},
+        # The result whose highest value picks model_best: a metric's name as logged
+        # ("verification/lfw/accuracy", "quality/spearman_norm_vs_quality"), "*" matching any
+        # part; the first metric that matches counts.
+        best_metric="verification/*/accuracy",
         batch_size=256,
     )
     c.checkpoint = dict(every_steps=2000, keep=3)
@@ -330,40 +404,17 @@ def _loss_fields(name: str) -> ml_collections.ConfigDict:
 def get_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """The official recipe of ``loss`` with the variants named in ``arg``."""
     c = base_config()
-    c.loss = _loss_fields(loss)
-    if loss in ARCFACE_TORCH_LOSSES:
-        # insightface arcface_torch: ms1mv2/wf configs, 8 GPUs x 128, 20 epochs, poly decay.
-        c.data.dataset = "webface4m" if loss == "cosface" else "ms1mv2"
-        c.model.arch = "iresnet50"
-        c.optim.update(grad_clip_norm=5.0, warmup_style="arcface_torch")
-        c.global_batch = 1024
-        c.epochs = 20.0
-    elif loss == "magface":
-        # MagFace run/run.sh: iresnet50, 512 on 8 GPUs, 25 epochs, x0.1 at 10/18/22.
-        c.model.arch = "magface_iresnet50"
-        c.head.weight_init = "unit"
-        c.optim.update(schedule="step", milestones=(10, 18, 22))
-        c.global_batch = 512
-        c.epochs = 25.0
-    elif loss == "adaface":
-        # AdaFace scripts/run_ir50_ms1mv2.sh: ir_50, 512 on 2 GPUs, 26 epochs, 12/20/24.
-        c.model.arch = "ir_50"
-        c.head.weight_init = "unit"
-        c.data.augment = "adaface"
-        c.optim.update(schedule="step", milestones=(12, 20, 24), decay_batchnorm=False)
-        c.global_batch = 512
-        c.epochs = 26.0
-    elif loss == "curricularface":
-        # CurricularFace config.py and train.py: IR_101 on (refined) MS1MV2, 512 on 8 GPUs,
-        # 24 epochs, lr 0.1 x0.1 at epochs 10/18/22, no weight decay on BatchNorm parameters,
-        # centres N(0, 0.01²), flip augmentation, RGB in [-1, 1]. The backbone is arcface_torch's
-        # iresnet (same input convention), not the authors' IR_101 layout.
-        c.model.arch = "iresnet100"
-        c.optim.update(schedule="step", milestones=(10, 18, 22), decay_batchnorm=False)
-        c.global_batch = 512
-        c.epochs = 24.0
-    else:
+    c.loss = _loss_fields(loss)  # an unknown loss: an error listing the registered ones
+    recipe = RECIPES.get(loss)
+    if recipe is None:
         raise ValueError(f"no recipe for loss {loss!r}")
+    c.data.dataset = recipe.dataset
+    c.data.augment = recipe.augment
+    c.model.arch = recipe.backbones[recipe.backbone]
+    c.head.weight_init = recipe.head_weight_init
+    c.optim.update(**recipe.optim)
+    c.global_batch = recipe.global_batch
+    c.epochs = float(recipe.epochs)
 
     named_dataset = sample_rate_given = False
     network_dataset = None
@@ -371,36 +422,32 @@ def get_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
         if variant in DATASETS:
             c.data.dataset = variant
             named_dataset = True
-        elif variant.startswith("r") and variant[1:] in DEPTHS:
-            c.model.arch = _arch(loss, variant[1:])
-        elif variant == "mbf":
-            c.model.arch = variant
+        elif variant in recipe.backbones:
+            c.model.arch = recipe.backbones[variant]
         elif variant in ARCFACE_TORCH_NETWORKS:
-            if loss not in ARCFACE_TORCH_LOSSES:
+            if not recipe.arcface_torch:
                 raise ValueError(f"variant {variant!r} is an arcface_torch recipe; use "
                                  f"configs/arcface.py:{variant}")
             network_dataset, c.model.arch = ARCFACE_TORCH_NETWORKS[variant]
-        elif variant == "tiny":
-            c.model.arch = _tiny_arch(loss)
         elif variant.startswith("pfc"):
             c.head.sample_rate = float(variant[3:])
             sample_rate_given = True
         elif variant == "demo":
-            _demo(c)
+            _demo(c, recipe)
         else:
             raise ValueError(f"unknown config variant {variant!r} in {arg!r}; see "
                              "magjax/recipes.py for the list")
     if network_dataset is not None and not named_dataset and not c.data.synthetic:
         c.data.dataset = network_dataset
         named_dataset = True
-    if loss in ARCFACE_TORCH_LOSSES:
+    if recipe.arcface_torch:
         _apply_arcface_torch_recipe(c, sample_rate_given)
     if named_dataset and not c.data.synthetic:
         c.data.num_classes, c.data.num_examples = DATASETS[c.data.dataset]
     return c
 
 
-def _demo(c: ml_collections.ConfigDict) -> None:
+def _demo(c: ml_collections.ConfigDict, recipe: Recipe) -> None:
     """CPU demo: the tiny backbone on synthetic identities, minutes on 2 cores."""
     c.data.dataset = "synthetic"
     c.data.synthetic = True
@@ -416,7 +463,7 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     c.data.num_classes = None
     c.data.num_examples = None
     c.data.augment = "flip"
-    c.model.arch = _tiny_arch(c.loss.name)
+    c.model.arch = recipe.backbones["tiny"]
     c.model.dtype = "float32"  # bf16 is emulated (slow) on most CPUs
     # The demo's CPU devices are a speed setting, not the GPUs of an official run: global
     # statistics keep its results independent of how the CPU is split.
@@ -438,9 +485,9 @@ def _demo(c: ml_collections.ConfigDict) -> None:
 
 def official_per_device_batch(config: ml_collections.ConfigDict) -> int:
     """Images per GPU in the official run that ``config``'s recipe follows (its config file's
-    GPUs, else the loss's, :data:`OFFICIAL_GPUS`)."""
+    GPUs, else the loss's, :data:`RECIPES`)."""
     recipe = official_recipe(config)
-    return config.global_batch // (recipe.gpus if recipe else OFFICIAL_GPUS[config.loss.name])
+    return config.global_batch // (recipe.gpus if recipe else RECIPES[config.loss.name].gpus)
 
 
 def with_dataset_counts(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -47,7 +47,7 @@ import sys
 
 import numpy as np
 
-from magjax import cli, logs
+from magjax import cli, files, logs
 from magjax.errors import UserError
 
 log = logging.getLogger("magjax.search")
@@ -391,11 +391,11 @@ def _format_row(row: dict) -> str:
 
 
 def _write_csv(path: pathlib.Path, rows: list[dict], k: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = ["probe", "path", "x1", "y1", "x2", "y2", "decision"]
     for r in range(1, k + 1):
         header += [f"identity_{r}", f"score_{r}"]
-    with open(path, "w", newline="") as f:
+
+    def write(f) -> None:
         writer = csv.writer(f)
         writer.writerow(header)
         for row in rows:
@@ -404,6 +404,8 @@ def _write_csv(path: pathlib.Path, rows: list[dict], k: int) -> None:
             for name, s in row["candidates"]:
                 line += [name, f"{s:.6f}"]
             writer.writerow(line)
+
+    files.write_stream_atomically(path, write, newline="")
 
 
 def _print_report(report: dict) -> None:

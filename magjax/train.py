@@ -1,20 +1,16 @@
-"""The training loop: data-parallel backbone, class-sharded margin head, orbax checkpoints.
+"""The training loop: data, checkpoints, evaluation, logging and preemption around the step.
 
 Shape of a run (``train_and_evaluate``): mesh -> input pipeline -> model, head, optimizer ->
 sharded train state (restored from ``WORKDIR/checkpoints`` when present) -> jitted
-``train_step`` -> periodic logging, checkpoints and verification -> final checkpoint, exported
-inference model (``WORKDIR/model``) and ``summary.json``.
-
-The train state is a plain dict pytree: ``params`` (``backbone``, ``head``), ``batch_stats``,
-``margin_state`` (AdaFace's EMA), ``opt_state`` and ``step``. Randomness is derived from the seed
-folded with the step, so nothing random is carried and a resumed run draws the same numbers.
+``train_step`` -> periodic logging, checkpoints and evaluation (:mod:`magjax.evaluators`) ->
+final checkpoint, exported inference model (``WORKDIR/model``) and ``summary.json``. The step
+and the state it updates are :mod:`magjax.train_step`'s; this module only orchestrates.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -24,345 +20,52 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from jax.sharding import PartitionSpec as P
 
-# The train step (build_components, init_state, make_train_step) needs only jax, flax and optax:
-# `python -m magjax.bench train|compile` build it on machines without the data and checkpoint
-# stack (tfds, grain, orbax/tensorstore, tensorboardX), so the loop imports those itself.
-from magjax import config_check, files, head, losses, models, optim, parallel, recipes
+# The data and checkpoint stack (tfds, grain, orbax/tensorstore, tensorboardX) is imported where
+# used: magjax.step, which the benchmarks import, needs none of it.
+from magjax import config_check, files, models, parallel, recipes
 from magjax.errors import UserError
+from magjax.train_step import (
+    build_components,
+    init_state,
+    jit_train_step,
+    params_sha256,
+)
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
-class Components:
-    """Everything a train step needs besides the state (static under jit)."""
-
-    config: ml_collections.ConfigDict
-    mesh: jax.sharding.Mesh
-    backbone: Any
-    head: head.MarginHead
-    loss: losses.MarginLoss
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule
-    input_spec: dict
-    compute_dtype: Any
-
-
-def margin_loss_from_config(loss_config: ml_collections.ConfigDict) -> losses.MarginLoss:
-    """The loss ``loss_config.name`` with the config's hyper-parameters."""
-    fields = dict(loss_config)
-    return losses.MarginLoss.create(fields.pop("name"), **fields)
-
-
-def build_components(config, mesh, num_classes: int, steps_per_epoch: int, total_steps: int
-                     ) -> Components:
-    """Everything static a train step needs, from the config: the backbone (``model.*``), the
-    class-sharded margin head over ``mesh`` (``loss.*``, ``head.*``), the learning-rate schedule
-    and the optimizer (``optim.*``: SGD with momentum or AdamW, weight decay off the frozen
-    parameters and, if ``optim.decay_batchnorm`` is off, off BatchNorm; the backbone gradient
-    rounded to ``optim.grad_allreduce_dtype`` and clipped). ``steps_per_epoch`` and
-    ``total_steps`` are in micro-batches, as arcface_torch counts warm-up and decay with
-    ``gradient_acc``; ``Components.schedule`` gives each optimizer update the rate of the last
-    micro-batch of its window (``optim.per_update_schedule``)."""
-    if config.model.batchnorm_stats not in models.BATCHNORM_STATS:
-        raise UserError(f"config.model.batchnorm_stats must be one of "
-                        f"{', '.join(models.BATCHNORM_STATS)}; "
-                        f"got {config.model.batchnorm_stats!r}")
-    compute_dtype = jnp.dtype(config.model.dtype)
-    backbone = models.build(config.model.arch, dtype=compute_dtype, dropout=config.model.dropout,
-                            embedding_dim=config.model.embedding_dim)
-    loss = margin_loss_from_config(config.loss)
-    margin_head = head.MarginHead(
-        num_classes=num_classes, embedding_dim=config.model.embedding_dim, loss=loss, mesh=mesh,
-        sample_rate=config.head.sample_rate, weight_init=config.head.weight_init,
-        block_size=config.head.block_size)
-    schedule = optim.per_update_schedule(
-        optim.learning_rate_schedule(config.optim, steps_per_epoch, total_steps),
-        config.optim.accumulate_steps)
-    abstract = jax.eval_shape(functools.partial(_init_variables, backbone, margin_head, config),
-                              jax.random.key(0))
-    trainable = {"backbone": models.trainable_mask(config.model.arch,
-                                                   abstract["params"]["backbone"]),
-                 "head": jax.tree.map(lambda _: True, abstract["params"]["head"])}
-    decay_mask = optim.weight_decay_mask(abstract["params"], trainable,
-                                         config.optim.decay_batchnorm)
-    tx = optim.make_optimizer(config.optim, schedule, decay_mask)
-    return Components(config, mesh, backbone, margin_head, loss, tx, schedule,
-                      models.input_spec(config.model.arch), compute_dtype)
-
-
-def _init_variables(backbone, margin_head, config, key):
-    k_backbone, k_head = jax.random.split(key)
-    images = jnp.zeros((1, *models.INPUT_SHAPE), jnp.float32)
-    backbone_vars = backbone.init(k_backbone, images, train=False)
-    embeddings = jnp.zeros((margin_head.mesh.shape[parallel.DATA_AXIS],
-                            config.model.embedding_dim), jnp.float32)
-    labels = jnp.zeros((embeddings.shape[0],), jnp.int32)
-    head_vars = margin_head.init(k_head, embeddings, labels)
-    return {
-        "params": {"backbone": backbone_vars["params"], "head": head_vars["params"]},
-        "batch_stats": backbone_vars.get("batch_stats", {}),
-        "margin_state": head_vars.get(head.MARGIN_STATE, {}),
-    }
-
-
-def _state_init_fn(components: Components):
-    def init(key):
-        variables = _init_variables(components.backbone, components.head, components.config, key)
-        return {**variables, "opt_state": components.tx.init(variables["params"]),
-                "step": jnp.zeros((), jnp.int32)}
-
-    return init
-
-
-def init_state(components: Components, key: jax.Array) -> dict:
-    """The initial train state, created directly in its shards."""
-    init = _state_init_fn(components)
-    shardings = parallel.state_shardings(jax.eval_shape(init, key), components.mesh,
-                                         head.is_class_rows)
-    return jax.jit(init, out_shardings=shardings)(key)
-
-
-def abstract_state(components: Components) -> dict:
-    """The train state's shapes, dtypes and shardings, without allocating it (ahead-of-time
-    compilation for devices this host does not have)."""
-    shapes = jax.eval_shape(_state_init_fn(components), jax.random.key(0))
-    shardings = parallel.state_shardings(shapes, components.mesh, head.is_class_rows)
-    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                                 sharding=sharding),
-                        shapes, shardings)
-
-
-def abstract_batch(mesh: jax.sharding.Mesh, global_batch: int) -> dict:
-    """Shapes of one global batch as the input pipeline feeds it (uint8 RGB images)."""
-    sharding = parallel.batch_sharding(mesh)
-    return {"image": jax.ShapeDtypeStruct((global_batch, *models.INPUT_SHAPE), jnp.uint8,
-                                          sharding=sharding),
-            "label": jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=sharding)}
-
-
-def jit_train_step(components: Components, base_key: jax.Array, state_shardings: Any):
-    """``make_train_step`` jitted as training runs it: the state donated and kept in its
-    shardings, the batch split over ``data``, the metrics replicated."""
-    mesh = components.mesh
-    return jax.jit(make_train_step(components, base_key), donate_argnums=(0,),
-                   in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
-                   out_shardings=(state_shardings, parallel.replicated(mesh)))
-
-
-def per_device_forward(backbone, mesh: jax.sharding.Mesh, variables: dict, images: jax.Array,
-                       *, dropout_key: jax.Array, gradient_dtype: Any) -> tuple[jax.Array, dict]:
-    """``models.apply_train`` with per-device statistics (``groups`` = the devices of ``data``,
-    the same values), run under ``jax.shard_map`` so that the backbone gradient is reduced
-    explicitly: each device's gradient rounded to ``gradient_dtype`` and all-reduced in it
-    (``parallel.reduce_gradient_in``), as DDP's gradient compression hooks do. Device ``i``
-    draws dropout from ``split(dropout_key, devices)[i]``, as group ``i`` of ``apply_train``."""
-    data = parallel.DATA_AXIS
-    keys = jax.random.split(dropout_key, mesh.shape[data])
-
-    def on_device(params, batch_stats, device_images, key):
-        params = parallel.reduce_gradient_in(params, jnp.dtype(gradient_dtype))
-        embeddings, updates = models.apply_train(
-            backbone, {"params": params, "batch_stats": batch_stats}, device_images,
-            dropout_key=key[0])
-        return embeddings, jax.tree.map(lambda stat: stat[None], updates.get("batch_stats", {}))
-
-    embeddings, batch_stats = jax.shard_map(
-        on_device, mesh=mesh, in_specs=(P(), P(), P(data), P(data)),
-        out_specs=(P(data), P(data)))(variables["params"], variables["batch_stats"], images, keys)
-    # Device 0's running statistics, as apply_train's (DDP rank 0's buffers).
-    return embeddings, {"batch_stats": jax.tree.map(lambda stat: stat[0], batch_stats)}
-
-
-def make_train_step(components: Components, base_key: jax.Array, *,
-                    sampled_rows: bool | None = None):
-    """The pure train step ``(state, batch) -> (state, metrics)`` (jit it with shardings).
-
-    The backbone runs data-parallel under plain jit (``models.apply_train``); with per-device
-    BatchNorm statistics and ``optim.grad_allreduce_dtype`` other than float32 it runs under
-    ``shard_map`` instead (:func:`per_device_forward`), so that the gradient all-reduce itself
-    is in that dtype.
-
-    Partial FC with ``head.freeze_unsampled`` (one update per step): the classes are sampled
-    first, the loss is differentiated w.r.t. the sampled rows alone and the optimizer updates
-    those rows of the centres and of their momentum, which are then put back; no dense
-    ``[C, d]`` gradient exists (``head.sampled_rows_loss``). Otherwise the head's gradient is
-    dense and, with ``freeze_unsampled``, the unsampled rows are restored after the update (the
-    same result; ``sampled_rows=False`` forces that path, for the tests).
-    """
-    c = components
-    config = c.config
-    skip_nonfinite = config.nan_policy == "skip"
-    freeze_unsampled = config.head.freeze_unsampled and config.head.sample_rate < 1.0
-    per_device = config.model.batchnorm_stats == "per_device"
-    batchnorm_groups = c.mesh.shape[parallel.DATA_AXIS] if per_device else 1
-    explicit_reduction = per_device and config.optim.grad_allreduce_dtype != "float32"
-    # optax.MultiSteps accumulates dense gradients: sampled rows change between micro-batches.
-    if sampled_rows is None:
-        sampled_rows = freeze_unsampled and config.optim.accumulate_steps == 1
-    if sampled_rows:
-        classes = c.head.num_classes
-        sampler = head.partial_fc_sampler(c.mesh, classes, config.head.sample_rate)
-        rows_loss = head.sampled_rows_loss(c.loss, c.mesh, classes, c.head.block_size)
-        on_rows = head.on_class_rows(c.mesh)
-
-    def train_step(state, batch):
-        step = state["step"]
-        dropout_key, sample_key = jax.random.split(jax.random.fold_in(base_key, step))
-        # float32 (float64 for a float64 model), then the compute dtype.
-        images = models.preprocess(batch["image"], c.input_spec,
-                                   jnp.promote_types(c.compute_dtype, jnp.float32)
-                                   ).astype(c.compute_dtype)
-
-        if sampled_rows:
-            all_rows = jnp.ones(batch["label"].shape, bool)
-            index = sampler(batch["label"], all_rows, sample_key)
-            params_in = on_rows(state["params"], index)
-            opt_state_in = on_rows(state["opt_state"], index)
-        else:
-            params_in, opt_state_in = state["params"], state["opt_state"]
-
-        def loss_fn(params):
-            backbone_vars = {"params": params["backbone"], "batch_stats": state["batch_stats"]}
-            if explicit_reduction:
-                embeddings, backbone_updates = per_device_forward(
-                    c.backbone, c.mesh, backbone_vars, images, dropout_key=dropout_key,
-                    gradient_dtype=config.optim.grad_allreduce_dtype)
-            else:
-                embeddings, backbone_updates = models.apply_train(
-                    c.backbone, backbone_vars, images, dropout_key=dropout_key,
-                    groups=batchnorm_groups)
-            if sampled_rows:
-                out = rows_loss(embeddings, params["head"]["weight"], index, batch["label"],
-                                all_rows, state["margin_state"])
-                total, metrics, sampled, margin_state = out.loss, out.metrics, out.sampled, {
-                    name: value.astype(state["margin_state"][name].dtype)
-                    for name, value in out.state.items()}
-            else:
-                head_vars = {"params": params["head"]}
-                if state["margin_state"]:
-                    head_vars[head.MARGIN_STATE] = state["margin_state"]
-                (total, metrics, sampled), head_updates = c.head.apply(
-                    head_vars, embeddings, batch["label"], sample_key=sample_key,
-                    mutable=[head.MARGIN_STATE])
-                margin_state = head_updates.get(head.MARGIN_STATE, {})
-            norms = jnp.linalg.norm(embeddings.astype(jnp.float32), axis=-1)
-            metrics["feature_norm"] = norms.mean()
-            return total, (metrics, sampled, backbone_updates.get("batch_stats", {}),
-                           margin_state)
-
-        (loss, (metrics, sampled, batch_stats, margin_state)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True)(params_in)
-        updates, opt_state = c.tx.update(grads, opt_state_in, params_in)
-        params = optax.apply_updates(params_in, updates)
-        if sampled_rows:
-            params = on_rows(state["params"], index, params)
-            opt_state = on_rows(state["opt_state"], index, opt_state)
-        elif freeze_unsampled:
-            params = optim.keep_unsampled_rows(params, state["params"], sampled,
-                                               head.is_class_rows)
-            opt_state = optim.keep_unsampled_rows(opt_state, state["opt_state"], sampled,
-                                                  head.is_class_rows)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = {"params": params, "batch_stats": batch_stats, "margin_state": margin_state,
-                     "opt_state": opt_state, "step": step + 1}
-        if skip_nonfinite:
-            old = {**state, "step": step + 1}
-            new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, old)
-        # The rate of the update this micro-batch's gradient goes into.
-        metrics.update(loss=loss, grad_norm=grad_norm, nonfinite=~finite,
-                       lr=c.schedule(step // config.optim.accumulate_steps))
-        return new_state, metrics
-
-    return train_step
-
-
-def params_sha256(params: Any) -> str:
-    """A hash of the parameter bytes, in a fixed (sorted-path) order."""
-    digest = hashlib.sha256()
-    leaves = jax.tree_util.tree_flatten_with_path(parallel.to_host(params))[0]
-    for path, leaf in sorted(leaves, key=lambda item: parallel.path_name(item[0])):
-        digest.update(parallel.path_name(path).encode())
-        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-    return digest.hexdigest()
-
-
-class Evaluator:
-    """The evaluators ``config.eval`` names (:func:`magjax.evaluators.from_config`: ``.bin``
-    verification, the quality set), run on the current backbone through one encoder."""
-
-    def __init__(self, config, components: Components, data_dir: pathlib.Path):
-        from magjax import evaluators
-        from magjax.encoder import FaceEncoder
-
-        self.evaluators = evaluators.from_config(config, data_dir)
-        self.encoder = None
-        if self.evaluators:
-            abstract = {"params": None, "batch_stats": None}
-            self.encoder = FaceEncoder(config.model.arch, abstract, components.input_spec,
-                                       embedding_dim=config.model.embedding_dim,
-                                       batch_size=config.eval.batch_size,
-                                       dtype=components.compute_dtype)
-
-    def __call__(self, state: dict) -> dict:
-        if self.encoder is None:
-            return {}
-        self.encoder.variables = parallel.to_host({"params": state["params"]["backbone"],
-                                                   "batch_stats": state["batch_stats"]})
-        results: dict[str, Any] = {}
-        for evaluator in self.evaluators:
-            results.update(evaluator.run(self.encoder))
-        return results
-
-
 def resolve_data_dir(config) -> pathlib.Path:
-    """The prepared dataset: ``data.dir``, the user's data, never built into; without one, a
-    recipe with ``data.synthetic`` (the demo) builds its synthetic identities once under the
-    cache directory. Either way a missing dataset is reported before anything else runs."""
-    from magjax.data import builders
+    """Where the prepared dataset is: ``data.dir``, the user's data, never built into (a missing
+    or unprepared one fails now); without one, for a recipe with ``data.synthetic`` (the demo),
+    its folder in the cache directory, which :func:`build_synthetic_data` fills. Reads only."""
+    from magjax.data import prepared
 
     if config.data.dir:
         data_dir = pathlib.Path(config.data.dir)
-        builders.find_dataset_dir(data_dir)  # a missing or unprepared directory fails now
+        prepared.find_dataset_dir(data_dir)  # a missing or unprepared directory fails now
         return data_dir
     if config.data.synthetic:
-        options = dict(config.data.synthetic_options)
-        data_dir = pathlib.Path(recipes.synthetic_data_dir(options))
-        if not (data_dir / builders.MANIFEST).is_file():
-            log.info("building the synthetic identities (%s) in %s, once: about half a minute",
-                     ", ".join(f"{k}={v}" for k, v in sorted(options.items())), data_dir)
-        return pathlib.Path(builders.prepare("synthetic", None, data_dir, progress=False,
-                                             **options))
+        return pathlib.Path(recipes.synthetic_data_dir(dict(config.data.synthetic_options)))
     raise UserError(
         "config.data.dir is not set: pass --config.data.dir=/path/to/dataset prepared with "
         "`python -m magjax.data prepare --format rec|folder --src SRC --out DIR`, or run "
         "the CPU demo with --config configs/<loss>.py:demo")
 
 
-def _check_evaluation_sets(config, data_dir: pathlib.Path) -> None:
-    """Fails now, not at the first evaluation, when a set ``config.eval`` names is missing, and
-    says in one line what will be evaluated (or that nothing will)."""
-    from magjax import evaluators
+def build_synthetic_data(config, data_dir: pathlib.Path) -> None:
+    """Builds the synthetic identities of ``config.data.synthetic_options`` into ``data_dir``
+    (:func:`resolve_data_dir`'s cache folder) the first time, saying so in one line; a complete
+    set built with the same options is reused as it is."""
+    from magjax.data import builders, prepared
 
-    bins, quality_set = evaluators.configured_sets(config.eval, data_dir)
-    missing = [str(path) for path in [*bins, quality_set] if path and not path.is_file()]
-    if missing:
-        raise UserError(f"config.eval: {', '.join(missing)} not found; name existing files in "
-                        "--config.eval.bins / --config.eval.quality_set, or switch them off "
-                        "with =none")
-    if bins or quality_set:
-        log.info("evaluating every %d steps on %s", config.eval.every_steps,
-                 ", ".join(str(path) for path in [*bins, quality_set] if path))
-    else:
-        log.info("no evaluation: %s holds no held-out set and config.eval names none (prepare "
-                 "with --holdout N, or pass --config.eval.bins=/path/to/lfw.bin)", data_dir)
+    options = dict(config.data.synthetic_options)
+    if not (data_dir / prepared.MANIFEST).is_file():
+        log.info("building the synthetic identities (%s) in %s, once: about half a minute",
+                 ", ".join(f"{k}={v}" for k, v in sorted(options.items())), data_dir)
+    builders.prepare("synthetic", None, data_dir, progress=False, **options)
 
 
 class Interrupted(Exception):  # noqa: N818 (a stop asked for, not an error)
@@ -419,15 +122,20 @@ def _check_same_run(saved_meta: dict, run_facts: dict, workdir: pathlib.Path) ->
                             f"this config has {value!r}: use another --workdir")
 
 
+def backbone_variables(state: dict) -> dict:
+    """The backbone's ``{"params", "batch_stats"}`` of the train state, on the host (what the
+    inference model holds and the evaluators embed with)."""
+    return parallel.to_host({"params": state["params"]["backbone"],
+                             "batch_stats": state["batch_stats"]})
+
+
 def export_inference_model(directory: pathlib.Path, state: dict, config, step: int) -> None:
     """Writes the backbone of ``state`` as an inference model (``magjax.encoder`` loads it).
     Every process calls this: gathering sharded leaves and orbax's save are collectives."""
     from magjax import checkpoint
 
     checkpoint.save_inference_model(
-        directory,
-        parallel.to_host({"params": state["params"]["backbone"],
-                          "batch_stats": state["batch_stats"]}),
+        directory, backbone_variables(state),
         models.inference_meta(config.model.arch, config.model.embedding_dim,
                               trained_with=config.loss.name, step=step))
 
@@ -473,8 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ``allow_config_change``. A finished run (summary written, last checkpoint at the final step)
     returns its saved summary and changes nothing.
     """
-    from magjax import checkpoint
-    from magjax.data import pipeline as data_pipeline
+    from magjax import checkpoint, evaluators
     from magjax.logs import MetricsLogger
 
     # ----------------------------------------------------------------------------------------
@@ -488,15 +195,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     devices = mesh.shape[parallel.DATA_AXIS]
 
     # ----------------------------------------------------------------------------------------
-    # Input: each process reads its own slice of every global batch.
-    data_dir = resolve_data_dir(config)
-    config.data.dir = str(data_dir)  # config.json says where the data was (and evaluate finds it)
-    pipeline = data_pipeline.TrainPipeline(
-        data_dir, global_batch=config.global_batch, seed=config.seed,
-        augment=config.data.augment, process_index=jax.process_index(),
-        process_count=jax.process_count(), num_workers=config.data.num_workers)
-    _take_dataset_counts(config, pipeline, data_dir)
-    _check_evaluation_sets(config, data_dir)
+    # Input and evaluation sets (a missing file fails now, not at the first evaluation).
+    data_dir, pipeline = _open_input(config)
+    evaluation_sets = evaluators.from_config(config, data_dir)
     steps_per_epoch = pipeline.steps_per_epoch
     total_steps = config.total_steps or max(int(config.epochs * steps_per_epoch), 1)
 
@@ -515,131 +216,193 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         return json.loads(summary_path.read_text())
     log.info("%s", run_description(config, data_dir, devices, steps_per_epoch, total_steps))
     if primary:  # a model export that a kill interrupted is finished, or its remains removed
-        for name in ("model", "model_best"):
-            checkpoint.recover_inference_model(workdir_path / name)
+        checkpoint.recover_inference_model(workdir_path / "model")
+        checkpoint.recover_inference_model(workdir_path / "model_best")
 
     # ----------------------------------------------------------------------------------------
-    # Model, head, optimizer and the train state, created in its shardings.
+    # Model, head, optimizer and the train state, created in its shardings, then restored from
+    # the newest intact checkpoint of this same run (on any device count).
     components = build_components(config, mesh, pipeline.num_classes, steps_per_epoch,
                                   total_steps)
     init_key, base_key = jax.random.split(jax.random.key(config.seed))
     state = init_state(components, init_key)
     shardings = jax.tree.map(lambda x: x.sharding, state)
+    run = _Run(config, workdir_path, mesh, pipeline, checkpoints, total_steps,
+               {"num_classes": pipeline.num_classes, "arch": config.model.arch,
+                "loss": config.loss.name})
+    state, progress = _restore(run, state, latest)
 
     # ----------------------------------------------------------------------------------------
-    # Restore: the newest intact checkpoint of this same run, on any device count.
-    run_facts = {"num_classes": pipeline.num_classes, "arch": config.model.arch,
-                 "loss": config.loss.name}
-    best = {"accuracy": None, "step": None}  # the best verification accuracy so far
-    last_loss = float("nan")
-    restored_step = 0
-    if latest is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                               sharding=x.sharding), state)
-        restored = checkpoints.restore_newest_intact(
-            abstract, check_meta=functools.partial(_check_same_run, run_facts=run_facts,
-                                                   workdir=workdir_path))
-        if restored is not None:
-            restored_step, state, meta = restored
-            pipeline.set_state(meta["pipeline"])
-            best = meta.get("best", best)
-            last_loss = meta.get("last_loss", last_loss)
-            log.info("resumed from step %d (saved on %d devices, now %d)", restored_step,
-                     meta["devices"], devices)
-
-    # ----------------------------------------------------------------------------------------
-    # The step, the evaluators and the logs.
+    # The step, the evaluators and the logs; then the loop.
     train_step = jit_train_step(components, base_key, shardings)
-    evaluator = Evaluator(config, components, data_dir)
+    suite = evaluators.Suite(evaluation_sets, config, components.input_spec,
+                             components.compute_dtype)
     logger = MetricsLogger(workdir_path, enabled=primary,
                            progress_keys=(*components.loss.progress_metrics, "feature_norm"),
-                           restored_step=restored_step)
-    train_metrics = _TrainMetrics(logger, config, total_steps, last_loss)
-    preemption = _Preemption()
-    start_step = step = int(state["step"])
-    start_time = time.time()
-    evaluation: dict = {}
-
-    # ----------------------------------------------------------------------------------------
-    # The loop: log, evaluate and checkpoint when due; on SIGTERM save and stop.
+                           restored_step=progress.restored_step)
+    train_metrics = _TrainMetrics(logger, config, total_steps, progress.last_loss)
+    start_step, start_time, preemption = int(state["step"]), time.time(), _Preemption()
     try:
-        while step < total_steps:
-            batch = parallel.global_batch(mesh, next(pipeline))
-            if step == start_step:
-                log.info("compiling the train step (the first step; a minute or so on a CPU)")
-            state, metrics = train_step(state, batch)
-            if step == start_step:
-                # The first step includes the compilation: the ETA is timed from its end.
-                jax.block_until_ready(metrics)
-                log.info("compiled and ran the first step in %.0f s", time.time() - start_time)
-                logger.start_clock(step + 1)
-            train_metrics.add(metrics)
-            step += 1
-            due_eval = is_due(step, config.eval.every_steps, total_steps)
-            due_checkpoint = is_due(step, config.checkpoint.every_steps, total_steps)
-            if (is_due(step, config.log_every_steps, total_steps) or due_eval
-                    or due_checkpoint or preemption.requested):
-                train_metrics.flush(step)
-            if due_eval:
-                evaluation = evaluator(state)
-                if evaluation:
-                    logger.write(step, _flatten(evaluation), kind="eval")
-                    accuracy = _first_accuracy(evaluation)
-                    if accuracy is not None and (best["accuracy"] is None
-                                                 or accuracy > best["accuracy"]):
-                        best = {"accuracy": accuracy, "step": step}
-                        export_inference_model(workdir_path / "model_best", state, config, step)
-            if due_checkpoint or preemption.requested:
-                meta = {"pipeline": pipeline.get_state(), "devices": devices, "run": run_facts,
-                        "best": best, "step": step,
-                        "last_loss": _json_number(train_metrics.last_loss)}
-                checkpoints.save(step, state, meta,
-                                 force=preemption.requested or step == total_steps)
-            if preemption.requested:
-                checkpoints.wait()
-                stopped = (f"stopped at step {step} after {preemption.requested} (checkpoint "
-                           f"saved); rerun the same command to resume")
-                log.warning("%s", stopped)
-                if preemption.requested == "Ctrl-C":
-                    raise Interrupted(stopped)
-                return None
+        state = _loop(run, state, train_step, suite, logger, train_metrics, preemption, progress)
     except NonFiniteLossError as error:
-        checkpoints.wait()
-        kept = checkpoints.latest_step()
-        raise NonFiniteLossError(
-            f"{error}: stopped without saving them; "
-            + (f"the checkpoint of step {kept} in {checkpoints.directory} is kept: lower "
-               "--config.optim.lr and rerun with --allow-config-change to resume from it"
-               if kept is not None else "no checkpoint was saved before them: lower "
-               "--config.optim.lr")
-            + ", or set --config.nan_policy=skip to drop such updates") from None
+        raise _nonfinite_stop(error, checkpoints) from None
     finally:
         checkpoints.wait()
         checkpoints.close()
         preemption.restore()
         logger.close()
+    if state is None:  # preempted: saved and stopped
+        return None
 
     # ----------------------------------------------------------------------------------------
     # Results: the inference model and summary.json (written last: a run with it is finished).
     if start_step >= total_steps:
         # Resumed at the final step (the previous run stopped before writing its summary):
         # nothing to train, but the results are still to be computed.
-        evaluation = evaluator(state)
+        progress.evaluation = suite(backbone_variables(state))
+    step = int(state["step"])
     export_inference_model(workdir_path / "model", state, config, step)
-    summary = {
-        "steps": step,
-        "wall_s": time.time() - start_time,
-        "final_loss": train_metrics.last_loss,
-        "params_sha256": params_sha256(state["params"]),
-        "devices": devices,
-        "processes": jax.process_count(),
-        "best": best if best["accuracy"] is not None else None,
-        **evaluation,
-    }
+    summary = {"steps": step, "wall_s": time.time() - start_time,
+               "final_loss": train_metrics.last_loss,
+               "params_sha256": params_sha256(state["params"]), "devices": devices,
+               "processes": jax.process_count(), "best": progress.best, **progress.evaluation}
     summary.setdefault("verification", {})
     if primary:
         files.write_text_atomically(summary_path, summary_json(summary))
     return summary
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What the loop's pieces share about the run (fixed once the run is open)."""
+
+    config: ml_collections.ConfigDict
+    workdir: pathlib.Path
+    mesh: jax.sharding.Mesh
+    pipeline: Any
+    checkpoints: Any
+    total_steps: int
+    facts: dict  # what a checkpoint must have been saved by (_check_same_run)
+
+    @property
+    def devices(self) -> int:
+        return self.mesh.shape[parallel.DATA_AXIS]
+
+
+@dataclasses.dataclass
+class _Progress:
+    """What the loop carries besides the train state (saved in each checkpoint's meta)."""
+
+    best: dict | None = None  # {"metric", "value", "step"}: the best eval.best_metric so far
+    last_loss: float = float("nan")
+    restored_step: int = 0
+    evaluation: dict = dataclasses.field(default_factory=dict)  # the latest results
+
+
+def _open_input(config) -> tuple[pathlib.Path, Any]:
+    """The data directory (the demo's synthetic identities built on first use) and the input
+    pipeline, each process reading its own slice of every global batch; the config gets the
+    data's directory and counts (config.json says where the data was, and evaluate finds it)."""
+    from magjax.data import pipeline as data_pipeline
+
+    data_dir = resolve_data_dir(config)
+    if not config.data.dir:
+        build_synthetic_data(config, data_dir)
+    config.data.dir = str(data_dir)
+    pipeline = data_pipeline.TrainPipeline(
+        data_dir, global_batch=config.global_batch, seed=config.seed,
+        augment=config.data.augment, process_index=jax.process_index(),
+        process_count=jax.process_count(), num_workers=config.data.num_workers)
+    _take_dataset_counts(config, pipeline, data_dir)
+    return data_dir, pipeline
+
+
+def _restore(run: _Run, state: dict, latest: int | None) -> tuple[dict, _Progress]:
+    """``state`` from the newest intact checkpoint of this run (if any), the pipeline's position
+    and the loop's progress with it."""
+    from magjax import evaluators
+
+    progress = _Progress()
+    if latest is None:
+        return state, progress
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=x.sharding), state)
+    restored = run.checkpoints.restore_newest_intact(
+        abstract, check_meta=functools.partial(_check_same_run, run_facts=run.facts,
+                                               workdir=run.workdir))
+    if restored is None:
+        return state, progress
+    progress.restored_step, state, meta = restored
+    run.pipeline.set_state(meta["pipeline"])
+    progress.best = evaluators.saved_best(meta.get("best"))
+    progress.last_loss = meta.get("last_loss", progress.last_loss)
+    log.info("resumed from step %d (saved on %d devices, now %d)", progress.restored_step,
+             meta["devices"], run.devices)
+    return state, progress
+
+
+def _loop(run: _Run, state: dict, train_step, suite, logger, train_metrics: _TrainMetrics,
+          preemption: _Preemption, progress: _Progress) -> dict | None:
+    """Steps to ``run.total_steps``, logging, evaluating (``model_best``) and checkpointing when
+    due; returns the final state, or None when preempted (saved, then stopped)."""
+    from magjax import evaluators
+
+    config = run.config
+    start_step = step = int(state["step"])
+    start_time = time.time()
+    while step < run.total_steps:
+        batch = parallel.global_batch(run.mesh, next(run.pipeline))
+        if step == start_step:
+            log.info("compiling the train step (the first step; a minute or so on a CPU)")
+        state, metrics = train_step(state, batch)
+        if step == start_step:
+            # The first step includes the compilation: the ETA is timed from its end.
+            jax.block_until_ready(metrics)
+            log.info("compiled and ran the first step in %.0f s", time.time() - start_time)
+            logger.start_clock(step + 1)
+        train_metrics.add(metrics)
+        step += 1
+        due_eval = is_due(step, config.eval.every_steps, run.total_steps)
+        due_checkpoint = is_due(step, config.checkpoint.every_steps, run.total_steps)
+        if (is_due(step, config.log_every_steps, run.total_steps) or due_eval
+                or due_checkpoint or preemption.requested):
+            train_metrics.flush(step)
+        if due_eval:
+            progress.evaluation = suite(backbone_variables(state))
+            if progress.evaluation:
+                logger.write(step, evaluators.flatten(progress.evaluation), kind="eval")
+                improved = suite.improved(progress.best, progress.evaluation, step)
+                if improved:
+                    progress.best = improved
+                    export_inference_model(run.workdir / "model_best", state, config, step)
+        if due_checkpoint or preemption.requested:
+            meta = {"pipeline": run.pipeline.get_state(), "devices": run.devices,
+                    "run": run.facts, "best": progress.best, "step": step,
+                    "last_loss": _json_number(train_metrics.last_loss)}
+            run.checkpoints.save(step, state, meta,
+                                 force=preemption.requested or step == run.total_steps)
+        if preemption.requested:
+            run.checkpoints.wait()
+            stopped = (f"stopped at step {step} after {preemption.requested} (checkpoint "
+                       f"saved); rerun the same command to resume")
+            log.warning("%s", stopped)
+            if preemption.requested == "Ctrl-C":
+                raise Interrupted(stopped)
+            return None
+    return state
+
+
+def _nonfinite_stop(error: NonFiniteLossError, checkpoints) -> NonFiniteLossError:
+    """The one-line error of a run stopped by non-finite losses: what is kept, and the fix."""
+    checkpoints.wait()
+    kept = checkpoints.latest_step()
+    return NonFiniteLossError(
+        f"{error}: stopped without saving them; "
+        + (f"the checkpoint of step {kept} in {checkpoints.directory} is kept: lower "
+           "--config.optim.lr and rerun with --allow-config-change to resume from it"
+           if kept is not None else "no checkpoint was saved before them: lower "
+           "--config.optim.lr")
+        + ", or set --config.nan_policy=skip to drop such updates")
 
 
 def describe_results(summary: dict, workdir: str | pathlib.Path) -> str:
@@ -652,9 +415,10 @@ def describe_results(summary: dict, workdir: str | pathlib.Path) -> str:
     for name, result in summary.get("verification", {}).items():
         lines.append(f"verification set {name}: accuracy {result['accuracy']:.4f} ± "
                      f"{result['std']:.4f}")
-    if summary.get("best"):
-        lines.append(f"best accuracy {summary['best']['accuracy']:.4f} at step "
-                     f"{summary['best']['step']} (model in {workdir / 'model_best'})")
+    best = summary.get("best")
+    if best:
+        lines.append(f"best {best['metric']} {best['value']:.4f} at step {best['step']} (model "
+                     f"in {workdir / 'model_best'})")
     quality = summary.get("quality")
     if quality:
         lines.append(f"quality: Spearman(feature norm, quality level) "
@@ -731,18 +495,3 @@ def _per_update(config) -> str:
     return f" ({acc} per update: {acc * config.global_batch} images)" if acc > 1 else ""
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "/"))
-        else:
-            out[name] = value
-    return out
-
-
-def _first_accuracy(evaluation: dict) -> float | None:
-    for result in evaluation.get("verification", {}).values():
-        return result["accuracy"]
-    return None

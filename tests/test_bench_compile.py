@@ -154,7 +154,7 @@ def test_a_step_too_large_for_the_chip_reports_fits_false(monkeypatch, capsys):
     for), not a traceback. The compile is replaced by one that refuses as XLA does."""
     import jax
 
-    from magjax import train
+    from magjax import train_step
 
     class Refused:
         def lower(self, *args):
@@ -167,7 +167,7 @@ def test_a_step_too_large_for_the_chip_reports_fits_false(monkeypatch, capsys):
                 " ... the total memory required for HLO temporaries (180.56G) exceeds "
                 "available HBM (15.75G)")
 
-    monkeypatch.setattr(train, "jit_train_step", lambda *args: Refused())
+    monkeypatch.setattr(train_step, "jit_train_step", lambda *args: Refused())
     argv = ["--topology", "v5e:2x2", "--config", f"{REPO}/configs/arcface.py:tiny", "--json"]
     assert compile_bench.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()

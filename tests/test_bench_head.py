@@ -72,3 +72,51 @@ def test_update_step_updates_the_centres_in_place_against_its_floor(capsys, samp
     # step holds about two [C, d] arrays, not four.
     centre_array = result["weight_bytes_per_device"]
     assert 2 * centre_array <= result["bytes_per_device"] < 3 * centre_array
+
+
+def test_bench_times_the_head_code_the_train_step_runs(monkeypatch, capsys):
+    """`bench head` and the train step reach the head through the same methods of the same
+    class (``head.ClassShardedHead.update``, which differentiates through ``value_and_grad``),
+    on heads built alike from the bench's flags and from a training config: no second copy
+    of the step to drift from training."""
+    import jax
+
+    from magjax import head, parallel, recipes, train_step
+
+    calls = []
+    for name in ("update", "value_and_grad"):
+        original = getattr(head.ClassShardedHead, name)
+
+        def spy(self, *args, _name=name, _original=original):
+            calls.append((_name, self))
+            return _original(self, *args)
+
+        monkeypatch.setattr(head.ClassShardedHead, name, spy)
+
+    classes, dim, batch = 512, 32, 16
+    flags = ["--abstract", "--batch", str(batch), "--classes", str(classes), "--dim", str(dim),
+             "--devices", "8", "--sample-rate", "0.25", "--freeze-unsampled"]
+    assert head_bench.main(flags + ["--update"]) in (0, None)
+    bench_update, calls[:] = list(calls), []
+    assert head_bench.main(flags) in (0, None)
+    bench_gradient, calls[:] = list(calls), []
+    capsys.readouterr()
+
+    config = recipes.get_config("arcface", "tiny,pfc0.25")
+    config.model.update(dtype="float32", embedding_dim=dim)
+    config.head.freeze_unsampled = True
+    config.global_batch = batch
+    mesh = parallel.make_mesh(8)
+    components = train_step.build_components(config, mesh, classes, steps_per_epoch=10,
+                                             total_steps=40)
+    jax.eval_shape(train_step.make_train_step(components, jax.random.key(0)),
+                   train_step.abstract_state(components),
+                   train_step.abstract_batch(mesh, batch))
+    assert [name for name, _ in calls] == ["update", "value_and_grad"]
+    assert [name for name, _ in bench_update] == ["update", "value_and_grad"]
+    assert [name for name, _ in bench_gradient] == ["value_and_grad"]
+    trained = calls[0][1]
+    assert trained.sampled_rows
+    # Equal in every setting (loss, mesh, classes, dim, rate, freezing, rows' gradient, ...).
+    for _, bench_head in bench_update + bench_gradient:
+        assert bench_head == trained

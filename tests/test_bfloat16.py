@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magjax import head, losses, parallel, recipes, train
+from magjax import head, losses, parallel, recipes, train_step
 
 CLASSES, BATCH, STEPS = 8, 16, 30
 
@@ -28,11 +28,12 @@ def _train_losses(dtype: str) -> np.ndarray:
     config.global_batch = BATCH
     config.optim.lr = 0.05
     mesh = parallel.make_mesh(4)
-    components = train.build_components(config, mesh, CLASSES, steps_per_epoch=STEPS,
+    components = train_step.build_components(config, mesh, CLASSES, steps_per_epoch=STEPS,
                                         total_steps=4 * STEPS)
     init_key, base_key = jax.random.split(jax.random.key(0))
-    state = train.init_state(components, init_key)
-    step = train.jit_train_step(components, base_key, jax.tree.map(lambda a: a.sharding, state))
+    state = train_step.init_state(components, init_key)
+    shardings = jax.tree.map(lambda a: a.sharding, state)
+    step = train_step.jit_train_step(components, base_key, shardings)
     losses_seen = []
     for batch in _batches():
         state, metrics = step(state, parallel.global_batch(mesh, batch))

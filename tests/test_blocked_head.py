@@ -237,22 +237,22 @@ def test_bench_reads_the_bytes_a_refused_compile_asked_for():
 
 
 def test_margin_head_module_with_block_size(x64):
-    """The Flax module with ``block_size`` (blocks of 3 of a shard's 4 rows on 8 devices): the
-    loss, the updated AdaFace state and the gradients of the dense module."""
+    """The head object with ``block_size`` (blocks of 3 of a shard's 4 rows on 8 devices): the
+    loss, the updated AdaFace state and the gradients of the dense head."""
     mesh = make_mesh(8)
     x, _, y = problem(5, batch=16, classes=30)
     results = []
     for block_size in (None, 3):
-        module = head.MarginHead(num_classes=30, embedding_dim=16, loss=LOSSES["adaface"],
-                                 mesh=mesh, weight_init="unit", block_size=block_size)
-        variables = jax.jit(module.init)(jax.random.key(0), jnp.asarray(x), jnp.asarray(y))
+        margin_head = head.ClassShardedHead(LOSSES["adaface"], mesh, num_classes=30,
+                                            embedding_dim=16, weight_init="unit",
+                                            block_size=block_size)
+        params, margin_state = jax.jit(margin_head.init)(jax.random.key(0))
 
-        def total(params, x, variables=variables, module=module):
-            (value, metrics, _), updated = module.apply(
-                {**variables, "params": params}, x, jnp.asarray(y), mutable=["margin_state"])
-            return value, updated["margin_state"]
+        def total(params, x, margin_state=margin_state, margin_head=margin_head):
+            out = margin_head.loss(params, margin_state, x, jnp.asarray(y), jax.random.key(0))
+            return out.loss, out.state
 
-        params = jax.tree.map(lambda a: a.astype(jnp.float64), variables["params"])
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
         (value, state), grads = jax.jit(jax.value_and_grad(total, (0, 1), has_aux=True))(
             params, jnp.asarray(x))
         results.append({"loss": value, "state_after": state, "grad_embeddings": grads[1],
@@ -261,10 +261,10 @@ def test_margin_head_module_with_block_size(x64):
 
 
 def test_train_components_pass_head_block_size(monkeypatch):
-    """``head.block_size`` reaches the train step's head: the module (MarginHead) and, for
-    Partial FC with ``freeze_unsampled``, the sampled-rows loss (checked where it is built:
+    """``head.block_size`` reaches the train step's head (ClassShardedHead) and, for
+    Partial FC with ``freeze_unsampled``, its sampled-rows loss (checked where it is built:
     the step is not compiled here; the losses' equality is tested above)."""
-    from magjax import parallel, train
+    from magjax import parallel, train_step
 
     built = []
     original = head.sampled_rows_loss
@@ -273,8 +273,8 @@ def test_train_components_pass_head_block_size(monkeypatch):
                                                                                    **kwargs))
     config = recipes.get_config("arcface", "tiny,pfc0.25")
     config.head.update(freeze_unsampled=True, block_size=5)
-    components = train.build_components(config, parallel.make_mesh(8), 512, steps_per_epoch=10,
+    components = train_step.build_components(config, parallel.make_mesh(8), 512, steps_per_epoch=10,
                                         total_steps=40)
     assert components.head.block_size == 5
-    train.make_train_step(components, jax.random.key(0))
+    train_step.make_train_step(components, jax.random.key(0))
     assert built == [(5,)]

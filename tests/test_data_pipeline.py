@@ -180,3 +180,14 @@ def test_worker_processes_give_the_same_batches(dataset):
     got = _take(TrainPipeline(root, num_workers=1, **kw), 3)
     for a, b in zip(want, got, strict=True):
         assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["label"], b["label"])
+
+
+def test_the_reading_pipeline_does_not_import_the_dataset_builders():
+    """Training reads prepared data through magjax.data.prepared; the builders (which write
+    datasets) stay out of the reading side."""
+    import subprocess
+    import sys
+
+    code = ("import sys, magjax.data.pipeline, magjax.data.prepared; "
+            "assert 'magjax.data.builders' not in sys.modules, 'builders imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -165,3 +165,28 @@ def test_recognisability_needs_a_clean_reference_per_identity():
     keep = ~((ident == 7) & (levels == 4))
     with pytest.raises(ValueError, match=r"identities \[7\] have no image at quality level 4"):
         quality.recognisability_vs_quality(raw[keep], ident[keep], levels[keep], clean_level=4)
+
+
+def test_a_failed_write_leaves_the_previous_csv_and_plot(tmp_path, monkeypatch):
+    """The ERC CSV and the plots are written whole or not at all (magjax.files): a write that
+    fails midway keeps the previous file and leaves no temporary one."""
+    import matplotlib.figure
+
+    raw, pairs, scores, issame, _ = synthetic(identities=20)
+    curve = quality.error_versus_reject(quality.magnitudes(raw), pairs, scores, issame)
+    csv_path, png_path = tmp_path / "erc.csv", tmp_path / "erc.png"
+    csv_path.write_text("previous\n")
+    png_path.write_bytes(b"previous")
+    short = {**curve, "fnmr": curve["fnmr"][:-1]}  # fails after the header and some rows
+    with pytest.raises(ValueError):
+        quality.write_erc_csv(short, csv_path)
+
+    def half_a_png(figure, fname, **kwargs):
+        fname.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_a_png)
+    with pytest.raises(OSError, match="disk full"):
+        quality.plot_erc({"synthetic": curve}, png_path)
+    assert csv_path.read_text() == "previous\n" and png_path.read_bytes() == b"previous"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["erc.csv", "erc.png"]

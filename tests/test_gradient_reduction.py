@@ -1,5 +1,5 @@
 """The backbone gradient all-reduced explicitly in ``optim.grad_allreduce_dtype``
-(``train.per_device_forward``, ``parallel.reduce_gradient_in``): the same values as the jit
+(``models.per_device_forward``, ``parallel.reduce_gradient_in``): the same values as the jit
 path in float32, each device's gradient rounded before the sum otherwise, wired into the train
 step, and a bfloat16 all-reduce in the program compiled for TPU."""
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_batchnorm import _SmallNet
 
-from magjax import models, parallel, recipes, train
+from magjax import models, parallel, recipes, train_step
 
 DEVICES = 8
 
@@ -40,7 +40,7 @@ def _jit_path(net, variables, images, targets, key):
 
 def _explicit_path(net, variables, images, targets, key, mesh, dtype):
     def loss(params):
-        embeddings, updates = train.per_device_forward(
+        embeddings, updates = models.per_device_forward(
             net, mesh, {**variables, "params": params}, images, dropout_key=key,
             gradient_dtype=dtype)
         return _loss(embeddings, targets), (embeddings, updates)
@@ -129,10 +129,10 @@ def test_train_step_reduces_in_the_configured_dtype(batchnorm_stats, dtype, expe
     config.optim.grad_allreduce_dtype = dtype
     config.global_batch = 16
     mesh = parallel.make_mesh(DEVICES)
-    components = train.build_components(config, mesh, 64, steps_per_epoch=10, total_steps=10)
-    step = train.make_train_step(components, jax.random.key(0))
-    text = str(jax.make_jaxpr(step)(train.abstract_state(components),
-                                    train.abstract_batch(mesh, 16)))
+    components = train_step.build_components(config, mesh, 64, steps_per_epoch=10, total_steps=10)
+    step = train_step.make_train_step(components, jax.random.key(0))
+    text = str(jax.make_jaxpr(step)(train_step.abstract_state(components),
+                                    train_step.abstract_batch(mesh, 16)))
     assert _psum_dtypes(text) - {"f32", "i32", "bool"} == expected
 
 

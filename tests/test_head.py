@@ -131,24 +131,23 @@ def test_partial_fc_rate_one_is_the_full_head(x64):
 
 
 def test_margin_head_module_updates_adaface_state(x64):
-    """The Flax module: W sharded by rows, EMA state in 'margin_state' updated only if mutable."""
+    """The head object: W padded by rows, EMA state initialised, and updated by its loss."""
     mesh = make_mesh(8)
     loss = LOSSES["adaface"]
-    module = head.MarginHead(num_classes=30, embedding_dim=16, loss=loss, mesh=mesh,
-                             weight_init="unit")
+    margin_head = head.ClassShardedHead(loss, mesh, num_classes=30, embedding_dim=16,
+                                        weight_init="unit")
     x, _, y = random_problem(9, 16, 30)
-    variables = module.init(jax.random.key(0), jnp.asarray(x), jnp.asarray(y))
-    weight = variables["params"]["weight"]
+    params, state = margin_head.init(jax.random.key(0))
+    weight = params["weight"]
     assert weight.shape == (32, 16) and (weight[30:] == 0).all()
     np.testing.assert_allclose(np.linalg.norm(weight[:30], axis=1), 1.0, rtol=1e-6)
-    assert float(variables["margin_state"]["batch_mean"]) == 20.0
-    value, updated = module.apply(variables, jnp.asarray(x), jnp.asarray(y),
-                                  mutable=["margin_state"])
+    assert float(state["batch_mean"]) == 20.0
+    out = margin_head.loss(params, state, jnp.asarray(x), jnp.asarray(y), jax.random.key(0))
     norms = np.clip(np.linalg.norm(x, axis=1), 1e-3, 100)
-    np.testing.assert_allclose(updated["margin_state"]["batch_mean"],
-                               0.5 * norms.mean() + 0.5 * 20.0, rtol=1e-6)
+    np.testing.assert_allclose(out.state["batch_mean"], 0.5 * norms.mean() + 0.5 * 20.0,
+                               rtol=1e-6)
     dense = losses.dense_loss(x, np.asarray(weight[:30]), y, loss)[0]
-    np.testing.assert_allclose(value[0], dense, rtol=1e-6)
+    np.testing.assert_allclose(out.loss, dense, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["arcface", "adaface", "curricularface"])

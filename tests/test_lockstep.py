@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (PyTorch's usual name)
 from flax import traverse_util
 
-from magjax import convert, models, parallel, recipes, train
+from magjax import convert, models, parallel, recipes, train_step
 
 BATCH = 8
 CLASSES = 16
@@ -185,9 +185,9 @@ def test_five_steps_match_pytorch(loss_name, devices, x64):
     steps_per_epoch = 2 if loss_name == "arcface" else 1
     total_steps = 6
     mesh = parallel.make_mesh(devices)
-    components = train.build_components(config, mesh, CLASSES, steps_per_epoch, total_steps)
-    state = _to_float64(train.init_state(components, jax.random.key(0)))
-    step = jax.jit(train.make_train_step(components, jax.random.key(1)))
+    components = train_step.build_components(config, mesh, CLASSES, steps_per_epoch, total_steps)
+    state = _to_float64(train_step.init_state(components, jax.random.key(0)))
+    step = jax.jit(train_step.make_train_step(components, jax.random.key(1)))
 
     # PyTorch side from the same weights.
     net = torch_reference.build_torch(config.model.arch, dropout=0.0).double().train()
@@ -288,9 +288,9 @@ def test_vit_adamw_with_accumulation_matches_pytorch(x64):
     config.global_batch = BATCH
     config.optim.update(accumulate_steps=accumulate, warmup_epochs=1.0)
     mesh = parallel.make_mesh(devices)
-    components = train.build_components(config, mesh, CLASSES, steps_per_epoch, micro_batches)
-    state = _to_float64(train.init_state(components, jax.random.key(0)))
-    step = jax.jit(train.make_train_step(components, jax.random.key(1)))
+    components = train_step.build_components(config, mesh, CLASSES, steps_per_epoch, micro_batches)
+    state = _to_float64(train_step.init_state(components, jax.random.key(0)))
+    step = jax.jit(train_step.make_train_step(components, jax.random.key(1)))
 
     net = models.arch_spec("vit_demo").torch(None).double().train()
     state_dict = _torch_state_dict_of({"params": state["params"]["backbone"],

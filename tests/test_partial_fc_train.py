@@ -1,26 +1,30 @@
 """Partial FC with ``head.freeze_unsampled`` in the train step: the sampled-rows path (no dense
 centre gradient) against the dense path that restores the unsampled rows."""
 
+import dataclasses
+
 import jax
 import numpy as np
 from test_bfloat16 import _batches
 
-from magjax import head, parallel, recipes, train
+from magjax import head, parallel, recipes, train_step
 
 CLASSES, BATCH, DEVICES = 512, 16, 8  # 64 centres per shard, 16 sampled
 
 
-def _run(sampled_rows):
+def _run(rows_gradient):
     config = recipes.get_config("arcface", "tiny,pfc0.25")
     config.model.update(dtype="float32", embedding_dim=32)
     config.head.freeze_unsampled = True
     config.global_batch = BATCH
     mesh = parallel.make_mesh(DEVICES)
-    components = train.build_components(config, mesh, CLASSES, steps_per_epoch=10,
+    components = train_step.build_components(config, mesh, CLASSES, steps_per_epoch=10,
                                         total_steps=40)
     init_key, base_key = jax.random.split(jax.random.key(0))
-    state = train.init_state(components, init_key)
-    step = jax.jit(train.make_train_step(components, base_key, sampled_rows=sampled_rows))
+    state = train_step.init_state(components, init_key)
+    components.head = dataclasses.replace(components.head, rows_gradient=rows_gradient)
+    assert components.head.sampled_rows == rows_gradient
+    step = jax.jit(train_step.make_train_step(components, base_key))
     states = [state]
     for batch, _ in zip(_batches(), range(3), strict=False):
         batch = {"image": batch["image"], "label": batch["label"] * 7 % CLASSES}
@@ -30,7 +34,7 @@ def _run(sampled_rows):
 
 
 def test_sampled_rows_path_equals_the_dense_path_and_moves_only_sampled_rows():
-    rows_path, dense_path = _run(None), _run(False)
+    rows_path, dense_path = _run(True), _run(False)
     for rows_state, dense_state in zip(rows_path[1:], dense_path[1:], strict=True):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7),
                      rows_state["params"], dense_state["params"])

@@ -154,3 +154,19 @@ def test_the_run_line_states_the_images_per_update():
     assert "global batch 2048 (12 per update: 24576 images) on 8 " in line
     line = train.run_description(recipes.get_config("arcface", "vit_t"), "/data", 8, 10, 400)
     assert "global batch 4096 on 8 " in line
+
+
+def test_every_config_file_is_its_row_of_the_recipe_table():
+    import pathlib
+
+    names = sorted(path.stem for path in pathlib.Path("configs").glob("*.py"))
+    assert names and set(names) <= set(recipes.RECIPES)
+    for name in names:
+        row = recipes.RECIPES[name]
+        c = recipes.config_from_file(f"configs/{name}.py")
+        assert (c.loss.name, c.data.dataset, c.model.arch, c.global_batch, c.epochs) == (
+            name, row.dataset, row.backbones[row.backbone], row.global_batch, row.epochs)
+        assert recipes.config_from_file(f"configs/{name}.py:tiny").model.arch == (
+            row.backbones["tiny"])
+        # The variants list and override syntax live once, in magjax/recipes.py's docstring.
+        assert "misspelt" not in pathlib.Path(f"configs/{name}.py").read_text()

@@ -202,3 +202,20 @@ def test_search_errors_are_one_line(tmp_path, capsys, monkeypatch, case, message
     assert code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_a_failed_csv_write_leaves_the_previous_file(tmp_path):
+    """The results CSV is written whole or not at all (magjax.files)."""
+    out = tmp_path / "results.csv"
+    out.write_text("previous\n")
+    good = {"probe": 0, "path": "a.jpg", "box": None, "decision": "id00",
+            "candidates": [("id00", 0.9)]}
+    bad = {**good, "probe": 1, "box": "not a box"}  # fails after the header and the first row
+    with pytest.raises(ValueError):
+        search._write_csv(out, [good, bad], 1)
+    assert out.read_text() == "previous\n"
+    assert [path.name for path in tmp_path.iterdir()] == ["results.csv"]
+    search._write_csv(out, [good], 1)
+    assert list(csv.reader(out.open())) == [
+        ["probe", "path", "x1", "y1", "x2", "y2", "decision", "identity_1", "score_1"],
+        ["0", "a.jpg", "", "", "", "", "id00", "id00", "0.900000"]]

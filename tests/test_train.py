@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from magjax import checkpoint, cli, parallel, recipes, train
+from magjax import checkpoint, cli, parallel, recipes, train, train_step
 from magjax.data import pipeline as data_pipeline
 
 REPO = pathlib.Path(__file__).parent.parent
@@ -159,8 +159,10 @@ def test_nan_policy_stop_names_the_steps(dataset, tmp_path, monkeypatch):
     # config check refuses it (rightly), so the loss gets it behind the check's back.
     from magjax import losses
 
-    monkeypatch.setattr(train, "margin_loss_from_config", lambda loss: losses.MarginLoss.create(
-        loss.name, **{**{k: v for k, v in loss.items() if k != "name"}, "s": float("inf")}))
+    monkeypatch.setattr(train_step, "margin_loss_from_config",
+                        lambda loss: losses.MarginLoss.create(
+                            loss.name, **{**{k: v for k, v in loss.items() if k != "name"},
+                                          "s": float("inf")}))
     config = tiny_config("arcface", dataset)
     with pytest.raises(FloatingPointError) as raised:
         train.train_and_evaluate(config, str(tmp_path / "nan"))
@@ -174,12 +176,12 @@ def test_nan_policy_stop_names_the_steps(dataset, tmp_path, monkeypatch):
     config = tiny_config("arcface", dataset, nan_policy="skip")
     summary = train.train_and_evaluate(config, str(tmp_path / "skip"))
     assert summary["steps"] == 2  # every update dropped, parameters unchanged
-    components = train.build_components(config, parallel.make_mesh(),
+    components = train_step.build_components(config, parallel.make_mesh(),
                                         num_classes=SYNTHETIC["num_identities"],
                                         steps_per_epoch=3, total_steps=2)
     init_key, _ = jax.random.split(jax.random.key(config.seed))
-    initial = train.init_state(components, init_key)
-    assert summary["params_sha256"] == train.params_sha256(initial["params"])
+    initial = train_step.init_state(components, init_key)
+    assert summary["params_sha256"] == train_step.params_sha256(initial["params"])
 
 
 def _run_main(args, env=None, **kwargs):
@@ -259,3 +261,12 @@ def test_two_processes_equal_one_process(dataset, tmp_path):
     np.testing.assert_allclose(multi["final_loss"], one["final_loss"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  exported_params(tmp_path / "multi"), exported_params(tmp_path / "single"))
+
+
+def test_resolve_data_dir_names_the_demo_data_without_building_it(tmp_path, monkeypatch):
+    """Finding the data only reads; the demo's synthetic identities are built by the loop's
+    explicit build_synthetic_data call."""
+    monkeypatch.setenv("MAGJAX_CACHE", str(tmp_path))
+    data_dir = train.resolve_data_dir(recipes.get_config("magface", "demo"))
+    assert data_dir == tmp_path / "magjax" / "synthetic_300x50_nuisance0.25"
+    assert not data_dir.exists()

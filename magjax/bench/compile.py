@@ -8,9 +8,9 @@
     python -m magjax.bench compile --topology a100-40gb:8 --config configs/adaface.py:r100 \\
         --config.model.dtype=float32                      # any --config. override, as for main
 
-Compiles, ahead of time and on any host, the train step that ``python -m magjax.main`` runs for
-the recipe: the same ``train.build_components`` / ``train.jit_train_step``, with the state and
-the batch given as shapes and shardings over the topology's abstract devices. ``--topology`` is
+Compiles, ahead of time and on any host, the train step that ``python -m magjax.main`` runs for the
+recipe: the same ``train_step.build_components`` / ``train_step.jit_train_step``, with the state
+and the batch given as shapes and shardings over the topology's abstract devices. ``--topology`` is
 a Cloud TPU topology (v4, v5e, v5p, v6e: ``pip install -r requirements-tpu.txt`` brings the
 compiler) or NVIDIA GPUs, ``NAME:COUNT`` with NAME one of a100-40gb, a100-80gb, h100, h200,
 v100-32gb and COUNT 8 when left out (``pip install -r requirements-gpu.txt`` brings jax's CUDA
@@ -234,7 +234,7 @@ def compile_train_step(config, devices: list, per_chip_batch: int) -> dict:
     these devices counts none: GPUs)."""
     import jax
 
-    from magjax import parallel, train
+    from magjax import parallel, train_step
 
     chips = len(devices)
     config = config.copy_and_resolve_references()
@@ -242,14 +242,14 @@ def compile_train_step(config, devices: list, per_chip_batch: int) -> dict:
     mesh = parallel.make_mesh(devices=devices)
     steps_per_epoch = max(config.data.num_examples // config.global_batch, 1)
     total_steps = config.total_steps or max(int(config.epochs * steps_per_epoch), 1)
-    components = train.build_components(config, mesh, config.data.num_classes, steps_per_epoch,
+    components = train_step.build_components(config, mesh, config.data.num_classes, steps_per_epoch,
                                         total_steps)
-    state = train.abstract_state(components)
+    state = train_step.abstract_state(components)
     shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
-    step = train.jit_train_step(components, jax.random.key(0), shardings)
+    step = train_step.jit_train_step(components, jax.random.key(0), shardings)
     start = time.perf_counter()
     try:
-        compiled = step.lower(state, train.abstract_batch(mesh, config.global_batch)).compile()
+        compiled = step.lower(state, train_step.abstract_batch(mesh, config.global_batch)).compile()
     except jax.errors.JaxRuntimeError as error:
         asked = exhausted_bytes(error)
         if asked is None:

@@ -7,10 +7,13 @@
     python -m magjax.bench head --block 4096   # head.block_size: the classes 4096 at a time
     python -m magjax.bench head --topology v5p:2x2x1 --batch 4096 --classes 20000000 --block 8192
 
-The step is what training runs for the head: all-gather of the embeddings, cosine logits per
-class shard, margin, softmax cross entropy over shards, and the gradients with respect to the
-embeddings and the class centres. The floor, measured in the same run on every device at the
-per-device shapes, is the three matrix products no implementation can avoid: the logits
+The step is what training runs for the head, through the same code
+(``head.ClassShardedHead.value_and_grad``; with ``--update``, ``ClassShardedHead.update``, which
+the train step calls), the embeddings standing in for the backbone as its parameters:
+all-gather of the embeddings, cosine logits per class shard, margin, softmax cross entropy over
+shards, and the gradients with respect to the embeddings and the class centres. The floor,
+measured in the same run on every device at the per-device shapes, is the three matrix
+products no implementation can avoid: the logits
 ``[B, d] x [d, C_local]``, the embedding gradient ``[B, C_local] x [C_local, d]`` (summed over
 the devices) and the centre gradient ``[C_local, B] x [B, d]`` (with Partial FC, ``C_local`` is
 the sampled count), timed in the head's class-major layout and in the batch-major one, the
@@ -22,14 +25,15 @@ of them zeros: ``dense_write_ms`` times the cheapest such write (zeros, on every
 
 ``--update`` times the step as the train step runs it: the centre gradient is not returned but
 consumed by the recipe's optimizer (``optim.make_optimizer``: weight decay, SGD with momentum),
-which updates the centres and their momentum in place (donated), every row with arcface_torch's
+which updates the centres and their momentum in place (donated; the embeddings too, as the
+backbone's parameters, a ``[B, d]`` pass), every row with arcface_torch's
 semantics, the sampled rows alone with ``--freeze-unsampled``. The floor then adds that update
 with a zero gradient over the rows it must move (``update_floor_ms``): under arcface_torch's
 semantics weight decay and momentum move every centre each step, a pass over ``[C_local, d]``
 that no implementation avoids; with ``--freeze-unsampled``, the sampled count of rows, as one
 contiguous block. ``sampled_rows_update_ms`` then times that update alone on the step's own
-sampled rows where they lie in the centres and momentum (``head.on_class_rows``: gather, update,
-scatter back), the part of the step that the contiguous floor does not see.
+sampled rows where they lie in the centres and momentum (``ClassShardedHead.take`` and ``keep``:
+gather, update, scatter back), the part of the step that the contiguous floor does not see.
 Step and floors are timed in turn, best of ``--repeats`` each.
 ``bytes_per_device`` is XLA's compiled memory analysis (arguments + outputs + temporaries, less
 the outputs that take donated arguments' buffers).
@@ -149,64 +153,53 @@ def main(argv: list[str]) -> int:
         return cli.report_user_error(f"--loss {args.loss!r}: one of "
                                      f"{', '.join(sorted(losses.registered()))}")
     loss = losses.MarginLoss.create(args.loss)
-    padded = padded_size(args.classes, args.devices)
     batch = padded_size(args.batch, args.devices)
-    per_shard = padded // args.devices
-    active = head.partial_fc_budget(args.sample_rate, per_shard, batch)
-    sampled_rows = args.freeze_unsampled and active < per_shard
+    # The head training builds (head.ClassShardedHead) and, for --block, the dense head it is
+    # timed against: the step below is its value_and_grad (with --update, its update), the
+    # code the train step runs, on an identity backbone (the embeddings are its parameters).
+    heads = {size: head.ClassShardedHead(loss, mesh, args.classes, args.dim,
+                                         sample_rate=args.sample_rate,
+                                         freeze_unsampled=args.freeze_unsampled,
+                                         block_size=size)
+             for size in {args.block or None, None}}
     block_size = args.block or None
-    # The head at block_size and, for --block, the dense head it is timed against.
-    heads = {size: (head.sharded_margin_loss(loss, mesh, args.classes,
-                                             sample_rate=args.sample_rate, block_size=size),
-                    head.sampled_rows_loss(loss, mesh, args.classes, size))
-             for size in {block_size, None}}
-    sampler = head.partial_fc_sampler(mesh, args.classes, args.sample_rate)
-    on_rows = head.on_class_rows(mesh)
+    margin_head = heads[block_size]
+    padded, per_shard = margin_head.padded_classes, margin_head.classes_per_shard
+    active = margin_head.budget(batch)
+    sampled_rows = margin_head.sampled_rows
 
-    def dense_gradient(x, w, y, mask, key, block=block_size):
-        def total(x, w):
-            return heads[block][0](x, w, y, mask, loss.initial_state(), key)[0]
-
-        return jax.value_and_grad(total, argnums=(0, 1))(x, w)
-
-    def rows_gradient(x, rows, index, y, mask, block=block_size):
-        # What training differentiates with head.freeze_unsampled: the sampled rows alone.
-        def total(x, rows):
-            return heads[block][1](x, rows, index, y, mask, loss.initial_state())[0]
-
-        return jax.value_and_grad(total, argnums=(0, 1))(x, rows)
-
-    def gradient_step(x, w, y, mask, key, block=block_size):
-        if sampled_rows:
-            index = sampler(y, mask, key)
-            return rows_gradient(x, head.take_rows(mesh)(w, index), index, y, mask, block)
-        return dense_gradient(x, w, y, mask, key, block)
-
-    # The centres as the train state holds them (head.is_class_rows), with the recipe's
-    # optimizer: weight decay and SGD with momentum, no clipping on the head.
+    # The recipe's optimizer, as build_components makes it: weight decay on the centres (not on
+    # the embeddings standing in for the backbone), SGD with momentum.
     optim_config = recipes.base_config().optim
-    tx = optim.make_optimizer(optim_config, optim_config.lr,
-                              {"backbone": {}, "head": {"weight": True}})
+    tx = optim.make_optimizer(optim_config, optim_config.lr, lambda params: {
+        "backbone": jax.tree.map(lambda _: False, params["backbone"]),
+        "head": jax.tree.map(lambda _: True, params["head"])})
+
+    def parameters(x, w):
+        return {"backbone": {"embeddings": x}, "head": {"weight": w}}
+
+    def objective(margin_head, y, key):
+        state = margin_head.initial_state()
+
+        def embeddings_then_head(params, rows):
+            out = margin_head.loss(params["head"], state, params["backbone"]["embeddings"], y,
+                                   key, rows)
+            return out, None
+
+        return embeddings_then_head
+
+    def gradient_step(x, w, y, key, block=block_size):
+        step = heads[block].value_and_grad(objective(heads[block], y, key), parameters(x, w),
+                                           y, key)
+        return step.output.loss, step.grads
+
+    def update_step(params, opt_state, y, key, block=block_size):
+        params, opt_state, step = heads[block].update(tx, objective(heads[block], y, key),
+                                                      params, opt_state, y, key)
+        return params, opt_state, step.output.loss
 
     def centres(w):
         return {"backbone": {}, "head": {"weight": w}}
-
-    def update_step(params, opt_state, x, y, mask, key, block=block_size):
-        if sampled_rows:
-            index = sampler(y, mask, key)
-            params_in, opt_state_in = on_rows(params, index), on_rows(opt_state, index)
-            value, (x_grad, w_grad) = rows_gradient(x, params_in["head"]["weight"], index, y,
-                                                    mask, block)
-        else:
-            params_in, opt_state_in = params, opt_state
-            value, (x_grad, w_grad) = dense_gradient(x, params["head"]["weight"], y, mask, key,
-                                                     block)
-        updates, opt_state_out = tx.update(centres(w_grad), opt_state_in, params_in)
-        params_out = optax.apply_updates(params_in, updates)
-        if sampled_rows:
-            params_out = on_rows(params, index, params_out)
-            opt_state_out = on_rows(opt_state, index, opt_state_out)
-        return params_out, opt_state_out, value, x_grad
 
     def update_alone(params, opt_state):
         # The least the update costs: a zero gradient over the rows it moves.
@@ -215,8 +208,10 @@ def main(argv: list[str]) -> int:
 
     def sampled_rows_update(params, opt_state, index):
         # The same, for the sampled rows where they lie, as the train step moves them.
-        params_out, opt_state_out = update_alone(on_rows(params, index), on_rows(opt_state, index))
-        return on_rows(params, index, params_out), on_rows(opt_state, index, opt_state_out)
+        params_out, opt_state_out = update_alone(margin_head.take(params, index),
+                                                 margin_head.take(opt_state, index))
+        return (margin_head.keep(params_out, params, index, None),
+                margin_head.keep(opt_state_out, opt_state, index, None))
 
     rows = NamedSharding(mesh, P(DATA_AXIS))
     class_rows = NamedSharding(mesh, P(DATA_AXIS, None))
@@ -226,15 +221,15 @@ def main(argv: list[str]) -> int:
     weight_shape = jax.ShapeDtypeStruct((padded, args.dim), jnp.float32, sharding=class_rows)
     batch_shapes = (
         jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
-        jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=rows),
         jax.eval_shape(lambda: jax.random.key(0)),
     )
     if args.update:
+        # The momentum of the centres and of the embeddings split by rows, as they are.
         opt_state_shape = jax.tree.map(
             lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=class_rows
                                               if leaf.ndim == 2 else replicated),
-            jax.eval_shape(tx.init, centres(weight_shape)))
-        shapes = (centres(weight_shape), opt_state_shape, x_shape, *batch_shapes)
+            jax.eval_shape(tx.init, parameters(x_shape, weight_shape)))
+        shapes = (parameters(x_shape, weight_shape), opt_state_shape, *batch_shapes)
         step_fn, donate = update_step, (0, 1)
     else:
         shapes, step_fn, donate = (x_shape, weight_shape, *batch_shapes), gradient_step, ()
@@ -271,16 +266,15 @@ def main(argv: list[str]) -> int:
         x = jax.device_put(jax.random.normal(keys[0], (batch, args.dim)), rows)
         w = jax.device_put(0.01 * jax.random.normal(keys[1], (padded, args.dim)), class_rows)
         y = jax.device_put(jnp.arange(batch, dtype=jnp.int32) % args.classes, rows)
-        mask = jax.device_put(jnp.ones(batch, bool), rows)
         if args.update:
-            state = [centres(w), jax.jit(tx.init)(centres(w))]
-            step_call = _carrying(compiled, state, x, y, mask, jax.random.key(1))
+            state = [parameters(x, w), jax.jit(tx.init)(parameters(x, w))]
+            step_call = _carrying(compiled, state, y, jax.random.key(1))
             twin_call = twin and _carrying(
-                twin, [centres(jnp.copy(w)), jax.jit(tx.init)(centres(w))], x, y, mask,
-                jax.random.key(1))
+                twin, [parameters(jnp.copy(x), jnp.copy(w)),
+                       jax.jit(tx.init)(parameters(x, w))], y, jax.random.key(1))
         else:
-            step_call = functools.partial(compiled, x, w, y, mask, jax.random.key(1))
-            twin_call = twin and functools.partial(twin, x, w, y, mask, jax.random.key(1))
+            step_call = functools.partial(compiled, x, w, y, jax.random.key(1))
+            twin_call = twin and functools.partial(twin, x, w, y, jax.random.key(1))
 
         @jax.jit
         def floor_class_major(x, w, g):
@@ -312,7 +306,7 @@ def main(argv: list[str]) -> int:
                                    [centres(moved), jax.jit(tx.init)(centres(moved))]))
         rows_update = args.update and sampled_rows
         if rows_update:  # the step's own rows, in the step's own state
-            index = jax.jit(sampler)(y, mask, jax.random.key(1))
+            index = jax.jit(margin_head.sample)(y, jax.random.key(1))
             calls.append(_carrying(jax.jit(sampled_rows_update, donate_argnums=(0, 1)), state,
                                    index))
         if twin:

@@ -3,17 +3,16 @@
     python -m magjax.bench train --arch iresnet50 --batch 256 --dtype bfloat16 --torch   # GPU
     python -m magjax.bench train --arch tiny --batch 32 --classes 1000 --dtype float32 --torch
 
-Times the train step that ``python -m magjax.main`` runs (``train.build_components`` and
-``train.jit_train_step`` of the loss's recipe: backbone, class-sharded margin head, optimizer with
-the recipe's clipping and weight decay) over every local device, on synthetic batches that stay
-on the devices, and reports the median images per second of ``--steps`` steps after
-``--warmup``. With ``--torch`` it times, in the same run and on the same device (the first
-CUDA GPU when there is one, else the CPU), the PyTorch step a user of arcface_torch runs: the
-``magjax.models.torch_reference`` backbone (channels-last on a GPU), a full-softmax
-ArcFace head as arcface_torch computes it (normalised centres, straight-through margin on the
-target cosine, scale 64, cross entropy), SGD with momentum 0.9 and weight decay 5e-4, the
-backbone's gradient norm clipped at 5, under ``torch.autocast`` in bfloat16 when ``--dtype
-bfloat16``.
+Times the train step that ``python -m magjax.main`` runs (``train_step.build_components`` and
+``train_step.jit_train_step`` of the loss's recipe: backbone, class-sharded margin head, optimizer
+with the recipe's clipping and weight decay) over every local device, on synthetic batches that
+stay on the devices, and reports the median images per second of ``--steps`` steps after
+``--warmup``. With ``--torch`` it times, in the same run and on the same device (the first CUDA GPU
+when there is one, else the CPU), the PyTorch step a user of arcface_torch runs: the
+``magjax.models.torch_reference`` backbone (channels-last on a GPU), a full-softmax ArcFace head as
+arcface_torch computes it (normalised centres, straight-through margin on the target cosine, scale
+64, cross entropy), SGD with momentum 0.9 and weight decay 5e-4, the backbone's gradient norm
+clipped at 5, under ``torch.autocast`` in bfloat16 when ``--dtype bfloat16``.
 
 Nothing on this path imports the data or checkpoint stack (tfds, grain, array_record,
 tensorstore), so it runs on a machine with only jax, flax, optax, numpy, ml-collections and
@@ -34,7 +33,7 @@ def bench_magjax(loss: str, arch: str, batch: int, classes: int, dtype: str, ste
     import jax
     import numpy as np
 
-    from magjax import parallel, recipes, train
+    from magjax import parallel, recipes, train_step
 
     config = recipes.get_config(loss)
     config.model.arch, config.model.dtype = arch, dtype
@@ -43,12 +42,12 @@ def bench_magjax(loss: str, arch: str, batch: int, classes: int, dtype: str, ste
     devices = mesh.shape[parallel.DATA_AXIS]
     if batch % devices:
         raise ValueError(f"--batch {batch} must be a multiple of the {devices} local devices")
-    components = train.build_components(config, mesh, classes, steps_per_epoch=1000,
+    components = train_step.build_components(config, mesh, classes, steps_per_epoch=1000,
                                         total_steps=100_000)
     init_key, base_key = jax.random.split(jax.random.key(0))
-    holder = {"state": train.init_state(components, init_key)}
+    holder = {"state": train_step.init_state(components, init_key)}
     shardings = jax.tree.map(lambda leaf: leaf.sharding, holder["state"])
-    train_step = train.jit_train_step(components, base_key, shardings)
+    train_step = train_step.jit_train_step(components, base_key, shardings)
     rng = np.random.default_rng(0)
     batch_on_devices = jax.device_put(
         {"image": rng.integers(0, 256, (batch, 112, 112, 3), dtype=np.uint8),

@@ -5,6 +5,8 @@
 * ``synthetic``: procedural synthetic identities with quality levels (demo and tests).
 * ``builders``: TFDS (array_record) builders for RecordIO, image folders and synthetic data;
   ``prepare`` and ``inspect_dataset``.
+* ``prepared``: the reading side of a prepared dataset (its manifest, its TFDS directory),
+  which training and evaluation use without importing the builders.
 * ``pipeline``: ``TrainPipeline``, endless host-local batches with a checkpointable state.
 
 Command line: ``python -m magjax.data prepare|inspect`` (see ``magjax/data/__main__.py``).

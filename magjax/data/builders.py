@@ -20,7 +20,7 @@ one line before anything is built.
 
 A prepared dataset root holds ``<builder>/<version>/`` (the TFDS files), ``magjax_dataset.json``
 (written last: its presence marks a complete dataset) and, for synthetic sets, the held-out
-``verification.bin`` and ``quality.npz``.
+``verification.bin`` and ``quality.npz``; :mod:`magjax.data.prepared` reads that layout.
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ from PIL import Image
 
 from magjax import files
 from magjax.data import FACE_SIZE, images, recordio, synthetic, verification_bin
+from magjax.data.prepared import MANIFEST, find_dataset_dir, read_manifest
 from magjax.errors import UserError
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "magjax_dataset.json"
 _MAX_LOGGED_SKIPS = 100
 
 
@@ -482,36 +482,6 @@ class SyntheticFaces(_FaceBuilder, skip_registration=True):
 
 
 # ----------------------------------------------------------------------------- prepare / inspect
-
-
-def read_manifest(path: pathlib.Path) -> dict:
-    """The JSON object of a ``magjax_dataset.json``; a damaged one is an error naming it."""
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: damaged dataset manifest, not JSON ({e}); prepare the dataset "
-                        "again into a new --out") from None
-    if not isinstance(manifest, dict) or "dataset_dir" not in manifest:
-        raise UserError(f"{path}: damaged dataset manifest (expected an object with "
-                        "'dataset_dir'); prepare the dataset again into a new --out")
-    return manifest
-
-
-def find_dataset_dir(path: str | os.PathLike) -> pathlib.Path:
-    """The TFDS version directory of a prepared dataset, given it or its root."""
-    path = pathlib.Path(path)
-    if (path / "dataset_info.json").is_file():
-        return path
-    manifest = path / MANIFEST
-    if manifest.is_file():
-        return path / read_manifest(manifest)["dataset_dir"]
-    found = sorted(path.glob("*/*/dataset_info.json"))
-    if len(found) == 1:
-        return found[0].parent
-    raise FileNotFoundError(
-        f"{path}: no prepared dataset (expected {MANIFEST} or <name>/<version>/dataset_info.json;"
-        " build one with `python -m magjax.data prepare`)"
-    )
 
 
 def _normalise(options: dict) -> dict:

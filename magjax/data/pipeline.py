@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from magjax.data import augment as augment_lib
-from magjax.data.builders import find_dataset_dir
+from magjax.data.prepared import find_dataset_dir  # reads; never the builders
 from magjax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ class _BatchLoader(grain.transforms.Map):
     def __init__(self, source, *, num_examples: int, global_batch: int, local_batch: int,
                  process_index: int, seed: int, augment: str, image_size: int):
         self.source = source
-        self.n, self.g, self.l = num_examples, global_batch, local_batch
+        self.num_examples, self.global_batch = num_examples, global_batch
+        self.local_batch = local_batch
         self.offset = process_index * local_batch
         self.steps_per_epoch = num_examples // global_batch
         self.seed, self.augment, self.size = seed, augment, image_size
@@ -63,7 +64,7 @@ class _BatchLoader(grain.transforms.Map):
         with self._lock:
             perm = self._perm_cache.get(epoch)
             if perm is None:
-                perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+                perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
                 self._perm_cache = {epoch: perm, **{k: v for k, v in self._perm_cache.items()
                                                    if k == epoch - 1}}
             return perm
@@ -71,13 +72,13 @@ class _BatchLoader(grain.transforms.Map):
     def map(self, step: int) -> dict[str, np.ndarray]:
         epoch, b = divmod(int(step), self.steps_per_epoch)
         perm = self.permutation(epoch)
-        start = b * self.g + self.offset
-        images = np.empty((self.l, self.size, self.size, 3), np.uint8)
-        labels = np.empty((self.l,), np.int32)
-        for i in range(self.l):
+        start = b * self.global_batch + self.offset
+        images = np.empty((self.local_batch, self.size, self.size, 3), np.uint8)
+        labels = np.empty((self.local_batch,), np.int32)
+        for i in range(self.local_batch):
             pos = start + i
             for attempt in range(_MAX_REPLACEMENTS):
-                record = int(perm[(pos + attempt) % self.n])
+                record = int(perm[(pos + attempt) % self.num_examples])
                 ex = self.source[record]
                 rng = None
                 if self.augment != "none":

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from magjax import files
 from magjax.errors import UserError
 from magjax.eval.verification import embed_with_flip, l2_normalize
 
@@ -456,5 +457,5 @@ def plot_roc(results: dict, path: pathlib.Path, title: str) -> None:
     ax.set_title(f"ROC on {title} 1:1")
     ax.grid(linestyle="--", linewidth=0.5)
     ax.legend(loc="lower right", fontsize=8)
-    fig.savefig(path, dpi=100)
+    files.save_figure_atomically(fig, path, dpi=100)
     plt.close(fig)

@@ -26,6 +26,7 @@ import pathlib
 import numpy as np
 import scipy.stats
 
+from magjax import files
 from magjax.eval import cluster, verification
 
 ERC_FRACTIONS = np.round(np.arange(0.0, 0.951, 0.05), 10)
@@ -130,12 +131,15 @@ def error_versus_reject(
 def write_erc_csv(curve: dict[str, np.ndarray], path: str | pathlib.Path) -> None:
     """One row per reject fraction, columns as the keys of :func:`error_versus_reject`."""
     keys = ("reject_fraction", "fnmr", "threshold", "kept_genuine", "kept_impostor")
-    with open(path, "w", newline="") as f:
+
+    def write(f) -> None:
         writer = csv.writer(f)
         writer.writerow(keys)
         for row in zip(*(curve[k] for k in keys), strict=True):
             writer.writerow([repr(float(v)) if isinstance(v, float | np.floating) else int(v)
                              for v in row])
+
+    files.write_stream_atomically(path, write, newline="")
 
 
 def _figure(figsize):
@@ -166,7 +170,7 @@ def plot_erc(
     ax.grid(linestyle="--", linewidth=0.5)
     if curves:
         ax.legend(loc="upper right")
-    fig.savefig(path, dpi=DPI)
+    files.save_figure_atomically(fig, path, dpi=DPI)
     plt.close(fig)
 
 
@@ -188,7 +192,7 @@ def plot_magnitude_histograms(
     ax.set_xlabel("feature magnitude ||x||")
     ax.set_ylabel("density")
     ax.set_title("Feature magnitude per dataset")
-    fig.savefig(path, dpi=DPI)
+    files.save_figure_atomically(fig, path, dpi=DPI)
     plt.close(fig)
 
 
@@ -236,5 +240,5 @@ def plot_mean_faces(
         ax.axis("off")
     fig.suptitle("Mean face per magnitude bin (low -> high)", fontsize=9)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.72, wspace=0.08)
-    fig.savefig(path, dpi=DPI)
+    files.save_figure_atomically(fig, path, dpi=DPI)
     plt.close(fig)

@@ -37,7 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from jax.sharding import PartitionSpec as P
 
+from magjax import parallel
 from magjax.errors import UserError
 from magjax.models import ir, iresnet, mobilefacenet, vit
 from magjax.models.arch import FAMILIES, Arch
@@ -163,6 +165,31 @@ def apply_train(
     embeddings, batch_stats = jax.vmap(one_group)(grouped,
                                                   jax.random.split(dropout_key, groups))
     embeddings = embeddings.reshape(images.shape[0], *embeddings.shape[2:])
+    return embeddings, {"batch_stats": jax.tree.map(lambda stat: stat[0], batch_stats)}
+
+
+def per_device_forward(backbone: nn.Module, mesh: jax.sharding.Mesh, variables: dict,
+                       images: jax.Array, *, dropout_key: jax.Array, gradient_dtype: Any
+                       ) -> tuple[jax.Array, dict]:
+    """:func:`apply_train` with per-device statistics (``groups`` = the devices of ``data``,
+    the same values), run under ``jax.shard_map`` so that the backbone gradient is reduced
+    explicitly: each device's gradient rounded to ``gradient_dtype`` and all-reduced in it
+    (``parallel.reduce_gradient_in``), as DDP's gradient compression hooks do. Device ``i``
+    draws dropout from ``split(dropout_key, devices)[i]``, as group ``i`` of ``apply_train``."""
+    data = parallel.DATA_AXIS
+    keys = jax.random.split(dropout_key, mesh.shape[data])
+
+    def on_device(params, batch_stats, device_images, key):
+        params = parallel.reduce_gradient_in(params, jnp.dtype(gradient_dtype))
+        embeddings, updates = apply_train(
+            backbone, {"params": params, "batch_stats": batch_stats}, device_images,
+            dropout_key=key[0])
+        return embeddings, jax.tree.map(lambda stat: stat[None], updates.get("batch_stats", {}))
+
+    embeddings, batch_stats = jax.shard_map(
+        on_device, mesh=mesh, in_specs=(P(), P(), P(data), P(data)),
+        out_specs=(P(data), P(data)))(variables["params"], variables["batch_stats"], images, keys)
+    # Device 0's running statistics, as apply_train's (DDP rank 0's buffers).
     return embeddings, {"batch_stats": jax.tree.map(lambda stat: stat[0], batch_stats)}
 
 
