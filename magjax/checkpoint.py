@@ -76,8 +76,9 @@ def save_inference_model(directory: str | pathlib.Path, variables: Any, meta: di
         if not primary:
             return
         # The meta is written last, through a rename: a directory with model.json is complete.
-        files.write_text_atomically(new / MODEL_META, json.dumps(
-            {**meta, "format": MODEL_FORMAT}, indent=2, sort_keys=True))
+        files.write_text_atomically(
+            new / MODEL_META, json.dumps({**meta, "format": MODEL_FORMAT}, indent=2, sort_keys=True)
+        )
     except Exception as error:
         if not is_disk_full(error):
             raise
@@ -86,9 +87,13 @@ def save_inference_model(directory: str | pathlib.Path, variables: Any, meta: di
         previous = readable_model_dir(directory)
         raise DiskFullError(
             f"the disk is full: the model could not be written to {directory}; "
-            + (f"the previous one in {previous} is kept. " if previous
-               else "nothing else was changed. ")
-            + "Free space and rerun the same command") from error
+            + (
+                f"the previous one in {previous} is kept. "
+                if previous
+                else "nothing else was changed. "
+            )
+            + "Free space and rerun the same command"
+        ) from error
     _swap_in(directory)
 
 
@@ -145,8 +150,9 @@ def recover_inference_model(directory: str | pathlib.Path) -> None:
     directory = pathlib.Path(directory).absolute()
     new, old = _aside(directory, NEW_SUFFIX), _aside(directory, OLD_SUFFIX)
     if _is_complete(new):
-        log.warning("%s: finishing the replacement of the model a killed run interrupted",
-                    directory)
+        log.warning(
+            "%s: finishing the replacement of the model a killed run interrupted", directory
+        )
         _swap_in(directory)
     elif new.exists():
         shutil.rmtree(new)  # cut short while being written: DIR (if any) is unchanged
@@ -169,15 +175,21 @@ def load_inference_model(directory: str | pathlib.Path) -> tuple[Any, dict]:
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{meta_path} is not valid JSON ({error}): re-export or re-convert the "
-                        "model") from None
-    missing = [key for key in ("arch", "input_spec") if key not in meta] if isinstance(
-        meta, dict) else ["arch", "input_spec"]
+        raise UserError(
+            f"{meta_path} is not valid JSON ({error}): re-export or re-convert the model"
+        ) from None
+    missing = (
+        [key for key in ("arch", "input_spec") if key not in meta]
+        if isinstance(meta, dict)
+        else ["arch", "input_spec"]
+    )
     if missing:
         raise UserError(f"{meta_path} lacks {', '.join(missing)}: not a magjax inference model")
     if meta.get("format", MODEL_FORMAT) != MODEL_FORMAT:
-        raise UserError(f"{meta_path}: format {meta['format']!r}, but this magjax reads "
-                        f"{MODEL_FORMAT!r} only: written by a newer magjax? upgrade magjax")
+        raise UserError(
+            f"{meta_path}: format {meta['format']!r}, but this magjax reads "
+            f"{MODEL_FORMAT!r} only: written by a newer magjax? upgrade magjax"
+        )
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             variables = checkpointer.restore(directory / MODEL_VARIABLES)
@@ -236,8 +248,10 @@ class TrainCheckpoints:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, save_interval_steps=every_steps,
-                enable_async_checkpointing=True, create=True,
+                max_to_keep=keep,
+                save_interval_steps=every_steps,
+                enable_async_checkpointing=True,
+                create=True,
                 # a save cut short (a kill, a full disk) leaves STEP.orbax-checkpoint-tmp
                 cleanup_tmp_directories=True,
             ),
@@ -246,9 +260,9 @@ class TrainCheckpoints:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def restore_newest_intact(self, abstract_state: Any,
-                              check_meta: Callable[[dict], None] | None = None
-                              ) -> tuple[int, Any, dict] | None:
+    def restore_newest_intact(
+        self, abstract_state: Any, check_meta: Callable[[dict], None] | None = None
+    ) -> tuple[int, Any, dict] | None:
         """``(step, state, meta)`` of the newest checkpoint that restores; None if there is none.
 
         A damaged checkpoint (a truncated or missing file, a missing ``meta``, an empty step
@@ -274,8 +288,10 @@ class TrainCheckpoints:
             self._set_aside(damaged)
             return step, state, meta
         if damaged:
-            raise UserError(f"no intact checkpoint in {self.directory}: " + "; ".join(
-                f"step {step}: {_first_line(error)}" for step, error in damaged))
+            raise UserError(
+                f"no intact checkpoint in {self.directory}: "
+                + "; ".join(f"step {step}: {_first_line(error)}" for step, error in damaged)
+            )
         return None
 
     def _set_aside(self, damaged: list[tuple[int, Exception]]) -> None:
@@ -283,8 +299,13 @@ class TrainCheckpoints:
             return
         aside = self.directory.parent / "checkpoints_damaged"
         for step, error in damaged:
-            log.warning("checkpoint step %d in %s is damaged (%s): skipped, moved to %s", step,
-                        self.directory, _first_line(error), aside)
+            log.warning(
+                "checkpoint step %d in %s is damaged (%s): skipped, moved to %s",
+                step,
+                self.directory,
+                _first_line(error),
+                aside,
+            )
             if jax.process_index() == 0:
                 aside.mkdir(exist_ok=True)
                 target = aside / str(step)
@@ -303,8 +324,9 @@ class TrainCheckpoints:
         try:
             started = self._manager.save(
                 step,
-                args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                        meta=ocp.args.JsonSave(meta)),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
                 force=force,
             )
         except Exception as error:
@@ -315,8 +337,9 @@ class TrainCheckpoints:
         return started
 
     def restore_meta(self, step: int) -> dict:
-        return self._manager.restore(
-            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+        ]
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores into ``abstract_state`` (ShapeDtypeStructs carrying the target shardings).
@@ -366,13 +389,17 @@ class TrainCheckpoints:
             for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
                 shutil.rmtree(partial, ignore_errors=True)
         complete = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
-        kept = (f"the checkpoint of step {complete[-1]} is kept" if complete
-                else "no earlier checkpoint exists")
+        kept = (
+            f"the checkpoint of step {complete[-1]} is kept"
+            if complete
+            else "no earlier checkpoint exists"
+        )
         raise DiskFullError(
             f"the disk is full: checkpoint step {step} could not be written in "
             f"{self.directory} (its partial files are removed) and nothing else is lost: "
             f"{kept}. Free space and rerun the same command to resume (orbax's error is in "
-            "train.log)") from error
+            "train.log)"
+        ) from error
 
 
 class DiskFullError(UserError):
@@ -388,8 +415,10 @@ def is_disk_full(error: BaseException | None) -> bool:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         text = str(error)
-        if any(sign in text for sign in ("No space left on device", "Disk quota exceeded",
-                                         "os_error_code='28'")):
+        if any(
+            sign in text
+            for sign in ("No space left on device", "Disk quota exceeded", "os_error_code='28'")
+        ):
             return True
         error = error.__cause__ or error.__context__
     return False

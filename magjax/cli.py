@@ -19,8 +19,13 @@ from magjax.errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a program Ctrl-C ended
-_PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-                PermissionError)
+_PATH_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
 
 
 def one_line(text: str) -> str:
@@ -47,8 +52,12 @@ def report_user_error(message: str) -> int:
     return EXIT_USER_ERROR
 
 
-def run(work: Callable[[], int | None], *, verbose: bool = False,
-        log_file: str | pathlib.Path | None = None) -> int:
+def run(
+    work: Callable[[], int | None],
+    *,
+    verbose: bool = False,
+    log_file: str | pathlib.Path | None = None,
+) -> int:
     """Runs ``work()``; returns its exit status, :data:`EXIT_USER_ERROR` on a user error, or
     :data:`EXIT_INTERRUPTED` after one line when Ctrl-C stopped it.
 
@@ -79,8 +88,9 @@ def run(work: Callable[[], int | None], *, verbose: bool = False,
 
 
 def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--verbose", action="store_true",
-                        help="on a user error, print the full traceback as well")
+    parser.add_argument(
+        "--verbose", action="store_true", help="on a user error, print the full traceback as well"
+    )
 
 
 class ArgumentParser(argparse.ArgumentParser):

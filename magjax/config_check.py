@@ -31,20 +31,33 @@ CONFIG_FILE = "config.json"
 # evaluation batch size, whether the data's held-out sets are evaluated, the head's class block
 # (the same loss, in less memory). The last two are also absent from the config.json of runs
 # started before they existed, which must still resume.
-RESUMABLE_FIELDS = frozenset({"num_devices", "cpu_devices", "data.dir", "data.num_workers",
-                              "eval.batch_size", "eval.heldout_sets", "head.block_size"})
+RESUMABLE_FIELDS = frozenset(
+    {
+        "num_devices",
+        "cpu_devices",
+        "data.dir",
+        "data.num_workers",
+        "eval.batch_size",
+        "eval.heldout_sets",
+        "head.block_size",
+    }
+)
 # Fields that change what a run trains, added after runs were saved without them: a saved config
 # lacking one trained with its default (``recipes.base_config``; every run before AdamW was SGD),
 # so it resumes as long as the field keeps that value, and a change is named like any other.
-ADDED_FIELDS = ("optim.optimizer", "optim.adam_betas", "optim.adam_eps", "eval.sets",
-                "eval.best_metric")
+ADDED_FIELDS = (
+    "optim.optimizer",
+    "optim.adam_betas",
+    "optim.adam_eps",
+    "eval.sets",
+    "eval.best_metric",
+)
 
 
 def _number(value: Any) -> bool:
     """A finite int or float: every range rule refuses NaN (comparisons with NaN are false) and,
     through this, infinity (``--config.optim.lr=inf`` is > 0 and would pass otherwise)."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _positive(value: Any) -> bool:
@@ -79,40 +92,61 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.num_classes", _optional(_at_least_one), "an integer >= 1 (or unset: from the data)"),
     ("data.num_examples", _optional(_at_least_one), "an integer >= 1 (or unset: from the data)"),
     ("data.augment", _one_of(*augment.AUGMENTATIONS), f"one of {augment.AUGMENTATIONS}"),
-    ("data.num_workers", lambda v: _non_negative(v) and float(v).is_integer(),
-     "an integer >= 0"),
+    ("data.num_workers", lambda v: _non_negative(v) and float(v).is_integer(), "an integer >= 0"),
     ("model.arch", _one_of(*models.ARCHS), f"one of the archs {', '.join(models.ARCHS)}"),
-    ("model.dtype", _one_of("float32", "bfloat16", "float16"),
-     "'float32', 'bfloat16' or 'float16'"),
+    (
+        "model.dtype",
+        _one_of("float32", "bfloat16", "float16"),
+        "'float32', 'bfloat16' or 'float16'",
+    ),
     ("model.dropout", _optional(lambda v: _number(v) and 0 <= v < 1), "in [0, 1) (or unset)"),
     ("model.embedding_dim", _at_least_one, "an integer >= 1"),
     ("model.batchnorm_stats", _one_of(*models.BATCHNORM_STATS), f"one of {models.BATCHNORM_STATS}"),
     ("loss.name", _one_of(*losses.registered()), f"one of {tuple(losses.registered())}"),
     ("loss.s", _positive, "> 0"),
     ("head.sample_rate", lambda v: _number(v) and 0 < v <= 1, "in (0, 1]"),
-    ("head.block_size", _optional(lambda v: v == 0 or _at_least_one(v)),
-     "an integer >= 1 (or 0 / unset: the dense head)"),
+    (
+        "head.block_size",
+        _optional(lambda v: v == 0 or _at_least_one(v)),
+        "an integer >= 1 (or 0 / unset: the dense head)",
+    ),
     ("optim.lr", _positive, "> 0"),
     ("optim.optimizer", _one_of(*optim.OPTIMIZERS), f"one of {optim.OPTIMIZERS}"),
     ("optim.momentum", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)"),
-    ("optim.adam_betas", lambda v: isinstance(v, (tuple, list)) and len(v) == 2
-     and all(_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    (
+        "optim.adam_betas",
+        lambda v: (
+            isinstance(v, (tuple, list))
+            and len(v) == 2
+            and all(_number(b) and 0 <= b < 1 for b in v)
+        ),
+        "two numbers in [0, 1)",
+    ),
     ("optim.adam_eps", _non_negative, ">= 0"),
     ("optim.weight_decay", _non_negative, ">= 0"),
     ("optim.schedule", _one_of("poly", "step"), "'poly' or 'step'"),
     ("optim.warmup_epochs", _non_negative, ">= 0"),
-    ("optim.milestones", lambda v: all(_non_negative(e) for e in v)
-     and list(v) == sorted(v), "increasing epochs >= 0"),
+    (
+        "optim.milestones",
+        lambda v: all(_non_negative(e) for e in v) and list(v) == sorted(v),
+        "increasing epochs >= 0",
+    ),
     ("optim.grad_clip_norm", _optional(_positive), "> 0 (or unset: no clipping)"),
     ("optim.grad_clip_eps", _non_negative, ">= 0"),
     ("optim.warmup_style", _one_of(*optim.WARMUP_STYLES), f"one of {optim.WARMUP_STYLES}"),
-    ("optim.grad_allreduce_dtype", _one_of(*optim.GRAD_ALLREDUCE_DTYPES),
-     f"one of {optim.GRAD_ALLREDUCE_DTYPES}"),
+    (
+        "optim.grad_allreduce_dtype",
+        _one_of(*optim.GRAD_ALLREDUCE_DTYPES),
+        f"one of {optim.GRAD_ALLREDUCE_DTYPES}",
+    ),
     ("optim.accumulate_steps", _at_least_one, "an integer >= 1"),
     ("eval.every_steps", _at_least_one, "an integer >= 1"),
     ("eval.batch_size", _at_least_one, "an integer >= 1"),
-    ("eval.best_metric", lambda v: isinstance(v, str) and bool(v.strip()),
-     "a metric's name as logged, '*' matching any part (e.g. 'verification/*/accuracy')"),
+    (
+        "eval.best_metric",
+        lambda v: isinstance(v, str) and bool(v.strip()),
+        "a metric's name as logged, '*' matching any part (e.g. 'verification/*/accuracy')",
+    ),
     ("checkpoint.every_steps", _at_least_one, "an integer >= 1"),
     ("checkpoint.keep", _at_least_one, "an integer >= 1"),
 )
@@ -141,26 +175,35 @@ def problems(config: ml_collections.ConfigDict, device_count: int | None = None)
     ruled = {field for field, _, _ in _RULES}
     for field, value in flatten(config.to_dict()).items():
         values = value if isinstance(value, (list, tuple)) else [value]
-        if field not in ruled and any(isinstance(v, float) and not math.isfinite(v)
-                                      for v in values):
+        if field not in ruled and any(
+            isinstance(v, float) and not math.isfinite(v) for v in values
+        ):
             found.append(f"config.{field} must be a finite number, got {value!r}")
     found += _foreign_loss_fields(config.loss)
     found += _evaluation_set_problems(config.eval.sets)
-    if (config.head.freeze_unsampled and config.head.sample_rate < 1
-            and config.optim.accumulate_steps > 1):
+    if (
+        config.head.freeze_unsampled
+        and config.head.sample_rate < 1
+        and config.optim.accumulate_steps > 1
+    ):
         # Each micro-batch samples other classes, and keep_unsampled_rows would restore the
         # accumulated gradient and the update of every row the last micro-batch did not sample.
-        found.append("config.head.freeze_unsampled cannot be combined with "
-                     "config.optim.accumulate_steps > 1 (each micro-batch samples other classes); "
-                     "set head.freeze_unsampled=False, as arcface_torch")
+        found.append(
+            "config.head.freeze_unsampled cannot be combined with "
+            "config.optim.accumulate_steps > 1 (each micro-batch samples other classes); "
+            "set head.freeze_unsampled=False, as arcface_torch"
+        )
     if not found and device_count is not None:
         devices = config.num_devices or device_count
         if devices > device_count:
-            found.append(f"config.num_devices is {devices} but only {device_count} devices "
-                         "are available")
+            found.append(
+                f"config.num_devices is {devices} but only {device_count} devices are available"
+            )
         elif config.global_batch % devices:
-            found.append(f"config.global_batch {config.global_batch} must be a multiple of the "
-                         f"{devices} devices")
+            found.append(
+                f"config.global_batch {config.global_batch} must be a multiple of the "
+                f"{devices} devices"
+            )
     return found
 
 
@@ -172,9 +215,12 @@ def _foreign_loss_fields(loss_config: ml_collections.ConfigDict) -> list[str]:
     if loss_class is None:
         return []  # reported by the loss.name rule
     own = loss_class.field_names()
-    return [f"config.loss.{field} is not a hyper-parameter of the {name} loss (it has "
-            f"{', '.join(own)}); choose the loss by its config file, configs/{name}.py"
-            for field in loss_config if field != "name" and field not in own]
+    return [
+        f"config.loss.{field} is not a hyper-parameter of the {name} loss (it has "
+        f"{', '.join(own)}); choose the loss by its config file, configs/{name}.py"
+        for field in loss_config
+        if field != "name" and field not in own
+    ]
 
 
 def _evaluation_set_problems(sets: ml_collections.ConfigDict) -> list[str]:
@@ -215,19 +261,28 @@ def changed_fields(saved: dict, current: dict) -> list[str]:
     defaults = flatten(as_json_dict(recipes.base_config()))
     for key in ADDED_FIELDS:
         old.setdefault(key, defaults[key])
-    return [f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
-            for key in sorted(old.keys() | new.keys())
-            if key not in RESUMABLE_FIELDS and old.get(key) != new.get(key)
-            # NaN (e.g. loss.s) compares unequal to itself
-            and not (_is_nan(old.get(key)) and _is_nan(new.get(key)))]
+    return [
+        f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
+        for key in sorted(old.keys() | new.keys())
+        if key not in RESUMABLE_FIELDS
+        and old.get(key) != new.get(key)
+        # NaN (e.g. loss.s) compares unequal to itself
+        and not (_is_nan(old.get(key)) and _is_nan(new.get(key)))
+    ]
 
 
 def _is_nan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def save_or_compare(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
-                    resuming: bool, allow_change: bool, write: bool = True) -> None:
+def save_or_compare(
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    *,
+    resuming: bool,
+    allow_change: bool,
+    write: bool = True,
+) -> None:
     """Saves ``config`` as ``workdir/config.json``, or, when ``resuming``, compares it first.
 
     A resumed run whose config differs from the saved one (other than in
@@ -241,16 +296,18 @@ def save_or_compare(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
         try:
             saved = json.loads(path.read_text())
         except json.JSONDecodeError as error:
-            raise UserError(f"{path} is not valid JSON ({error}); it holds the config of the run "
-                            "being resumed: restore it or delete it to accept the current config"
-                            ) from None
+            raise UserError(
+                f"{path} is not valid JSON ({error}); it holds the config of the run "
+                "being resumed: restore it or delete it to accept the current config"
+            ) from None
         changes = changed_fields(saved, current)
         if changes and not allow_change:
             raise UserError(
                 f"the config differs from the one {workdir} was started with ({path}): "
                 + "; ".join(changes)
                 + ". Rerun with the saved values, use another --workdir, or pass "
-                  "--allow-config-change to resume with the new ones")
+                "--allow-config-change to resume with the new ones"
+            )
         if not changes:
             return
         log.warning("resuming with a changed config (allowed): %s", "; ".join(changes))

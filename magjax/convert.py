@@ -127,8 +127,9 @@ def _refusal(path: pathlib.Path, source: str, error: pickle.UnpicklingError) -> 
     if found is None:
         detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
         reason = detail[0] if detail and "weights_only" not in detail[0] else type(error).__name__
-        return ConversionError(f"{path}: damaged or foreign file: its pickle cannot be read "
-                               f"({reason})")
+        return ConversionError(
+            f"{path}: damaged or foreign file: its pickle cannot be read ({reason})"
+        )
     name = found.group(1)
     if name == "argparse.Namespace":
         return ConversionError(
@@ -253,8 +254,9 @@ def embedding_dim_of(state: Mapping[str, np.ndarray], arch: str) -> int:
     return int(np.shape(mean)[0]) if mean is not None and np.ndim(mean) == 1 else 512
 
 
-def convert_state_dict(state: Mapping[str, np.ndarray], arch: str,
-                       dtype: np.dtype = np.float32) -> dict:
+def convert_state_dict(
+    state: Mapping[str, np.ndarray], arch: str, dtype: np.dtype = np.float32
+) -> dict:
     """Maps a bare backbone ``state_dict`` (numpy) to magjax ``{"params", "batch_stats"}`` of
     ``dtype`` (float32; float64 for the float64 comparisons with PyTorch)."""
     abstract = models.abstract_variables(arch, embedding_dim=embedding_dim_of(state, arch))
@@ -315,8 +317,9 @@ def to_state_dict(variables: Mapping, arch: str) -> dict[str, np.ndarray]:
     ``load_state_dict(strict=True)`` sees exactly the official keys.
     """
     flat = traverse_util.flatten_dict(variables)
-    abstract = traverse_util.flatten_dict(models.abstract_variables(
-        arch, embedding_dim=embedding_dim_of_variables(variables, arch)))
+    abstract = traverse_util.flatten_dict(
+        models.abstract_variables(arch, embedding_dim=embedding_dim_of_variables(variables, arch))
+    )
     if set(flat) != set(abstract):
         names = sorted("/".join(k) for k in set(flat) ^ set(abstract))
         raise ConversionError(f"variables do not match arch {arch!r}: {', '.join(names[:4])}")
@@ -325,8 +328,10 @@ def to_state_dict(variables: Mapping, arch: str) -> dict[str, np.ndarray]:
         path = tuple(path)
         value = np.asarray(value, np.float32)
         if value.shape != abstract[(collection, *path)].shape:
-            raise ConversionError(f"variable {'/'.join(path)} of {arch!r} has shape "
-                                  f"{value.shape}, expected {abstract[(collection, *path)].shape}")
+            raise ConversionError(
+                f"variable {'/'.join(path)} of {arch!r} has shape "
+                f"{value.shape}, expected {abstract[(collection, *path)].shape}"
+            )
         if path[-1] == "kernel" and value.ndim == 4:  # HWIO -> OIHW
             value = value.transpose(3, 2, 0, 1)
         elif path[-1] == "kernel" and value.ndim == 2:  # (in, out) -> (out, in)
@@ -350,8 +355,9 @@ def embedding_dim_of_variables(variables: Mapping, arch: str) -> int:
     path = models.arch_spec(arch).layout.embedding_norm
     stats = traverse_util.flatten_dict(variables["batch_stats"])
     if (*path, "mean") not in stats:
-        raise ConversionError(f"variables of {arch!r} have no final embedding BatchNorm "
-                              f"{'/'.join(path)}")
+        raise ConversionError(
+            f"variables of {arch!r} have no final embedding BatchNorm {'/'.join(path)}"
+        )
     return int(np.shape(stats[(*path, "mean")])[0])
 
 
@@ -362,8 +368,9 @@ def convert(ckpt: str | pathlib.Path, source: str, arch: str, out: str | pathlib
     if arch in models.DEMO_ARCHS:
         raise ConversionError(f"{arch} is magjax's demo net; no official checkpoint exists for it")
     if family != source:
-        valid = [a for a in models.ARCHS
-                 if models.family(a) == source and a not in models.DEMO_ARCHS]
+        valid = [
+            a for a in models.ARCHS if models.family(a) == source and a not in models.DEMO_ARCHS
+        ]
         raise ConversionError(
             f"arch {arch!r} belongs to family {family!r}, not {source!r}; "
             f"{source} archs: {', '.join(valid)}"
@@ -374,8 +381,10 @@ def convert(ckpt: str | pathlib.Path, source: str, arch: str, out: str | pathlib
     except ConversionError as error:
         raise ConversionError(f"{ckpt}: {error}") from None
     meta = models.inference_meta(
-        arch, embedding_dim_of(state, arch),
-        converted_from={"path": str(pathlib.Path(ckpt).absolute()), "family": source})
+        arch,
+        embedding_dim_of(state, arch),
+        converted_from={"path": str(pathlib.Path(ckpt).absolute()), "family": source},
+    )
     checkpoint.save_inference_model(out, variables, meta)
     return meta
 
@@ -385,22 +394,28 @@ def main(argv: list[str]) -> int:
         prog="python -m magjax.convert",
         description="Convert an official PyTorch checkpoint into a magjax inference model.",
         epilog="examples:\n"
-               "  python -m magjax.convert --from arcface_torch --arch iresnet100 "
-               "ms1mv3_arcface_r100_fp16/backbone.pth --out models/r100\n"
-               "  python -m magjax.convert --from magface --arch magface_iresnet100 "
-               "magface_epoch_00025.pth --out models/magface_r100\n"
-               "  python -m magjax.convert --from adaface --arch ir_101 "
-               "adaface_ir101_ms1mv2.ckpt --out models/adaface_ir101\n"
-               "then: python -m magjax.evaluate --workdir models/r100 --bins lfw.bin",
+        "  python -m magjax.convert --from arcface_torch --arch iresnet100 "
+        "ms1mv3_arcface_r100_fp16/backbone.pth --out models/r100\n"
+        "  python -m magjax.convert --from magface --arch magface_iresnet100 "
+        "magface_epoch_00025.pth --out models/magface_r100\n"
+        "  python -m magjax.convert --from adaface --arch ir_101 "
+        "adaface_ir101_ms1mv2.ckpt --out models/adaface_ir101\n"
+        "then: python -m magjax.evaluate --workdir models/r100 --bins lfw.bin",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--from", dest="source", choices=SOURCES, required=True)
     parser.add_argument("ckpt", help="official checkpoint (.pth / .pt / .ckpt)")
-    parser.add_argument("--arch", required=True, choices=models.ARCHS, metavar="ARCH",
-                        help=f"one of {', '.join(models.ARCHS)}")
+    parser.add_argument(
+        "--arch",
+        required=True,
+        choices=models.ARCHS,
+        metavar="ARCH",
+        help=f"one of {', '.join(models.ARCHS)}",
+    )
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the model in an existing --out directory")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the model in an existing --out directory"
+    )
     cli.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     logs.route_logging(None, verbose=args.verbose)

@@ -46,8 +46,11 @@ YNN_FUSIONS = "reduce"
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 # The same two as tunables (trim threshold: 1 TiB, never reached), and huge pages.
-MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1", "glibc.malloc.mmap_max=0",
-                   f"glibc.malloc.trim_threshold={1 << 40}")
+MALLOC_TUNABLES = (
+    "glibc.malloc.hugetlb=1",
+    "glibc.malloc.mmap_max=0",
+    f"glibc.malloc.trim_threshold={1 << 40}",
+)
 
 
 def xla_flags(current: str) -> str:
@@ -77,8 +80,9 @@ def restart_with_malloc_tunables(module: str) -> None:
     command-line entry points, first thing."""
     current = os.environ.get("GLIBC_TUNABLES", "")
     argv = sys.orig_argv
-    started_as_module = any(arg == "-m" and argv[i + 1:i + 2] == [module]
-                            for i, arg in enumerate(argv))
+    started_as_module = any(
+        arg == "-m" and argv[i + 1 : i + 2] == [module] for i, arg in enumerate(argv)
+    )
     if "glibc.malloc" in current or not started_as_module or _glibc() is None:
         return
     os.environ["GLIBC_TUNABLES"] = ":".join(part for part in (current, *MALLOC_TUNABLES) if part)

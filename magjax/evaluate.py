@@ -62,42 +62,60 @@ def format_table(report: dict) -> str:
     """The printed summary: one line per set / mode / clustering method."""
     lines = []
     if report.get("verification"):
-        lines.append(f"{'set':16s} {'acc':>8s} {'std':>8s} {'VAL@1e-3':>9s} {'XNorm':>8s} "
-                     f"{'FNMR@0%':>8s} {'FNMR@20%':>9s}")
+        lines.append(
+            f"{'set':16s} {'acc':>8s} {'std':>8s} {'VAL@1e-3':>9s} {'XNorm':>8s} "
+            f"{'FNMR@0%':>8s} {'FNMR@20%':>9s}"
+        )
         for name, r in report["verification"].items():
             erc = r["erc_fnmr"]
-            lines.append(f"{name:16s} {100 * r['accuracy']:8.2f} {100 * r['std']:8.2f} "
-                         f"{100 * r['val']:9.2f} {r['xnorm']:8.3f} {erc.get('0.00', np.nan):8.4f} "
-                         f"{erc.get('0.20', np.nan):9.4f}")
+            lines.append(
+                f"{name:16s} {100 * r['accuracy']:8.2f} {100 * r['std']:8.2f} "
+                f"{100 * r['val']:9.2f} {r['xnorm']:8.3f} {erc.get('0.00', np.nan):8.4f} "
+                f"{erc.get('0.20', np.nan):9.4f}"
+            )
     if report.get("quality"):
         q = report["quality"]
-        lines.append(f"quality set: Spearman(feature norm, quality level) "
-                     f"{q['spearman_norm_vs_quality']:.4f}; recognisability vs level "
-                     f"{q['spearman_recognisability_vs_quality']:.4f}; mean norm per level "
-                     + " ".join(f"{level}: {norm:.2f}"
-                                for level, norm in q["mean_norm_per_level"].items()))
+        lines.append(
+            f"quality set: Spearman(feature norm, quality level) "
+            f"{q['spearman_norm_vs_quality']:.4f}; recognisability vs level "
+            f"{q['spearman_recognisability_vs_quality']:.4f}; mean norm per level "
+            + " ".join(f"{level}: {norm:.2f}" for level, norm in q["mean_norm_per_level"].items())
+        )
     if report.get("ijb"):
         target = report["ijb_target"]
         fars = [repr(x) for x in ijb.FAR_TARGETS]
         lines.append(f"{target + ' TAR@FAR':22s} " + " ".join(f"{f:>7s}" for f in fars))
         for mode, r in report["ijb"].items():
-            lines.append(f"{mode:22s} " + " ".join(
-                f"{100 * r['tar_at_far'][f]:7.2f}" for f in fars))
+            lines.append(
+                f"{mode:22s} " + " ".join(f"{100 * r['tar_at_far'][f]:7.2f}" for f in fars)
+            )
     if report.get("cluster"):
         lines.append(f"{'clustering':16s} {'P':>7s} {'R':>7s} {'F':>7s} {'NMI':>7s} {'#cl':>6s}")
         for method, r in report["cluster"].items():
-            lines.append(f"{method:16s} {r['precision']:7.4f} {r['recall']:7.4f} "
-                         f"{r['fmeasure']:7.4f} {r['nmi']:7.4f} {r['num_clusters']:6d}")
+            lines.append(
+                f"{method:16s} {r['precision']:7.4f} {r['recall']:7.4f} "
+                f"{r['fmeasure']:7.4f} {r['nmi']:7.4f} {r['num_clusters']:6d}"
+            )
     # The results of any other kind (magjax.evaluators.KINDS): one line per number.
-    for name, value in evaluators.flatten({key: value for key, value in report.items()
-                                           if key not in _TABULATED}).items():
+    for name, value in evaluators.flatten(
+        {key: value for key, value in report.items() if key not in _TABULATED}
+    ).items():
         lines.append(f"{name:40s} {value}")
     return "\n".join(lines)
 
 
 # The report's entries format_table shows in its own way (or not: the run's, the failures).
-_TABULATED = ("workdir", "arch", "failed", "verification", "quality", "ijb", "ijb_target",
-              "cluster", "cluster_items")
+_TABULATED = (
+    "workdir",
+    "arch",
+    "failed",
+    "verification",
+    "quality",
+    "ijb",
+    "ijb_target",
+    "cluster",
+    "cluster_items",
+)
 
 
 def run_sets(workdir: pathlib.Path, **runtime) -> dict[str, evaluators.Evaluator]:
@@ -120,8 +138,11 @@ def run_sets(workdir: pathlib.Path, **runtime) -> dict[str, evaluators.Evaluator
         if all(path.exists() for path in evaluator.files()):
             found[name] = evaluator
     if found:
-        log.info("evaluating the sets of the run in %s: %s", workdir, ", ".join(
-            str(path) for evaluator in found.values() for path in evaluator.files()))
+        log.info(
+            "evaluating the sets of the run in %s: %s",
+            workdir,
+            ", ".join(str(path) for evaluator in found.values() for path in evaluator.files()),
+        )
     return found
 
 
@@ -138,15 +159,21 @@ def flag_specs(args: argparse.Namespace) -> dict[str, dict]:
         specs["quality"] = {"kind": "quality", "path": args.quality_set}
     if args.cluster:
         specs["cluster"] = {
-            "kind": "clustering", "spec": args.cluster, "root": args.cluster_root,
+            "kind": "clustering",
+            "spec": args.cluster,
+            "root": args.cluster_root,
             "methods": tuple(m.strip() for m in args.cluster_methods.split(",") if m.strip()),
-            "eps": args.dbscan_eps, "min_samples": args.dbscan_min_samples}
+            "eps": args.dbscan_eps,
+            "min_samples": args.dbscan_min_samples,
+        }
     if args.sets:
         try:
             named = json.loads(args.sets)
         except ValueError as error:
-            raise UserError(f"--sets is not JSON ({error}): give an object such as "
-                            '\'{"lfw": {"kind": "verification", "paths": ["lfw.bin"]}}\'') from None
+            raise UserError(
+                f"--sets is not JSON ({error}): give an object such as "
+                '\'{"lfw": {"kind": "verification", "paths": ["lfw.bin"]}}\''
+            ) from None
         if not isinstance(named, dict):
             raise UserError(f"--sets must be a JSON object of sets by name, got {args.sets!r}")
         for name, spec in named.items():
@@ -165,11 +192,12 @@ def _without_path(path, message: str) -> str:
     """``message`` without a leading ``path:`` (most errors name their file), for lines that
     name the set themselves: the path is then printed once."""
     prefix = f"{path}: "
-    return message[len(prefix):] if message.startswith(prefix) else message
+    return message[len(prefix) :] if message.startswith(prefix) else message
 
 
-def evaluate_bins(verifier: evaluators.Verification, encoder, out: pathlib.Path, report: dict
-                  ) -> None:
+def evaluate_bins(
+    verifier: evaluators.Verification, encoder, out: pathlib.Path, report: dict
+) -> None:
     """Evaluates each ``.bin`` set in turn, saving ``eval.json`` after each one.
 
     A set that fails with a user error (missing or corrupt file) is recorded in
@@ -183,7 +211,8 @@ def evaluate_bins(verifier: evaluators.Verification, encoder, out: pathlib.Path,
         except Exception as error:
             message = cli.user_error_message(error)
             report.setdefault("failed", {})[str(path)] = message or (
-                f"{type(error).__name__}: {cli.one_line(str(error))}")
+                f"{type(error).__name__}: {cli.one_line(str(error))}"
+            )
             write_report(report, out / "eval.json")
             if message is None:
                 raise
@@ -195,33 +224,53 @@ def evaluate_bins(verifier: evaluators.Verification, encoder, out: pathlib.Path,
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(
-        prog="python -m magjax.evaluate", description=__doc__,
+        prog="python -m magjax.evaluate",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--workdir", required=True,
-                        help="training workdir or inference-model directory")
+    parser.add_argument(
+        "--workdir", required=True, help="training workdir or inference-model directory"
+    )
     parser.add_argument("--bins", default="", help="comma-separated verification .bin files")
     parser.add_argument("--ijb", default=None, help="IJB root (holding meta/ and loose_crop/)")
     parser.add_argument("--target", default="IJBC", choices=("IJBB", "IJBC"))
-    parser.add_argument("--quality-set", default=None,
-                        help=".npz of images with quality levels and identities (the synthetic "
-                             "data's quality.npz): Spearman of the feature norm and the level")
-    parser.add_argument("--cluster", default=None,
-                        help="image folder root/<identity>/<img> or IJB-B clustering CSV")
-    parser.add_argument("--cluster-root", default=None,
-                        help="directory the FILENAME column of --cluster CSV is relative to")
+    parser.add_argument(
+        "--quality-set",
+        default=None,
+        help=".npz of images with quality levels and identities (the synthetic "
+        "data's quality.npz): Spearman of the feature norm and the level",
+    )
+    parser.add_argument(
+        "--cluster", default=None, help="image folder root/<identity>/<img> or IJB-B clustering CSV"
+    )
+    parser.add_argument(
+        "--cluster-root",
+        default=None,
+        help="directory the FILENAME column of --cluster CSV is relative to",
+    )
     parser.add_argument("--cluster-methods", default=",".join(cluster.METHODS))
-    parser.add_argument("--dbscan-eps", type=float, default=0.5,
-                        help="DBSCAN radius in cosine distance")
+    parser.add_argument(
+        "--dbscan-eps", type=float, default=0.5, help="DBSCAN radius in cosine distance"
+    )
     parser.add_argument("--dbscan-min-samples", type=int, default=2)
-    parser.add_argument("--sets", default=None,
-                        help="evaluation sets of any kind as JSON, as config.eval.sets: "
-                             '\'{"NAME": {"kind": "KIND", OPTION: VALUE, ...}}\'')
+    parser.add_argument(
+        "--sets",
+        default=None,
+        help="evaluation sets of any kind as JSON, as config.eval.sets: "
+        '\'{"NAME": {"kind": "KIND", OPTION: VALUE, ...}}\'',
+    )
     parser.add_argument("--out", default=None, help="output directory (default WORKDIR/eval)")
-    parser.add_argument("--batch", "--batch-size", type=cli.positive_int, default=64,
-                        dest="batch", help="images per forward pass (default 64)")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bars (.bin sets, IJB images)")
+    parser.add_argument(
+        "--batch",
+        "--batch-size",
+        type=cli.positive_int,
+        default=64,
+        dest="batch",
+        help="images per forward pass (default 64)",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (.bin sets, IJB images)"
+    )
     cli.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "eval"
@@ -240,15 +289,22 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:  # a set naming no kind, or an option its kind lacks
         return cli.report_user_error(str(error))
     if not chosen:
-        parser.error(f"nothing to evaluate: {args.workdir} names no evaluation set of its "
-                     "own; give --bins, --ijb, --quality-set, --cluster and/or --sets")
+        parser.error(
+            f"nothing to evaluate: {args.workdir} names no evaluation set of its "
+            "own; give --bins, --ijb, --quality-set, --cluster and/or --sets"
+        )
     cpu_runtime.configure()
-    return cli.run(lambda: _evaluate(args, chosen, out, log_file), verbose=args.verbose,
-                   log_file=log_file)
+    return cli.run(
+        lambda: _evaluate(args, chosen, out, log_file), verbose=args.verbose, log_file=log_file
+    )
 
 
-def _evaluate(args: argparse.Namespace, chosen: dict[str, evaluators.Evaluator],
-              out: pathlib.Path, log_file: pathlib.Path | None) -> int:
+def _evaluate(
+    args: argparse.Namespace,
+    chosen: dict[str, evaluators.Evaluator],
+    out: pathlib.Path,
+    log_file: pathlib.Path | None,
+) -> int:
     from magjax.encoder import FaceEncoder
 
     logs.start_jax(log_file, verbose=args.verbose)
@@ -275,8 +331,12 @@ def _evaluate(args: argparse.Namespace, chosen: dict[str, evaluators.Evaluator],
         return cli.report_user_error(
             f"{len(report['failed'])} of {len(report['failed']) + len(report['verification'])}"
             f" .bin sets failed, the others are in "
-            f"{out / 'eval.json'}: " + "; ".join(f"{path}: {_without_path(path, message)}"
-                                                 for path, message in report["failed"].items()))
+            f"{out / 'eval.json'}: "
+            + "; ".join(
+                f"{path}: {_without_path(path, message)}"
+                for path, message in report["failed"].items()
+            )
+        )
     return 0
 
 

@@ -103,8 +103,10 @@ def load_model(workdir: str | pathlib.Path, *, best: bool = False) -> tuple[Any,
     """``(variables, meta)`` of the inference model of ``workdir`` (see :func:`model_directory`)."""
     variables, meta = checkpoint.load_inference_model(model_directory(workdir, best=best))
     if meta.get("arch") not in models.ARCHS:
-        raise UserError(f"{workdir}: model.json names arch {meta.get('arch')!r}; expected one "
-                        f"of {', '.join(models.ARCHS)}")
+        raise UserError(
+            f"{workdir}: model.json names arch {meta.get('arch')!r}; expected one "
+            f"of {', '.join(models.ARCHS)}"
+        )
     return variables, meta
 
 
@@ -117,8 +119,9 @@ def _import_onnx():
         import onnx.helper
         import onnx.numpy_helper
     except ImportError as error:
-        raise UserError("the ONNX export needs onnx; install it with `pip install -r "
-                        "requirements-export.txt`") from error
+        raise UserError(
+            "the ONNX export needs onnx; install it with `pip install -r requirements-export.txt`"
+        ) from error
     return onnx
 
 
@@ -133,8 +136,11 @@ def _conv_settings(module: nn.Conv) -> dict:
         padding = [(0, 0)] * rank
     elif isinstance(padding, str):  # SAME/CIRCULAR: no official backbone has them
         raise NotImplementedError(f"ONNX export of a {padding!r}-padded convolution")
-    return {"strides": strides, "pads": [p[0] for p in padding] + [p[1] for p in padding],
-            "group": module.feature_group_count}
+    return {
+        "strides": strides,
+        "pads": [p[0] for p in padding] + [p[1] for p in padding],
+        "group": module.feature_group_count,
+    }
 
 
 def _layer_settings(arch: str, variables: Any) -> dict[str, dict]:
@@ -211,21 +217,29 @@ class GraphBuilder:
         k, b = self._norm(norm)
         weight = self._take(f"{conv}.weight") * k[:, None, None, None]
         kernel = list(weight.shape[2:])
-        return self.node("Conv", [x, self.constant(f"{conv}.weight", weight),
-                                  self.constant(f"{conv}.bias", b)],
-                         conv, kernel_shape=kernel, **self.settings[conv])
+        return self.node(
+            "Conv",
+            [x, self.constant(f"{conv}.weight", weight), self.constant(f"{conv}.bias", b)],
+            conv,
+            kernel_shape=kernel,
+            **self.settings[conv],
+        )
 
     def batch_norm(self, x: str, module: str) -> str:
         """A BatchNorm that precedes a convolution, as a BatchNormalization node."""
-        inputs = [x] + [self.constant(f"{module}.{key}", self._take(f"{module}.{key}"))
-                        for key in ("weight", "bias", "running_mean", "running_var")]
-        return self.node("BatchNormalization", inputs, module,
-                         epsilon=self.settings[module]["epsilon"])
+        inputs = [x] + [
+            self.constant(f"{module}.{key}", self._take(f"{module}.{key}"))
+            for key in ("weight", "bias", "running_mean", "running_var")
+        ]
+        return self.node(
+            "BatchNormalization", inputs, module, epsilon=self.settings[module]["epsilon"]
+        )
 
     def prelu(self, x: str, module: str) -> str:
         slope = self._take(f"{module}.weight")
-        return self.node("PRelu", [x, self.constant(f"{module}.weight",
-                                                    slope[:, None, None])], module)
+        return self.node(
+            "PRelu", [x, self.constant(f"{module}.weight", slope[:, None, None])], module
+        )
 
     def add(self, a: str, b: str, name: str) -> str:
         return self.node("Add", [a, b], name)
@@ -246,23 +260,29 @@ class GraphBuilder:
         inputs = [x, self.constant(f"{module}.weight", weight)]
         if f"{module}.bias" in self.state:
             inputs.append(self.constant(f"{module}.bias", self._take(f"{module}.bias")))
-        return self.node("Conv", inputs, module, kernel_shape=list(weight.shape[2:]),
-                         **self.settings[module])
+        return self.node(
+            "Conv", inputs, module, kernel_shape=list(weight.shape[2:]), **self.settings[module]
+        )
 
     def layer_norm(self, x: str, module: str) -> str:
         """LayerNorm ``module`` over the last axis (``LayerNormalization``, opset 17, which
         computes in float32 like the Flax module)."""
-        inputs = [x] + [self.constant(f"{module}.{key}", self._take(f"{module}.{key}"))
-                        for key in ("weight", "bias")]
-        return self.node("LayerNormalization", inputs, module, axis=-1,
-                         epsilon=self.settings[module]["epsilon"])
+        inputs = [x] + [
+            self.constant(f"{module}.{key}", self._take(f"{module}.{key}"))
+            for key in ("weight", "bias")
+        ]
+        return self.node(
+            "LayerNormalization", inputs, module, axis=-1, epsilon=self.settings[module]["epsilon"]
+        )
 
-    def matmul(self, x: str, weight: np.ndarray, name: str,
-               bias: np.ndarray | None = None) -> str:
+    def matmul(self, x: str, weight: np.ndarray, name: str, bias: np.ndarray | None = None) -> str:
         """``x @ weight (+ bias)`` over the last axis of ``x`` of any rank; ``weight`` is
         (in, out). ``MatMul`` (and ``Add``) rather than ``Gemm``, which takes 2-D inputs only."""
-        y = self.node("MatMul", [x, self.constant(f"{name}.weight", weight)],
-                      name if bias is None else f"{name}.matmul")
+        y = self.node(
+            "MatMul",
+            [x, self.constant(f"{name}.weight", weight)],
+            name if bias is None else f"{name}.matmul",
+        )
         if bias is None:
             return y
         return self.node("Add", [y, self.constant(f"{name}.bias", bias)], name)
@@ -279,8 +299,9 @@ class GraphBuilder:
     def reshape(self, x: str, shape: list[int], name: str) -> str:
         """Reshape to ``shape`` (ONNX rules: 0 keeps that input dimension, -1 is inferred), so
         the batch dimension stays dynamic."""
-        return self.node("Reshape", [x, self.constant(f"{name}.shape", np.array(shape),
-                                                      np.int64)], name)
+        return self.node(
+            "Reshape", [x, self.constant(f"{name}.shape", np.array(shape), np.int64)], name
+        )
 
     def transpose(self, x: str, perm: list[int], name: str) -> str:
         return self.node("Transpose", [x], name, perm=list(perm))
@@ -291,8 +312,15 @@ class GraphBuilder:
 
     def relu6(self, x: str, name: str) -> str:
         """``min(max(x, 0), 6)`` as ``Clip`` (PyTorch's ReLU6)."""
-        return self.node("Clip", [x, self.constant(f"{name}.min", np.array(0.0)),
-                                  self.constant(f"{name}.max", np.array(6.0))], name)
+        return self.node(
+            "Clip",
+            [
+                x,
+                self.constant(f"{name}.min", np.array(0.0)),
+                self.constant(f"{name}.max", np.array(6.0)),
+            ],
+            name,
+        )
 
     def linear_bn(self, x: str, linear: str, norm: str, *, flatten: bool = True) -> str:
         """Flatten (all but the batch axis, in the input's memory order; skipped with
@@ -304,31 +332,49 @@ class GraphBuilder:
         weight = self._take(f"{linear}.weight") * k[:, None]
         if f"{linear}.bias" in self.state:
             b = b + self._take(f"{linear}.bias") * k
-        return self.node("Gemm", [x, self.constant(f"{linear}.weight", weight),
-                                  self.constant(f"{linear}.bias", b)], linear, transB=1)
+        return self.node(
+            "Gemm",
+            [x, self.constant(f"{linear}.weight", weight), self.constant(f"{linear}.bias", b)],
+            linear,
+            transB=1,
+        )
 
 
 def _input_convention(spec: Mapping) -> str:
     if dict(spec) == INSIGHTFACE_DEFAULT_SPEC:
-        return ("RGB, (x - 127.5) / 127.5 of 0..255 values, applied by the caller "
-                "(insightface's default); no preprocessing in the graph")
+        return (
+            "RGB, (x - 127.5) / 127.5 of 0..255 values, applied by the caller "
+            "(insightface's default); no preprocessing in the graph"
+        )
     flip = "flips RGB to BGR, then " if spec["channel_order"] == "BGR" else ""
-    return (f"RGB 0..255 values as float32; the graph {flip}computes (x/255 - {spec['mean']}) / "
-            f"{spec['std']} (nodes Sub_mean, Mul_scale: insightface feeds raw 0..255)")
+    return (
+        f"RGB 0..255 values as float32; the graph {flip}computes (x/255 - {spec['mean']}) / "
+        f"{spec['std']} (nodes Sub_mean, Mul_scale: insightface feeds raw 0..255)"
+    )
 
 
-def onnx_model(variables: Any, arch: str, input_spec: Mapping, *, meta: Mapping | None = None,
-               check: bool = True):
+def onnx_model(
+    variables: Any,
+    arch: str,
+    input_spec: Mapping,
+    *,
+    meta: Mapping | None = None,
+    check: bool = True,
+):
     """The ``onnx.ModelProto`` of backbone ``variables`` of ``arch`` whose weights expect
     ``input_spec`` (see the module docstring for the graph's input and output). ``check``:
     run ``onnx.checker`` on it here, unless its weights reach :data:`EXTERNAL_DATA_THRESHOLD`
     (the checker takes such a model by path only: :func:`save_onnx` checks it)."""
     onnx = _import_onnx()
-    spec = {"channel_order": input_spec["channel_order"], "mean": float(input_spec["mean"]),
-            "std": float(input_spec["std"])}
+    spec = {
+        "channel_order": input_spec["channel_order"],
+        "mean": float(input_spec["mean"]),
+        "std": float(input_spec["std"]),
+    }
     if spec["channel_order"] not in ("RGB", "BGR") or spec["std"] <= 0:
-        raise UserError(f"input_spec {dict(input_spec)}: expected channel_order RGB or BGR "
-                        "and std > 0")
+        raise UserError(
+            f"input_spec {dict(input_spec)}: expected channel_order RGB or BGR and std > 0"
+        )
     variables = jax.tree.map(np.asarray, variables)
     state = convert.to_state_dict(variables, arch)
     g = GraphBuilder(state, _layer_settings(arch, variables))
@@ -339,10 +385,12 @@ def onnx_model(variables: Any, arch: str, input_spec: Mapping, *, meta: Mapping 
         if spec["channel_order"] == "BGR":
             indices = g.constant("bgr_indices", np.array([2, 1, 0]), np.int64)
             x = g.node("Gather", [x, indices], "Gather_rgb_to_bgr", axis=1)
-        x = g.node("Sub", [x, g.constant("input_mean", np.array(255.0 * spec["mean"]))],
-                   "Sub_mean")
-        x = g.node("Mul", [x, g.constant("input_scale", np.array(1.0 / (255.0 * spec["std"])))],
-                   "Mul_scale")
+        x = g.node("Sub", [x, g.constant("input_mean", np.array(255.0 * spec["mean"]))], "Sub_mean")
+        x = g.node(
+            "Mul",
+            [x, g.constant("input_scale", np.array(1.0 / (255.0 * spec["std"])))],
+            "Mul_scale",
+        )
     embedding = models.arch_spec(arch).layout.onnx(g, x)
     if g.unused:
         raise AssertionError(f"ONNX export of {arch} left tensors unused: {sorted(g.unused)[:5]}")
@@ -350,13 +398,21 @@ def onnx_model(variables: Any, arch: str, input_spec: Mapping, *, meta: Mapping 
     g.nodes[-1].output[0] = OUTPUT_NAME
     dim = convert.embedding_dim_of_variables(variables, arch)
     graph = onnx.helper.make_graph(
-        g.nodes, f"magjax_{arch}",
-        [onnx.helper.make_tensor_value_info(INPUT_NAME, onnx.TensorProto.FLOAT,
-                                            ["N", 3, *models.INPUT_SHAPE[:2]])],
+        g.nodes,
+        f"magjax_{arch}",
+        [
+            onnx.helper.make_tensor_value_info(
+                INPUT_NAME, onnx.TensorProto.FLOAT, ["N", 3, *models.INPUT_SHAPE[:2]]
+            )
+        ],
         [onnx.helper.make_tensor_value_info(OUTPUT_NAME, onnx.TensorProto.FLOAT, ["N", dim])],
     )
-    model = onnx.helper.make_model(graph, producer_name="magjax", ir_version=IR_VERSION,
-                                   opset_imports=[onnx.helper.make_opsetid("", OPSET)])
+    model = onnx.helper.make_model(
+        graph,
+        producer_name="magjax",
+        ir_version=IR_VERSION,
+        opset_imports=[onnx.helper.make_opsetid("", OPSET)],
+    )
     # The weights go into the model one tensor at a time, each dropped once copied:
     # make_graph(initializer=) and make_model copy them each, which held three copies of the
     # weights at once (9 GB for vit_h's 3 GB).
@@ -369,8 +425,11 @@ def onnx_model(variables: Any, arch: str, input_spec: Mapping, *, meta: Mapping 
         "magjax_input_spec": json.dumps(spec, sort_keys=True),
         "input_convention": _input_convention(spec),
         "embedding": "raw embedding [N, d]; its L2 norm is the quality score",
-        **{f"magjax_{k}": json.dumps(v) for k, v in (meta or {}).items()
-           if k in ("trained_with", "step", "converted_from")},
+        **{
+            f"magjax_{k}": json.dumps(v)
+            for k, v in (meta or {}).items()
+            if k in ("trained_with", "step", "converted_from")
+        },
     }
     onnx.helper.set_model_props(model, properties)
     if check and weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:
@@ -382,8 +441,10 @@ def weight_bytes(model) -> int:
     """Bytes of the initializers of ``model`` (an ``onnx.ModelProto``), from their shapes and
     types: ``ByteSize()`` would serialise the whole model to count them (and fails past 2 GiB)."""
     onnx = _import_onnx()
-    return sum(math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-               for t in model.graph.initializer)
+    return sum(
+        math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        for t in model.graph.initializer
+    )
 
 
 def external_data_path(out: str | pathlib.Path) -> pathlib.Path:
@@ -418,16 +479,22 @@ def save_onnx(model, out: str | pathlib.Path) -> pathlib.Path | None:
         return None
 
     def write(directory: pathlib.Path) -> None:
-        onnx.save_model(model, directory / out.name, save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data.name)
+        onnx.save_model(
+            model,
+            directory / out.name,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+        )
         onnx.checker.check_model(directory / out.name)
 
     files.write_together_atomically([data, out], write)
     return data
 
 
-def export_onnx(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
-                best: bool = False) -> tuple[dict, pathlib.Path | None]:
+def export_onnx(
+    workdir: str | pathlib.Path, out: str | pathlib.Path, *, best: bool = False
+) -> tuple[dict, pathlib.Path | None]:
     """Writes the ONNX model of ``workdir`` to ``out`` (:func:`save_onnx`); returns its
     metadata properties and its external-data file (None: ``out`` is self-contained)."""
     variables, meta = load_model(workdir, best=best)
@@ -449,26 +516,34 @@ def official_checkpoint(state: Mapping[str, Any], family: str, arch: str) -> dic
     if family == "magface":
         # MagFace's trainer saves the DataParallel SoftmaxBuilder; its inference loader strips
         # module.features. and builds the net named by "arch".
-        return {"arch": arch.removeprefix("magface_"),
-                "state_dict": {f"module.features.{k}": v for k, v in state.items()}}
+        return {
+            "arch": arch.removeprefix("magface_"),
+            "state_dict": {f"module.features.{k}": v for k, v in state.items()},
+        }
     return {"state_dict": {f"model.{k}": v for k, v in state.items()}}
 
 
-def export_torch(workdir: str | pathlib.Path, family: str, out: str | pathlib.Path, *,
-                 best: bool = False) -> dict:
+def export_torch(
+    workdir: str | pathlib.Path, family: str, out: str | pathlib.Path, *, best: bool = False
+) -> dict:
     """Writes the model of ``workdir`` as an official ``family`` PyTorch checkpoint to ``out``;
     returns the model's meta."""
     variables, meta = load_model(workdir, best=best)
     arch = meta["arch"]
     if arch in models.DEMO_ARCHS:
-        raise UserError(f"{workdir}: {arch} is magjax's demo net; no official repository has it "
-                        "(use the ONNX export)")
+        raise UserError(
+            f"{workdir}: {arch} is magjax's demo net; no official repository has it "
+            "(use the ONNX export)"
+        )
     if models.family(arch) != family:
-        raise UserError(f"{workdir}: arch {arch!r} belongs to family "
-                        f"{models.family(arch)!r}, not --to {family}")
+        raise UserError(
+            f"{workdir}: arch {arch!r} belongs to family {models.family(arch)!r}, not --to {family}"
+        )
     torch = convert._import_torch()  # only once the model is known to have the layout
-    state = {k: torch.from_numpy(np.array(v, order="C"))  # (ascontiguousarray makes 0-d 1-d)
-             for k, v in convert.to_state_dict(jax.tree.map(np.asarray, variables), arch).items()}
+    state = {
+        k: torch.from_numpy(np.array(v, order="C"))  # (ascontiguousarray makes 0-d 1-d)
+        for k, v in convert.to_state_dict(jax.tree.map(np.asarray, variables), arch).items()
+    }
     checkpoint_dict = official_checkpoint(state, family, arch)
     files.write_atomically(out, lambda path: torch.save(checkpoint_dict, path))
     return meta
@@ -478,18 +553,28 @@ def main(argv: list[str]) -> int:
     parser = cli.ArgumentParser(
         prog="python -m magjax.export",
         description="Export a magjax model to ONNX (insightface / onnxruntime) or to an official "
-                    "PyTorch checkpoint layout.",
+        "PyTorch checkpoint layout.",
         epilog="examples:\n"
-               "  python -m magjax.export --workdir runs/demo --out demo.onnx\n"
-               "  python -m magjax.export --workdir runs/r100 --best --to arcface_torch "
-               "--out backbone.pth",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True,
-                        help="training workdir (its model/) or inference-model directory")
-    parser.add_argument("--best", action="store_true",
-                        help="export the training workdir's model_best/ instead of model/")
-    parser.add_argument("--to", choices=convert.SOURCES,
-                        help="write this official PyTorch checkpoint layout instead of ONNX")
+        "  python -m magjax.export --workdir runs/demo --out demo.onnx\n"
+        "  python -m magjax.export --workdir runs/r100 --best --to arcface_torch "
+        "--out backbone.pth",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--workdir",
+        required=True,
+        help="training workdir (its model/) or inference-model directory",
+    )
+    parser.add_argument(
+        "--best",
+        action="store_true",
+        help="export the training workdir's model_best/ instead of model/",
+    )
+    parser.add_argument(
+        "--to",
+        choices=convert.SOURCES,
+        help="write this official PyTorch checkpoint layout instead of ONNX",
+    )
     parser.add_argument("--out", required=True, help="output file (.onnx, or .pth/.ckpt)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     cli.add_verbose_flag(parser)
@@ -505,8 +590,10 @@ def _export(args: argparse.Namespace) -> None:
     if not args.to and data.exists() and not args.overwrite:
         # Whether this export needs it is known only once the model is built; either way a
         # rerun must not replace (or leave beside a new self-contained file) earlier weights.
-        raise UserError(f"{data} (the weights of an earlier export to --out {args.out}) already "
-                        "exists; pass --overwrite to replace it")
+        raise UserError(
+            f"{data} (the weights of an earlier export to --out {args.out}) already "
+            "exists; pass --overwrite to replace it"
+        )
     logs.start_jax(verbose=args.verbose)
     if args.to:
         meta = export_torch(args.workdir, args.to, args.out, best=args.best)
@@ -514,11 +601,18 @@ def _export(args: argparse.Namespace) -> None:
     else:
         props, data = export_onnx(args.workdir, args.out, best=args.best)
         size = os.path.getsize(args.out) / 2**20
-        weights = "" if data is None else (
-            f" and its weights {data} ({os.path.getsize(data) / 2**20:.1f} MiB; ONNX external "
-            "data: keep it beside the .onnx under this name, load the .onnx by path)")
-        print(f"wrote {args.out} ({size:.1f} MiB){weights}: {props['magjax_arch']}, input "
-              f"{props['input_convention']}")
+        weights = (
+            ""
+            if data is None
+            else (
+                f" and its weights {data} ({os.path.getsize(data) / 2**20:.1f} MiB; ONNX external "
+                "data: keep it beside the .onnx under this name, load the .onnx by path)"
+            )
+        )
+        print(
+            f"wrote {args.out} ({size:.1f} MiB){weights}: {props['magjax_arch']}, input "
+            f"{props['input_convention']}"
+        )
 
 
 if __name__ == "__main__":

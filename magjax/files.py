@@ -16,8 +16,9 @@ def _user_file_mode() -> int:
     is set back at once (a file another thread creates meanwhile could get the wrong mode)."""
     try:
         status = pathlib.Path("/proc/self/status").read_text()
-        umask = int(next(line.split()[1] for line in status.splitlines()
-                         if line.startswith("Umask:")), 8)
+        umask = int(
+            next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8
+        )
     except (OSError, StopIteration, ValueError, IndexError):
         umask = os.umask(0o022)
         os.umask(umask)
@@ -43,8 +44,9 @@ def write_atomically(out: str | pathlib.Path, write: Callable[[str], None]) -> p
     return out
 
 
-def write_together_atomically(outs: Sequence[str | pathlib.Path],
-                              write: Callable[[pathlib.Path], None]) -> list[pathlib.Path]:
+def write_together_atomically(
+    outs: Sequence[str | pathlib.Path], write: Callable[[pathlib.Path], None]
+) -> list[pathlib.Path]:
     """Files that belong together (an ONNX graph and its external-data file): calls
     ``write(directory)``, which must write each of ``outs`` under its own name into
     ``directory``, a temporary directory beside them, then moves them into place, the last of
@@ -59,8 +61,9 @@ def write_together_atomically(outs: Sequence[str | pathlib.Path],
     if any(out.parent != parent for out in outs):
         raise ValueError(f"files written together must share a directory: {outs}")
     parent.mkdir(parents=True, exist_ok=True)
-    directory = pathlib.Path(tempfile.mkdtemp(prefix=f".{outs[-1].name}.", suffix=".tmp",
-                                              dir=parent))
+    directory = pathlib.Path(
+        tempfile.mkdtemp(prefix=f".{outs[-1].name}.", suffix=".tmp", dir=parent)
+    )
     try:
         write(directory)
         for out in outs:
@@ -91,8 +94,9 @@ def write_text_atomically(out: str | pathlib.Path, text: str) -> pathlib.Path:
     return write_atomically(out, lambda path: pathlib.Path(path).write_text(text))
 
 
-def write_stream_atomically(out: str | pathlib.Path, write: Callable[[IO], None], *,
-                            mode: str = "w", **open_options) -> pathlib.Path:
+def write_stream_atomically(
+    out: str | pathlib.Path, write: Callable[[IO], None], *, mode: str = "w", **open_options
+) -> pathlib.Path:
     """``out`` holds what ``write(f)`` writes to the open file ``f`` (``open(tmp, mode,
     **open_options)``) afterwards, or what it held before: for writers that take a file object
     (``csv.writer``, ``pickle.dump``)."""
@@ -109,5 +113,7 @@ def save_figure_atomically(figure, out: str | pathlib.Path, **savefig_options) -
     suffix names (as ``figure.savefig(out)`` infers it; the temporary file's name has none)."""
     out = pathlib.Path(out)
     return write_stream_atomically(
-        out, lambda f: figure.savefig(f, format=out.suffix[1:] or None, **savefig_options),
-        mode="wb")
+        out,
+        lambda f: figure.savefig(f, format=out.suffix[1:] or None, **savefig_options),
+        mode="wb",
+    )

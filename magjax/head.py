@@ -103,10 +103,14 @@ def _sample(local_label, owned, key, start, classes_per_shard, num_classes, budg
     """Partial FC's rows of this shard, sorted: every positive, then the top of uniform scores
     (the key folded with the shard index)."""
     class_ids = start + jnp.arange(classes_per_shard)
-    scores = jax.random.uniform(jax.random.fold_in(key, lax.axis_index(DATA_AXIS)),
-                                (classes_per_shard,))
-    positive = jnp.zeros(classes_per_shard, bool).at[
-        jnp.where(owned, local_label, classes_per_shard)].set(True, mode="drop")
+    scores = jax.random.uniform(
+        jax.random.fold_in(key, lax.axis_index(DATA_AXIS)), (classes_per_shard,)
+    )
+    positive = (
+        jnp.zeros(classes_per_shard, bool)
+        .at[jnp.where(owned, local_label, classes_per_shard)]
+        .set(True, mode="drop")
+    )
     scores = jnp.where(positive, 2.0, jnp.where(class_ids < num_classes, scores, -1.0))
     return top_indices(scores, budget)
 
@@ -141,14 +145,28 @@ def top_indices(scores: jax.Array, k: int) -> jax.Array:
     above, tied = order > kth, order == kth
     ties_needed = k - jnp.sum(above)
     # Random scores rarely tie at the k-th: then every tie is taken, without the running count.
-    chosen = lax.cond(jnp.sum(tied) == ties_needed, lambda: above | tied,
-                      lambda: above | (tied & (jnp.cumsum(tied) <= ties_needed)))
+    chosen = lax.cond(
+        jnp.sum(tied) == ties_needed,
+        lambda: above | tied,
+        lambda: above | (tied & (jnp.cumsum(tied) <= ties_needed)),
+    )
     # The j-th chosen index is the first position where the running count reaches j.
     return jnp.searchsorted(jnp.cumsum(chosen), jnp.arange(1, k + 1)).astype(jnp.int32)
 
 
-def _loss_on_rows(loss, x, rows, class_ids, local_label, owned, row_mask, state, num_classes,
-                  block=None, return_logits=False):
+def _loss_on_rows(
+    loss,
+    x,
+    rows,
+    class_ids,
+    local_label,
+    owned,
+    row_mask,
+    state,
+    num_classes,
+    block=None,
+    return_logits=False,
+):
     """The margin loss of the global batch against this shard's ``rows`` (classes
     ``class_ids``; ``local_label`` indexes ``rows`` where ``owned``), dense or, with
     ``block``, ``block`` classes at a time (:mod:`magjax.losses.blocked`)."""
@@ -157,23 +175,43 @@ def _loss_on_rows(loss, x, rows, class_ids, local_label, owned, row_mask, state,
         # The same casts and sums as the dense path below; the cosines are formed block by
         # block inside the loss, the target ones gathered here.
         x_unit, target_cos = losses.blocked.target_cosines(
-            lax.pcast(x, DATA_AXIS, to="varying"), rows, local_label)
+            lax.pcast(x, DATA_AXIS, to="varying"), rows, local_label
+        )
         target_cos = lax.psum(target_cos, DATA_AXIS)
         total, metrics, new_state = losses.blocked.blocked_margin_loss(
-            x_unit, rows.astype(x_unit.dtype), target_cos, local_label, losses.safe_norm(x),
-            loss, state, block=block, row_mask=row_mask, class_mask=class_ids < num_classes,
-            axis_name=DATA_AXIS, return_logits=return_logits)
+            x_unit,
+            rows.astype(x_unit.dtype),
+            target_cos,
+            local_label,
+            losses.safe_norm(x),
+            loss,
+            state,
+            block=block,
+            row_mask=row_mask,
+            class_mask=class_ids < num_classes,
+            axis_name=DATA_AXIS,
+            return_logits=return_logits,
+        )
         return total, metrics, new_state, metrics.pop("logits", None)
     # Cast to varying: this shard's cosine gradient w.r.t. x is a per-shard term, summed over
     # shards by the cast's transpose (cosine_similarity's hand-written VJP cannot psum).
-    cos, target_cos = losses.cosine_similarity(lax.pcast(x, DATA_AXIS, to="varying"), rows,
-                                               local_label)
+    cos, target_cos = losses.cosine_similarity(
+        lax.pcast(x, DATA_AXIS, to="varying"), rows, local_label
+    )
     # Each target cosine from the shard that owns it (0 elsewhere), so that every shard
     # computes the loss's margin, statistics and state from the whole batch.
     target_cos = lax.psum(target_cos, DATA_AXIS)
     total, metrics, new_state = losses.margin_loss(
-        cos, target_cos, local_label, losses.safe_norm(x), loss, state, row_mask=row_mask,
-        class_mask=class_ids < num_classes, axis_name=DATA_AXIS)
+        cos,
+        target_cos,
+        local_label,
+        losses.safe_norm(x),
+        loss,
+        state,
+        row_mask=row_mask,
+        class_mask=class_ids < num_classes,
+        axis_name=DATA_AXIS,
+    )
     logits = metrics.pop("logits")
     return total, metrics, new_state, logits
 
@@ -213,8 +251,7 @@ def sharded_margin_loss(
         class_ids = start + jnp.arange(classes_per_shard)
         budget = partial_fc_budget(sample_rate, classes_per_shard, x.shape[0])
         if budget < classes_per_shard:
-            index = _sample(local_label, owned, key, start, classes_per_shard, num_classes,
-                            budget)
+            index = _sample(local_label, owned, key, start, classes_per_shard, num_classes, budget)
             local_label = jnp.searchsorted(index, local_label)
             weight = weight[index]
             class_ids = class_ids[index]
@@ -223,14 +260,27 @@ def sharded_margin_loss(
             index = None
             sampled = jnp.ones(classes_per_shard, bool)
         total, metrics, new_state, logits = _loss_on_rows(
-            loss, x, weight, class_ids, local_label, owned, row_mask, state, num_classes,
-            block_size, return_logits)
+            loss,
+            x,
+            weight,
+            class_ids,
+            local_label,
+            owned,
+            row_mask,
+            state,
+            num_classes,
+            block_size,
+            return_logits,
+        )
         outputs = (total, metrics, new_state, sampled)
         if return_logits:
             logits = logits.T  # [B, C_local], as the reference files lay them out
             if index is not None:
-                logits = jnp.zeros((x.shape[0], classes_per_shard), logits.dtype).at[
-                    :, index].set(logits)
+                logits = (
+                    jnp.zeros((x.shape[0], classes_per_shard), logits.dtype)
+                    .at[:, index]
+                    .set(logits)
+                )
             outputs += (logits,)
         return outputs
 
@@ -256,27 +306,36 @@ def partial_fc_sampler(mesh: Mesh, num_classes: int, sample_rate: float):
         budget = partial_fc_budget(sample_rate, classes_per_shard, labels.shape[0])
         return _sample(local_label, owned, key, start, classes_per_shard, num_classes, budget)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS), P()),
-                         out_specs=P(DATA_AXIS))
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS), P()), out_specs=P(DATA_AXIS)
+    )
 
 
 def take_rows(mesh: Mesh):
     """``fn(array [C_pad, ...], index) -> array[index]`` shard by shard (``index`` as
     :func:`partial_fc_sampler` returns it): each shard's sampled rows, ``[D·K, ...]``."""
-    return jax.shard_map(lambda array, index: array[index], mesh=mesh,
-                         in_specs=(P(DATA_AXIS), P(DATA_AXIS)), out_specs=P(DATA_AXIS))
+    return jax.shard_map(
+        lambda array, index: array[index],
+        mesh=mesh,
+        in_specs=(P(DATA_AXIS), P(DATA_AXIS)),
+        out_specs=P(DATA_AXIS),
+    )
 
 
 def put_rows(mesh: Mesh):
     """``fn(array, index, rows) -> array`` with each shard's sampled rows replaced by
     ``rows`` (the inverse of :func:`take_rows`; the other rows unchanged)."""
-    return jax.shard_map(lambda array, index, rows: array.at[index].set(rows), mesh=mesh,
-                         in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS)),
-                         out_specs=P(DATA_AXIS))
+    return jax.shard_map(
+        lambda array, index, rows: array.at[index].set(rows),
+        mesh=mesh,
+        in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS)),
+        out_specs=P(DATA_AXIS),
+    )
 
 
-def sampled_rows_loss(loss: losses.MarginLoss, mesh: Mesh, num_classes: int,
-                      block_size: int | None = None):
+def sampled_rows_loss(
+    loss: losses.MarginLoss, mesh: Mesh, num_classes: int, block_size: int | None = None
+):
     """Builds ``fn(embeddings, rows, index, labels, row_mask, state) -> HeadOutput``: the
     margin loss against the sampled rows alone (``rows = take_rows(weight, index)``), so that
     its gradient is ``[D·K, d]``, not a dense ``[C_pad, d]`` of mostly zeros. The same loss and
@@ -289,16 +348,26 @@ def sampled_rows_loss(loss: losses.MarginLoss, mesh: Mesh, num_classes: int,
         start, local_label, owned = _local_labels(labels, row_mask, classes_per_shard)
         local_label = jnp.searchsorted(index, local_label)
         total, metrics, new_state, _ = _loss_on_rows(
-            loss, x, rows, start + index, local_label, owned, row_mask, state, num_classes,
-            block_size)
+            loss,
+            x,
+            rows,
+            start + index,
+            local_label,
+            owned,
+            row_mask,
+            state,
+            num_classes,
+            block_size,
+        )
         sampled = jnp.zeros(classes_per_shard, bool).at[index].set(True)
         return total, metrics, new_state, sampled
 
     sharded = jax.shard_map(
-        local, mesh=mesh,
-        in_specs=(P(DATA_AXIS), P(DATA_AXIS, None), P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS),
-                  P()),
-        out_specs=_OUT_SPECS)
+        local,
+        mesh=mesh,
+        in_specs=(P(DATA_AXIS), P(DATA_AXIS, None), P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS), P()),
+        out_specs=_OUT_SPECS,
+    )
     return lambda *args: HeadOutput(*sharded(*args))
 
 
@@ -389,8 +458,9 @@ class ClassShardedHead:
     ``freeze_unsampled`` (``head.freeze_unsampled``, with ``sample_rate < 1``): unsampled
     centres and their optimizer state do not move. ``rows_gradient`` picks how: True
     differentiates the sampled rows alone (no dense ``[C_pad, d]`` gradient); False takes the
-    dense gradient and restores the unsampled rows after the update (the same result), the only
-    way under gradient accumulation, where each micro-batch samples other rows.
+    dense gradient and restores the unsampled rows after the update (the same result). Under
+    gradient accumulation each micro-batch samples other rows, so ``freeze_unsampled`` with
+    ``optim.accumulate_steps > 1`` is refused by ``magjax.config_check``.
     ``block_size`` (``head.block_size``): see :func:`sharded_margin_loss`.
     """
 
@@ -411,26 +481,38 @@ class ClassShardedHead:
     _on_rows: Callable | None = dataclasses.field(init=False, repr=False, compare=False)
 
     @classmethod
-    def from_config(cls, config, mesh: Mesh, loss: losses.MarginLoss, num_classes: int
-                    ) -> ClassShardedHead:
+    def from_config(
+        cls, config, mesh: Mesh, loss: losses.MarginLoss, num_classes: int
+    ) -> ClassShardedHead:
         """The head a training config describes (``head.*``, ``model.embedding_dim``; the
         sampled rows' own gradient unless ``optim.accumulate_steps > 1``)."""
-        return cls(loss, mesh, num_classes, config.model.embedding_dim,
-                   sample_rate=config.head.sample_rate,
-                   freeze_unsampled=config.head.freeze_unsampled,
-                   rows_gradient=config.optim.accumulate_steps == 1,
-                   weight_init=config.head.weight_init, block_size=config.head.block_size)
+        return cls(
+            loss,
+            mesh,
+            num_classes,
+            config.model.embedding_dim,
+            sample_rate=config.head.sample_rate,
+            freeze_unsampled=config.head.freeze_unsampled,
+            rows_gradient=config.optim.accumulate_steps == 1,
+            weight_init=config.head.weight_init,
+            block_size=config.head.block_size,
+        )
 
     def __post_init__(self):
         self.classes_per_shard = class_rows_per_shard(self.mesh, self.num_classes)
-        self._dense_loss = sharded_margin_loss(self.margin_loss, self.mesh, self.num_classes,
-                                               sample_rate=self.sample_rate,
-                                               block_size=self.block_size)
+        self._dense_loss = sharded_margin_loss(
+            self.margin_loss,
+            self.mesh,
+            self.num_classes,
+            sample_rate=self.sample_rate,
+            block_size=self.block_size,
+        )
         self._rows_loss = self._sampler = self._on_rows = None
         if self.sampled_rows:
             self._sampler = partial_fc_sampler(self.mesh, self.num_classes, self.sample_rate)
-            self._rows_loss = sampled_rows_loss(self.margin_loss, self.mesh, self.num_classes,
-                                                self.block_size)
+            self._rows_loss = sampled_rows_loss(
+                self.margin_loss, self.mesh, self.num_classes, self.block_size
+            )
             self._on_rows = on_class_rows(self.mesh)
 
     @property
@@ -454,14 +536,17 @@ class ClassShardedHead:
 
     def initial_state(self) -> dict:
         """The loss's state before the first step, float32 as the train state holds it."""
-        return {name: jnp.asarray(value, jnp.float32)
-                for name, value in self.margin_loss.initial_state().items()}
+        return {
+            name: jnp.asarray(value, jnp.float32)
+            for name, value in self.margin_loss.initial_state().items()
+        }
 
     def init(self, key: jax.Array) -> tuple[dict, dict]:
         """``(params, state)``: the centres (``head.weight_init``; padding rows zero) and the
         loss's initial state."""
         weight = init_weight(self.weight_init, self.num_classes)(
-            jax.random.fold_in(key, _WEIGHT_KEY_DATA), (self.padded_classes, self.embedding_dim))
+            jax.random.fold_in(key, _WEIGHT_KEY_DATA), (self.padded_classes, self.embedding_dim)
+        )
         return {"weight": weight}, self.initial_state()
 
     def sample(self, labels: jax.Array, key: jax.Array) -> jax.Array | None:
@@ -487,9 +572,16 @@ class ClassShardedHead:
             return optim.keep_unsampled_rows(new, old, sampled, is_class_rows)
         return new
 
-    def loss(self, params: dict, state: dict, embeddings: jax.Array, labels: jax.Array,
-             key: jax.Array, rows: jax.Array | None = None,
-             row_mask: jax.Array | None = None) -> HeadOutput:
+    def loss(
+        self,
+        params: dict,
+        state: dict,
+        embeddings: jax.Array,
+        labels: jax.Array,
+        key: jax.Array,
+        rows: jax.Array | None = None,
+        row_mask: jax.Array | None = None,
+    ) -> HeadOutput:
         """The margin loss of the batch (``embeddings [B, d]``, ``labels [B]`` split over
         ``data``; ``row_mask`` marks real samples, all by default) against ``params["weight"]``:
         all centres (Partial FC sampling inside, for ``key``) or, given ``rows``, the rows
@@ -500,11 +592,13 @@ class ClassShardedHead:
             out = self._dense_loss(embeddings, params["weight"], labels, row_mask, state, key)
         else:
             out = self._rows_loss(embeddings, params["weight"], rows, labels, row_mask, state)
-        return out._replace(state={name: value.astype(state[name].dtype)
-                                   for name, value in out.state.items()})
+        return out._replace(
+            state={name: value.astype(state[name].dtype) for name, value in out.state.items()}
+        )
 
-    def value_and_grad(self, objective: Callable, params: Any, labels: jax.Array,
-                       key: jax.Array) -> HeadGradient:
+    def value_and_grad(
+        self, objective: Callable, params: Any, labels: jax.Array, key: jax.Array
+    ) -> HeadGradient:
         """Steps 1-3 of :meth:`update`: ``objective(params, rows) -> (HeadOutput, aux)``
         (whose ``params["head"]`` goes to :meth:`loss` with ``rows``) differentiated w.r.t.
         ``params`` with the class rows cut to the sampled ones."""
@@ -518,16 +612,24 @@ class ClassShardedHead:
         (_, (output, aux)), grads = jax.value_and_grad(total, has_aux=True)(params)
         return HeadGradient(rows, params, output, aux, grads)
 
-    def update(self, tx: optax.GradientTransformation, objective: Callable, params: Any,
-               opt_state: Any, labels: jax.Array, key: jax.Array
-               ) -> tuple[Any, Any, HeadGradient]:
+    def update(
+        self,
+        tx: optax.GradientTransformation,
+        objective: Callable,
+        params: Any,
+        opt_state: Any,
+        labels: jax.Array,
+        key: jax.Array,
+    ) -> tuple[Any, Any, HeadGradient]:
         """One step of ``tx`` on ``params`` (``{"head": ..., ...}``) through ``objective``
         (:meth:`value_and_grad`), the class rows moved as Partial FC and ``freeze_unsampled``
         require: ``(params, opt_state, gradient)``."""
         step = self.value_and_grad(objective, params, labels, key)
-        updates, new_opt_state = tx.update(step.grads, self.take(opt_state, step.rows),
-                                           step.params)
+        updates, new_opt_state = tx.update(step.grads, self.take(opt_state, step.rows), step.params)
         new_params = optax.apply_updates(step.params, updates)
         sampled = step.output.sampled
-        return (self.keep(new_params, params, step.rows, sampled),
-                self.keep(new_opt_state, opt_state, step.rows, sampled), step)
+        return (
+            self.keep(new_params, params, step.rows, sampled),
+            self.keep(new_opt_state, opt_state, step.rows, sampled),
+            step,
+        )

@@ -34,8 +34,11 @@ def log_unraisable(unraisable) -> None:
     hundred after one failed on a full disk) goes to the log file with its traceback, not to
     the console."""
     logging.getLogger("unraisable").warning(
-        "%s: %r", unraisable.err_msg or "Exception ignored in", unraisable.object,
-        exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
+        "%s: %r",
+        unraisable.err_msg or "Exception ignored in",
+        unraisable.object,
+        exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback),
+    )
 
 
 class _LogFile(logging.FileHandler):
@@ -62,16 +65,16 @@ def route_logging(log_file: pathlib.Path | None, *, verbose: bool = False) -> No
     # which would keep orbax's and absl's INFO messages out of the log file too.
     logging.getLogger("absl").setLevel(logging.INFO)
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter(
-        "%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"))
+    console.setFormatter(
+        logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s")
+    )
     if not verbose:
         console.addFilter(_console_worthy)
     root.addHandler(console)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         to_file = _LogFile(log_file)
-        to_file.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(to_file)
     logging.captureWarnings(True)
 
@@ -123,17 +126,24 @@ def format_evaluation(scalars: dict) -> str:
             name, _, field = key.removeprefix("verification/").rpartition("/")
             sets.setdefault(name, {})[field] = value
     for name, r in sets.items():
-        parts.append(f"{name} accuracy {r.get('accuracy', math.nan):.4f} ± "
-                     f"{r.get('std', math.nan):.4f} (XNorm {r.get('xnorm', math.nan):.2f})")
+        parts.append(
+            f"{name} accuracy {r.get('accuracy', math.nan):.4f} ± "
+            f"{r.get('std', math.nan):.4f} (XNorm {r.get('xnorm', math.nan):.2f})"
+        )
     if "quality/spearman_norm_vs_quality" in scalars:
         levels = [f"{scalars[k]:.1f}" for k in scalars if k.startswith("quality/mean_norm_per")]
-        parts.append(f"quality: Spearman(norm, level) "
-                     f"{scalars['quality/spearman_norm_vs_quality']:.3f}, recognisability vs "
-                     f"level {scalars.get('quality/spearman_recognisability_vs_quality', 0):.3f}"
-                     f"; mean norm per level {' '.join(levels)}")
+        parts.append(
+            f"quality: Spearman(norm, level) "
+            f"{scalars['quality/spearman_norm_vs_quality']:.3f}, recognisability vs "
+            f"level {scalars.get('quality/spearman_recognisability_vs_quality', 0):.3f}"
+            f"; mean norm per level {' '.join(levels)}"
+        )
     shown = ("verification/", "quality/")
-    parts += [f"{k} {v:.4g}" for k, v in scalars.items()
-              if isinstance(v, float) and not k.startswith(shown)]
+    parts += [
+        f"{k} {v:.4g}"
+        for k, v in scalars.items()
+        if isinstance(v, float) and not k.startswith(shown)
+    ]
     return " | ".join(parts)
 
 
@@ -175,8 +185,10 @@ def trim_metrics(path: pathlib.Path, restored_step: int) -> tuple[int, int]:
         out.flush()
         os.fsync(out.fileno())
     kept = sorted(records.items(), key=lambda item: (item[0][1], item[1][0]))
-    files.write_atomically(path, lambda tmp: pathlib.Path(tmp).write_bytes(
-        b"".join(line + b"\n" for _, (_, line) in kept)))
+    files.write_atomically(
+        path,
+        lambda tmp: pathlib.Path(tmp).write_bytes(b"".join(line + b"\n" for _, (_, line) in kept)),
+    )
     return len(kept), len(dropped)
 
 
@@ -188,8 +200,14 @@ class MetricsLogger:
     trimmed to it (:func:`trim_metrics`), so that after a kill or a resume it still holds valid
     lines whose steps increase, and TensorBoard hides the events of the steps after it."""
 
-    def __init__(self, workdir: pathlib.Path, *, enabled: bool = True,
-                 progress_keys: tuple[str, ...] = (), restored_step: int = 0):
+    def __init__(
+        self,
+        workdir: pathlib.Path,
+        *,
+        enabled: bool = True,
+        progress_keys: tuple[str, ...] = (),
+        restored_step: int = 0,
+    ):
         self.enabled = enabled
         self._progress_keys = progress_keys
         self._start = time.time()
@@ -201,18 +219,23 @@ class MetricsLogger:
             if dropped:
                 logging.getLogger(__name__).info(
                     "%s: %d records of steps after %d (computed again now) or cut short moved "
-                    "to %s; %d kept", workdir / METRICS_FILE, dropped, restored_step,
-                    DROPPED_METRICS_FILE, kept)
-            self._writer = SummaryWriter(str(workdir / "tensorboard"),
-                                         purge_step=restored_step + 1)
+                    "to %s; %d kept",
+                    workdir / METRICS_FILE,
+                    dropped,
+                    restored_step,
+                    DROPPED_METRICS_FILE,
+                    kept,
+                )
+            self._writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=restored_step + 1)
             self._jsonl = open(workdir / METRICS_FILE, "a")  # noqa: SIM115 (kept open)
 
     def start_clock(self, step: int) -> None:
         """Times the progress line's ETA from now, when ``step`` has just been reached."""
         self._first_step, self._start = step, time.time()
 
-    def write(self, step: int, scalars: dict, *, kind: str = "train",
-              total_steps: int | None = None) -> None:
+    def write(
+        self, step: int, scalars: dict, *, kind: str = "train", total_steps: int | None = None
+    ) -> None:
         if not self.enabled:
             return
         record = {"step": step, "kind": kind, **scalars}
@@ -237,9 +260,12 @@ class MetricsLogger:
             remaining = elapsed / done * (total_steps - step)
             eta = f" eta {int(remaining // 60)}m{int(remaining % 60):02d}s"
         extra = "".join(f" {k} {scalars[k]:.3g}" for k in self._progress_keys if k in scalars)
-        print(f"[{step}/{total_steps}] loss {scalars['loss']:.4f} lr {scalars['lr']:.4g}"
-              f"{extra} {scalars.get('images_per_s', 0):.0f} img/s{eta}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[{step}/{total_steps}] loss {scalars['loss']:.4f} lr {scalars['lr']:.4g}"
+            f"{extra} {scalars.get('images_per_s', 0):.0f} img/s{eta}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def close(self) -> None:
         if self.enabled:

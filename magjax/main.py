@@ -50,8 +50,11 @@ def stop_at_once(signum=None, frame=None) -> None:
         handler.flush()
     # os.write: print() may be in the middle of a write of the main thread, which this
     # handler interrupts (a reentrant write of sys.stderr raises).
-    os.write(2, b"stopped by Ctrl-C: the newest checkpoint in the workdir (if any) is kept; "
-                b"rerun the same command to resume\n")
+    os.write(
+        2,
+        b"stopped by Ctrl-C: the newest checkpoint in the workdir (if any) is kept; "
+        b"rerun the same command to resume\n",
+    )
     os._exit(EXIT_INTERRUPTED)
 
 
@@ -69,17 +72,19 @@ from magjax.errors import UserError  # noqa: E402
 
 RECIPE_PREFIX = "magjax:"
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-_MULTIHOST = flags.DEFINE_bool("multihost", False,
-                               "Call jax.distributed.initialize() (auto-detects TPU/SLURM).")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() (auto-detects TPU/SLURM)."
+)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
-    "allow_config_change", False,
-    "Resume although the config differs from WORKDIR/config.json (the changes are logged).")
+    "allow_config_change",
+    False,
+    "Resume although the config differs from WORKDIR/config.json (the changes are logged).",
+)
 _VERBOSE = flags.DEFINE_bool("verbose", False, "On a user error, print the full traceback too.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -90,8 +95,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     prints this module's documentation and the flags, and exits 0."""
     if any(arg in ("-h", "--help", "-help", "--helpshort") for arg in argv[1:]):
         print(__doc__)
-        print(re.sub(r"--(\[no\])?(\w+)", lambda m: "--" + (m[1] or "") + m[2].replace("_", "-"),
-                     flags.FLAGS.module_help(sys.modules[__name__])))
+        print(
+            re.sub(
+                r"--(\[no\])?(\w+)",
+                lambda m: "--" + (m[1] or "") + m[2].replace("_", "-"),
+                flags.FLAGS.module_help(sys.modules[__name__]),
+            )
+        )
         sys.exit(0)
     try:
         remaining = flags.FLAGS(expand_recipe_names(_underscored(argv)))
@@ -117,8 +127,13 @@ def _flag_error_message(error: Exception, argv: list[str]) -> str:
         return f"--config: {last_line}"
     if isinstance(error, (AttributeError, KeyError)):
         field = re.match(r"'([^']+)'", message)
-        culprit = [arg for arg in argv if field and arg.startswith("--config.")
-                   and arg.split("=")[0].endswith("." + field.group(1))]
+        culprit = [
+            arg
+            for arg in argv
+            if field
+            and arg.startswith("--config.")
+            and arg.split("=")[0].endswith("." + field.group(1))
+        ]
         where = culprit[0].split("=")[0] if culprit else "a --config. override"
         return f"{where}: no such config field {message}"
     return message
@@ -151,8 +166,9 @@ def _start() -> int | None:
     logs.route_logging(workdir / logs.LOG_FILE, verbose=_VERBOSE.value)
     sys.unraisablehook = logs.log_unraisable
     if remote:
-        logging.getLogger(__name__).info("%s is remote: not locked against a second run",
-                                         _WORKDIR.value)
+        logging.getLogger(__name__).info(
+            "%s is remote: not locked against a second run", _WORKDIR.value
+        )
     try:
         _train(lock=not remote and _MULTIHOST.value)
     except train.Interrupted:  # saved and stopped; the loop said so in one line
@@ -172,17 +188,19 @@ def _train(lock: bool = False) -> None:
         # Cross-process collectives on CPU need gloo; the setting is ignored on TPU/GPU. Asking
         # jax for its backend here would initialise it, which distributed.initialize forbids.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                                   num_processes=_NUM_PROCESSES.value,
-                                   process_id=_PROCESS_ID.value)
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
     elif _MULTIHOST.value:
         jax.distributed.initialize()
-    logs.start_jax(pathlib.Path(_WORKDIR.value).absolute() / logs.LOG_FILE,
-                   verbose=_VERBOSE.value)
+    logs.start_jax(pathlib.Path(_WORKDIR.value).absolute() / logs.LOG_FILE, verbose=_VERBOSE.value)
     if lock and jax.process_index() == 0:
         _LOCK = workdirs.lock(pathlib.Path(_WORKDIR.value).absolute())
-    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                                       allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    summary = train.train_and_evaluate(
+        _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+    )
     if summary is not None and jax.process_index() == 0:
         print(train.describe_results(summary, _WORKDIR.value))
 
@@ -196,18 +214,21 @@ def recipe_file(name: str) -> pathlib.Path:
         if (directory / f"{name}.py").is_file():
             return directory / f"{name}.py"
     found = sorted({p.stem for d in candidates if d.is_dir() for p in d.glob("[a-z]*.py")})
-    raise UserError(f"--config {RECIPE_PREFIX}{name}: no recipe {name!r}; shipped recipes: "
-                    f"{', '.join(found) or 'none found'}")
+    raise UserError(
+        f"--config {RECIPE_PREFIX}{name}: no recipe {name!r}; shipped recipes: "
+        f"{', '.join(found) or 'none found'}"
+    )
 
 
 def _recipe_path(value: str) -> str:
-    name, _, variants = value[len(RECIPE_PREFIX):].partition(":")
+    name, _, variants = value[len(RECIPE_PREFIX) :].partition(":")
     return str(recipe_file(name)) + (f":{variants}" if variants else "")
 
 
 def _underscored(argv: list[str]) -> list[str]:
     """``--allow-config-change`` -> ``--allow_config_change`` (absl names flags with
     underscores); ``--config.`` overrides are left as written."""
+
     def flag(arg: str) -> str:
         if not arg.startswith("--") or arg.startswith("--config"):
             return arg
@@ -222,9 +243,12 @@ def expand_recipe_names(argv: list[str]) -> list[str]:
     expanded = list(argv)
     for index, arg in enumerate(expanded):
         if arg.startswith(f"--config={RECIPE_PREFIX}"):
-            expanded[index] = "--config=" + _recipe_path(arg[len("--config="):])
-        elif (arg == "--config" and index + 1 < len(expanded)
-              and expanded[index + 1].startswith(RECIPE_PREFIX)):
+            expanded[index] = "--config=" + _recipe_path(arg[len("--config=") :])
+        elif (
+            arg == "--config"
+            and index + 1 < len(expanded)
+            and expanded[index + 1].startswith(RECIPE_PREFIX)
+        ):
             expanded[index + 1] = _recipe_path(expanded[index + 1])
     return expanded
 

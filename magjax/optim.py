@@ -37,12 +37,19 @@ def learning_rate_schedule(optim: Any, steps_per_epoch: int, total_steps: int) -
     """
     if optim.schedule == "poly":
         if optim.warmup_style not in WARMUP_STYLES:
-            raise UserError(f"config.optim.warmup_style must be one of {', '.join(WARMUP_STYLES)}"
-                            f"; got {optim.warmup_style!r}")
+            raise UserError(
+                f"config.optim.warmup_style must be one of {', '.join(WARMUP_STYLES)}"
+                f"; got {optim.warmup_style!r}"
+            )
         warmup = int(optim.warmup_epochs * steps_per_epoch)
         decay = optax.linear_schedule(optim.lr, 0.0, max(total_steps - warmup, 1))
-        plain = decay if warmup == 0 else optax.join_schedules(
-            [optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup])
+        plain = (
+            decay
+            if warmup == 0
+            else optax.join_schedules(
+                [optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup]
+            )
+        )
         first_update_at_lr = optim.warmup_style == "arcface_torch" and warmup > 0
 
         def poly(step):
@@ -98,8 +105,7 @@ def _part_labels(params: Any) -> Any:
     return {part: jax.tree.map(lambda _, part=part: part, params[part]) for part in params}
 
 
-def clip_by_global_norm_torch(max_norm: float, eps: float = 1e-6
-                               ) -> optax.GradientTransformation:
+def clip_by_global_norm_torch(max_norm: float, eps: float = 1e-6) -> optax.GradientTransformation:
     """``torch.nn.utils.clip_grad_norm_(max_norm)``: multiplies every gradient by
     ``min(1, max_norm / (total_norm + eps))``, ``total_norm`` the 2-norm of all of them.
 
@@ -133,18 +139,21 @@ def round_gradients(dtype: str) -> optax.GradientTransformation:
     except in float16's subnormal and overflow ranges.
     """
     if dtype not in GRAD_ALLREDUCE_DTYPES:
-        raise UserError(f"config.optim.grad_allreduce_dtype must be one of "
-                        f"{', '.join(GRAD_ALLREDUCE_DTYPES)}; got {dtype!r}")
+        raise UserError(
+            f"config.optim.grad_allreduce_dtype must be one of "
+            f"{', '.join(GRAD_ALLREDUCE_DTYPES)}; got {dtype!r}"
+        )
     if dtype == "float32":
         return optax.identity()
     rounded = jnp.dtype(dtype)
     return optax.stateless(
-        lambda updates, params: jax.tree.map(lambda g: g.astype(rounded).astype(g.dtype),
-                                             updates))
+        lambda updates, params: jax.tree.map(lambda g: g.astype(rounded).astype(g.dtype), updates)
+    )
 
 
-def make_optimizer(optim: Any, schedule: optax.Schedule, decay_mask: Any
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+    optim: Any, schedule: optax.Schedule, decay_mask: Any
+) -> optax.GradientTransformation:
     """``optim.optimizer`` as the official trainers run it, after the gradient clip.
 
     * ``"sgd"``: ``torch.optim.SGD(momentum, weight_decay)``: ``wd · p`` added to the gradient
@@ -162,27 +171,46 @@ def make_optimizer(optim: Any, schedule: optax.Schedule, decay_mask: Any
     window; ``schedule`` counts updates (:func:`per_update_schedule`).
     """
     if optim.optimizer not in OPTIMIZERS:
-        raise UserError(f"config.optim.optimizer must be one of {', '.join(OPTIMIZERS)}; "
-                        f"got {optim.optimizer!r}")
-    clip = (clip_by_global_norm_torch(optim.grad_clip_norm, optim.grad_clip_eps)
-            if optim.grad_clip_norm else optax.identity())
+        raise UserError(
+            f"config.optim.optimizer must be one of {', '.join(OPTIMIZERS)}; "
+            f"got {optim.optimizer!r}"
+        )
+    clip = (
+        clip_by_global_norm_torch(optim.grad_clip_norm, optim.grad_clip_eps)
+        if optim.grad_clip_norm
+        else optax.identity()
+    )
     backbone = optax.chain(round_gradients(optim.grad_allreduce_dtype), clip)
-    clipped = optax.multi_transform({"backbone": backbone, "head": optax.identity()},
-                                    _part_labels)
+    clipped = optax.multi_transform({"backbone": backbone, "head": optax.identity()}, _part_labels)
     if optim.optimizer == "adamw":
         b1, b2 = optim.adam_betas
-        tx = optax.chain(clipped, optax.adamw(schedule, b1=b1, b2=b2, eps=optim.adam_eps,
-                                              weight_decay=optim.weight_decay, mask=decay_mask))
+        tx = optax.chain(
+            clipped,
+            optax.adamw(
+                schedule,
+                b1=b1,
+                b2=b2,
+                eps=optim.adam_eps,
+                weight_decay=optim.weight_decay,
+                mask=decay_mask,
+            ),
+        )
     else:
         # Three links, as before AdamW existed: checkpoints hold the state in this structure.
-        tx = optax.chain(clipped, optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
-                         optax.sgd(schedule, momentum=optim.momentum))
+        tx = optax.chain(
+            clipped,
+            optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
+            optax.sgd(schedule, momentum=optim.momentum),
+        )
     if optim.accumulate_steps > 1:
         # optax accumulates in float32 unless told; the default float dtype is float32 too,
         # float64 where x64 is on (the float64 lockstep tests: PyTorch accumulates in the
         # parameters' dtype).
-        tx = optax.MultiSteps(tx, every_k_schedule=optim.accumulate_steps,
-                              accumulator_dtype=jax.dtypes.canonicalize_dtype(jnp.float64))
+        tx = optax.MultiSteps(
+            tx,
+            every_k_schedule=optim.accumulate_steps,
+            accumulator_dtype=jax.dtypes.canonicalize_dtype(jnp.float64),
+        )
     return tx
 
 

@@ -33,8 +33,9 @@ def make_mesh(num_devices: int | None = None, devices: list | None = None) -> Me
     count = len(devices) if num_devices is None else num_devices
     if count > len(devices):
         raise ValueError(f"asked for {count} devices, only {len(devices)} available")
-    return jax.make_mesh((count,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=devices[:count])
+    return jax.make_mesh(
+        (count,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:count]
+    )
 
 
 def padded_size(size: int, multiple: int) -> int:
@@ -52,8 +53,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def path_name(path: tuple) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                    for k in path)
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def state_shardings(tree: Any, mesh: Mesh, class_rows: Callable[[tuple, Any], bool]) -> Any:
@@ -116,8 +116,7 @@ def _reduce_gradient_in_forward(tree, dtype, axis):
 
 
 def _reduce_gradient_in_backward(dtype, axis, _, cotangent):
-    return (jax.tree.map(
-        lambda g: jax.lax.psum(g.astype(dtype), axis).astype(g.dtype), cotangent),)
+    return (jax.tree.map(lambda g: jax.lax.psum(g.astype(dtype), axis).astype(g.dtype), cotangent),)
 
 
 reduce_gradient_in.defvjp(_reduce_gradient_in_forward, _reduce_gradient_in_backward)

@@ -106,16 +106,21 @@ DATASETS = {  # name: (identities, images)
 DEPTHS = ("18", "34", "50", "100", "200")
 
 
-def _backbones(resnet: str, tiny: str = "tiny",
-               depth_names: Mapping[str, str] | None = None) -> Mapping[str, str]:
+def _backbones(
+    resnet: str, tiny: str = "tiny", depth_names: Mapping[str, str] | None = None
+) -> Mapping[str, str]:
     """The backbone variants of one loss's official family -> magjax archs: ``rN`` the ResNet
     ``resnet.format(N)`` (``depth_names`` renames a depth: AdaFace's r100 is ``ir_101``),
     ``mbf``, and ``tiny`` (the demo's backbone; MagFace's keeps the trainable final BatchNorm
     scale of its family, magjax/models)."""
     names = depth_names or {}
-    return MappingProxyType({**{f"r{depth}": resnet.format(names.get(depth, depth))
-                                for depth in DEPTHS},
-                             "mbf": "mbf", "tiny": tiny})
+    return MappingProxyType(
+        {
+            **{f"r{depth}": resnet.format(names.get(depth, depth)) for depth in DEPTHS},
+            "mbf": "mbf",
+            "tiny": tiny,
+        }
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,10 +147,15 @@ class Recipe:
 
 # What every arcface_torch recipe shares: clipping the backbone gradient norm at 5, and
 # PolynomialLRWarmup's first value (module docstring).
-_ARCFACE_TORCH = dict(backbone="r50", backbones=_backbones("iresnet{}"), global_batch=1024,
-                      gpus=8, epochs=20.0, arcface_torch=True,
-                      optim=MappingProxyType(dict(grad_clip_norm=5.0,
-                                                  warmup_style="arcface_torch")))
+_ARCFACE_TORCH = dict(
+    backbone="r50",
+    backbones=_backbones("iresnet{}"),
+    global_batch=1024,
+    gpus=8,
+    epochs=20.0,
+    arcface_torch=True,
+    optim=MappingProxyType(dict(grad_clip_norm=5.0, warmup_style="arcface_torch")),
+)
 # loss -> its official recipe; official-losses.md section 6. Global batches: arcface_torch
 # 8 x 128, MagFace 8 x 64 (DataParallel), AdaFace 2 x 256, CurricularFace 8 x 64.
 RECIPES = {
@@ -155,27 +165,48 @@ RECIPES = {
     "combined": Recipe("arcface_torch configs/ms1mv2_r50.py", "ms1mv2", **_ARCFACE_TORCH),
     # MagFace run/run.sh: iresnet50, 25 epochs, x0.1 at 10/18/22.
     "magface": Recipe(
-        "MagFace run/run.sh", "ms1mv2", "r50",
-        _backbones("magface_iresnet{}", tiny="magface_tiny"), global_batch=512, gpus=8,
-        epochs=25.0, optim=MappingProxyType(dict(schedule="step", milestones=(10, 18, 22))),
-        head_weight_init="unit"),
+        "MagFace run/run.sh",
+        "ms1mv2",
+        "r50",
+        _backbones("magface_iresnet{}", tiny="magface_tiny"),
+        global_batch=512,
+        gpus=8,
+        epochs=25.0,
+        optim=MappingProxyType(dict(schedule="step", milestones=(10, 18, 22))),
+        head_weight_init="unit",
+    ),
     # AdaFace scripts/run_ir50_ms1mv2.sh: ir_50, 26 epochs, x0.1 at 12/20/24, no weight decay
     # on BatchNorm parameters, its own augmentation.
     "adaface": Recipe(
-        "AdaFace scripts/run_ir50_ms1mv2.sh", "ms1mv2", "r50",
-        _backbones("ir_{}", depth_names={"100": "101"}), global_batch=512, gpus=2, epochs=26.0,
-        optim=MappingProxyType(dict(schedule="step", milestones=(12, 20, 24),
-                                    decay_batchnorm=False)),
-        head_weight_init="unit", augment="adaface"),
+        "AdaFace scripts/run_ir50_ms1mv2.sh",
+        "ms1mv2",
+        "r50",
+        _backbones("ir_{}", depth_names={"100": "101"}),
+        global_batch=512,
+        gpus=2,
+        epochs=26.0,
+        optim=MappingProxyType(
+            dict(schedule="step", milestones=(12, 20, 24), decay_batchnorm=False)
+        ),
+        head_weight_init="unit",
+        augment="adaface",
+    ),
     # CurricularFace config.py and train.py: IR_101 on (refined) MS1MV2, 24 epochs, lr 0.1
     # x0.1 at epochs 10/18/22, no weight decay on BatchNorm parameters, centres N(0, 0.01²),
     # flip augmentation, RGB in [-1, 1]. The backbone is arcface_torch's iresnet (same input
     # convention), not the authors' IR_101 layout.
     "curricularface": Recipe(
-        "CurricularFace config.py", "ms1mv2", "r100", _backbones("iresnet{}"),
-        global_batch=512, gpus=8, epochs=24.0,
-        optim=MappingProxyType(dict(schedule="step", milestones=(10, 18, 22),
-                                    decay_batchnorm=False))),
+        "CurricularFace config.py",
+        "ms1mv2",
+        "r100",
+        _backbones("iresnet{}"),
+        global_batch=512,
+        gpus=8,
+        epochs=24.0,
+        optim=MappingProxyType(
+            dict(schedule="step", milestones=(10, 18, 22), decay_batchnorm=False)
+        ),
+    ),
 }
 
 
@@ -220,41 +251,92 @@ ARCFACE_TORCH_RECIPES = {
     ("webface12m", "r50"): ArcfaceTorchRecipe("configs/wf12m_r50.py", 0.1, 5e-4, 20),
     ("webface12m", "r100"): ArcfaceTorchRecipe("configs/wf12m_r100.py", 0.1, 5e-4, 20),
     ("webface12m", "mbf"): ArcfaceTorchRecipe("configs/wf12m_mbf.py", 0.1, 1e-4, 20),
-    ("webface42m", "r100"): ArcfaceTorchRecipe("configs/wf42m_pfc02_r100.py", 0.1, 5e-4, 20,
-                                               sample_rate=0.2),
+    ("webface42m", "r100"): ArcfaceTorchRecipe(
+        "configs/wf42m_pfc02_r100.py", 0.1, 5e-4, 20, sample_rate=0.2
+    ),
     # The Vision Transformers: margin_list (1.0, 0.0, 0.4), AdamW, warm-up num_epoch // 10
     # (vit_h: // 8), Partial FC 0.3 (vit_h: 0.5). vit_h's GPUs: dist.sh of the commit that added
     # its config launches it on 5 nodes x 8 GPUs.
     ("webface42m", "vit_t"): ArcfaceTorchRecipe(
-        "configs/wf42m_pfc03_40epoch_8gpu_vit_t.py", 1e-3, 0.1, 40, 4, sample_rate=0.3,
-        network="vit_t_dp005_mask0", loss="cosface", optimizer="adamw", batch_per_gpu=512),
+        "configs/wf42m_pfc03_40epoch_8gpu_vit_t.py",
+        1e-3,
+        0.1,
+        40,
+        4,
+        sample_rate=0.3,
+        network="vit_t_dp005_mask0",
+        loss="cosface",
+        optimizer="adamw",
+        batch_per_gpu=512,
+    ),
     ("webface42m", "vit_s"): ArcfaceTorchRecipe(
-        "configs/wf42m_pfc03_40epoch_64gpu_vit_s.py", 1e-3, 0.1, 40, 4, sample_rate=0.3,
-        network="vit_s_dp005_mask_0", loss="cosface", optimizer="adamw", batch_per_gpu=384,
-        gpus=64),
+        "configs/wf42m_pfc03_40epoch_64gpu_vit_s.py",
+        1e-3,
+        0.1,
+        40,
+        4,
+        sample_rate=0.3,
+        network="vit_s_dp005_mask_0",
+        loss="cosface",
+        optimizer="adamw",
+        batch_per_gpu=384,
+        gpus=64,
+    ),
     ("webface42m", "vit_b"): ArcfaceTorchRecipe(
-        "configs/wf42m_pfc03_40epoch_8gpu_vit_b.py", 1e-3, 0.1, 40, 4, sample_rate=0.3,
-        network="vit_b_dp005_mask_005", loss="cosface", optimizer="adamw", batch_per_gpu=256,
-        gradient_acc=12),
+        "configs/wf42m_pfc03_40epoch_8gpu_vit_b.py",
+        1e-3,
+        0.1,
+        40,
+        4,
+        sample_rate=0.3,
+        network="vit_b_dp005_mask_005",
+        loss="cosface",
+        optimizer="adamw",
+        batch_per_gpu=256,
+        gradient_acc=12,
+    ),
     ("webface42m", "vit_l"): ArcfaceTorchRecipe(
-        "configs/wf42m_pfc03_40epoch_64gpu_vit_l.py", 1e-3, 0.1, 40, 4, sample_rate=0.3,
-        network="vit_l_dp005_mask_005", loss="cosface", optimizer="adamw", batch_per_gpu=384,
-        gpus=64),
+        "configs/wf42m_pfc03_40epoch_64gpu_vit_l.py",
+        1e-3,
+        0.1,
+        40,
+        4,
+        sample_rate=0.3,
+        network="vit_l_dp005_mask_005",
+        loss="cosface",
+        optimizer="adamw",
+        batch_per_gpu=384,
+        gpus=64,
+    ),
     ("webface42m", "vit_h"): ArcfaceTorchRecipe(
-        "configs/wf42m_pfc02_vit_h.py", 1e-3, 0.1, 16, 2, sample_rate=0.5, network="vit_h",
-        loss="cosface", optimizer="adamw", batch_per_gpu=768, gpus=40),
+        "configs/wf42m_pfc02_vit_h.py",
+        1e-3,
+        0.1,
+        16,
+        2,
+        sample_rate=0.5,
+        network="vit_h",
+        loss="cosface",
+        optimizer="adamw",
+        batch_per_gpu=768,
+        gpus=40,
+    ),
 }
 # Backbone variants that name an official config's network (the ViTs): variant -> (dataset,
 # arch). Without a dataset variant they train on their recipe's dataset.
-ARCFACE_TORCH_NETWORKS = {backbone: (dataset, recipe.network)
-                          for (dataset, backbone), recipe in ARCFACE_TORCH_RECIPES.items()
-                          if recipe.network}
+ARCFACE_TORCH_NETWORKS = {
+    backbone: (dataset, recipe.network)
+    for (dataset, backbone), recipe in ARCFACE_TORCH_RECIPES.items()
+    if recipe.network
+}
 
 
 def _backbone_variant(recipe: Recipe, arch: str) -> str | None:
     """The backbone variant of ``recipe`` (or ViT variant) that trains ``arch``."""
-    archs = {**recipe.backbones,
-             **{variant: network for variant, (_, network) in ARCFACE_TORCH_NETWORKS.items()}}
+    archs = {
+        **recipe.backbones,
+        **{variant: network for variant, (_, network) in ARCFACE_TORCH_NETWORKS.items()},
+    }
     return next((variant for variant, name in archs.items() if name == arch), None)
 
 
@@ -276,8 +358,13 @@ def _apply_arcface_torch_recipe(c: ml_collections.ConfigDict, sample_rate_given:
     recipe = official_recipe(c)
     if recipe is None:
         return
-    c.optim.update(optimizer=recipe.optimizer, lr=recipe.lr, weight_decay=recipe.weight_decay,
-                   warmup_epochs=recipe.warmup_epochs, accumulate_steps=recipe.gradient_acc)
+    c.optim.update(
+        optimizer=recipe.optimizer,
+        lr=recipe.lr,
+        weight_decay=recipe.weight_decay,
+        warmup_epochs=recipe.warmup_epochs,
+        accumulate_steps=recipe.gradient_acc,
+    )
     c.epochs = float(recipe.epochs)
     c.global_batch = recipe.batch_per_gpu * recipe.gpus
     if recipe.loss is not None and recipe.loss != c.loss.name:
@@ -296,9 +383,11 @@ def synthetic_data_dir(options: dict) -> str:
     """Where the synthetic identities of ``options`` (``data.synthetic_options``) are built once
     and reused: a folder of the cache directory named after the options."""
     rest = dict(options)
-    name = (f"synthetic_{rest.pop('num_identities', 'default')}x"
-            f"{rest.pop('images_per_identity', 'default')}"
-            + "".join(f"_{key}{value}" for key, value in sorted(rest.items())))
+    name = (
+        f"synthetic_{rest.pop('num_identities', 'default')}x"
+        f"{rest.pop('images_per_identity', 'default')}"
+        + "".join(f"_{key}{value}" for key, value in sorted(rest.items()))
+    )
     return os.path.join(default_cache_dir(), name)
 
 
@@ -323,30 +412,40 @@ def base_config() -> ml_collections.ConfigDict:
         synthetic=False,
         synthetic_options=ml_collections.ConfigDict(),
     )
-    c.model = dict(arch="iresnet50", dtype="bfloat16", dropout=ml_collections.config_dict
-                   .placeholder(float), embedding_dim=512,
-                   # BatchNorm statistics in training: "per_device" (each device's shard of the
-                   # batch on its own, the official trainers' plain BatchNorm under DDP) or
-                   # "global" (the whole batch, as SyncBatchNorm).
-                   batchnorm_stats="per_device")
+    c.model = dict(
+        arch="iresnet50",
+        dtype="bfloat16",
+        dropout=ml_collections.config_dict.placeholder(float),
+        embedding_dim=512,
+        # BatchNorm statistics in training: "per_device" (each device's shard of the
+        # batch on its own, the official trainers' plain BatchNorm under DDP) or
+        # "global" (the whole batch, as SyncBatchNorm).
+        batchnorm_stats="per_device",
+    )
     c.loss = _loss_fields("arcface")  # the fields of the chosen loss (get_config)
-    c.head = dict(sample_rate=1.0, weight_init="normal",
-                  # Partial FC: True keeps momentum and weight decay off unsampled centres
-                  # (and differentiates the sampled rows alone: no dense [C, d] gradient);
-                  # False (arcface_torch) lets one SGD move every centre each step.
-                  freeze_unsampled=False,
-                  # None or 0: each shard's [C_local, B] cosines at once. n >= 1: the head
-                  # visits each shard's classes n at a time and recomputes them in the backward
-                  # pass (one matrix product more), so that no [C_local, B] array exists:
-                  # the same loss and gradients, memory no longer growing with batch x classes
-                  # (magjax.losses.blocked; BENCHMARKS.md "The head class block by block").
-                  block_size=ml_collections.config_dict.placeholder(int))
+    c.head = dict(
+        sample_rate=1.0,
+        weight_init="normal",
+        # Partial FC: True keeps momentum and weight decay off unsampled centres
+        # (and differentiates the sampled rows alone: no dense [C, d] gradient);
+        # False (arcface_torch) lets one SGD move every centre each step.
+        freeze_unsampled=False,
+        # None or 0: each shard's [C_local, B] cosines at once. n >= 1: the head
+        # visits each shard's classes n at a time and recomputes them in the backward
+        # pass (one matrix product more), so that no [C_local, B] array exists:
+        # the same loss and gradients, memory no longer growing with batch x classes
+        # (magjax.losses.blocked; BENCHMARKS.md "The head class block by block").
+        block_size=ml_collections.config_dict.placeholder(int),
+    )
     c.optim = dict(
         # "sgd" (torch.optim.SGD with momentum) or "adamw" (torch.optim.AdamW: decoupled
         # decay lr·wd, betas and eps below, arcface_torch's ViT recipes).
         optimizer="sgd",
-        lr=0.1, momentum=0.9, weight_decay=5e-4,
-        adam_betas=(0.9, 0.999), adam_eps=1e-8,  # "adamw" only; torch.optim.AdamW's defaults
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=5e-4,
+        adam_betas=(0.9, 0.999),
+        adam_eps=1e-8,  # "adamw" only; torch.optim.AdamW's defaults
         decay_batchnorm=True,  # AdaFace: False (no weight decay on BatchNorm parameters)
         schedule="poly",  # "poly": linear warm-up then linear decay to 0 per step; "step"
         warmup_epochs=0.0,
@@ -397,7 +496,8 @@ def _loss_fields(name: str) -> ml_collections.ConfigDict:
     only these, can be overridden from the command line."""
     fields = {"name": name, **dataclasses.asdict(losses.MarginLoss.create(name))}
     fields["probability_floor"] = ml_collections.FieldReference(
-        fields["probability_floor"], field_type=float)
+        fields["probability_floor"], field_type=float
+    )
     return ml_collections.ConfigDict(fields)
 
 
@@ -426,8 +526,10 @@ def get_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
             c.model.arch = recipe.backbones[variant]
         elif variant in ARCFACE_TORCH_NETWORKS:
             if not recipe.arcface_torch:
-                raise ValueError(f"variant {variant!r} is an arcface_torch recipe; use "
-                                 f"configs/arcface.py:{variant}")
+                raise ValueError(
+                    f"variant {variant!r} is an arcface_torch recipe; use "
+                    f"configs/arcface.py:{variant}"
+                )
             network_dataset, c.model.arch = ARCFACE_TORCH_NETWORKS[variant]
         elif variant.startswith("pfc"):
             c.head.sample_rate = float(variant[3:])
@@ -435,8 +537,9 @@ def get_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
         elif variant == "demo":
             _demo(c, recipe)
         else:
-            raise ValueError(f"unknown config variant {variant!r} in {arg!r}; see "
-                             "magjax/recipes.py for the list")
+            raise ValueError(
+                f"unknown config variant {variant!r} in {arg!r}; see magjax/recipes.py for the list"
+            )
     if network_dataset is not None and not named_dataset and not c.data.synthetic:
         c.data.dataset = network_dataset
         named_dataset = True
@@ -475,8 +578,7 @@ def _demo(c: ml_collections.ConfigDict, recipe: Recipe) -> None:
     # on (MagFace: 0.996 and 0.554 at 100 steps); 1.2 epochs keep the demo within 2 minutes on
     # 2 cores.
     c.epochs = 1.2
-    c.optim.update(lr=0.1, schedule="poly", warmup_epochs=0.5, warmup_style="plain",
-                   milestones=())
+    c.optim.update(lr=0.1, schedule="poly", warmup_epochs=0.5, warmup_style="plain", milestones=())
     c.log_every_steps = 20
     # Evaluated on the synthetic data's held-out identities (eval.heldout_sets).
     c.eval.update(every_steps=70, batch_size=256)
@@ -496,8 +598,10 @@ def with_dataset_counts(config: ml_collections.ConfigDict) -> ml_collections.Con
     config = config.copy_and_resolve_references()
     if config.data.num_classes is None or config.data.num_examples is None:
         if config.data.dataset not in DATASETS:
-            raise ValueError(f"data.dataset {config.data.dataset!r} has no published counts; "
-                             "set data.num_classes and data.num_examples")
+            raise ValueError(
+                f"data.dataset {config.data.dataset!r} has no published counts; "
+                "set data.num_classes and data.num_examples"
+            )
         classes, examples = DATASETS[config.data.dataset]
         config.data.num_classes = config.data.num_classes or classes
         config.data.num_examples = config.data.num_examples or examples

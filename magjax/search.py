@@ -65,12 +65,15 @@ def load_features(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     except FileNotFoundError:
         raise UserError(f"{path}: no such feature file") from None
     except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a feature file (.npz from python -m magjax.extract): "
-                        f"{e}") from None
+        raise UserError(
+            f"{path}: not a feature file (.npz from python -m magjax.extract): {e}"
+        ) from None
     emb = fields.get("embeddings")
     if emb is None or emb.ndim != 2 or emb.shape[0] == 0:
-        raise UserError(f"{path}: expected 'embeddings' [N, d] with N >= 1 (python -m "
-                        f"magjax.extract output), got {None if emb is None else emb.shape}")
+        raise UserError(
+            f"{path}: expected 'embeddings' [N, d] with N >= 1 (python -m "
+            f"magjax.extract output), got {None if emb is None else emb.shape}"
+        )
     emb = emb.astype(np.float32)
     if not np.all(np.isfinite(emb)):
         raise UserError(f"{path}: embeddings hold NaN or infinite values")
@@ -84,23 +87,26 @@ def identities(features: dict, spec: str, what: str) -> np.ndarray:
     rows = len(features["embeddings"])
     if spec in ("folders", "files"):
         if "paths" not in features:
-            raise UserError(f"{what}: no 'paths' in the feature file to take {spec} from; give "
-                            "a list file with one identity per row")
+            raise UserError(
+                f"{what}: no 'paths' in the feature file to take {spec} from; give "
+                "a list file with one identity per row"
+            )
         paths = [pathlib.PurePath(str(p)) for p in features["paths"]]
         return np.asarray([p.parent.name if spec == "folders" else p.stem for p in paths])
     path = pathlib.Path(spec)
     try:
         names = [line.strip() for line in path.read_text().splitlines()]
     except FileNotFoundError:
-        raise UserError(f"{what} {path}: no such identity list (or say folders or files)") \
-            from None
+        raise UserError(f"{what} {path}: no such identity list (or say folders or files)") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: identity list is not UTF-8 text: {e}") from None
     while names and not names[-1]:
         names.pop()
     if len(names) != rows:
-        raise UserError(f"{path}: {len(names)} identities for the {rows} rows of the "
-                        f"{what} features (one line per row expected)")
+        raise UserError(
+            f"{path}: {len(names)} identities for the {rows} rows of the "
+            f"{what} features (one line per row expected)"
+        )
     if "" in names:
         raise UserError(f"{path} line {names.index('') + 1}: empty identity")
     return np.asarray(names)
@@ -119,8 +125,9 @@ def templates(embeddings: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.n
     return names, sums.astype(np.float32)
 
 
-def search(probes: np.ndarray, gallery: np.ndarray, top_k: int,
-           true_index: np.ndarray | None = None):
+def search(
+    probes: np.ndarray, gallery: np.ndarray, top_k: int, true_index: np.ndarray | None = None
+):
     """Cosine similarities of L2-normalised ``probes`` [P, d] with ``gallery`` [G, d].
 
     Returns ``(index [P, k], score [P, k])``, best first (ties: lower gallery index first), and
@@ -134,23 +141,25 @@ def search(probes: np.ndarray, gallery: np.ndarray, top_k: int,
     rank = np.zeros(len(probes), np.int64)
     block = _block_rows(len(gallery))
     for start in range(0, len(probes), block):
-        s = probes[start:start + block] @ gallery.T
-        part = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < s.shape[1] else \
-            np.broadcast_to(np.arange(s.shape[1]), s.shape)
+        s = probes[start : start + block] @ gallery.T
+        part = (
+            np.argpartition(-s, k - 1, axis=1)[:, :k]
+            if k < s.shape[1]
+            else np.broadcast_to(np.arange(s.shape[1]), s.shape)
+        )
         part_scores = np.take_along_axis(s, part, axis=1)
         order = np.lexsort((part, -part_scores), axis=1)  # score, then index
-        index[start:start + len(s)] = np.take_along_axis(part, order, axis=1)
-        score[start:start + len(s)] = np.take_along_axis(part_scores, order, axis=1)
+        index[start : start + len(s)] = np.take_along_axis(part, order, axis=1)
+        score[start : start + len(s)] = np.take_along_axis(part_scores, order, axis=1)
         if true_index is not None:
-            t = true_index[start:start + len(s)]
+            t = true_index[start : start + len(s)]
             mated = t >= 0
             true_score = s[np.flatnonzero(mated), t[mated]]
             rank[start + np.flatnonzero(mated)] = (s[mated] > true_score[:, None]).sum(1) + 1
     return (index, score, rank) if true_index is not None else (index, score)
 
 
-def threshold_at_rate(negative_scores: np.ndarray, rate: float, total: int | None = None
-                      ) -> float:
+def threshold_at_rate(negative_scores: np.ndarray, rate: float, total: int | None = None) -> float:
     """The smallest threshold ``t`` (a float32) at which at most a fraction ``rate`` of the
     negatives are accepted (score >= t).
 
@@ -182,8 +191,9 @@ def _block_rows(columns: int) -> int:
     return max(1, min(1024, (1 << 24) // max(1, columns)))
 
 
-def impostor_top(embeddings: np.ndarray, ids: np.ndarray, keep: int
-                 ) -> tuple[np.ndarray, int, np.ndarray]:
+def impostor_top(
+    embeddings: np.ndarray, ids: np.ndarray, keep: int
+) -> tuple[np.ndarray, int, np.ndarray]:
     """Scores of the verification pairs: ``(the keep largest impostor scores, the number of
     impostor pairs, every genuine score)``. All pairs ``i < j`` of rows; impostor when the
     identities differ. Computed in blocks: the impostor scores are never all held."""
@@ -203,7 +213,7 @@ def impostor_top(embeddings: np.ndarray, ids: np.ndarray, keep: int
         count += len(impostor)
         top = np.concatenate([top, impostor])
         if len(top) > keep:
-            top = np.partition(top, len(top) - keep)[len(top) - keep:]
+            top = np.partition(top, len(top) - keep)[len(top) - keep :]
     return top, count, np.concatenate(genuine) if genuine else np.zeros(0, np.float32)
 
 
@@ -228,8 +238,9 @@ def verification_threshold(embeddings: np.ndarray, ids: np.ndarray, far: float) 
     }
 
 
-def identification_report(top1_score: np.ndarray, rank: np.ndarray, mated: np.ndarray,
-                          fpirs: tuple[float, ...]) -> dict:
+def identification_report(
+    top1_score: np.ndarray, rank: np.ndarray, mated: np.ndarray, fpirs: tuple[float, ...]
+) -> dict:
     """IJB-C 1:N style figures from each probe's best score, its mate's rank (mated probes) and
     whether it is mated: ``rank1``, ``rank5`` (CMC, mated probes), and ``tpir_at_fpir``
     (``{fpir: {"tpir", "threshold", "fpir_reached"}}``, from the non-mated probes' best
@@ -266,25 +277,49 @@ def _rates(text: str) -> tuple[float, ...]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m magjax.search", description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(
+        prog="python -m magjax.search",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--gallery", required=True, help="feature file of the known faces")
-    p.add_argument("--gallery-ids", default="folders", metavar="folders|files|LIST",
-                   help="identities of the gallery rows (default: folder names)")
+    p.add_argument(
+        "--gallery-ids",
+        default="folders",
+        metavar="folders|files|LIST",
+        help="identities of the gallery rows (default: folder names)",
+    )
     p.add_argument("--probes", required=True, help="feature file of the faces to identify")
-    p.add_argument("--probe-ids", metavar="folders|files|LIST",
-                   help="the probes' true identities: report rank-1 and TPIR@FPIR")
-    p.add_argument("--top-k", type=cli.positive_int, default=5,
-                   help="candidates listed per probe (default 5)")
-    p.add_argument("--threshold", type=float,
-                   help="cosine score from which the best candidate is accepted")
-    p.add_argument("--verification", metavar="FEATURES",
-                   help="labelled faces (not in the gallery) to choose the threshold on")
-    p.add_argument("--verification-ids", default="folders", metavar="folders|files|LIST",
-                   help="identities of the verification rows (default: folder names)")
+    p.add_argument(
+        "--probe-ids",
+        metavar="folders|files|LIST",
+        help="the probes' true identities: report rank-1 and TPIR@FPIR",
+    )
+    p.add_argument(
+        "--top-k", type=cli.positive_int, default=5, help="candidates listed per probe (default 5)"
+    )
+    p.add_argument(
+        "--threshold", type=float, help="cosine score from which the best candidate is accepted"
+    )
+    p.add_argument(
+        "--verification",
+        metavar="FEATURES",
+        help="labelled faces (not in the gallery) to choose the threshold on",
+    )
+    p.add_argument(
+        "--verification-ids",
+        default="folders",
+        metavar="folders|files|LIST",
+        help="identities of the verification rows (default: folder names)",
+    )
     p.add_argument("--far", type=_rate, help="with --verification: the false-accept rate")
-    p.add_argument("--fpir", type=_rates, default=(0.01, 0.1), metavar="R,R",
-                   help="with --probe-ids: the FPIRs of the report (default 0.01,0.1)")
+    p.add_argument(
+        "--fpir",
+        type=_rates,
+        default=(0.01, 0.1),
+        metavar="R,R",
+        help="with --probe-ids: the FPIRs of the report (default 0.01,0.1)",
+    )
     p.add_argument("--out", help="write one CSV row per probe (decision and candidates)")
     p.add_argument("--json", action="store_true", help="last line: the summary as JSON")
     cli.add_verbose_flag(p)
@@ -309,28 +344,40 @@ def _search(args: argparse.Namespace) -> int:
     probes = load_features(args.probes)
     g_dim, p_dim = gallery["embeddings"].shape[1], probes["embeddings"].shape[1]
     if g_dim != p_dim:
-        raise UserError(f"{args.probes}: embeddings of dimension {p_dim}, the gallery's "
-                        f"({args.gallery}) are {g_dim}: extract both with the same model")
-    names, gallery_templates = templates(gallery["embeddings"],
-                                         identities(gallery, args.gallery_ids, "gallery"))
-    summary: dict = {"probes": len(probes["embeddings"]), "gallery_identities": len(names),
-                     "gallery_rows": len(gallery["embeddings"])}
+        raise UserError(
+            f"{args.probes}: embeddings of dimension {p_dim}, the gallery's "
+            f"({args.gallery}) are {g_dim}: extract both with the same model"
+        )
+    names, gallery_templates = templates(
+        gallery["embeddings"], identities(gallery, args.gallery_ids, "gallery")
+    )
+    summary: dict = {
+        "probes": len(probes["embeddings"]),
+        "gallery_identities": len(names),
+        "gallery_rows": len(gallery["embeddings"]),
+    }
 
     threshold = args.threshold
     if args.verification:
         ver = load_features(args.verification)
         if ver["embeddings"].shape[1] != g_dim:
-            raise UserError(f"{args.verification}: embeddings of dimension "
-                            f"{ver['embeddings'].shape[1]}, the gallery's are {g_dim}")
+            raise UserError(
+                f"{args.verification}: embeddings of dimension "
+                f"{ver['embeddings'].shape[1]}, the gallery's are {g_dim}"
+            )
         chosen = verification_threshold(
-            ver["embeddings"], identities(ver, args.verification_ids, "verification"), args.far)
+            ver["embeddings"], identities(ver, args.verification_ids, "verification"), args.far
+        )
         threshold = chosen["threshold"]
-        summary["verification"] = {"file": str(args.verification), "target_far": args.far,
-                                   **chosen}
-        log.info("threshold %.4f: FAR %.2e on %d impostor pairs, TAR %s on %d genuine pairs",
-                 threshold, chosen["far"], chosen["impostor_pairs"],
-                 "n/a" if chosen["tar"] is None else f"{chosen['tar']:.4f}",
-                 chosen["genuine_pairs"])
+        summary["verification"] = {"file": str(args.verification), "target_far": args.far, **chosen}
+        log.info(
+            "threshold %.4f: FAR %.2e on %d impostor pairs, TAR %s on %d genuine pairs",
+            threshold,
+            chosen["far"],
+            chosen["impostor_pairs"],
+            "n/a" if chosen["tar"] is None else f"{chosen['tar']:.4f}",
+            chosen["genuine_pairs"],
+        )
     summary["threshold"] = threshold
 
     true_index = None
@@ -338,8 +385,7 @@ def _search(args: argparse.Namespace) -> int:
         truth = identities(probes, args.probe_ids, "probe")
         position = {name: i for i, name in enumerate(names)}
         true_index = np.asarray([position.get(name, -1) for name in truth], np.int64)
-        index, score, rank = search(probes["embeddings"], gallery_templates, args.top_k,
-                                    true_index)
+        index, score, rank = search(probes["embeddings"], gallery_templates, args.top_k, true_index)
     else:
         index, score = search(probes["embeddings"], gallery_templates, args.top_k)
     accepted = score[:, 0] >= threshold if threshold is not None else np.ones(len(score), bool)
@@ -357,28 +403,34 @@ def _search(args: argparse.Namespace) -> int:
         report = identification_report(score[:, 0], rank, true_index >= 0, args.fpir)
         summary["report"] = report
         _print_report(report)
-    print(f"{summary['probes']} probes against {len(names)} identities: "
-          f"{summary['identified']} identified, {summary['unknown']} unknown"
-          + (f" (threshold {threshold:.4f})" if threshold is not None else " (closed set)"))
+    print(
+        f"{summary['probes']} probes against {len(names)} identities: "
+        f"{summary['identified']} identified, {summary['unknown']} unknown"
+        + (f" (threshold {threshold:.4f})" if threshold is not None else " (closed set)")
+    )
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     return 0
 
 
-def _result_rows(probes: dict, names: np.ndarray, index: np.ndarray, score: np.ndarray,
-                 accepted: np.ndarray) -> list[dict]:
+def _result_rows(
+    probes: dict, names: np.ndarray, index: np.ndarray, score: np.ndarray, accepted: np.ndarray
+) -> list[dict]:
     paths = probes.get("paths")
     boxes = probes.get("boxes")
     rows = []
     for i in range(len(index)):
-        rows.append({
-            "probe": i,
-            "path": str(paths[i]) if paths is not None else "",
-            "box": [float(v) for v in boxes[i]] if boxes is not None else None,
-            "decision": str(names[index[i, 0]]) if accepted[i] else "unknown",
-            "candidates": [(str(names[j]), float(s)) for j, s in zip(index[i], score[i],
-                                                                      strict=True)],
-        })
+        rows.append(
+            {
+                "probe": i,
+                "path": str(paths[i]) if paths is not None else "",
+                "box": [float(v) for v in boxes[i]] if boxes is not None else None,
+                "decision": str(names[index[i, 0]]) if accepted[i] else "unknown",
+                "candidates": [
+                    (str(names[j]), float(s)) for j, s in zip(index[i], score[i], strict=True)
+                ],
+            }
+        )
     return rows
 
 
@@ -413,8 +465,10 @@ def _print_report(report: dict) -> None:
     if "rank1" in report:
         print(f"rank-1 {report['rank1']:.4f}  rank-5 {report['rank5']:.4f}")
     for fpir, r in report.get("tpir_at_fpir", {}).items():
-        print(f"TPIR@FPIR={fpir}: {r['tpir']:.4f} (threshold {r['threshold']:.4f}, FPIR reached "
-              f"{r['fpir_reached']:.4f})")
+        print(
+            f"TPIR@FPIR={fpir}: {r['tpir']:.4f} (threshold {r['threshold']:.4f}, FPIR reached "
+            f"{r['fpir_reached']:.4f})"
+        )
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def resolve_data_dir(config) -> pathlib.Path:
     raise UserError(
         "config.data.dir is not set: pass --config.data.dir=/path/to/dataset prepared with "
         "`python -m magjax.data prepare --format rec|folder --src SRC --out DIR`, or run "
-        "the CPU demo with --config configs/<loss>.py:demo")
+        "the CPU demo with --config configs/<loss>.py:demo"
+    )
 
 
 def build_synthetic_data(config, data_dir: pathlib.Path) -> None:
@@ -63,8 +64,11 @@ def build_synthetic_data(config, data_dir: pathlib.Path) -> None:
 
     options = dict(config.data.synthetic_options)
     if not (data_dir / prepared.MANIFEST).is_file():
-        log.info("building the synthetic identities (%s) in %s, once: about half a minute",
-                 ", ".join(f"{k}={v}" for k, v in sorted(options.items())), data_dir)
+        log.info(
+            "building the synthetic identities (%s) in %s, once: about half a minute",
+            ", ".join(f"{k}={v}" for k, v in sorted(options.items())),
+            data_dir,
+        )
     builders.prepare("synthetic", None, data_dir, progress=False, **options)
 
 
@@ -97,8 +101,9 @@ class _Preemption:
             raise KeyboardInterrupt
         self.requested = self.SIGNALS[signum]
         again = " (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""
-        log.warning("%s received: saving a checkpoint after this step and stopping%s",
-                    self.requested, again)
+        log.warning(
+            "%s received: saving a checkpoint after this step and stopping%s", self.requested, again
+        )
 
     def restore(self):
         for signum, previous in self._previous.items():
@@ -118,15 +123,18 @@ def _check_same_run(saved_meta: dict, run_facts: dict, workdir: pathlib.Path) ->
     """A checkpoint of another run (other classes, backbone or loss) is refused."""
     for key, value in run_facts.items():
         if saved_meta["run"].get(key) != value:
-            raise UserError(f"{workdir} holds a run with {key}={saved_meta['run'].get(key)!r}, "
-                            f"this config has {value!r}: use another --workdir")
+            raise UserError(
+                f"{workdir} holds a run with {key}={saved_meta['run'].get(key)!r}, "
+                f"this config has {value!r}: use another --workdir"
+            )
 
 
 def backbone_variables(state: dict) -> dict:
     """The backbone's ``{"params", "batch_stats"}`` of the train state, on the host (what the
     inference model holds and the evaluators embed with)."""
-    return parallel.to_host({"params": state["params"]["backbone"],
-                             "batch_stats": state["batch_stats"]})
+    return parallel.to_host(
+        {"params": state["params"]["backbone"], "batch_stats": state["batch_stats"]}
+    )
 
 
 def export_inference_model(directory: pathlib.Path, state: dict, config, step: int) -> None:
@@ -135,9 +143,12 @@ def export_inference_model(directory: pathlib.Path, state: dict, config, step: i
     from magjax import checkpoint
 
     checkpoint.save_inference_model(
-        directory, backbone_variables(state),
-        models.inference_meta(config.model.arch, config.model.embedding_dim,
-                              trained_with=config.loss.name, step=step))
+        directory,
+        backbone_variables(state),
+        models.inference_meta(
+            config.model.arch, config.model.embedding_dim, trained_with=config.loss.name, step=step
+        ),
+    )
 
 
 class _TrainMetrics:
@@ -161,9 +172,13 @@ class _TrainMetrics:
         bad = [step - len(fetched) + i + 1 for i, m in enumerate(fetched) if m["nonfinite"]]
         if bad and self.config.nan_policy == "stop":
             raise NonFiniteLossError(
-                f"loss or gradients became NaN/Inf within steps [{bad[0]}, {bad[-1]}]")
-        mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]
-                if np.ndim(fetched[0][k]) == 0}
+                f"loss or gradients became NaN/Inf within steps [{bad[0]}, {bad[-1]}]"
+            )
+        mean = {
+            k: float(np.mean([m[k] for m in fetched]))
+            for k in fetched[0]
+            if np.ndim(fetched[0][k]) == 0
+        }
         mean["skipped_nonfinite"] = len(bad)
         elapsed = time.time() - self._since
         mean["images_per_s"] = len(fetched) * self.config.global_batch / max(elapsed, 1e-9)
@@ -172,8 +187,9 @@ class _TrainMetrics:
         self.logger.write(step, mean, total_steps=self.total_steps)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       allow_config_change: bool = False) -> dict | None:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> dict | None:
     """Trains (or resumes) in ``workdir``; returns the summary, or None when preempted.
 
     The config is validated first (:mod:`magjax.config_check`) and saved as
@@ -203,16 +219,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     # ----------------------------------------------------------------------------------------
     # The workdir: the saved config is compared, and a finished run is left as it is.
-    checkpoints = checkpoint.TrainCheckpoints(workdir_path, every_steps=config.checkpoint
-                                              .every_steps, keep=config.checkpoint.keep)
+    checkpoints = checkpoint.TrainCheckpoints(
+        workdir_path, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep
+    )
     latest = checkpoints.latest_step()
-    config_check.save_or_compare(config, workdir_path, resuming=latest is not None,
-                                 allow_change=allow_config_change, write=primary)
+    config_check.save_or_compare(
+        config,
+        workdir_path,
+        resuming=latest is not None,
+        allow_change=allow_config_change,
+        write=primary,
+    )
     summary_path = workdir_path / SUMMARY_FILE
     if latest is not None and latest >= total_steps and summary_path.exists():
         checkpoints.close()
-        log.info("the run in %s is finished (step %d of %d); its results in %s are left as "
-                 "they are", workdir_path, latest, total_steps, summary_path)
+        log.info(
+            "the run in %s is finished (step %d of %d); its results in %s are left as they are",
+            workdir_path,
+            latest,
+            total_steps,
+            summary_path,
+        )
         return json.loads(summary_path.read_text())
     log.info("%s", run_description(config, data_dir, devices, steps_per_epoch, total_steps))
     if primary:  # a model export that a kill interrupted is finished, or its remains removed
@@ -222,24 +249,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # ----------------------------------------------------------------------------------------
     # Model, head, optimizer and the train state, created in its shardings, then restored from
     # the newest intact checkpoint of this same run (on any device count).
-    components = build_components(config, mesh, pipeline.num_classes, steps_per_epoch,
-                                  total_steps)
+    components = build_components(config, mesh, pipeline.num_classes, steps_per_epoch, total_steps)
     init_key, base_key = jax.random.split(jax.random.key(config.seed))
     state = init_state(components, init_key)
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    run = _Run(config, workdir_path, mesh, pipeline, checkpoints, total_steps,
-               {"num_classes": pipeline.num_classes, "arch": config.model.arch,
-                "loss": config.loss.name})
+    run = _Run(
+        config,
+        workdir_path,
+        mesh,
+        pipeline,
+        checkpoints,
+        total_steps,
+        {"num_classes": pipeline.num_classes, "arch": config.model.arch, "loss": config.loss.name},
+    )
     state, progress = _restore(run, state, latest)
 
     # ----------------------------------------------------------------------------------------
     # The step, the evaluators and the logs; then the loop.
     train_step = jit_train_step(components, base_key, shardings)
-    suite = evaluators.Suite(evaluation_sets, config, components.input_spec,
-                             components.compute_dtype)
-    logger = MetricsLogger(workdir_path, enabled=primary,
-                           progress_keys=(*components.loss.progress_metrics, "feature_norm"),
-                           restored_step=progress.restored_step)
+    suite = evaluators.Suite(
+        evaluation_sets, config, components.input_spec, components.compute_dtype
+    )
+    logger = MetricsLogger(
+        workdir_path,
+        enabled=primary,
+        progress_keys=(*components.loss.progress_metrics, "feature_norm"),
+        restored_step=progress.restored_step,
+    )
     train_metrics = _TrainMetrics(logger, config, total_steps, progress.last_loss)
     start_step, start_time, preemption = int(state["step"]), time.time(), _Preemption()
     try:
@@ -262,10 +298,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         progress.evaluation = suite(backbone_variables(state))
     step = int(state["step"])
     export_inference_model(workdir_path / "model", state, config, step)
-    summary = {"steps": step, "wall_s": time.time() - start_time,
-               "final_loss": train_metrics.last_loss,
-               "params_sha256": params_sha256(state["params"]), "devices": devices,
-               "processes": jax.process_count(), "best": progress.best, **progress.evaluation}
+    summary = {
+        "steps": step,
+        "wall_s": time.time() - start_time,
+        "final_loss": train_metrics.last_loss,
+        "params_sha256": params_sha256(state["params"]),
+        "devices": devices,
+        "processes": jax.process_count(),
+        "best": progress.best,
+        **progress.evaluation,
+    }
     summary.setdefault("verification", {})
     if primary:
         files.write_text_atomically(summary_path, summary_json(summary))
@@ -310,9 +352,14 @@ def _open_input(config) -> tuple[pathlib.Path, Any]:
         build_synthetic_data(config, data_dir)
     config.data.dir = str(data_dir)
     pipeline = data_pipeline.TrainPipeline(
-        data_dir, global_batch=config.global_batch, seed=config.seed,
-        augment=config.data.augment, process_index=jax.process_index(),
-        process_count=jax.process_count(), num_workers=config.data.num_workers)
+        data_dir,
+        global_batch=config.global_batch,
+        seed=config.seed,
+        augment=config.data.augment,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_workers=config.data.num_workers,
+    )
     _take_dataset_counts(config, pipeline, data_dir)
     return data_dir, pipeline
 
@@ -325,24 +372,38 @@ def _restore(run: _Run, state: dict, latest: int | None) -> tuple[dict, _Progres
     progress = _Progress()
     if latest is None:
         return state, progress
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                           sharding=x.sharding), state)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
     restored = run.checkpoints.restore_newest_intact(
-        abstract, check_meta=functools.partial(_check_same_run, run_facts=run.facts,
-                                               workdir=run.workdir))
+        abstract,
+        check_meta=functools.partial(_check_same_run, run_facts=run.facts, workdir=run.workdir),
+    )
     if restored is None:
         return state, progress
     progress.restored_step, state, meta = restored
     run.pipeline.set_state(meta["pipeline"])
     progress.best = evaluators.saved_best(meta.get("best"))
     progress.last_loss = meta.get("last_loss", progress.last_loss)
-    log.info("resumed from step %d (saved on %d devices, now %d)", progress.restored_step,
-             meta["devices"], run.devices)
+    log.info(
+        "resumed from step %d (saved on %d devices, now %d)",
+        progress.restored_step,
+        meta["devices"],
+        run.devices,
+    )
     return state, progress
 
 
-def _loop(run: _Run, state: dict, train_step, suite, logger, train_metrics: _TrainMetrics,
-          preemption: _Preemption, progress: _Progress) -> dict | None:
+def _loop(
+    run: _Run,
+    state: dict,
+    train_step,
+    suite,
+    logger,
+    train_metrics: _TrainMetrics,
+    preemption: _Preemption,
+    progress: _Progress,
+) -> dict | None:
     """Steps to ``run.total_steps``, logging, evaluating (``model_best``) and checkpointing when
     due; returns the final state, or None when preempted (saved, then stopped)."""
     from magjax import evaluators
@@ -364,8 +425,12 @@ def _loop(run: _Run, state: dict, train_step, suite, logger, train_metrics: _Tra
         step += 1
         due_eval = is_due(step, config.eval.every_steps, run.total_steps)
         due_checkpoint = is_due(step, config.checkpoint.every_steps, run.total_steps)
-        if (is_due(step, config.log_every_steps, run.total_steps) or due_eval
-                or due_checkpoint or preemption.requested):
+        if (
+            is_due(step, config.log_every_steps, run.total_steps)
+            or due_eval
+            or due_checkpoint
+            or preemption.requested
+        ):
             train_metrics.flush(step)
         if due_eval:
             progress.evaluation = suite(backbone_variables(state))
@@ -376,15 +441,23 @@ def _loop(run: _Run, state: dict, train_step, suite, logger, train_metrics: _Tra
                     progress.best = improved
                     export_inference_model(run.workdir / "model_best", state, config, step)
         if due_checkpoint or preemption.requested:
-            meta = {"pipeline": run.pipeline.get_state(), "devices": run.devices,
-                    "run": run.facts, "best": progress.best, "step": step,
-                    "last_loss": _json_number(train_metrics.last_loss)}
-            run.checkpoints.save(step, state, meta,
-                                 force=preemption.requested or step == run.total_steps)
+            meta = {
+                "pipeline": run.pipeline.get_state(),
+                "devices": run.devices,
+                "run": run.facts,
+                "best": progress.best,
+                "step": step,
+                "last_loss": _json_number(train_metrics.last_loss),
+            }
+            run.checkpoints.save(
+                step, state, meta, force=preemption.requested or step == run.total_steps
+            )
         if preemption.requested:
             run.checkpoints.wait()
-            stopped = (f"stopped at step {step} after {preemption.requested} (checkpoint "
-                       f"saved); rerun the same command to resume")
+            stopped = (
+                f"stopped at step {step} after {preemption.requested} (checkpoint "
+                f"saved); rerun the same command to resume"
+            )
             log.warning("%s", stopped)
             if preemption.requested == "Ctrl-C":
                 raise Interrupted(stopped)
@@ -398,11 +471,14 @@ def _nonfinite_stop(error: NonFiniteLossError, checkpoints) -> NonFiniteLossErro
     kept = checkpoints.latest_step()
     return NonFiniteLossError(
         f"{error}: stopped without saving them; "
-        + (f"the checkpoint of step {kept} in {checkpoints.directory} is kept: lower "
-           "--config.optim.lr and rerun with --allow-config-change to resume from it"
-           if kept is not None else "no checkpoint was saved before them: lower "
-           "--config.optim.lr")
-        + ", or set --config.nan_policy=skip to drop such updates")
+        + (
+            f"the checkpoint of step {kept} in {checkpoints.directory} is kept: lower "
+            "--config.optim.lr and rerun with --allow-config-change to resume from it"
+            if kept is not None
+            else "no checkpoint was saved before them: lower --config.optim.lr"
+        )
+        + ", or set --config.nan_policy=skip to drop such updates"
+    )
 
 
 def describe_results(summary: dict, workdir: str | pathlib.Path) -> str:
@@ -410,24 +486,33 @@ def describe_results(summary: dict, workdir: str | pathlib.Path) -> str:
     a user runs next (evaluate, export, extract)."""
     workdir = pathlib.Path(workdir)
     loss = summary.get("final_loss")
-    lines = [f"finished {summary['steps']} steps; final loss "
-             f"{'NaN' if loss is None else format(loss, '.4f')}"]
+    lines = [
+        f"finished {summary['steps']} steps; final loss "
+        f"{'NaN' if loss is None else format(loss, '.4f')}"
+    ]
     for name, result in summary.get("verification", {}).items():
-        lines.append(f"verification set {name}: accuracy {result['accuracy']:.4f} ± "
-                     f"{result['std']:.4f}")
+        lines.append(
+            f"verification set {name}: accuracy {result['accuracy']:.4f} ± {result['std']:.4f}"
+        )
     best = summary.get("best")
     if best:
-        lines.append(f"best {best['metric']} {best['value']:.4f} at step {best['step']} (model "
-                     f"in {workdir / 'model_best'})")
+        lines.append(
+            f"best {best['metric']} {best['value']:.4f} at step {best['step']} (model "
+            f"in {workdir / 'model_best'})"
+        )
     quality = summary.get("quality")
     if quality:
-        lines.append(f"quality: Spearman(feature norm, quality level) "
-                     f"{quality['spearman_norm_vs_quality']:.3f}")
-    lines += [f"results in {workdir / SUMMARY_FILE}, the model in {workdir / 'model'}; next:",
-              f"  python -m magjax.evaluate --workdir {workdir}"
-              "                  # the run's sets, or --bins lfw.bin,...",
-              f"  python -m magjax.export --workdir {workdir} --out model.onnx",
-              f"  python -m magjax.extract --workdir {workdir} --images FACES --out feats.npz"]
+        lines.append(
+            f"quality: Spearman(feature norm, quality level) "
+            f"{quality['spearman_norm_vs_quality']:.3f}"
+        )
+    lines += [
+        f"results in {workdir / SUMMARY_FILE}, the model in {workdir / 'model'}; next:",
+        f"  python -m magjax.evaluate --workdir {workdir}"
+        "                  # the run's sets, or --bins lfw.bin,...",
+        f"  python -m magjax.export --workdir {workdir} --out model.onnx",
+        f"  python -m magjax.extract --workdir {workdir} --images FACES --out feats.npz",
+    ]
     return "\n".join(lines)
 
 
@@ -454,44 +539,52 @@ def _take_dataset_counts(config: ml_collections.ConfigDict, pipeline, data_dir) 
     mismatch is reported for both counts at once. Unset counts are taken from the data.
     """
     actual = {"num_classes": pipeline.num_classes, "num_examples": pipeline.num_examples}
-    mismatches = [f"config.data.{key} is {config.data[key]} but the data has {value}"
-                  for key, value in actual.items()
-                  if config.data[key] is not None and config.data[key] != value]
+    mismatches = [
+        f"config.data.{key} is {config.data[key]} but the data has {value}"
+        for key, value in actual.items()
+        if config.data[key] is not None and config.data[key] != value
+    ]
     if mismatches:
         named = f" (dataset {config.data.dataset!r})" if _named_dataset(config) else ""
         fix = " ".join(f"--config.data.{key}={value}" for key, value in actual.items())
-        raise UserError(f"{data_dir}: " + "; ".join(mismatches) + f"{named}; if that is the "
-                        f"data you mean, name no dataset or pass {fix}")
+        raise UserError(
+            f"{data_dir}: " + "; ".join(mismatches) + f"{named}; if that is the "
+            f"data you mean, name no dataset or pass {fix}"
+        )
     unset = [key for key in actual if config.data[key] is None]
     if unset:
-        log.info("%s taken from the data in %s", ", ".join(
-            f"{key}={actual[key]}" for key in unset), data_dir)
+        log.info(
+            "%s taken from the data in %s",
+            ", ".join(f"{key}={actual[key]}" for key in unset),
+            data_dir,
+        )
     for key, value in actual.items():
         config.data[key] = value
 
 
 def _named_dataset(config) -> bool:
     """Whether the config's counts are those of its named dataset (``configs/x.py:ms1mv3``)."""
-    return recipes.DATASETS.get(config.data.dataset) == (config.data.num_classes,
-                                                         config.data.num_examples)
+    return recipes.DATASETS.get(config.data.dataset) == (
+        config.data.num_classes,
+        config.data.num_examples,
+    )
 
 
-def run_description(config, data_dir, devices: int, steps_per_epoch: int,
-                    total_steps: int) -> str:
+def run_description(config, data_dir, devices: int, steps_per_epoch: int, total_steps: int) -> str:
     """One line of what is about to be trained: loss, backbone, data, batch, steps, devices."""
     platform = jax.devices()[0].platform
-    return (f"training {config.loss.name} on {config.model.arch} ({config.model.dtype}): "
-            f"{config.data.num_classes} classes, {config.data.num_examples} images in "
-            f"{data_dir}{f' ({config.data.dataset})' if _named_dataset(config) else ''}; "
-            f"global batch {config.global_batch}{_per_update(config)} on {devices} {platform} "
-            f"device{'s' if devices > 1 else ''} x {jax.process_count()} process"
-            f"{'es' if jax.process_count() > 1 else ''}; {total_steps} step"
-            f"{'s' if total_steps > 1 else ''} "
-            f"({total_steps / max(steps_per_epoch, 1):.3g} epochs of {steps_per_epoch})")
+    return (
+        f"training {config.loss.name} on {config.model.arch} ({config.model.dtype}): "
+        f"{config.data.num_classes} classes, {config.data.num_examples} images in "
+        f"{data_dir}{f' ({config.data.dataset})' if _named_dataset(config) else ''}; "
+        f"global batch {config.global_batch}{_per_update(config)} on {devices} {platform} "
+        f"device{'s' if devices > 1 else ''} x {jax.process_count()} process"
+        f"{'es' if jax.process_count() > 1 else ''}; {total_steps} step"
+        f"{'s' if total_steps > 1 else ''} "
+        f"({total_steps / max(steps_per_epoch, 1):.3g} epochs of {steps_per_epoch})"
+    )
 
 
 def _per_update(config) -> str:
     acc = config.optim.accumulate_steps
     return f" ({acc} per update: {acc * config.global_batch} images)" if acc > 1 else ""
-
-

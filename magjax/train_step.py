@@ -52,8 +52,9 @@ def margin_loss_from_config(loss_config: ml_collections.ConfigDict) -> losses.Ma
     return losses.MarginLoss.create(fields.pop("name"), **fields)
 
 
-def build_components(config, mesh, num_classes: int, steps_per_epoch: int, total_steps: int
-                     ) -> Components:
+def build_components(
+    config, mesh, num_classes: int, steps_per_epoch: int, total_steps: int
+) -> Components:
     """Everything static a train step needs, from the config: the backbone (``model.*``), the
     class-sharded margin head over ``mesh`` (``loss.*``, ``head.*``), the learning-rate schedule
     and the optimizer (``optim.*``: SGD with momentum or AdamW, weight decay off the frozen
@@ -63,27 +64,46 @@ def build_components(config, mesh, num_classes: int, steps_per_epoch: int, total
     ``gradient_acc``; ``Components.schedule`` gives each optimizer update the rate of the last
     micro-batch of its window (``optim.per_update_schedule``)."""
     if config.model.batchnorm_stats not in models.BATCHNORM_STATS:
-        raise UserError(f"config.model.batchnorm_stats must be one of "
-                        f"{', '.join(models.BATCHNORM_STATS)}; "
-                        f"got {config.model.batchnorm_stats!r}")
+        raise UserError(
+            f"config.model.batchnorm_stats must be one of "
+            f"{', '.join(models.BATCHNORM_STATS)}; "
+            f"got {config.model.batchnorm_stats!r}"
+        )
     compute_dtype = jnp.dtype(config.model.dtype)
-    backbone = models.build(config.model.arch, dtype=compute_dtype, dropout=config.model.dropout,
-                            embedding_dim=config.model.embedding_dim)
+    backbone = models.build(
+        config.model.arch,
+        dtype=compute_dtype,
+        dropout=config.model.dropout,
+        embedding_dim=config.model.embedding_dim,
+    )
     loss = margin_loss_from_config(config.loss)
     margin_head = head.ClassShardedHead.from_config(config, mesh, loss, num_classes)
     schedule = optim.per_update_schedule(
         optim.learning_rate_schedule(config.optim, steps_per_epoch, total_steps),
-        config.optim.accumulate_steps)
-    abstract = jax.eval_shape(functools.partial(_init_variables, backbone, margin_head),
-                              jax.random.key(0))
-    trainable = {"backbone": models.trainable_mask(config.model.arch,
-                                                   abstract["params"]["backbone"]),
-                 "head": jax.tree.map(lambda _: True, abstract["params"]["head"])}
-    decay_mask = optim.weight_decay_mask(abstract["params"], trainable,
-                                         config.optim.decay_batchnorm)
+        config.optim.accumulate_steps,
+    )
+    abstract = jax.eval_shape(
+        functools.partial(_init_variables, backbone, margin_head), jax.random.key(0)
+    )
+    trainable = {
+        "backbone": models.trainable_mask(config.model.arch, abstract["params"]["backbone"]),
+        "head": jax.tree.map(lambda _: True, abstract["params"]["head"]),
+    }
+    decay_mask = optim.weight_decay_mask(
+        abstract["params"], trainable, config.optim.decay_batchnorm
+    )
     tx = optim.make_optimizer(config.optim, schedule, decay_mask)
-    return Components(config, mesh, backbone, margin_head, loss, tx, schedule,
-                      models.input_spec(config.model.arch), compute_dtype)
+    return Components(
+        config,
+        mesh,
+        backbone,
+        margin_head,
+        loss,
+        tx,
+        schedule,
+        models.input_spec(config.model.arch),
+        compute_dtype,
+    )
 
 
 def _init_variables(backbone, margin_head, key):
@@ -101,8 +121,11 @@ def _init_variables(backbone, margin_head, key):
 def _state_init_fn(components: Components):
     def init(key):
         variables = _init_variables(components.backbone, components.head, key)
-        return {**variables, "opt_state": components.tx.init(variables["params"]),
-                "step": jnp.zeros((), jnp.int32)}
+        return {
+            **variables,
+            "opt_state": components.tx.init(variables["params"]),
+            "step": jnp.zeros((), jnp.int32),
+        }
 
     return init
 
@@ -110,8 +133,9 @@ def _state_init_fn(components: Components):
 def init_state(components: Components, key: jax.Array) -> dict:
     """The initial train state, created directly in its shards."""
     init = _state_init_fn(components)
-    shardings = parallel.state_shardings(jax.eval_shape(init, key), components.mesh,
-                                         head.is_class_rows)
+    shardings = parallel.state_shardings(
+        jax.eval_shape(init, key), components.mesh, head.is_class_rows
+    )
     return jax.jit(init, out_shardings=shardings)(key)
 
 
@@ -120,26 +144,34 @@ def abstract_state(components: Components) -> dict:
     compilation for devices this host does not have)."""
     shapes = jax.eval_shape(_state_init_fn(components), jax.random.key(0))
     shardings = parallel.state_shardings(shapes, components.mesh, head.is_class_rows)
-    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                                 sharding=sharding),
-                        shapes, shardings)
+    return jax.tree.map(
+        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+        shapes,
+        shardings,
+    )
 
 
 def abstract_batch(mesh: jax.sharding.Mesh, global_batch: int) -> dict:
     """Shapes of one global batch as the input pipeline feeds it (uint8 RGB images)."""
     sharding = parallel.batch_sharding(mesh)
-    return {"image": jax.ShapeDtypeStruct((global_batch, *models.INPUT_SHAPE), jnp.uint8,
-                                          sharding=sharding),
-            "label": jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=sharding)}
+    return {
+        "image": jax.ShapeDtypeStruct(
+            (global_batch, *models.INPUT_SHAPE), jnp.uint8, sharding=sharding
+        ),
+        "label": jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=sharding),
+    }
 
 
 def jit_train_step(components: Components, base_key: jax.Array, state_shardings: Any):
     """``make_train_step`` jitted as training runs it: the state donated and kept in its
     shardings, the batch split over ``data``, the metrics replicated."""
     mesh = components.mesh
-    return jax.jit(make_train_step(components, base_key), donate_argnums=(0,),
-                   in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
-                   out_shardings=(state_shardings, parallel.replicated(mesh)))
+    return jax.jit(
+        make_train_step(components, base_key),
+        donate_argnums=(0,),
+        in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+        out_shardings=(state_shardings, parallel.replicated(mesh)),
+    )
 
 
 def make_train_step(components: Components, base_key: jax.Array):
@@ -163,41 +195,61 @@ def make_train_step(components: Components, base_key: jax.Array):
         step = state["step"]
         dropout_key, sample_key = jax.random.split(jax.random.fold_in(base_key, step))
         # float32 (float64 for a float64 model), then the compute dtype.
-        images = models.preprocess(batch["image"], c.input_spec,
-                                   jnp.promote_types(c.compute_dtype, jnp.float32)
-                                   ).astype(c.compute_dtype)
+        images = models.preprocess(
+            batch["image"], c.input_spec, jnp.promote_types(c.compute_dtype, jnp.float32)
+        ).astype(c.compute_dtype)
 
         def objective(params, rows):
             backbone_vars = {"params": params["backbone"], "batch_stats": state["batch_stats"]}
             if explicit_reduction:
                 embeddings, backbone_updates = models.per_device_forward(
-                    c.backbone, c.mesh, backbone_vars, images, dropout_key=dropout_key,
-                    gradient_dtype=config.optim.grad_allreduce_dtype)
+                    c.backbone,
+                    c.mesh,
+                    backbone_vars,
+                    images,
+                    dropout_key=dropout_key,
+                    gradient_dtype=config.optim.grad_allreduce_dtype,
+                )
             else:
                 embeddings, backbone_updates = models.apply_train(
-                    c.backbone, backbone_vars, images, dropout_key=dropout_key,
-                    groups=batchnorm_groups)
-            out = c.head.loss(params["head"], state["margin_state"], embeddings, batch["label"],
-                              sample_key, rows)
+                    c.backbone,
+                    backbone_vars,
+                    images,
+                    dropout_key=dropout_key,
+                    groups=batchnorm_groups,
+                )
+            out = c.head.loss(
+                params["head"], state["margin_state"], embeddings, batch["label"], sample_key, rows
+            )
             feature_norm = jnp.linalg.norm(embeddings.astype(jnp.float32), axis=-1).mean()
             return out, (backbone_updates.get("batch_stats", {}), feature_norm)
 
         params, opt_state, head_step = c.head.update(
-            c.tx, objective, state["params"], state["opt_state"], batch["label"], sample_key)
+            c.tx, objective, state["params"], state["opt_state"], batch["label"], sample_key
+        )
         loss, grads = head_step.output.loss, head_step.grads
         batch_stats, feature_norm = head_step.aux
         margin_state = head_step.output.state
         metrics = {**head_step.output.metrics, "feature_norm": feature_norm}
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = {"params": params, "batch_stats": batch_stats, "margin_state": margin_state,
-                     "opt_state": opt_state, "step": step + 1}
+        new_state = {
+            "params": params,
+            "batch_stats": batch_stats,
+            "margin_state": margin_state,
+            "opt_state": opt_state,
+            "step": step + 1,
+        }
         if skip_nonfinite:
             old = {**state, "step": step + 1}
             new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, old)
         # The rate of the update this micro-batch's gradient goes into.
-        metrics.update(loss=loss, grad_norm=grad_norm, nonfinite=~finite,
-                       lr=c.schedule(step // config.optim.accumulate_steps))
+        metrics.update(
+            loss=loss,
+            grad_norm=grad_norm,
+            nonfinite=~finite,
+            lr=c.schedule(step // config.optim.accumulate_steps),
+        )
         return new_state, metrics
 
     return train_step

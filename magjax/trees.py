@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from typing import Any
 
 
-def flatten(tree: Mapping, sep: str, *, keep_empty: bool = False,
-            prefix: str = "") -> dict[str, Any]:
+def flatten(
+    tree: Mapping, sep: str, *, keep_empty: bool = False, prefix: str = ""
+) -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{f"a{sep}b": 1}``, in ``tree``'s order. An empty mapping is
     dropped, or with ``keep_empty`` kept as a value: a config's empty field
     (``data.synthetic_options``) is a field like any other, an empty section of results holds

@@ -52,8 +52,9 @@ def prepare(workdir: str | pathlib.Path, flag: str = "--workdir") -> pathlib.Pat
         probe = path / LOCK_FILE
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o644))
     except OSError as error:
-        raise UserError(f"{flag} {path} cannot be written: "
-                        f"{error.strerror or error} ({error.filename or path})") from None
+        raise UserError(
+            f"{flag} {path} cannot be written: {error.strerror or error} ({error.filename or path})"
+        ) from None
     return path
 
 
@@ -85,19 +86,26 @@ def lock(workdir: str | pathlib.Path, flag: str = "--workdir") -> WorkdirLock:
     except BlockingIOError:
         holder = _read(fd).strip() or "a process that has not written its name yet"
         os.close(fd)
-        raise UserError(f"{flag} {path.parent} is in use by another run ({holder}; lock "
-                        f"{path}): wait for it to end, stop it, or use another {flag}") from None
+        raise UserError(
+            f"{flag} {path.parent} is in use by another run ({holder}; lock "
+            f"{path}): wait for it to end, stop it, or use another {flag}"
+        ) from None
     except OSError as error:
         os.close(fd)
         if error.errno not in (errno.ENOLCK, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise
-        log.warning("%s: the file system does not support locks (%s); the workdir is not "
-                    "protected against a second run", path, error.strerror)
+        log.warning(
+            "%s: the file system does not support locks (%s); the workdir is not "
+            "protected against a second run",
+            path,
+            error.strerror,
+        )
         return WorkdirLock(None, path)
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, started {started}\n"
-              .encode(), 0)
+    os.pwrite(
+        fd, f"pid {os.getpid()} on host {socket.gethostname()}, started {started}\n".encode(), 0
+    )
     return WorkdirLock(fd, path)
 
 

@@ -126,8 +126,9 @@ def test_evaluate_and_ijb_readers_name_the_unreadable_file(tmp_path):
 
 @pytest.mark.parametrize("kind", sorted(BAD_IMAGES))
 def test_bin_with_unreadable_image(tmp_path, kind):
-    path = vb.write_bin(tmp_path / "v.bin", [_jpeg(1), _jpeg(2), BAD_IMAGES[kind], _jpeg(3)],
-                        [True, False])
+    path = vb.write_bin(
+        tmp_path / "v.bin", [_jpeg(1), _jpeg(2), BAD_IMAGES[kind], _jpeg(3)], [True, False]
+    )
     with pytest.raises(UserError, match=r"v.bin: image 2 \(pair 1\) cannot be decoded"):
         vb.load_bin(path)
     summary = vb.inspect_bin(path)
@@ -168,21 +169,27 @@ def test_bin_referencing_one_image_many_times_is_refused(tmp_path):
     path = tmp_path / "many.bin"
     path.write_bytes(pickle.dumps(([image] * 64, [True] * 32), protocol=4))
     assert path.stat().st_size < 2 * image.nbytes
-    with pytest.raises(vb.UnsafePickleError, match=r"many.bin: its 64 images hold \d+ bytes, "
-                                                   r"more than the file's \d+"):
+    with pytest.raises(
+        vb.UnsafePickleError,
+        match=r"many.bin: its 64 images hold \d+ bytes, "
+        r"more than the file's \d+",
+    ):
         vb.read_bin(path)
 
 
 def test_bin_with_deeply_nested_issame_is_a_clear_error(tmp_path):
     depth = 200_000
     a, b = _jpeg(5), _jpeg(6)
-    raw = b"".join([
-        b"\x80\x03]" + b"(",  # PROTO 3, EMPTY_LIST, MARK
-        b"B" + struct.pack("<I", len(a)) + a, b"B" + struct.pack("<I", len(b)) + b,  # BINBYTES
-        b"e",  # APPENDS
-        b"]" * (depth + 1) + b"a" * depth,  # issame = [[[[ ... ]]]], built without recursion
-        b"\x86.",  # TUPLE2, STOP
-    ])
+    raw = b"".join(
+        [
+            b"\x80\x03]" + b"(",  # PROTO 3, EMPTY_LIST, MARK
+            b"B" + struct.pack("<I", len(a)) + a,
+            b"B" + struct.pack("<I", len(b)) + b,  # BINBYTES
+            b"e",  # APPENDS
+            b"]" * (depth + 1) + b"a" * depth,  # issame = [[[[ ... ]]]], built without recursion
+            b"\x86.",  # TUPLE2, STOP
+        ]
+    )
     path = tmp_path / "deep.bin"
     path.write_bytes(raw)
     with pytest.raises(UserError, match=r"deep.bin: issame\[0\] is \[\[\[\[.*expected a bool"):
@@ -216,8 +223,9 @@ def test_rec_prepare_skips_unreadable_images(tmp_path, caplog):
 
 
 def test_rec_truncated_inside_its_last_record_keeps_the_rest(tmp_path, caplog):
-    src = recordio.write_face_record(tmp_path / "rec", [_jpeg(i) for i in range(6)],
-                                     [0, 0, 1, 1, 2, 2], header=False)
+    src = recordio.write_face_record(
+        tmp_path / "rec", [_jpeg(i) for i in range(6)], [0, 0, 1, 1, 2, 2], header=False
+    )
     rec = src / "train.rec"
     rec.write_bytes(rec.read_bytes()[:-500])  # cut inside record 5
     with caplog.at_level(logging.WARNING):
@@ -230,12 +238,15 @@ def test_rec_truncated_inside_its_last_record_keeps_the_rest(tmp_path, caplog):
 
 @pytest.mark.parametrize("header", [True, False])
 def test_rec_property_claiming_more_classes_than_the_labels_use(tmp_path, header):
-    src = recordio.write_face_record(tmp_path / "rec", [_jpeg(i) for i in range(8)],
-                                     [0, 1, 2, 3] * 2, header=header)
+    src = recordio.write_face_record(
+        tmp_path / "rec", [_jpeg(i) for i in range(8)], [0, 1, 2, 3] * 2, header=header
+    )
     recordio.write_property(src / "property", recordio.Property(1000, 112, 112, 8))
-    with pytest.raises(recordio.RecordIOError,
-                       match=r"rec/property: says 1000 classes, but the labels in .*train.rec "
-                             r"use 4 \(0..3\)"):
+    with pytest.raises(
+        recordio.RecordIOError,
+        match=r"rec/property: says 1000 classes, but the labels in .*train.rec "
+        r"use 4 \(0..3\)",
+    ):
         builders.prepare("rec", src, tmp_path / "out")
     assert not (tmp_path / "out" / builders.MANIFEST).exists()
 
@@ -245,8 +256,11 @@ def test_damaged_manifest_is_an_error_naming_it(tmp_path):
     root = builders.prepare("rec", src, tmp_path / "out")
     manifest = root / builders.MANIFEST
     manifest.write_text(manifest.read_text()[:40])
-    for call in (lambda: builders.find_dataset_dir(root), lambda: builders.inspect_dataset(root),
-                 lambda: builders.prepare("rec", src, root)):
+    for call in (
+        lambda: builders.find_dataset_dir(root),
+        lambda: builders.inspect_dataset(root),
+        lambda: builders.prepare("rec", src, root),
+    ):
         with pytest.raises(UserError, match=f"{manifest}: damaged dataset manifest, not JSON"):
             call()
 
@@ -289,7 +303,9 @@ def test_folder_hidden_and_empty_directories_are_not_classes(tmp_path, caplog):
         names, files = builders.list_image_folder(src)
     assert names == ["alice", "bob"]
     assert [(os.path.relpath(p, src), label) for p, label in files] == [
-        ("alice/1.jpg", 0), ("bob/1.jpg", 1)]
+        ("alice/1.jpg", 0),
+        ("bob/1.jpg", 1),
+    ]
     assert "skipping 2 identity folders without image files" in caplog.text
     assert str(src / "empty") in caplog.text and str(src / "notes") in caplog.text
     # The same in WebFace42M's split layout, whose parts may hold hidden entries too.
@@ -305,8 +321,11 @@ def test_folder_name_with_a_line_break_is_refused(tmp_path):
     src = tmp_path / "faces"
     _write(src / "alice/1.jpg", _jpeg(1))
     _write(src / "bob\nsmith/1.jpg", _jpeg(2))
-    with pytest.raises(UserError, match=r"bob\\nsmith'?: an identity folder name may not contain "
-                                        "a line break"):
+    with pytest.raises(
+        UserError,
+        match=r"bob\\nsmith'?: an identity folder name may not contain "
+        "a line break",
+    ):
         builders.prepare("folder", src, tmp_path / "out")
 
 
@@ -324,8 +343,9 @@ def _tiny_state() -> dict:
 
     flat = traverse_util.flatten_dict(models.abstract_variables("tiny", embedding_dim=512))
     return {
-        convert._torch_key(collection, tuple(path)):
-            np.zeros(convert._torch_shape(spec.shape, path[-1]), np.float32)
+        convert._torch_key(collection, tuple(path)): np.zeros(
+            convert._torch_shape(spec.shape, path[-1]), np.float32
+        )
         for (collection, *path), spec in flat.items()
     }
 
@@ -334,9 +354,11 @@ def test_checkpoint_missing_one_tensor_names_it_and_the_arch():
     state = _tiny_state()
     convert.convert_state_dict(state, "tiny")  # complete: converts
     del state["bn2.running_mean"]  # read to reorder the rows of fc.weight
-    with pytest.raises(convert.ConversionError,
-                       match=r"arch 'tiny' \(1 missing tensors\): missing tensor "
-                             r"'bn2.running_mean' \(expected shape \(\d+,\)\)"):
+    with pytest.raises(
+        convert.ConversionError,
+        match=r"arch 'tiny' \(1 missing tensors\): missing tensor "
+        r"'bn2.running_mean' \(expected shape \(\d+,\)\)",
+    ):
         convert.convert_state_dict(state, "tiny")
 
 
@@ -350,17 +372,24 @@ def test_corrupted_checkpoint_fails_its_crc(tmp_path):
     start = member.header_offset + 30 + len(member.filename) + len(member.extra)
     raw[start + 1000 : start + 1064] = bytes(64)  # 64 bytes of the tensor zeroed
     path.write_bytes(bytes(raw))
-    with pytest.raises(convert.ConversionError,
-                       match="backbone.pth: damaged checkpoint: member 'backbone/data/0' fails "
-                             "its CRC-32 check"):
+    with pytest.raises(
+        convert.ConversionError,
+        match="backbone.pth: damaged checkpoint: member 'backbone/data/0' fails its CRC-32 check",
+    ):
         convert.load_checkpoint(path, "arcface_torch")
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "empty file (0 bytes), not a PyTorch checkpoint"),
-    (bytes(range(7, 256)) * 4, "not a PyTorch checkpoint: neither a zip archive"),
-    (b"\x80\x02" + bytes(range(200, 256)), "damaged or foreign file: its pickle cannot be read"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "empty file (0 bytes), not a PyTorch checkpoint"),
+        (bytes(range(7, 256)) * 4, "not a PyTorch checkpoint: neither a zip archive"),
+        (
+            b"\x80\x02" + bytes(range(200, 256)),
+            "damaged or foreign file: its pickle cannot be read",
+        ),
+    ],
+)
 def test_non_checkpoints_get_distinct_messages(tmp_path, content, message):
     path = tmp_path / "model.pth"
     path.write_bytes(content)
@@ -385,6 +414,8 @@ def test_wrong_from_for_an_adaface_checkpoint_says_so(tmp_path):
 
 def test_wrong_from_for_a_magface_checkpoint_says_so():
     magface_layout = {"epoch": 25, "state_dict": {"module.features.fc.bias": torch.zeros(2)}}
-    with pytest.raises(convert.ConversionError, match="m.pth: holds a 'state_dict' entry, as "
-                                                      "magface and adaface checkpoints do"):
+    with pytest.raises(
+        convert.ConversionError,
+        match="m.pth: holds a 'state_dict' entry, as magface and adaface checkpoints do",
+    ):
         convert.backbone_state_dict(magface_layout, "arcface_torch", "m.pth")

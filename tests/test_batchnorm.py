@@ -24,8 +24,10 @@ def _torch_bn_with_random_affine(shape, momentum, eps, rng):
     with torch.no_grad():
         reference.weight.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, shape[-1])))
         reference.bias.copy_(torch.from_numpy(rng.normal(size=shape[-1])))
-    params = {"scale": jnp.asarray(reference.weight.detach().numpy()),
-              "bias": jnp.asarray(reference.bias.detach().numpy())}
+    params = {
+        "scale": jnp.asarray(reference.weight.detach().numpy()),
+        "bias": jnp.asarray(reference.bias.detach().numpy()),
+    }
     return reference, params
 
 
@@ -39,15 +41,17 @@ def _from_torch(y):
     return y.transpose(0, 2, 3, 1) if y.ndim == 4 else y
 
 
-@pytest.mark.parametrize("shape, momentum, eps", [
-    ((6, 5, 5, 3), 0.1, 1e-5),  # BatchNorm2d, arcface_torch / AdaFace settings
-    ((16, 7), 0.9, 2e-5),       # BatchNorm1d, MagFace's momentum: the running var moves most
-    ((2, 4), 0.1, 1e-5),        # n = 2: the unbiased factor is 2
-])
+@pytest.mark.parametrize(
+    "shape, momentum, eps",
+    [
+        ((6, 5, 5, 3), 0.1, 1e-5),  # BatchNorm2d, arcface_torch / AdaFace settings
+        ((16, 7), 0.9, 2e-5),  # BatchNorm1d, MagFace's momentum: the running var moves most
+        ((2, 4), 0.1, 1e-5),  # n = 2: the unbiased factor is 2
+    ],
+)
 def test_running_statistics_match_torch(shape, momentum, eps, x64):
     rng = np.random.default_rng(0)
-    module = layers.batch_norm(True, eps=eps, torch_momentum=momentum, dtype=jnp.float64,
-                               name="bn")
+    module = layers.batch_norm(True, eps=eps, torch_momentum=momentum, dtype=jnp.float64, name="bn")
     variables = module.init(jax.random.key(0), jnp.zeros(shape, jnp.float64))
     variables = jax.tree.map(lambda v: v.astype(jnp.float64), variables)
     reference, variables["params"] = _torch_bn_with_random_affine(shape, momentum, eps, rng)
@@ -61,12 +65,16 @@ def test_running_statistics_match_torch(shape, momentum, eps, x64):
     np.testing.assert_allclose(stats["mean"], reference.running_mean.numpy(), rtol=1e-13)
     np.testing.assert_allclose(stats["var"], reference.running_var.numpy(), rtol=1e-13)
     # Inference normalises with those running statistics, as torch's eval mode.
-    inference = layers.batch_norm(False, eps=eps, torch_momentum=momentum, dtype=jnp.float64,
-                                  name="bn")
+    inference = layers.batch_norm(
+        False, eps=eps, torch_momentum=momentum, dtype=jnp.float64, name="bn"
+    )
     x = rng.normal(size=shape)
-    np.testing.assert_allclose(inference.apply(variables, jnp.asarray(x)),
-                               _from_torch(reference.eval()(_to_torch(x))), rtol=1e-12,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        inference.apply(variables, jnp.asarray(x)),
+        _from_torch(reference.eval()(_to_torch(x))),
+        rtol=1e-12,
+        atol=1e-12,
+    )
 
 
 @pytest.mark.parametrize("shape", [(6, 5, 5, 3), (16, 7), (2, 4)])
@@ -74,11 +82,12 @@ def test_gradients_match_torch(shape, x64):
     """The hand-written backward against torch.nn.BatchNorm's autograd, float64: the input,
     scale and bias gradients of a random linear function of the output."""
     rng = np.random.default_rng(1)
-    module = layers.batch_norm(True, eps=2e-5, torch_momentum=0.1, dtype=jnp.float64,
-                               name="bn")
+    module = layers.batch_norm(True, eps=2e-5, torch_momentum=0.1, dtype=jnp.float64, name="bn")
     reference, params = _torch_bn_with_random_affine(shape, 0.1, 2e-5, rng)
-    stats = jax.tree.map(lambda v: v.astype(jnp.float64),
-                         module.init(jax.random.key(0), jnp.zeros(shape))["batch_stats"])
+    stats = jax.tree.map(
+        lambda v: v.astype(jnp.float64),
+        module.init(jax.random.key(0), jnp.zeros(shape))["batch_stats"],
+    )
     x, dy = rng.normal(3.0, 2.0, shape), rng.normal(size=shape)
 
     def linear_in_output(params, x):
@@ -107,16 +116,23 @@ def test_gradient_through_the_batch_statistics(x64):
 
     outputs, vjp = jax.vjp(
         lambda x, s, b: layers.normalize_with_batch_statistics(x, s, b, 1e-5, jnp.float64),
-        x, scale, bias)
+        x,
+        scale,
+        bias,
+    )
     expected_outputs, expected_vjp = jax.vjp(textbook, x, scale, bias)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12),
-                 outputs, expected_outputs)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12),
+        outputs,
+        expected_outputs,
+    )
     for got, expected in zip(vjp(cotangents), expected_vjp(cotangents), strict=True):
         np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype, affine", [(jnp.float32, True), (jnp.bfloat16, True),
-                                           (jnp.float32, False)])
+@pytest.mark.parametrize(
+    "dtype, affine", [(jnp.float32, True), (jnp.bfloat16, True), (jnp.float32, False)]
+)
 def test_same_output_as_flax_and_gradients_within_rounding(dtype, affine):
     """The forward is flax.linen.BatchNorm's op for op (bit-identical output, bfloat16 compute
     and no scale or bias included); the gradients differ from autodiff of flax's forward by
@@ -124,19 +140,34 @@ def test_same_output_as_flax_and_gradients_within_rounding(dtype, affine):
     shape = (8, 6, 6, 16)
     x = (jax.random.normal(jax.random.key(0), shape) * 2.0 + 3.0).astype(dtype)
     dy = jax.random.normal(jax.random.key(1), shape).astype(dtype)
-    params = {"scale": jax.random.uniform(jax.random.key(2), (16,), minval=0.5, maxval=1.5),
-              "bias": jax.random.normal(jax.random.key(3), (16,))} if affine else {}
+    params = (
+        {
+            "scale": jax.random.uniform(jax.random.key(2), (16,), minval=0.5, maxval=1.5),
+            "bias": jax.random.normal(jax.random.key(3), (16,)),
+        }
+        if affine
+        else {}
+    )
     stats = {"mean": jnp.zeros(16), "var": jnp.ones(16)}
-    ours = layers.batch_norm(True, eps=1e-5, torch_momentum=0.1, dtype=dtype, name="bn",
-                             affine=affine)
-    flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5,
-                           use_fast_variance=False, use_scale=affine, use_bias=affine,
-                           dtype=dtype, param_dtype=jnp.float32)
+    ours = layers.batch_norm(
+        True, eps=1e-5, torch_momentum=0.1, dtype=dtype, name="bn", affine=affine
+    )
+    flax_bn = nn.BatchNorm(
+        use_running_average=False,
+        momentum=0.9,
+        epsilon=1e-5,
+        use_fast_variance=False,
+        use_scale=affine,
+        use_bias=affine,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+    )
 
     def output_and_gradients(module):
         def linear_in_output(params, x):
-            y, _ = module.apply({"params": params, "batch_stats": stats}, x,
-                                mutable=["batch_stats"])
+            y, _ = module.apply(
+                {"params": params, "batch_stats": stats}, x, mutable=["batch_stats"]
+            )
             return jnp.vdot(y.astype(jnp.float32), dy.astype(jnp.float32)), y
 
         return jax.jit(jax.grad(linear_in_output, argnums=(0, 1), has_aux=True))(params, x)
@@ -162,8 +193,11 @@ def test_initialisation_does_not_move_the_running_statistics():
 def _all_reduces(compiled) -> tuple[int, int]:
     """(all-reduce ops, array elements they reduce) in a compiled program."""
     results = re.findall(r"= (.*?) all-reduce(?:-start)?\(", compiled.as_text())
-    elements = sum(math.prod(int(d) for d in dims.split(",") if d)
-                   for result in results for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", result))
+    elements = sum(
+        math.prod(int(d) for d in dims.split(",") if d)
+        for result in results
+        for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", result)
+    )
     return len(results), elements
 
 
@@ -175,15 +209,18 @@ class _SmallNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train):
-        x = layers.conv(4, 3, padding=1, kernel_init=nn.initializers.normal(0.5),
-                        dtype=jnp.float32, name="conv")(x)
-        x = layers.batch_norm(train, eps=1e-5, torch_momentum=0.1, dtype=jnp.float32,
-                              name="bn2d")(x)
+        x = layers.conv(
+            4, 3, padding=1, kernel_init=nn.initializers.normal(0.5), dtype=jnp.float32, name="conv"
+        )(x)
+        x = layers.batch_norm(train, eps=1e-5, torch_momentum=0.1, dtype=jnp.float32, name="bn2d")(
+            x
+        )
         x = layers.PReLU(name="prelu")(x)
         x = nn.Dropout(self.dropout, deterministic=not train)(layers.flatten(x))
         x = nn.Dense(5, name="fc")(x)
-        return layers.batch_norm(train, eps=1e-5, torch_momentum=0.1, dtype=jnp.float32,
-                                 name="bn1d")(x)
+        return layers.batch_norm(
+            train, eps=1e-5, torch_momentum=0.1, dtype=jnp.float32, name="bn1d"
+        )(x)
 
 
 def test_per_device_statistics_equal_independent_forward_passes():
@@ -200,17 +237,22 @@ def test_per_device_statistics_equal_independent_forward_passes():
     def compiled_forward(groups):
         forward = jax.jit(
             lambda v, x: models.apply_train(net, v, x, dropout_key=key, groups=groups),
-            in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)))
+            in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+        )
         return forward.lower(variables, images).compile()
 
     per_device = compiled_forward(8)
     embeddings, updates = per_device(variables, images)
     single = jax.jit(lambda x: net.apply(variables, x, train=True, mutable=["batch_stats"]))
     singles = [single(shard) for shard in np.split(np.asarray(images), 8)]
-    np.testing.assert_allclose(embeddings, np.concatenate([e for e, _ in singles]),
-                               rtol=1e-5, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-                 updates["batch_stats"], singles[0][1]["batch_stats"])
+    np.testing.assert_allclose(
+        embeddings, np.concatenate([e for e, _ in singles]), rtol=1e-5, atol=1e-5
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        updates["batch_stats"],
+        singles[0][1]["batch_stats"],
+    )
     # Global statistics are another computation (a bug merging the groups would pass as it),
     # reduced across devices; per device, nothing crosses devices but shard 0's running
     # statistics, sent to every device (one all-reduce of their size).

@@ -18,12 +18,17 @@ def test_convs_times_each_convolution_in_both_frameworks(capsys, monkeypatch):
     monkeypatch.setattr(backbone, "paired_convolutions", lambda *args: paired(*args)[:4])
     rows = backbone.bench_convolutions("tiny", 2, "float32", steps=1, warmup=0, with_torch=True)
     assert [row["name"] for row in rows] == [
-        "conv1", "layer1.0.conv1", "layer1.0.conv2", "layer1.0.downsample.0"]
+        "conv1",
+        "layer1.0.conv1",
+        "layer1.0.conv2",
+        "layer1.0.downsample.0",
+    ]
     assert rows[0]["input"] == [112, 112, 3] and rows[3]["kernel"] == [1, 1]
     # The stem's input is the images: no input gradient, in either framework.
     assert not {"jax_input_grad_ms", "torch_input_grad_ms"} & set(rows[0])
-    assert all(rows[0][f"{f}_{p}_ms"] > 0 for f in ("jax", "torch")
-               for p in ("forward", "weight_grad"))
+    assert all(
+        rows[0][f"{f}_{p}_ms"] > 0 for f in ("jax", "torch") for p in ("forward", "weight_grad")
+    )
     for row in rows[1:]:
         assert all(row[f"{f}_{p}_ms"] > 0 for f in ("jax", "torch") for p in PASSES), row
     result = {}
@@ -35,12 +40,16 @@ def test_convs_times_each_convolution_in_both_frameworks(capsys, monkeypatch):
     assert "layer1.0.downsample.0" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("arch", ["tiny", "iresnet18", "magface_iresnet18", "ir_18", "mbf",
-                                  "vit_demo"])
+@pytest.mark.parametrize(
+    "arch", ["tiny", "iresnet18", "magface_iresnet18", "ir_18", "mbf", "vit_demo"]
+)
 def test_each_family_has_the_same_convolutions_in_both_nets(arch):
     pairs = backbone.paired_convolutions(arch, 1, "float32", with_torch=True)
-    variables = jax.eval_shape(lambda: models.build(arch).init(
-        jax.random.key(0), jax.numpy.zeros((1, *models.INPUT_SHAPE)), train=False))
+    variables = jax.eval_shape(
+        lambda: models.build(arch).init(
+            jax.random.key(0), jax.numpy.zeros((1, *models.INPUT_SHAPE)), train=False
+        )
+    )
     assert len(pairs) == sum(leaf.ndim == 4 for leaf in jax.tree.leaves(variables["params"]))
     assert all(torch_pair is not None for *_, torch_pair in pairs)
     # MobileFaceNet's grouped convolutions (depthwise but its first, of 64 groups of two).
@@ -61,6 +70,9 @@ def test_a_convolution_that_differs_between_the_nets_is_named(monkeypatch):
         return convs
 
     monkeypatch.setattr(backbone, "torch_convolutions", with_other_stride)
-    with pytest.raises(RuntimeError, match=r"convolution layer2\.0\.conv2 is .*\(2, 2\), 1\) "
-                                           r"\(input.* in Flax, .*\(1, 1\), 1\) in PyTorch"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"convolution layer2\.0\.conv2 is .*\(2, 2\), 1\) "
+        r"\(input.* in Flax, .*\(1, 1\), 1\) in PyTorch",
+    ):
         backbone.paired_convolutions("tiny", 2, "float32", with_torch=True)

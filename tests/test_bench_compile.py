@@ -19,8 +19,17 @@ def test_tiny_recipe_on_v5e_memory_and_flops_follow_the_shapes(capsys):
     # counts: what changes between them is the head alone.
     results = []
     for classes in (40_000, 80_000):
-        argv = ["--topology", "v5e:2x2", "--config", f"{REPO}/configs/arcface.py:tiny",
-                "--per-chip-batch", str(PER_CHIP_BATCH), "--classes", str(classes), "--json"]
+        argv = [
+            "--topology",
+            "v5e:2x2",
+            "--config",
+            f"{REPO}/configs/arcface.py:tiny",
+            "--per-chip-batch",
+            str(PER_CHIP_BATCH),
+            "--classes",
+            str(classes),
+            "--json",
+        ]
         assert compile_bench.main(argv) == 0
         lines = capsys.readouterr().out.strip().splitlines()
         assert len(lines) == 1  # --json: the JSON line alone
@@ -28,8 +37,9 @@ def test_tiny_recipe_on_v5e_memory_and_flops_follow_the_shapes(capsys):
     small, large = results
     assert small["chips"] == CHIPS and small["device_kind"] == "TPU v5 lite"
     assert small["hbm_bytes_per_chip"] == 16 * 2**30 and small["fits"]
-    assert small["bytes_per_chip"] == (small["argument_bytes"] + small["output_bytes"]
-                                       - small["alias_bytes"] + small["temp_bytes"])
+    assert small["bytes_per_chip"] == (
+        small["argument_bytes"] + small["output_bytes"] - small["alias_bytes"] + small["temp_bytes"]
+    )
     rows = (large["classes"] - small["classes"]) // CHIPS  # class centres per chip
     centre_bytes = rows * DIM * 4  # float32
     delta = {key: large[key] - small[key] for key in small if isinstance(small[key], int | float)}
@@ -45,7 +55,8 @@ def test_tiny_recipe_on_v5e_memory_and_flops_follow_the_shapes(capsys):
     products = 3 * 2 * global_batch * rows * DIM
     assert products <= delta["flops_per_step"] <= 1.1 * products
     assert small["images_per_s_per_chip_at_peak"] == pytest.approx(
-        PER_CHIP_BATCH * 197e12 / small["flops_per_step"])
+        PER_CHIP_BATCH * 197e12 / small["flops_per_step"]
+    )
     # Bytes accessed: at least the centres and their momentum read and written once by the
     # update; at most 16 passes over a chip's centres (their normalisation and its backward,
     # the products, the gradient, the update: measured 11.2).
@@ -71,8 +82,9 @@ def test_vit_b_recipe_compiles_for_a_tpu_topology():
     micro-batches) compiled for v5e:2x2 with the reduced class count and magjax's small ViT
     (the same code path as vit_b at a CPU test's cost): its state and FLOPs follow the shapes."""
     classes, batch = 4_000, 8
-    config = compile_bench.load_config(f"{REPO}/configs/arcface.py:vit_b",
-                                       ["--config.model.arch=vit_demo"])
+    config = compile_bench.load_config(
+        f"{REPO}/configs/arcface.py:vit_b", ["--config.model.arch=vit_demo"]
+    )
     result = compile_bench.run("v5e:2x2", config, per_chip_batch=batch, classes=classes)
     assert result["arch"] == "vit_demo" and result["loss"] == "cosface" and result["fits"]
     assert result["sample_rate"] == 0.3 and result["chips"] == CHIPS
@@ -87,8 +99,9 @@ def test_vit_b_recipe_compiles_for_a_tpu_topology():
     backbone = 6 * VIT_DEMO_MACS - 2 * VIT_DEMO_PATCH_MACS
     head = 3 * 2 * batch * CHIPS * (classes // CHIPS * 3 // 10) * DIM
     assert 1.0 <= result["flops_per_step"] / (batch * backbone + head) <= 1.15
-    assert result["step_s_floor"] == pytest.approx(max(
-        result["flops_per_step"] / 197e12, result["bytes_accessed_per_step"] / 819e9))
+    assert result["step_s_floor"] == pytest.approx(
+        max(result["flops_per_step"] / 197e12, result["bytes_accessed_per_step"] / 819e9)
+    )
 
 
 def test_demo_recipe_on_a_tpu_topology_with_overrides(monkeypatch, capsys):
@@ -99,14 +112,28 @@ def test_demo_recipe_on_a_tpu_topology_with_overrides(monkeypatch, capsys):
 
     def fake_compile(config, devices, per_chip_batch):
         seen.update(config=config, devices=devices, per_chip_batch=per_chip_batch)
-        return {"argument_bytes": 1, "output_bytes": 1, "alias_bytes": 1, "temp_bytes": 1,
-                "bytes_per_chip": 2, "flops_per_step": 1e9, "bytes_accessed_per_step": None,
-                "compile_s": 0.0}
+        return {
+            "argument_bytes": 1,
+            "output_bytes": 1,
+            "alias_bytes": 1,
+            "temp_bytes": 1,
+            "bytes_per_chip": 2,
+            "flops_per_step": 1e9,
+            "bytes_accessed_per_step": None,
+            "compile_s": 0.0,
+        }
 
     monkeypatch.setattr(compile_bench, "compile_train_step", fake_compile)
-    argv = ["--topology", "v5e:2x2", "--config", f"{REPO}/configs/magface.py:demo",
-            "--config.model.arch=tiny", "--config.data.synthetic_options.num_identities=500",
-            "--config.global_batch=64", "--json"]
+    argv = [
+        "--topology",
+        "v5e:2x2",
+        "--config",
+        f"{REPO}/configs/magface.py:demo",
+        "--config.model.arch=tiny",
+        "--config.data.synthetic_options.num_identities=500",
+        "--config.global_batch=64",
+        "--json",
+    ]
     assert compile_bench.main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     config = seen["config"]
@@ -117,25 +144,37 @@ def test_demo_recipe_on_a_tpu_topology_with_overrides(monkeypatch, capsys):
     assert len(seen["devices"]) == CHIPS and result["device_kind"] == "TPU v5 lite"
 
 
-@pytest.mark.parametrize("topology, flops, bytes_accessed, bound, floor", [
-    # 1e13 FLOPs at v5p's 459 TFLOP/s: 21.8 ms; 2e10 bytes at 2,765 GB/s: 7.2 ms.
-    ("v5p:2x2x1", 1e13, 2e10, "compute", 1e13 / 459e12),
-    # The same step on a v5e (197 TFLOP/s, 819 GB/s): 50.8 ms against 24.4 ms.
-    ("v5e:2x2", 1e13, 2e10, "compute", 1e13 / 197e12),
-    # Ten times the bytes: 244 ms at v5e's bandwidth, memory-bound.
-    ("v5e:2x2", 1e13, 2e11, "memory", 2e11 / 819e9),
-    ("v6e:2x2", 1e13, 2e11, "memory", 2e11 / 1638e9),
-    ("v4:2x2x1", 1e13, 2e11, "memory", 2e11 / 1200e9),
-])
-def test_the_ceiling_is_the_slower_of_compute_and_memory(monkeypatch, topology, flops,
-                                                          bytes_accessed, bound, floor):
+@pytest.mark.parametrize(
+    "topology, flops, bytes_accessed, bound, floor",
+    [
+        # 1e13 FLOPs at v5p's 459 TFLOP/s: 21.8 ms; 2e10 bytes at 2,765 GB/s: 7.2 ms.
+        ("v5p:2x2x1", 1e13, 2e10, "compute", 1e13 / 459e12),
+        # The same step on a v5e (197 TFLOP/s, 819 GB/s): 50.8 ms against 24.4 ms.
+        ("v5e:2x2", 1e13, 2e10, "compute", 1e13 / 197e12),
+        # Ten times the bytes: 244 ms at v5e's bandwidth, memory-bound.
+        ("v5e:2x2", 1e13, 2e11, "memory", 2e11 / 819e9),
+        ("v6e:2x2", 1e13, 2e11, "memory", 2e11 / 1638e9),
+        ("v4:2x2x1", 1e13, 2e11, "memory", 2e11 / 1200e9),
+    ],
+)
+def test_the_ceiling_is_the_slower_of_compute_and_memory(
+    monkeypatch, topology, flops, bytes_accessed, bound, floor
+):
     """The step's floor is the larger of its FLOPs at the chip's peak rate and its bytes
     accessed at the chip's HBM bandwidth; the ceiling is the per-chip batch over it. The
     compile is replaced by its figures (the tiny recipe's test compiles for real)."""
+
     def fake_compile(config, devices, per_chip_batch):
-        return {"argument_bytes": 1, "output_bytes": 1, "alias_bytes": 0, "temp_bytes": 1,
-                "bytes_per_chip": 3, "flops_per_step": flops,
-                "bytes_accessed_per_step": bytes_accessed, "compile_s": 0.0}
+        return {
+            "argument_bytes": 1,
+            "output_bytes": 1,
+            "alias_bytes": 0,
+            "temp_bytes": 1,
+            "bytes_per_chip": 3,
+            "flops_per_step": flops,
+            "bytes_accessed_per_step": bytes_accessed,
+            "compile_s": 0.0,
+        }
 
     monkeypatch.setattr(compile_bench, "compile_train_step", fake_compile)
     config = compile_bench.load_config(f"{REPO}/configs/arcface.py:tiny", [])
@@ -165,7 +204,8 @@ def test_a_step_too_large_for_the_chip_reports_fits_false(monkeypatch, capsys):
                 "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in "
                 "memory space hbm. Used 180.56G of 15.75G hbm. Exceeded hbm capacity by 164.8G."
                 " ... the total memory required for HLO temporaries (180.56G) exceeds "
-                "available HBM (15.75G)")
+                "available HBM (15.75G)"
+            )
 
     monkeypatch.setattr(train_step, "jit_train_step", lambda *args: Refused())
     argv = ["--topology", "v5e:2x2", "--config", f"{REPO}/configs/arcface.py:tiny", "--json"]
@@ -176,7 +216,8 @@ def test_a_step_too_large_for_the_chip_reports_fits_false(monkeypatch, capsys):
     assert result["temp_bytes_asked"] == result["bytes_per_chip"] == int(180.56 * 2**30)
     assert result["error"].startswith("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error")
     assert "DOES NOT FIT: XLA asked for 180.56 GiB of temporaries per chip" in (
-        compile_bench.describe(result))
+        compile_bench.describe(result)
+    )
 
 
 def test_unknown_topology_is_named(capsys):
@@ -188,12 +229,15 @@ def test_unknown_topology_is_named(capsys):
     assert "\n" not in err and "v5e:9x9x9" in err and "requirements-tpu.txt" in err
 
 
-@pytest.mark.parametrize("intercept, slope, budget, start", [
-    (3e9, 600, 95 * 2**30, 85_742),       # full softmax on a large chip
-    (3e9, 600, 16 * 2**30, 85_742),
-    (1e9, 50_000, 16 * 2**30, 85_742),    # a steep head: few thousand classes more
-    (1e9, 6.0, 95 * 2**30, 2_000_000),    # Partial FC: billions
-])
+@pytest.mark.parametrize(
+    "intercept, slope, budget, start",
+    [
+        (3e9, 600, 95 * 2**30, 85_742),  # full softmax on a large chip
+        (3e9, 600, 16 * 2**30, 85_742),
+        (1e9, 50_000, 16 * 2**30, 85_742),  # a steep head: few thousand classes more
+        (1e9, 6.0, 95 * 2**30, 2_000_000),  # Partial FC: billions
+    ],
+)
 def test_capacity_search_brackets_the_largest_count(intercept, slope, budget, start):
     multiple = 256
 
@@ -225,16 +269,29 @@ def test_capacity_is_zero_when_nothing_fits():
 def test_capacity_command_searches_each_sample_rate(monkeypatch, capsys):
     """The command's wiring, with the compile replaced by linear memory: r = 0.1 first, then
     r = 1.0 from where it ended, each within the tolerance, the line's estimate reported."""
+
     def fake_run(topology, config, per_chip_batch, classes):
         per_class = 200 + 4_000 * config.head.sample_rate
         used = 6 * 2**30 + int(per_class * classes)
-        return {"bytes_per_chip": used, "fits": used <= 16 * 2**30, "compile_s": 0.0,
-                "per_chip_batch": per_chip_batch or 128}
+        return {
+            "bytes_per_chip": used,
+            "fits": used <= 16 * 2**30,
+            "compile_s": 0.0,
+            "per_chip_batch": per_chip_batch or 128,
+        }
 
     monkeypatch.setattr(compile_bench, "run", fake_run)
     monkeypatch.setattr(compile_bench, "topology_devices", lambda topology: [None] * 4)
-    argv = ["--topology", "v5e:2x2", "--config", f"{REPO}/configs/arcface.py:r100,pfc0.1",
-            "--classes", "100000", "--tolerance", "0.01"]
+    argv = [
+        "--topology",
+        "v5e:2x2",
+        "--config",
+        f"{REPO}/configs/arcface.py:r100,pfc0.1",
+        "--classes",
+        "100000",
+        "--tolerance",
+        "0.01",
+    ]
     assert capacity.main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for rate in ("0.1", "1.0"):

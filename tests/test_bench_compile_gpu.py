@@ -20,8 +20,9 @@ H100_BYTES = 81_559 * 2**20
 
 
 def _compile(capsys, *argv):
-    assert compile_bench.main(["--topology", f"h100:{GPUS}", "--config", DEMO, *argv,
-                               "--json"]) == 0
+    assert (
+        compile_bench.main(["--topology", f"h100:{GPUS}", "--config", DEMO, *argv, "--json"]) == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1  # --json: the JSON line alone
     return json.loads(lines[0])
@@ -36,18 +37,22 @@ def test_demo_on_two_h100s_its_counts_the_overrides_and_memory_follow_the_shapes
     assert small["arch"] == "magface_tiny" and small["dtype"] == "float32"
     assert small["hbm_bytes_per_chip"] == H100_BYTES
     assert small["usable_bytes_per_chip"] == int(0.75 * H100_BYTES) and small["fits"]
-    assert small["bytes_per_chip"] == (small["argument_bytes"] + small["output_bytes"]
-                                       - small["alias_bytes"] + small["temp_bytes"])
+    assert small["bytes_per_chip"] == (
+        small["argument_bytes"] + small["output_bytes"] - small["alias_bytes"] + small["temp_bytes"]
+    )
     # Overrides as magjax.main takes them: 40,000 classes more, the batch from the global one.
-    large = _compile(capsys, "--flops", "--config.data.num_classes=40300",
-                     "--config.global_batch", "128")
+    large = _compile(
+        capsys, "--flops", "--config.data.num_classes=40300", "--config.global_batch", "128"
+    )
     assert large["classes"] == 40_300 and large["per_chip_batch"] == 16
-    assert large["overrides"] == ["--config.data.num_classes=40300", "--config.global_batch",
-                                  "128"]
+    assert large["overrides"] == ["--config.data.num_classes=40300", "--config.global_batch", "128"]
     rows = (large["classes"] - small["classes"]) // GPUS  # class centres per GPU
     centre_bytes = rows * DIM * 4  # float32
-    delta = {key: large[key] - small[key] for key in small
-             if isinstance(small[key], int | float) and not isinstance(small[key], bool)}
+    delta = {
+        key: large[key] - small[key]
+        for key in small
+        if isinstance(small[key], int | float) and not isinstance(small[key], bool)
+    }
     # Each GPU holds its C/D centres and their momentum (replicated centres would be 2x here),
     # and the updated state overwrites the donated one.
     assert delta["argument_bytes"] == 2 * centre_bytes
@@ -60,7 +65,8 @@ def test_demo_on_two_h100s_its_counts_the_overrides_and_memory_follow_the_shapes
     products = 3 * 2 * global_batch * rows * DIM
     assert products <= delta["flops_per_step"] <= 1.1 * products
     assert small["images_per_s_per_chip_at_peak"] == pytest.approx(
-        16 * 989.5e12 / small["flops_per_step"])
+        16 * 989.5e12 / small["flops_per_step"]
+    )
     # Bytes accessed, from the same CPU compile (an estimate of the GPU program's): the ceiling
     # is the slower of the FLOPs at 989.5 TFLOP/s and the bytes at the H100's 3,350 GB/s.
     floor = max(small["flops_per_step"] / 989.5e12, small["bytes_accessed_per_step"] / 3350e9)
@@ -69,10 +75,13 @@ def test_demo_on_two_h100s_its_counts_the_overrides_and_memory_follow_the_shapes
     assert small["images_per_s_per_chip_ceiling"] == pytest.approx(16 / floor)
 
 
-@pytest.mark.parametrize("override, says", [
-    ("--config.model.archh=tiny", "--config.model.archh: no such config field 'archh'"),
-    ("--config.global_batch=abc", "--config.global_batch=abc: invalid literal for int()"),
-])
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("--config.model.archh=tiny", "--config.model.archh: no such config field 'archh'"),
+        ("--config.global_batch=abc", "--config.global_batch=abc: invalid literal for int()"),
+    ],
+)
 def test_a_bad_override_is_one_line_naming_it(capsys, override, says):
     """In magjax.main's words: the field's type decides, a misspelt field is named."""
     argv = ["--topology", "h100:2", "--config", DEMO, override]
@@ -116,13 +125,23 @@ def test_capacity_of_the_batch_on_gpus(monkeypatch, capsys):
 
     def fake_run(topology, config, per_chip_batch, classes):
         used = 5 * 2**30 + 90 * 2**20 * per_chip_batch
-        return {"bytes_per_chip": used, "fits": used <= budget, "compile_s": 0.0,
-                "per_chip_batch": per_chip_batch}
+        return {
+            "bytes_per_chip": used,
+            "fits": used <= budget,
+            "compile_s": 0.0,
+            "per_chip_batch": per_chip_batch,
+        }
 
     monkeypatch.setattr(compile_bench, "run", fake_run)
     monkeypatch.setattr(compile_bench, "topology_devices", lambda topology: [None] * 8)
-    argv = ["--topology", "a100-40gb:8", "--config", f"{REPO}/configs/arcface.py:r100",
-            "--of", "batch"]
+    argv = [
+        "--topology",
+        "a100-40gb:8",
+        "--config",
+        f"{REPO}/configs/arcface.py:r100",
+        "--of",
+        "batch",
+    ]
     assert capacity.main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     exact = (budget - 5 * 2**30) // (90 * 2**20)
@@ -133,15 +152,23 @@ def test_capacity_of_the_batch_on_gpus(monkeypatch, capsys):
     assert result["usable_bytes_per_chip"] == budget
 
 
-@pytest.mark.skipif(any(os.path.exists(d) for d in ("/dev/nvidia0", "/dev/nvidiactl")),
-                    reason="a GPU host: the CUDA plugin's check is meant to run there")
+@pytest.mark.skipif(
+    any(os.path.exists(d) for d in ("/dev/nvidia0", "/dev/nvidiactl")),
+    reason="a GPU host: the CUDA plugin's check is meant to run there",
+)
 def test_the_cuda_plugin_is_quiet_on_a_cpu_host():
     """With requirements-gpu.txt installed, jax's CUDA plugin logs a traceback ("Unable to load
     cuDNN") when jax starts on a host without CUDA; once magjax is imported it loads quietly."""
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("JAX_PLATFORMS", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK")}
-    code = ("import magjax; from jax._src import xla_bridge as xb; "
-            "xb._discover_and_register_pjrt_plugins(); print('cuda' in xb._backend_factories)")
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120)
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("JAX_PLATFORMS", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK")
+    }
+    code = (
+        "import magjax; from jax._src import xla_bridge as xb; "
+        "xb._discover_and_register_pjrt_plugins(); print('cuda' in xb._backend_factories)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0 and run.stdout.strip() == "True" and run.stderr == ""

@@ -12,8 +12,18 @@ CLASSES, DIM = 40_000, 64
 
 
 def _bytes(capsys, *extra):
-    argv = ["--abstract", "--batch", "64", "--classes", str(CLASSES), "--dim", str(DIM),
-            "--sample-rate", "0.1", *extra]
+    argv = [
+        "--abstract",
+        "--batch",
+        "64",
+        "--classes",
+        str(CLASSES),
+        "--dim",
+        str(DIM),
+        "--sample-rate",
+        "0.1",
+        *extra,
+    ]
     assert head_bench.main(argv) in (0, None)
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bytes_per_device"]
 
@@ -27,8 +37,21 @@ def test_sampled_rows_step_has_no_dense_centre_gradient(capsys):
 
 
 def test_timed_run_over_eight_devices_times_the_floor_on_all_of_them(capsys):
-    argv = ["--batch", "64", "--classes", "4000", "--dim", "32", "--devices", "8",
-            "--sample-rate", "0.5", "--freeze-unsampled", "--repeats", "2"]
+    argv = [
+        "--batch",
+        "64",
+        "--classes",
+        "4000",
+        "--dim",
+        "32",
+        "--devices",
+        "8",
+        "--sample-rate",
+        "0.5",
+        "--freeze-unsampled",
+        "--repeats",
+        "2",
+    ]
     assert head_bench.main(argv) in (0, None)
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # The floor's FLOPs are every device's products (8 shards of the sampled rows), not one
@@ -39,8 +62,18 @@ def test_timed_run_over_eight_devices_times_the_floor_on_all_of_them(capsys):
 
 
 def test_dense_partial_fc_step_also_reports_the_dense_write(capsys):
-    argv = ["--batch", "32", "--classes", "4000", "--dim", "32", "--sample-rate", "0.25",
-            "--repeats", "2"]
+    argv = [
+        "--batch",
+        "32",
+        "--classes",
+        "4000",
+        "--dim",
+        "32",
+        "--sample-rate",
+        "0.25",
+        "--repeats",
+        "2",
+    ]
     assert head_bench.main(argv) in (0, None)
     dense = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert dense["dense_write_ms"] > 0
@@ -55,8 +88,19 @@ def test_dense_partial_fc_step_also_reports_the_dense_write(capsys):
 
 @pytest.mark.parametrize("sampled_rows", [False, True])
 def test_update_step_updates_the_centres_in_place_against_its_floor(capsys, sampled_rows):
-    argv = ["--batch", "32", "--classes", "4000", "--dim", "32", "--sample-rate", "0.1",
-            "--repeats", "2", "--update"] + (["--freeze-unsampled"] if sampled_rows else [])
+    argv = [
+        "--batch",
+        "32",
+        "--classes",
+        "4000",
+        "--dim",
+        "32",
+        "--sample-rate",
+        "0.1",
+        "--repeats",
+        "2",
+        "--update",
+    ] + (["--freeze-unsampled"] if sampled_rows else [])
     assert head_bench.main(argv) in (0, None)
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
@@ -94,8 +138,20 @@ def test_bench_times_the_head_code_the_train_step_runs(monkeypatch, capsys):
         monkeypatch.setattr(head.ClassShardedHead, name, spy)
 
     classes, dim, batch = 512, 32, 16
-    flags = ["--abstract", "--batch", str(batch), "--classes", str(classes), "--dim", str(dim),
-             "--devices", "8", "--sample-rate", "0.25", "--freeze-unsampled"]
+    flags = [
+        "--abstract",
+        "--batch",
+        str(batch),
+        "--classes",
+        str(classes),
+        "--dim",
+        str(dim),
+        "--devices",
+        "8",
+        "--sample-rate",
+        "0.25",
+        "--freeze-unsampled",
+    ]
     assert head_bench.main(flags + ["--update"]) in (0, None)
     bench_update, calls[:] = list(calls), []
     assert head_bench.main(flags) in (0, None)
@@ -107,11 +163,14 @@ def test_bench_times_the_head_code_the_train_step_runs(monkeypatch, capsys):
     config.head.freeze_unsampled = True
     config.global_batch = batch
     mesh = parallel.make_mesh(8)
-    components = train_step.build_components(config, mesh, classes, steps_per_epoch=10,
-                                             total_steps=40)
-    jax.eval_shape(train_step.make_train_step(components, jax.random.key(0)),
-                   train_step.abstract_state(components),
-                   train_step.abstract_batch(mesh, batch))
+    components = train_step.build_components(
+        config, mesh, classes, steps_per_epoch=10, total_steps=40
+    )
+    jax.eval_shape(
+        train_step.make_train_step(components, jax.random.key(0)),
+        train_step.abstract_state(components),
+        train_step.abstract_batch(mesh, batch),
+    )
     assert [name for name, _ in calls] == ["update", "value_and_grad"]
     assert [name for name, _ in bench_update] == ["update", "value_and_grad"]
     assert [name for name, _ in bench_gradient] == ["value_and_grad"]

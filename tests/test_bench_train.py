@@ -12,8 +12,15 @@ import pytest
 
 REPO = pathlib.Path(__file__).parent.parent
 # Importing any of these raises ImportError in the benchmark's process.
-ABSENT = ("grain", "tensorflow_datasets", "array_record", "tensorstore", "orbax",
-          "tensorboardX", "tensorflow")
+ABSENT = (
+    "grain",
+    "tensorflow_datasets",
+    "array_record",
+    "tensorstore",
+    "orbax",
+    "tensorboardX",
+    "tensorflow",
+)
 
 SCRIPT = f"""
 import sys
@@ -25,12 +32,31 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_bench_train_runs_without_the_data_stack_and_times_torch():
-    argv = ["train", "--arch", "tiny", "--batch", "8", "--classes", "64", "--dtype", "float32",
-            "--steps", "2", "--warmup", "1", "--torch"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", SCRIPT, *argv], env=env, capture_output=True,
-                          text=True, timeout=600)
+    argv = [
+        "train",
+        "--arch",
+        "tiny",
+        "--batch",
+        "8",
+        "--classes",
+        "64",
+        "--dtype",
+        "float32",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--torch",
+    ]
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(REPO),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, *argv], env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["magjax_devices"] == 2 and result["magjax_device_kind"] == "cpu"

@@ -28,8 +28,9 @@ def _train_losses(dtype: str) -> np.ndarray:
     config.global_batch = BATCH
     config.optim.lr = 0.05
     mesh = parallel.make_mesh(4)
-    components = train_step.build_components(config, mesh, CLASSES, steps_per_epoch=STEPS,
-                                        total_steps=4 * STEPS)
+    components = train_step.build_components(
+        config, mesh, CLASSES, steps_per_epoch=STEPS, total_steps=4 * STEPS
+    )
     init_key, base_key = jax.random.split(jax.random.key(0))
     state = train_step.init_state(components, init_key)
     shardings = jax.tree.map(lambda a: a.sharding, state)
@@ -79,7 +80,7 @@ def _dtypes_computed(jaxpr) -> set[tuple[str, str]]:
         for var in eqn.outvars:
             found.add((eqn.primitive.name, str(var.aval.dtype)))
         for param in eqn.params.values():
-            for sub in (param if isinstance(param, list | tuple) else [param]):
+            for sub in param if isinstance(param, list | tuple) else [param]:
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
                     found |= _dtypes_computed(inner)
@@ -99,8 +100,7 @@ def test_head_computes_in_float32_for_bfloat16_embeddings():
     # The embeddings are widened before anything is computed: the same bf16 values given as
     # float32 give the same loss and centre gradient to float32 rounding (a bf16 product or
     # softmax would be ~1e-2 away).
-    value32, (_, gw32) = _jitted_head_loss_and_grads("magface", x.astype(jnp.float32), w, y,
-                                                     mesh)
+    value32, (_, gw32) = _jitted_head_loss_and_grads("magface", x.astype(jnp.float32), w, y, mesh)
     np.testing.assert_allclose(value, value32, rtol=1e-6)
     np.testing.assert_allclose(gw, gw32, rtol=1e-5, atol=1e-9)
     # No operation of the forward or backward pass produces a bfloat16 value except the casts
@@ -110,5 +110,11 @@ def test_head_computes_in_float32_for_bfloat16_embeddings():
         jaxpr = jax.make_jaxpr(lambda x, w, name=name: _head_loss_and_grads(name, x, w, y, mesh))
         computed = _dtypes_computed(jaxpr(x, w).jaxpr)
         in_bf16 = {primitive for primitive, dtype in computed if dtype == "bfloat16"}
-        assert in_bf16 <= {"convert_element_type", "all_gather_invariant", "psum_invariant",
-                           "dynamic_slice", "pvary", "shard_map"}, (name, in_bf16)
+        assert in_bf16 <= {
+            "convert_element_type",
+            "all_gather_invariant",
+            "psum_invariant",
+            "dynamic_slice",
+            "pvary",
+            "shard_map",
+        }, (name, in_bf16)

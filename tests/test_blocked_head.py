@@ -39,7 +39,7 @@ def problem(seed, batch=BATCH, classes=CLASSES, dim=16):
     y = rng.integers(0, classes, batch)
     y[0] = 0
     x = rng.normal(size=(batch, dim)) * rng.uniform(5, 120, (batch, 1))
-    x[1: batch // 2] += 3 * W[y[1: batch // 2]] / 0.05
+    x[1 : batch // 2] += 3 * W[y[1 : batch // 2]] / 0.05
     # Not exactly opposite: sqrt(1 - c^2)'s derivative is infinite at c = -1.
     W[0] = -0.05 * x[0] / np.linalg.norm(x[0]) + rng.normal(0, 1e-3, dim)
     W[1:5] = 0.05 * x[0] / np.linalg.norm(x[0]) + rng.normal(0, 1e-3, (4, dim))
@@ -50,8 +50,9 @@ def assert_same(got, expected, fields=("loss", "grad_embeddings", "grad_weight")
     """Loss, gradients and state to 1e-12 of each field's largest value."""
     for key in fields:
         want = np.asarray(expected[key])
-        np.testing.assert_allclose(got[key], want, rtol=1e-12,
-                                   atol=1e-12 * np.abs(want).max(), err_msg=key)
+        np.testing.assert_allclose(
+            got[key], want, rtol=1e-12, atol=1e-12 * np.abs(want).max(), err_msg=key
+        )
     for key, want in expected["state_after"].items():
         np.testing.assert_allclose(got["state_after"][key], want, rtol=1e-12, err_msg=key)
 
@@ -91,9 +92,9 @@ def test_running_max_equals_dense(name, x64):
             return value, new_state
 
         (value, new_state), (gx, gw) = jax.jit(jax.value_and_grad(total, (0, 1), has_aux=True))(
-            x, W)
-        return {"loss": value, "state_after": new_state, "grad_embeddings": gx,
-                "grad_weight": gw}
+            x, W
+        )
+        return {"loss": value, "state_after": new_state, "grad_embeddings": gx, "grad_weight": gw}
 
     online = grads(lambda *a: blocked.blocked_dense_loss(*a, block=4, online=True))
     assert_same(online, grads(losses.dense_loss))
@@ -110,8 +111,9 @@ def test_curricularface_float32_takes_the_running_max_over_shards():
     got = loss_cases.reference_step(loss, 8, block_size=2)(x, W, y, loss.initial_state())
     for key in ("loss", "grad_embeddings", "grad_weight"):
         want = np.asarray(dense[key])
-        np.testing.assert_allclose(got[key], want, rtol=0, atol=2e-5 * np.abs(want).max(),
-                                   err_msg=key)
+        np.testing.assert_allclose(
+            got[key], want, rtol=0, atol=2e-5 * np.abs(want).max(), err_msg=key
+        )
     np.testing.assert_allclose(got["state_after"]["t"], dense["state_after"]["t"], rtol=1e-6)
 
 
@@ -128,16 +130,20 @@ def test_partial_fc_blocked_equals_dense(x64):
     mask, key, state = jnp.ones(16, bool), jax.random.key(5), loss.initial_state()
 
     def sharded(block_size):
-        fn = head.sharded_margin_loss(loss, mesh, classes, sample_rate=rate,
-                                      block_size=block_size)
+        fn = head.sharded_margin_loss(loss, mesh, classes, sample_rate=rate, block_size=block_size)
 
         def total(x, w):
             out = fn(x, w, jnp.asarray(y), mask, state, key)
             return out.loss, out
 
         (value, out), grads = jax.jit(jax.value_and_grad(total, (0, 1), has_aux=True))(x, Wp)
-        return {"loss": value, "state_after": out.state, "grad_embeddings": grads[0],
-                "grad_weight": grads[1], "sampled": out.sampled}
+        return {
+            "loss": value,
+            "state_after": out.state,
+            "grad_embeddings": grads[0],
+            "grad_weight": grads[1],
+            "sampled": out.sampled,
+        }
 
     dense, got = sharded(None), sharded(3)
     np.testing.assert_array_equal(got["sampled"], dense["sampled"])
@@ -155,22 +161,28 @@ def test_partial_fc_blocked_equals_dense(x64):
             return out.loss, out
 
         (value, out), grads = jax.jit(jax.value_and_grad(total, (0, 1), has_aux=True))(x, rows)
-        return {"loss": value, "state_after": out.state, "grad_embeddings": grads[0],
-                "grad_weight": grads[1]}
+        return {
+            "loss": value,
+            "state_after": out.state,
+            "grad_embeddings": grads[0],
+            "grad_weight": grads[1],
+        }
 
     assert_same(rows_step(3), rows_step(None))
 
 
-@pytest.mark.parametrize("case_name", ["arcface_theta_plus_m_gt_pi",
-                                       "curricularface_3steps_t_ema"])
+@pytest.mark.parametrize("case_name", ["arcface_theta_plus_m_gt_pi", "curricularface_3steps_t_ema"])
 def test_reference_cases_through_blocked_head(case_name, x64):
     """Two official reference cases (an arcface_torch one with capped rows; CurricularFace's
     t over three steps) through the blocked head on 8 devices (``refcheck --mesh 8 --block
     2``); the others run in ``python -m magjax.refcheck ... --block N``."""
     import json
 
-    cases = [case for path in ("loss_refs.json", "curricularface_refs.json")
-             for case in json.loads((FIXTURES / path).read_text())["cases"]]
+    cases = [
+        case
+        for path in ("loss_refs.json", "curricularface_refs.json")
+        for case in json.loads((FIXTURES / path).read_text())["cases"]
+    ]
     case = next(c for c in cases if c["name"] == case_name)
     passed, detail = loss_cases.check_case(case, "float64", 8, block_size=2)
     assert passed, detail
@@ -187,15 +199,19 @@ def head_memory(block_size, classes, batch=256, dim=64, devices=8):
     fn = head.sharded_margin_loss(loss, mesh, classes, block_size=block_size)
 
     def grads(x, w, y, mask):
-        return jax.grad(lambda x, w: fn(x, w, y, mask, {}, jax.random.key(0)).loss,
-                        (0, 1))(x, w)
+        return jax.grad(lambda x, w: fn(x, w, y, mask, {}, jax.random.key(0)).loss, (0, 1))(x, w)
 
     rows = NamedSharding(mesh, P(DATA_AXIS))
-    shapes = (jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=rows),
-              jax.ShapeDtypeStruct((padded_size(classes, devices), dim), jnp.float32,
-                                   sharding=NamedSharding(mesh, P(DATA_AXIS, None))),
-              jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
-              jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=rows))
+    shapes = (
+        jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=rows),
+        jax.ShapeDtypeStruct(
+            (padded_size(classes, devices), dim),
+            jnp.float32,
+            sharding=NamedSharding(mesh, P(DATA_AXIS, None)),
+        ),
+        jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
+        jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=rows),
+    )
     return jax.jit(grads).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
 
 
@@ -228,12 +244,18 @@ def test_bench_reads_the_bytes_a_refused_compile_asked_for():
     v5p:2x2x1), and other errors stay errors."""
     from magjax.bench.compile import exhausted_bytes
 
-    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
-               "HLO temporaries (171.69G) exceeds available HBM (95.74G).")
+    message = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+        "HLO temporaries (171.69G) exceeds available HBM (95.74G)."
+    )
     assert exhausted_bytes(RuntimeError(message)) == int(171.69 * 2**30)
     assert exhausted_bytes(RuntimeError("INTERNAL: (1.5G)")) is None
-    assert exhausted_bytes(RuntimeError(
-        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123456 bytes.")) == 123456
+    assert (
+        exhausted_bytes(
+            RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123456 bytes.")
+        )
+        == 123456
+    )
 
 
 def test_margin_head_module_with_block_size(x64):
@@ -243,9 +265,14 @@ def test_margin_head_module_with_block_size(x64):
     x, _, y = problem(5, batch=16, classes=30)
     results = []
     for block_size in (None, 3):
-        margin_head = head.ClassShardedHead(LOSSES["adaface"], mesh, num_classes=30,
-                                            embedding_dim=16, weight_init="unit",
-                                            block_size=block_size)
+        margin_head = head.ClassShardedHead(
+            LOSSES["adaface"],
+            mesh,
+            num_classes=30,
+            embedding_dim=16,
+            weight_init="unit",
+            block_size=block_size,
+        )
         params, margin_state = jax.jit(margin_head.init)(jax.random.key(0))
 
         def total(params, x, margin_state=margin_state, margin_head=margin_head):
@@ -254,9 +281,16 @@ def test_margin_head_module_with_block_size(x64):
 
         params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
         (value, state), grads = jax.jit(jax.value_and_grad(total, (0, 1), has_aux=True))(
-            params, jnp.asarray(x))
-        results.append({"loss": value, "state_after": state, "grad_embeddings": grads[1],
-                        "grad_weight": grads[0]["weight"]})
+            params, jnp.asarray(x)
+        )
+        results.append(
+            {
+                "loss": value,
+                "state_after": state,
+                "grad_embeddings": grads[1],
+                "grad_weight": grads[0]["weight"],
+            }
+        )
     assert_same(results[1], results[0])
 
 
@@ -268,13 +302,16 @@ def test_train_components_pass_head_block_size(monkeypatch):
 
     built = []
     original = head.sampled_rows_loss
-    monkeypatch.setattr(head, "sampled_rows_loss",
-                        lambda *args, **kwargs: built.append(args[3:]) or original(*args,
-                                                                                   **kwargs))
+    monkeypatch.setattr(
+        head,
+        "sampled_rows_loss",
+        lambda *args, **kwargs: built.append(args[3:]) or original(*args, **kwargs),
+    )
     config = recipes.get_config("arcface", "tiny,pfc0.25")
     config.head.update(freeze_unsampled=True, block_size=5)
-    components = train_step.build_components(config, parallel.make_mesh(8), 512, steps_per_epoch=10,
-                                        total_steps=40)
+    components = train_step.build_components(
+        config, parallel.make_mesh(8), 512, steps_per_epoch=10, total_steps=40
+    )
     assert components.head.block_size == 5
     train_step.make_train_step(components, jax.random.key(0))
     assert built == [(5,)]

@@ -32,8 +32,9 @@ def one_error_line(err: str) -> str:
 def model_dir(tmp_path_factory):
     """A random 'tiny' inference model (as convert or training would write it)."""
     root = tmp_path_factory.mktemp("model")
-    checkpoint.save_inference_model(root, random_variables(), {
-        "arch": "tiny", "input_spec": models.input_spec("tiny")})
+    checkpoint.save_inference_model(
+        root, random_variables(), {"arch": "tiny", "input_spec": models.input_spec("tiny")}
+    )
     return root
 
 
@@ -51,7 +52,8 @@ def test_run_turns_user_errors_into_one_line_and_keeps_bugs(tmp_path, capsys):
 
     assert cli.run(missing) == cli.EXIT_USER_ERROR
     assert one_error_line(capsys.readouterr().err) == (
-        f"error: No such file or directory: {tmp_path / 'nope.txt'}")
+        f"error: No such file or directory: {tmp_path / 'nope.txt'}"
+    )
 
     def bad_value():
         raise UserError("config.x must be > 0,\n got -1")
@@ -60,7 +62,8 @@ def test_run_turns_user_errors_into_one_line_and_keeps_bugs(tmp_path, capsys):
     assert cli.run(bad_value, verbose=True, log_file=log_file) == cli.EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1] == (
-        "error: config.x must be > 0, got -1")
+        "error: config.x must be > 0, got -1"
+    )
     assert "Traceback" in log_file.read_text() and "bad_value" in log_file.read_text()
 
     def bug():
@@ -93,32 +96,53 @@ def parse_main_flags(monkeypatch):
     root.setLevel(level)
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("--config.optim.lrr=0.1", 'error: --config.optim.lrr: no such config field \'lrr\' '
-                               'Did you mean "lr" instead of "lrr"?'),
-    ("--config.optim.lr=fast", "error: flag --config.optim.lr=fast: could not convert string "
-                               "to float: 'fast'"),
-    ("--config.nope=1", "error: --config.nope: no such config field 'nope'"),
-], ids=["misspelt", "ill-typed", "unknown"])
-def test_main_bad_config_override_is_one_line(override, expected, parse_main_flags, tmp_path,
-                                              capsys):
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        (
+            "--config.optim.lrr=0.1",
+            "error: --config.optim.lrr: no such config field 'lrr' "
+            'Did you mean "lr" instead of "lrr"?',
+        ),
+        (
+            "--config.optim.lr=fast",
+            "error: flag --config.optim.lr=fast: could not convert string to float: 'fast'",
+        ),
+        ("--config.nope=1", "error: --config.nope: no such config field 'nope'"),
+    ],
+    ids=["misspelt", "ill-typed", "unknown"],
+)
+def test_main_bad_config_override_is_one_line(
+    override, expected, parse_main_flags, tmp_path, capsys
+):
     # Before: 58 lines of traceback ending in AttributeError: '\'lrr\'\nDid you mean ...'
-    argv = ["magjax.main", "--config", f"{CONFIGS}/arcface.py:demo", "--workdir", str(tmp_path),
-            override]
+    argv = [
+        "magjax.main",
+        "--config",
+        f"{CONFIGS}/arcface.py:demo",
+        "--workdir",
+        str(tmp_path),
+        override,
+    ]
     with pytest.raises(SystemExit) as info:
         parse_main_flags(argv)
     assert info.value.code == cli.EXIT_USER_ERROR
     assert one_error_line(capsys.readouterr().err) == expected
 
 
-@pytest.mark.parametrize("config,expected", [
-    ("missing.py", "No such file or directory: "),
-    ("arcface.py:r101", "unknown config variant 'r101'"),
-], ids=["missing", "bad-variant"])
+@pytest.mark.parametrize(
+    "config,expected",
+    [
+        ("missing.py", "No such file or directory: "),
+        ("arcface.py:r101", "unknown config variant 'r101'"),
+    ],
+    ids=["missing", "bad-variant"],
+)
 def test_main_bad_config_file_is_one_line(config, expected, parse_main_flags, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        parse_main_flags(["magjax.main", "--config", f"{CONFIGS}/{config}", "--workdir",
-                                str(tmp_path)])
+        parse_main_flags(
+            ["magjax.main", "--config", f"{CONFIGS}/{config}", "--workdir", str(tmp_path)]
+        )
     assert info.value.code == cli.EXIT_USER_ERROR
     assert expected in one_error_line(capsys.readouterr().err)
 
@@ -133,21 +157,35 @@ def test_bench_bad_config_variant_is_one_line(tool, capsys):
     assert status == cli.EXIT_USER_ERROR
     assert one_error_line(capsys.readouterr().err) == (
         f"error: --config {config}: unknown config variant 'ir101' in 'ir101'; "
-        "see magjax/recipes.py for the list")
+        "see magjax/recipes.py for the list"
+    )
 
 
-@pytest.mark.parametrize("override,field", [
-    ("--config.num_devices=0", "config.num_devices"),            # was IndexError
-    ("--config.checkpoint.every_steps=0", "config.checkpoint.every_steps"),  # ZeroDivisionError
-    ("--config.optim.lr=-0.1", "config.optim.lr"),               # trained by gradient ascent
-    # Another loss's name with ArcFace's fields (the loss is chosen by its config file).
-    ("--config.loss.name=magface", "config.loss.interclass_filtering_threshold"),
-], ids=["num_devices", "every_steps", "lr", "loss_name"])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("--config.num_devices=0", "config.num_devices"),  # was IndexError
+        ("--config.checkpoint.every_steps=0", "config.checkpoint.every_steps"),  # ZeroDivisionError
+        ("--config.optim.lr=-0.1", "config.optim.lr"),  # trained by gradient ascent
+        # Another loss's name with ArcFace's fields (the loss is chosen by its config file).
+        ("--config.loss.name=magface", "config.loss.interclass_filtering_threshold"),
+    ],
+    ids=["num_devices", "every_steps", "lr", "loss_name"],
+)
 def test_main_bad_config_value_is_one_line_with_traceback_in_the_log(
-        override, field, parse_main_flags, tmp_path, capsys):
+    override, field, parse_main_flags, tmp_path, capsys
+):
     workdir = tmp_path / "run"
-    parse_main_flags(["magjax.main", "--config", f"{CONFIGS}/arcface.py:demo", "--workdir",
-                            str(workdir), override])
+    parse_main_flags(
+        [
+            "magjax.main",
+            "--config",
+            f"{CONFIGS}/arcface.py:demo",
+            "--workdir",
+            str(workdir),
+            override,
+        ]
+    )
     with pytest.raises(SystemExit) as info:
         train_main.main([])
     assert info.value.code == cli.EXIT_USER_ERROR
@@ -161,9 +199,19 @@ def test_evaluate_keeps_the_sets_done_before_one_fails(model_dir, tmp_path, caps
         write_toy_bin(tmp_path / name, seed)
     missing = tmp_path / "gone.bin"
     out = tmp_path / "eval"
-    status = evaluate.main(["--workdir", str(model_dir), "--bins",
-                            f"{tmp_path / 'a.bin'},{missing},{tmp_path / 'b.bin'}",
-                            "--out", str(out), "--batch", "4", "--no-progress"])
+    status = evaluate.main(
+        [
+            "--workdir",
+            str(model_dir),
+            "--bins",
+            f"{tmp_path / 'a.bin'},{missing},{tmp_path / 'b.bin'}",
+            "--out",
+            str(out),
+            "--batch",
+            "4",
+            "--no-progress",
+        ]
+    )
     assert status == cli.EXIT_USER_ERROR
     report = json.loads((out / "eval.json").read_text())
     assert set(report["verification"]) == {"a", "b"}
@@ -187,9 +235,22 @@ def test_evaluate_writes_each_set_as_it_completes(model_dir, tmp_path, monkeypat
         return original(self, encoder, path)
 
     monkeypatch.setattr(evaluators.Verification, "run_set", spy)
-    assert evaluate.main(["--workdir", str(model_dir), "--bins",
-                          f"{tmp_path / 'a.bin'},{tmp_path / 'b.bin'}", "--out", str(out),
-                          "--batch", "4", "--no-progress"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--workdir",
+                str(model_dir),
+                "--bins",
+                f"{tmp_path / 'a.bin'},{tmp_path / 'b.bin'}",
+                "--out",
+                str(out),
+                "--batch",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert seen == [["a"]]  # a's results were on disk while b was evaluated
 
 
@@ -198,11 +259,19 @@ def test_convert_refuses_an_existing_out_directory(model_dir, tmp_path, capsys):
     out = tmp_path / "models" / "r50"
     out.mkdir(parents=True)
     (out / "model.json").write_text('{"arch": "iresnet50"}')
-    argv = ["--from", "arcface_torch", str(tmp_path / "backbone.pth"), "--arch", "iresnet50",
-            "--out", str(out)]
+    argv = [
+        "--from",
+        "arcface_torch",
+        str(tmp_path / "backbone.pth"),
+        "--arch",
+        "iresnet50",
+        "--out",
+        str(out),
+    ]
     assert convert.main(argv) == cli.EXIT_USER_ERROR
     assert one_error_line(capsys.readouterr().err) == (
-        f"error: --out {out} already exists; pass --overwrite to replace it")
+        f"error: --out {out} already exists; pass --overwrite to replace it"
+    )
     assert (out / "model.json").read_text() == '{"arch": "iresnet50"}'
     # with --overwrite the directory is no obstacle: the next error is the missing checkpoint
     assert convert.main([*argv, "--overwrite"]) == cli.EXIT_USER_ERROR
@@ -211,12 +280,23 @@ def test_convert_refuses_an_existing_out_directory(model_dir, tmp_path, capsys):
 
 def test_extract_batch_size_zero_is_one_line(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        extract.main(["--workdir", str(model_dir), "--images", str(tmp_path), "--out",
-                      str(tmp_path / "f.npz"), "--batch", "0"])
+        extract.main(
+            [
+                "--workdir",
+                str(model_dir),
+                "--images",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "f.npz"),
+                "--batch",
+                "0",
+            ]
+        )
     assert info.value.code == cli.EXIT_USER_ERROR
     assert one_error_line(capsys.readouterr().err) == (
         "error: argument --batch/--batch-size: must be a positive integer, got 0 "
-        "(see python -m magjax.extract --help)")
+        "(see python -m magjax.extract --help)"
+    )
 
 
 def test_corrupt_model_json_names_the_file(model_dir, tmp_path, capsys):
@@ -227,8 +307,20 @@ def test_corrupt_model_json_names_the_file(model_dir, tmp_path, capsys):
     images = tmp_path / "imgs"
     images.mkdir()
     Image.fromarray(faces(0, 1)[0]).save(images / "a.png")
-    assert extract.main(["--workdir", str(broken), "--images", str(images), "--out",
-                         str(tmp_path / "f.npz"), "--no-progress"]) == cli.EXIT_USER_ERROR
+    assert (
+        extract.main(
+            [
+                "--workdir",
+                str(broken),
+                "--images",
+                str(images),
+                "--out",
+                str(tmp_path / "f.npz"),
+                "--no-progress",
+            ]
+        )
+        == cli.EXIT_USER_ERROR
+    )
     line = one_error_line(capsys.readouterr().err)
     assert f"{broken / 'model.json'} is not valid JSON" in line
 
@@ -242,10 +334,20 @@ def test_data_inspect_missing_dataset_is_one_line(tmp_path, capsys):
     assert "--format" in one_error_line(capsys.readouterr().err)
 
 
-HELP_ENTRY_POINTS = ["magjax.evaluate", "magjax.extract", "magjax.convert", "magjax.export",
-                     "magjax.data", "magjax.refcheck", "magjax.models", "magjax.bench",
-                     *(f"magjax.bench {name}" for name in
-                       ("head", "backbone", "input", "train", "compile", "capacity", "export"))]
+HELP_ENTRY_POINTS = [
+    "magjax.evaluate",
+    "magjax.extract",
+    "magjax.convert",
+    "magjax.export",
+    "magjax.data",
+    "magjax.refcheck",
+    "magjax.models",
+    "magjax.bench",
+    *(
+        f"magjax.bench {name}"
+        for name in ("head", "backbone", "input", "train", "compile", "capacity", "export")
+    ),
+]
 
 
 @pytest.mark.parametrize("command", HELP_ENTRY_POINTS)
@@ -268,9 +370,9 @@ def test_main_help_exits_0_with_hyphenated_flags(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "python -m magjax.main --config" in out and "--allow-config-change" in out
-    assert train_main._underscored(["m", "--allow-config-change", "--config.optim.grad_clip_norm=5",
-                                    "--num-processes=2"]) == [
-        "m", "--allow_config_change", "--config.optim.grad_clip_norm=5", "--num_processes=2"]
+    assert train_main._underscored(
+        ["m", "--allow-config-change", "--config.optim.grad_clip_norm=5", "--num-processes=2"]
+    ) == ["m", "--allow_config_change", "--config.optim.grad_clip_norm=5", "--num_processes=2"]
 
 
 def test_evaluate_quality_set_is_the_training_evaluator(model_dir, tmp_path):
@@ -286,10 +388,24 @@ def test_evaluate_quality_set_is_the_training_evaluator(model_dir, tmp_path):
     identities = np.tile(np.arange(6), 4)
     np.savez(tmp_path / "quality.npz", images=images, quality=levels, labels=identities)
     out = tmp_path / "eval"
-    assert evaluate.main(["--workdir", str(model_dir), "--quality-set",
-                          str(tmp_path / "quality.npz"), "--out", str(out), "--batch", "8"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--workdir",
+                str(model_dir),
+                "--quality-set",
+                str(tmp_path / "quality.npz"),
+                "--out",
+                str(out),
+                "--batch",
+                "8",
+            ]
+        )
+        == 0
+    )
     got = json.loads((out / "eval.json").read_text())["quality"]
     norms = FaceEncoder.load(model_dir).encode(images)[1]
     assert got["spearman_norm_vs_quality"] == pytest.approx(
-        scipy.stats.spearmanr(norms, levels).statistic, abs=1e-6)
+        scipy.stats.spearmanr(norms, levels).statistic, abs=1e-6
+    )
     assert got["mean_norm_per_level"]["1"] == pytest.approx(norms[levels == 1].mean(), rel=1e-5)

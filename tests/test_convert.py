@@ -177,8 +177,9 @@ def test_vit_conversion_matches_pytorch_on_real_faces(tmp_path, capsys, arch, th
         return
 
     onnx_path = tmp_path / "model.onnx"
-    assert export.main(["--workdir", str(out), "--out", str(onnx_path)]) == 0, \
+    assert export.main(["--workdir", str(out), "--out", str(onnx_path)]) == 0, (
         capsys.readouterr().err
+    )
     recogniser = get_model(str(onnx_path), providers=["CPUExecutionProvider"])
     # arcface_torch's convention: insightface must normalise itself, (x - 127.5) / 127.5.
     assert isinstance(recogniser, ArcFaceONNX)
@@ -188,8 +189,9 @@ def test_vit_conversion_matches_pytorch_on_real_faces(tmp_path, capsys, arch, th
     assert (cosines >= 0.9999).all() and (norm_errors <= 1e-3).all(), (cosines, norm_errors)
 
     exported = tmp_path / "exported.pth"
-    assert export.main(["--workdir", str(out), "--to", "arcface_torch", "--out",
-                        str(exported)]) == 0, capsys.readouterr().err
+    assert (
+        export.main(["--workdir", str(out), "--to", "arcface_torch", "--out", str(exported)]) == 0
+    ), capsys.readouterr().err
     state = torch.load(exported, map_location="cpu", weights_only=True)
     assert sorted(state) == sorted(original)
     for key, tensor in original.items():
@@ -284,8 +286,7 @@ def test_vit_checkpoint_is_read_strictly():
     ``pos_embed`` and ``mask_token`` (which inference does not use) included."""
     with torch.device("meta"):
         shapes = torch_reference.build_torch("vit_t").state_dict()
-    state = {k: np.zeros(v.shape, np.float32) for k, v in shapes.items()
-             if "num_batches" not in k}
+    state = {k: np.zeros(v.shape, np.float32) for k, v in shapes.items() if "num_batches" not in k}
     convert.convert_state_dict(state, "vit_t")  # complete: converts
     del state["pos_embed"], state["mask_token"]
     state["blocks.3.attn.qkv.weight"] = np.zeros((256, 768), np.float32)
@@ -295,8 +296,9 @@ def test_vit_checkpoint_is_read_strictly():
     message = str(info.value)
     assert "missing tensor 'pos_embed' (expected shape (1, 144, 256))" in message
     assert "missing tensor 'mask_token' (expected shape (1, 1, 256))" in message
-    assert ("'blocks.3.attn.qkv.weight' has shape (256, 768), expected (768, 256) "
-            "(transposed?)") in message
+    assert (
+        "'blocks.3.attn.qkv.weight' has shape (256, 768), expected (768, 256) (transposed?)"
+    ) in message
     assert "unexpected tensor 'blocks.12.norm1.weight' (256,)" in message
 
 

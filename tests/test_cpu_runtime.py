@@ -94,8 +94,9 @@ def _without_settings(**extra):
 
 def _run(script, setting):
     env = _without_settings()
-    out = subprocess.run([sys.executable, "-c", script, setting], env=env, check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", script, setting], env=env, check=True, capture_output=True, text=True
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -103,7 +104,8 @@ def test_xla_flags_adds_the_ynnpack_choice_once_and_keeps_the_users():
     flag = "--xla_cpu_experimental_ynn_fusion_type=reduce"
     assert cpu_runtime.xla_flags("") == flag
     assert cpu_runtime.xla_flags("--xla_force_host_platform_device_count=8") == (
-        "--xla_force_host_platform_device_count=8 " + flag)
+        "--xla_force_host_platform_device_count=8 " + flag
+    )
     assert cpu_runtime.xla_flags(flag) == flag
     users = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
     assert cpu_runtime.xla_flags(users) == users
@@ -138,17 +140,24 @@ def _glibc_version() -> tuple[int, ...]:
         return ()
 
 
-@pytest.mark.skipif(_transparent_huge_pages() != "madvise",
-                    reason="huge pages on request only where the kernel's mode is 'madvise' "
-                           "(with 'always' every large block has them, with 'never' none)")
+@pytest.mark.skipif(
+    _transparent_huge_pages() != "madvise",
+    reason="huge pages on request only where the kernel's mode is 'madvise' "
+    "(with 'always' every large block has them, with 'never' none)",
+)
 @pytest.mark.skipif(_glibc_version() < (2, 35), reason="glibc.malloc.hugetlb needs glibc 2.35")
 def test_a_threads_large_blocks_come_in_huge_pages_after_the_restart(tmp_path):
     (tmp_path / "thread_faults.py").write_text(_THREAD_FAULTS)
     env = _without_settings(PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
 
     def run(setting):
-        out = subprocess.run([sys.executable, "-m", "thread_faults", setting], env=env,
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-m", "thread_faults", setting],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         return json.loads(out.strip().splitlines()[-1])
 
     off, on = run("off"), run("on")
@@ -162,28 +171,45 @@ def test_a_threads_large_blocks_come_in_huge_pages_after_the_restart(tmp_path):
 
 def test_the_entry_points_restart_with_the_malloc_tunables():
     env = _without_settings()
-    argv = [sys.executable, "-m", "magjax.bench", "head", "--abstract", "--batch", "8",
-            "--classes", "64", "--dim", "8"]
+    argv = [
+        sys.executable,
+        "-m",
+        "magjax.bench",
+        "head",
+        "--abstract",
+        "--batch",
+        "8",
+        "--classes",
+        "64",
+        "--dim",
+        "8",
+    ]
     users = "glibc.malloc.arena_max=2"
-    cases = [([], {}, ":".join(cpu_runtime.MALLOC_TUNABLES)),
-             (["--cpu-defaults"], {}, ""),
-             ([], {"GLIBC_TUNABLES": users}, users)]  # the user's own: kept, no restart
+    cases = [
+        ([], {}, ":".join(cpu_runtime.MALLOC_TUNABLES)),
+        (["--cpu-defaults"], {}, ""),
+        ([], {"GLIBC_TUNABLES": users}, users),
+    ]  # the user's own: kept, no restart
     for extra, users_env, expected in cases:
-        out = subprocess.run(argv + extra, env=env | users_env, check=True, capture_output=True,
-                             text=True).stdout
+        out = subprocess.run(
+            argv + extra, env=env | users_env, check=True, capture_output=True, text=True
+        ).stdout
         assert json.loads(out.strip().splitlines()[-1])["glibc_tunables"] == expected
 
 
 def test_no_restart_outside_its_own_command_or_over_the_users_tunables():
     # In a process started otherwise (here `python -c`; a test calling an entry point, runpy)
     # the restart would start that other command again: it must return and change nothing.
-    script = ("import os; from magjax import cpu_runtime; "
-              "cpu_runtime.restart_with_malloc_tunables('magjax.bench'); "
-              "print(repr(os.environ.get('GLIBC_TUNABLES')))")
+    script = (
+        "import os; from magjax import cpu_runtime; "
+        "cpu_runtime.restart_with_malloc_tunables('magjax.bench'); "
+        "print(repr(os.environ.get('GLIBC_TUNABLES')))"
+    )
     for users in (None, "glibc.malloc.arena_max=2"):
         env = _without_settings(**({"GLIBC_TUNABLES": users} if users else {}))
-        out = subprocess.run([sys.executable, "-c", script], env=env, check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=env, check=True, capture_output=True, text=True
+        ).stdout
         assert out.strip() == repr(users)
 
 

@@ -19,8 +19,14 @@ N = 60  # 15 identities x 4 images
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = builders.prepare(
-        "synthetic", None, tmp_path_factory.mktemp("pipe") / "syn", num_identities=15,
-        images_per_identity=4, num_heldout=2, num_pairs=2, seed=1,
+        "synthetic",
+        None,
+        tmp_path_factory.mktemp("pipe") / "syn",
+        num_identities=15,
+        images_per_identity=4,
+        num_heldout=2,
+        num_pairs=2,
+        seed=1,
     )
     b = tfds.builder_from_directory(str(builders.find_dataset_dir(root)))
     src = b.as_data_source("train", decoders={"image": tfds.decode.SkipDecoding()})
@@ -34,8 +40,10 @@ def _digest(img: np.ndarray) -> str:
 
 def _pixel_index(records):
     """Pillow's decode of each stored JPEG -> record index."""
-    return {_digest(np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB"))): i
-            for i, r in enumerate(records)}
+    return {
+        _digest(np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB"))): i
+        for i, r in enumerate(records)
+    }
 
 
 def _take(pipe, k):
@@ -45,8 +53,12 @@ def _take(pipe, k):
 def test_hosts_cover_each_example_once_per_epoch(dataset):
     root, records = dataset
     index = _pixel_index(records)
-    hosts = [TrainPipeline(root, global_batch=8, seed=5, augment="none", process_index=p,
-                           process_count=2) for p in range(2)]
+    hosts = [
+        TrainPipeline(
+            root, global_batch=8, seed=5, augment="none", process_index=p, process_count=2
+        )
+        for p in range(2)
+    ]
     assert hosts[0].num_examples == N and hosts[0].num_classes == 15
     assert hosts[0].local_batch == 4 and hosts[0].steps_per_epoch == 7
     epochs = []
@@ -66,8 +78,12 @@ def test_hosts_cover_each_example_once_per_epoch(dataset):
     assert epochs[0] != epochs[1]
     # The global batch does not depend on the number of hosts.
     single = TrainPipeline(root, global_batch=8, seed=5, augment="none")
-    hosts = [TrainPipeline(root, global_batch=8, seed=5, augment="none", process_index=p,
-                           process_count=2) for p in range(2)]
+    hosts = [
+        TrainPipeline(
+            root, global_batch=8, seed=5, augment="none", process_index=p, process_count=2
+        )
+        for p in range(2)
+    ]
     for _ in range(3):
         joined = np.concatenate([next(h)["image"] for h in hosts])
         assert np.array_equal(next(single)["image"], joined)
@@ -108,21 +124,26 @@ def test_augmentations_are_deterministic_and_do_something(dataset):
     data = records[0]["image"]
     plain = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     assert np.array_equal(augment.augment_image(data, "none", None), plain)
-    flips = [augment.augment_image(data, "flip", np.random.default_rng([0, 0, i]))
-             for i in range(200)]
+    flips = [
+        augment.augment_image(data, "flip", np.random.default_rng([0, 0, i])) for i in range(200)
+    ]
     flipped = [np.array_equal(f, plain[:, ::-1]) for f in flips]
     assert all(fl or np.array_equal(f, plain) for f, fl in zip(flips, flipped, strict=True))
     assert 70 < sum(flipped) < 130
-    ada = [augment.augment_image(data, "adaface", np.random.default_rng([3, 1, i]))
-           for i in range(200)]
-    again = [augment.augment_image(data, "adaface", np.random.default_rng([3, 1, i]))
-             for i in range(200)]
+    ada = [
+        augment.augment_image(data, "adaface", np.random.default_rng([3, 1, i])) for i in range(200)
+    ]
+    again = [
+        augment.augment_image(data, "adaface", np.random.default_rng([3, 1, i])) for i in range(200)
+    ]
     assert all(np.array_equal(a, b) for a, b in zip(ada, again, strict=True))
     changed = sum(not (np.array_equal(a, plain) or np.array_equal(a, plain[:, ::-1])) for a in ada)
     # P(at least one of three p=0.2 augmentations) = 1 - 0.8^3 = 0.488.
     assert 70 < changed < 130
-    resized = [augment.augment_image(data, "adaface_resized", np.random.default_rng([3, 1, i]))
-               for i in range(20)]
+    resized = [
+        augment.augment_image(data, "adaface_resized", np.random.default_rng([3, 1, i]))
+        for i in range(20)
+    ]
     # Same draws, so the same images unless the crop fired (then: resized instead of padded).
     same = [np.array_equal(a, b) for a, b in zip(ada[:20], resized, strict=True)]
     assert 0 < sum(same) < 20
@@ -143,8 +164,9 @@ def test_adaface_parts():
         np.asarray(im),
     )
     # AdaFace's crop keeps the box in place on a black canvas.
-    kept = np.asarray(augment.random_resized_crop(im, rng, scale=(0.25, 0.25), ratio=(1, 1),
-                                                  resize=False))
+    kept = np.asarray(
+        augment.random_resized_crop(im, rng, scale=(0.25, 0.25), ratio=(1, 1), resize=False)
+    )
     rows, cols = np.nonzero(kept.any(-1))
     box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
     assert kept[box].shape[:2] == (56, 56)
@@ -188,6 +210,8 @@ def test_the_reading_pipeline_does_not_import_the_dataset_builders():
     import subprocess
     import sys
 
-    code = ("import sys, magjax.data.pipeline, magjax.data.prepared; "
-            "assert 'magjax.data.builders' not in sys.modules, 'builders imported'")
+    code = (
+        "import sys, magjax.data.pipeline, magjax.data.prepared; "
+        "assert 'magjax.data.builders' not in sys.modules, 'builders imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

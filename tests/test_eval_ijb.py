@@ -20,8 +20,11 @@ def loose_crop(rng, aligned, shape=(150, 170)):
 
     Returns the loose crop and the five landmarks (x, y) in its pixel coordinates.
     """
-    t = SimilarityTransform(scale=rng.uniform(0.9, 1.2), rotation=rng.uniform(-0.3, 0.3),
-                            translation=rng.uniform(5, 25, size=2))
+    t = SimilarityTransform(
+        scale=rng.uniform(0.9, 1.2),
+        rotation=rng.uniform(-0.3, 0.3),
+        translation=rng.uniform(5, 25, size=2),
+    )
     image = warp(aligned, t.inverse, output_shape=shape, order=1, preserve_range=True)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), t(align.ARCFACE_TEMPLATE)
 
@@ -33,26 +36,29 @@ def test_alignment_maps_landmarks_onto_the_template():
     t = SimilarityTransform(scale=1.3, rotation=0.25, translation=(30.0, 10.0))
     landmarks = np.round(t(align.ARCFACE_TEMPLATE))
     for x, y in landmarks.astype(int):
-        image[y - 1:y + 2, x - 1:x + 2] = 255
+        image[y - 1 : y + 2, x - 1 : x + 2] = 255
     out = align.align_face(image, landmarks)
     assert out.shape == (112, 112, 3) and out.dtype == np.uint8
-    np.testing.assert_allclose(align.estimate_transform(landmarks)(landmarks),
-                               align.ARCFACE_TEMPLATE, atol=0.6)
+    np.testing.assert_allclose(
+        align.estimate_transform(landmarks)(landmarks), align.ARCFACE_TEMPLATE, atol=0.6
+    )
     gray = out[..., 0].astype(np.float64)
     for tx, ty in align.ARCFACE_TEMPLATE:
         x0, y0 = int(tx) - 6, int(ty) - 6
-        patch = gray[y0:y0 + 13, x0:x0 + 13]
-        ys, xs = np.mgrid[y0:y0 + 13, x0:x0 + 13]
+        patch = gray[y0 : y0 + 13, x0 : x0 + 13]
+        ys, xs = np.mgrid[y0 : y0 + 13, x0 : x0 + 13]
         cx, cy = (patch * xs).sum() / patch.sum(), (patch * ys).sum() / patch.sum()
         # the landmarks were rounded to whole pixels: their fit is off by at most ~0.5 px
         assert abs(cx - tx) < 0.8 and abs(cy - ty) < 0.8, (cx, cy, tx, ty)
     # exact landmarks: the fitted transform is exact
     exact = t(align.ARCFACE_TEMPLATE)
-    np.testing.assert_allclose(align.estimate_transform(exact)(exact), align.ARCFACE_TEMPLATE,
-                               atol=1e-9)
+    np.testing.assert_allclose(
+        align.estimate_transform(exact)(exact), align.ARCFACE_TEMPLATE, atol=1e-9
+    )
     # a 224 crop uses the template scaled by 2
-    np.testing.assert_allclose(align.estimate_transform(exact, 224)(exact),
-                               2 * align.ARCFACE_TEMPLATE, atol=1e-9)
+    np.testing.assert_allclose(
+        align.estimate_transform(exact, 224)(exact), 2 * align.ARCFACE_TEMPLATE, atol=1e-9
+    )
 
 
 def test_alignment_recovers_the_face():
@@ -114,8 +120,9 @@ def write_benchmark(root, seed=0, identities=5, prefix="ijbc"):
                 Image.fromarray(crop).save(root / "loose_crop" / name, quality=95)
                 rows.append((name, int(tid), int(media), ident))
                 score = rng.uniform(0.5, 1.0)
-                lmk_rows.append(name + " " + " ".join(f"{v:.4f}" for v in lmk.ravel())
-                                + f" {score:.6f}")
+                lmk_rows.append(
+                    name + " " + " ".join(f"{v:.4f}" for v in lmk.ravel()) + f" {score:.6f}"
+                )
     with open(root / "meta" / f"{prefix}_face_tid_mid.txt", "w") as f:
         f.writelines(f"{n} {t} {m}\n" for n, t, m, _ in rows)
     # landmark file in another order: rows are matched by image name
@@ -123,7 +130,7 @@ def write_benchmark(root, seed=0, identities=5, prefix="ijbc"):
         f.writelines(line + "\n" for line in reversed(lmk_rows))
     with open(root / "meta" / f"{prefix}_template_pair_label.txt", "w") as f:
         for i, a in enumerate(template_ids):
-            for b in template_ids[i + 1:]:
+            for b in template_ids[i + 1 :]:
                 f.write(f"{a} {b} {int(owner[int(a)] == owner[int(b)])}\n")
     return np.array([r[3] for r in rows]), faces
 
@@ -143,8 +150,9 @@ def test_mini_benchmark_end_to_end(tmp_path):
     # the landmark rows follow tid_mid order after the by-name match
     lines = (root / "meta" / "ijbc_name_5pts_score.txt").read_text().splitlines()
     first = next(line for line in lines if line.startswith(meta.names[0] + " "))
-    np.testing.assert_allclose(meta.landmarks[0].ravel(),
-                               [float(v) for v in first.split()[1:11]], rtol=1e-6)
+    np.testing.assert_allclose(
+        meta.landmarks[0].ravel(), [float(v) for v in first.split()[1:11]], rtol=1e-6
+    )
 
     aligned = np.concatenate(list(ijb.iter_aligned(meta, batch_size=4)))
     inner = (slice(None), slice(10, 102), slice(10, 102))
@@ -165,8 +173,12 @@ def test_mini_benchmark_end_to_end(tmp_path):
     # N1D1F1 scores equal the slow reference aggregation of the description
     feats = (plain + flipped) * meta.faceness[:, None]
     tf, uniq = slow_templates(feats, meta.templates, meta.medias)
-    ref_scores = np.array([tf[np.searchsorted(uniq, a)] @ tf[np.searchsorted(uniq, b)]
-                           for a, b in zip(meta.pair_t1, meta.pair_t2, strict=True)])
+    ref_scores = np.array(
+        [
+            tf[np.searchsorted(uniq, a)] @ tf[np.searchsorted(uniq, b)]
+            for a, b in zip(meta.pair_t1, meta.pair_t2, strict=True)
+        ]
+    )
     got_feats = ijb.image_features(plain, flipped, meta.faceness)
     tfg, uniqg = ijb.template_features(got_feats, meta.templates, meta.medias)
     np.testing.assert_array_equal(uniqg, uniq)
@@ -189,8 +201,15 @@ def test_aggregation_modes_against_slow_loops():
         ("insightface", True, False, False): plain * face[:, None],
     }
     for (method, det, norm_off, flip), feats in cases.items():
-        got = ijb.image_features(plain, flipped, face, method=method, use_flip_test=flip,
-                                 use_norm_score=not norm_off, use_detector_score=det)
+        got = ijb.image_features(
+            plain,
+            flipped,
+            face,
+            method=method,
+            use_flip_test=flip,
+            use_norm_score=not norm_off,
+            use_detector_score=det,
+        )
         np.testing.assert_allclose(got, feats)
         tf, _ = ijb.template_features(got, templates, medias, method)
         np.testing.assert_allclose(tf, slow_templates(feats, templates, medias)[0], atol=1e-12)

@@ -156,8 +156,10 @@ def test_recognisability_vs_quality():
     assert quality.recognisability_vs_quality(raw * scale, ident, levels, 4) == pytest.approx(rho)
     flat = quality.recognisability_vs_quality(*_levelled(2, [1.0] * 5), clean_level=4)
     assert abs(flat) < 0.1
-    assert quality.recognisability_vs_quality(
-        *_levelled(3, [0.3, 0.6, 1.0, 1.5, 0.3]), clean_level=4) < -0.5
+    assert (
+        quality.recognisability_vs_quality(*_levelled(3, [0.3, 0.6, 1.0, 1.5, 0.3]), clean_level=4)
+        < -0.5
+    )
 
 
 def test_recognisability_needs_a_clean_reference_per_identity():

@@ -29,7 +29,7 @@ def _perturbed(kind: str, field: str, delta: float):
     case = copy.deepcopy(next(c for c in CASES if c["kind"] == kind))
     expected = case["expected"]
     if field.startswith("tar@"):
-        key = field[len("tar@"):]
+        key = field[len("tar@") :]
         expected["tar_at_far"][key] += delta
     elif isinstance(expected[field], list):
         expected[field][3] += delta

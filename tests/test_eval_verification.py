@@ -51,8 +51,16 @@ def slow_evaluate(e1, e2, issame, nrof_folds=10):
         pred = dist[test] < thr
         vals[f] = np.sum(pred & issame[test]) / np.sum(issame[test])
         fars[f] = np.sum(pred & ~issame[test]) / np.sum(~issame[test])
-    return dict(accuracy=accs.mean(), std=accs.std(), best_thresholds=best, tpr=tprs.mean(0),
-                fpr=fprs.mean(0), val=vals.mean(), val_std=vals.std(), far=fars.mean())
+    return dict(
+        accuracy=accs.mean(),
+        std=accs.std(),
+        best_thresholds=best,
+        tpr=tprs.mean(0),
+        fpr=fprs.mean(0),
+        val=vals.mean(),
+        val_std=vals.std(),
+        far=fars.mean(),
+    )
 
 
 def random_pairs(seed, n, d=16, noise=0.9):

@@ -26,7 +26,8 @@ def random_variables(arch, seed=0):
     module = models.build(arch)
     shapes = jax.eval_shape(
         lambda k: module.init(k, jnp.zeros((1, *models.INPUT_SHAPE)), train=False),
-        jax.random.key(0))
+        jax.random.key(0),
+    )
     rng = np.random.default_rng(seed)
 
     def fill(path, leaf):
@@ -39,8 +40,7 @@ def random_variables(arch, seed=0):
             return 0.1 * rng.normal(size=leaf.shape)
         return 1.0 + 0.2 * rng.normal(size=leaf.shape)  # BatchNorm scale, PReLU slope
 
-    variables = jax.tree_util.tree_map_with_path(
-        lambda p, x: fill(p, x).astype(np.float32), shapes)
+    variables = jax.tree_util.tree_map_with_path(lambda p, x: fill(p, x).astype(np.float32), shapes)
     return calibrated(arch, variables, rng)
 
 
@@ -82,8 +82,7 @@ def calibrated(arch, variables, rng):
 
 
 def session(model_or_path):
-    source = model_or_path if isinstance(model_or_path, str) else \
-        model_or_path.SerializeToString()
+    source = model_or_path if isinstance(model_or_path, str) else model_or_path.SerializeToString()
     return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
 
 
@@ -114,12 +113,14 @@ def insightface_feeds_raw_pixels(model):
     """insightface ArcFaceONNX's rule: nodes named Sub*/_minus* and Mul*/_mul* among the first
     eight mean "feed raw 0..255" (else it feeds (x - 127.5) / 127.5)."""
     top = [node.name for node in model.graph.node[:8]]
-    return (any(n.startswith(("Sub", "_minus")) for n in top)
-            and any(n.startswith(("Mul", "_mul")) for n in top))
+    return any(n.startswith(("Sub", "_minus")) for n in top) and any(
+        n.startswith(("Mul", "_mul")) for n in top
+    )
 
 
-@pytest.mark.parametrize("arch", ["tiny", "magface_tiny", "mbf", "iresnet18",
-                                  "magface_iresnet18", "ir_18", "vit_demo"])
+@pytest.mark.parametrize(
+    "arch", ["tiny", "magface_tiny", "mbf", "iresnet18", "magface_iresnet18", "ir_18", "vit_demo"]
+)
 def test_onnx_matches_jax_forward_on_random_weights(arch):
     variables = random_variables(arch)
     spec = models.input_spec(arch)
@@ -150,8 +151,14 @@ def insightface_faces():
     tom = cv2.imread(str(images / "Tom_Hanks_54745.png"))
     group = cv2.imread(str(images / "t1.jpg"))
     assert tom is not None and tom.shape == (112, 112, 3) and group is not None
-    crops = [cv2.resize(group[y - s // 2:y + s // 2, x - s // 2:x + s // 2], (112, 112),
-                        interpolation=cv2.INTER_AREA) for x, y, s in T1_FACES]
+    crops = [
+        cv2.resize(
+            group[y - s // 2 : y + s // 2, x - s // 2 : x + s // 2],
+            (112, 112),
+            interpolation=cv2.INTER_AREA,
+        )
+        for x, y, s in T1_FACES
+    ]
     return np.ascontiguousarray(np.stack([tom, *crops])[..., ::-1])
 
 
@@ -171,18 +178,27 @@ def insightface_agrees(onnx_path, workdir, faces_rgb):
 
 
 # Each arch with an arch of another input convention (whose spec is the wrong one for it).
-@pytest.mark.parametrize("arch,wrong_arch", [("tiny", "magface_tiny"), ("magface_tiny", "tiny"),
-                                             ("ir_18", "tiny"), ("vit_demo", "magface_tiny")])
+@pytest.mark.parametrize(
+    "arch,wrong_arch",
+    [
+        ("tiny", "magface_tiny"),
+        ("magface_tiny", "tiny"),
+        ("ir_18", "tiny"),
+        ("vit_demo", "magface_tiny"),
+    ],
+)
 def test_insightface_reproduces_face_encoder(tmp_path, capsys, arch, wrong_arch):
     """The three conventions (arcface_torch RGB; MagFace BGR x/255; AdaFace BGR
     (x/255-0.5)/0.5) through insightface's own loader and preprocessing."""
     workdir = tmp_path / "run"
     variables = random_variables(arch, seed=3)
-    checkpoint.save_inference_model(workdir / "model_best", variables,
-                                    {"arch": arch, "input_spec": models.input_spec(arch)})
+    checkpoint.save_inference_model(
+        workdir / "model_best", variables, {"arch": arch, "input_spec": models.input_spec(arch)}
+    )
     out = tmp_path / "model.onnx"
-    assert export.main(["--workdir", str(workdir), "--best", "--out", str(out)]) == 0, \
+    assert export.main(["--workdir", str(workdir), "--best", "--out", str(out)]) == 0, (
         capsys.readouterr().err
+    )
     faces = insightface_faces()
     ok, cosines = insightface_agrees(out, workdir / "model_best", faces)
     assert ok.all(), cosines
@@ -202,9 +218,10 @@ def test_insightface_reproduces_face_encoder(tmp_path, capsys, arch, wrong_arch)
 # ViT-T checkpoint, compares with PyTorch, exports to ONNX and back to arcface_torch in one go.)
 
 
-@pytest.mark.parametrize("source,arch", [("arcface_torch", "iresnet18"),
-                                         ("magface", "magface_iresnet18"),
-                                         ("adaface", "ir_18")])
+@pytest.mark.parametrize(
+    "source,arch",
+    [("arcface_torch", "iresnet18"), ("magface", "magface_iresnet18"), ("adaface", "ir_18")],
+)
 def test_official_layout_round_trip_and_onnx(tmp_path, capsys, source, arch):
     """official checkpoint -> magjax.convert -> magjax.export --to: the same tensors bit for
     bit, loadable with strict=True; and the ONNX of the converted model equals its JAX forward."""
@@ -217,11 +234,13 @@ def test_official_layout_round_trip_and_onnx(tmp_path, capsys, source, arch):
     original = module.state_dict()
     ckpt = _save_official_layout(module, source, arch, tmp_path / "official.ckpt")
     converted = tmp_path / "converted"
-    assert convert.main(["--from", source, str(ckpt), "--arch", arch, "--out",
-                         str(converted)]) == 0, capsys.readouterr().err
+    assert (
+        convert.main(["--from", source, str(ckpt), "--arch", arch, "--out", str(converted)]) == 0
+    ), capsys.readouterr().err
     exported = tmp_path / "exported.pth"
-    assert export.main(["--workdir", str(converted), "--to", source, "--out",
-                        str(exported)]) == 0, capsys.readouterr().err
+    assert (
+        export.main(["--workdir", str(converted), "--to", source, "--out", str(exported)]) == 0
+    ), capsys.readouterr().err
 
     loaded = torch.load(exported, map_location="cpu", weights_only=True)
     # Each repository's own unwrapping of its checkpoint.
@@ -231,8 +250,9 @@ def test_official_layout_round_trip_and_onnx(tmp_path, capsys, source, arch):
         assert loaded["arch"] == arch.removeprefix("magface_")
         state = {k.removeprefix("module.features."): v for k, v in loaded["state_dict"].items()}
     else:
-        state = {k[len("model."):]: v for k, v in loaded["state_dict"].items()
-                 if k.startswith("model.")}
+        state = {
+            k[len("model.") :]: v for k, v in loaded["state_dict"].items() if k.startswith("model.")
+        }
     assert sorted(state) == sorted(original)  # key order is not part of the layout
     for key, tensor in original.items():
         assert state[key].dtype == tensor.dtype and torch.equal(state[key], tensor), key
@@ -240,25 +260,40 @@ def test_official_layout_round_trip_and_onnx(tmp_path, capsys, source, arch):
 
     # The converted weights through ONNX.
     variables, meta = checkpoint.load_inference_model(converted)
-    assert_onnx_matches_jax(export.onnx_model(variables, arch, meta["input_spec"]), arch,
-                            variables, meta["input_spec"], batches=(7,))
+    assert_onnx_matches_jax(
+        export.onnx_model(variables, arch, meta["input_spec"]),
+        arch,
+        variables,
+        meta["input_spec"],
+        batches=(7,),
+    )
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):
-    assert export.main(["--workdir", str(tmp_path / "nothing"), "--out",
-                        str(tmp_path / "m.onnx")]) == 2
+    assert (
+        export.main(["--workdir", str(tmp_path / "nothing"), "--out", str(tmp_path / "m.onnx")])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "nothing" in err and "model.json" in err
     workdir = tmp_path / "run"
-    checkpoint.save_inference_model(workdir / "model", random_variables("tiny"),
-                                    {"arch": "tiny", "input_spec": models.input_spec("tiny")})
-    assert export.main(["--workdir", str(workdir), "--to", "arcface_torch", "--out",
-                        str(tmp_path / "m.pth")]) == 2
+    checkpoint.save_inference_model(
+        workdir / "model",
+        random_variables("tiny"),
+        {"arch": "tiny", "input_spec": models.input_spec("tiny")},
+    )
+    assert (
+        export.main(
+            ["--workdir", str(workdir), "--to", "arcface_torch", "--out", str(tmp_path / "m.pth")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "demo net" in err
     assert not (tmp_path / "m.pth").exists()
-    assert export.main(["--workdir", str(workdir), "--best", "--out",
-                        str(tmp_path / "m.onnx")]) == 2
+    assert (
+        export.main(["--workdir", str(workdir), "--best", "--out", str(tmp_path / "m.onnx")]) == 2
+    )
     assert "model_best" in capsys.readouterr().err
     existing = tmp_path / "existing.onnx"
     existing.write_bytes(b"an earlier export")
@@ -269,8 +304,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert existing.read_bytes() != b"an earlier export"
 
 
-def test_model_over_the_protobuf_limit_is_written_with_external_data(tmp_path, capsys,
-                                                                      monkeypatch):
+def test_model_over_the_protobuf_limit_is_written_with_external_data(tmp_path, capsys, monkeypatch):
     """vit_h's ~3 GB of weights exceed protobuf's 2 GiB: such a model is written as a graph and
     one external-data file beside it (here the threshold is lowered so that vit_demo crosses
     it). onnxruntime and insightface load it by path and give the self-contained file's output
@@ -285,8 +319,9 @@ def test_model_over_the_protobuf_limit_is_written_with_external_data(tmp_path, c
     variables = random_variables(arch, seed=4)
     spec = models.input_spec(arch)
     workdir = tmp_path / "run"
-    checkpoint.save_inference_model(workdir / "model", variables,
-                                    {"arch": arch, "input_spec": spec})
+    checkpoint.save_inference_model(
+        workdir / "model", variables, {"arch": arch, "input_spec": spec}
+    )
     single, out = tmp_path / "single.onnx", tmp_path / "big.onnx"
     data = tmp_path / "big.onnx.data"
     assert export.main(["--workdir", str(workdir), "--out", str(single)]) == 0
@@ -296,18 +331,25 @@ def test_model_over_the_protobuf_limit_is_written_with_external_data(tmp_path, c
     assert full_weights > 2**21  # vit_demo: ~2.9 MB of float32 weights
 
     monkeypatch.setattr(export, "EXTERNAL_DATA_THRESHOLD", 2**20)
-    assert export.main(["--workdir", str(workdir), "--out", str(out)]) == 0, \
-        capsys.readouterr().err
+    assert export.main(["--workdir", str(workdir), "--out", str(out)]) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert f"its weights {data} " in printed and "\n" not in printed.strip()
     # Nothing else (no temporary directory) is left beside them; the weights file has the
     # user's file mode (onnx creates it 0600, which would hide it from a serving container).
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "run",
-                                                          "single.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "big.onnx",
+        "big.onnx.data",
+        "run",
+        "single.onnx",
+    ]
     assert stat.S_IMODE(data.stat().st_mode) == stat.S_IMODE(single.stat().st_mode)
     graph_only = onnx.load(str(out), load_external_data=False)
-    locations = {entry.value for tensor in graph_only.graph.initializer
-                 for entry in tensor.external_data if entry.key == "location"}
+    locations = {
+        entry.value
+        for tensor in graph_only.graph.initializer
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
     assert locations == {"big.onnx.data"}
     # All but the tensors under 1 KiB (onnx's size_threshold) are in the data file.
     assert out.stat().st_size < 0.02 * full_weights < 0.02 * data.stat().st_size / 0.99
@@ -316,8 +358,7 @@ def test_model_over_the_protobuf_limit_is_written_with_external_data(tmp_path, c
     faces = insightface_faces()
     x = onnx_input(faces, spec)
     expected = session(str(single)).run(None, {export.INPUT_NAME: x})[0]
-    np.testing.assert_array_equal(session(str(out)).run(None, {export.INPUT_NAME: x})[0],
-                                  expected)
+    np.testing.assert_array_equal(session(str(out)).run(None, {export.INPUT_NAME: x})[0], expected)
     recogniser = get_model(str(out), providers=["CPUExecutionProvider"])
     assert isinstance(recogniser, ArcFaceONNX)
     bgr = [np.ascontiguousarray(f[..., ::-1]) for f in faces]
@@ -348,8 +389,12 @@ def test_model_over_the_protobuf_limit_is_written_with_external_data(tmp_path, c
         with pytest.raises(onnx.checker.ValidationError, match="injected"):
             export.save_onnx(model, out)
     assert (out.read_bytes(), data.read_bytes()) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "run",
-                                                          "single.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "big.onnx",
+        "big.onnx.data",
+        "run",
+        "single.onnx",
+    ]
 
     # --overwrite with the real threshold: one self-contained file, the stale weights removed.
     monkeypatch.undo()

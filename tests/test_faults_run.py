@@ -58,10 +58,15 @@ def _kill_at(monkeypatch, point: int) -> list[str]:
             if len(met) == point:
                 raise _KilledError(met[-1])
             return function(*args, **kwargs)
+
         return wrapper
 
-    for module, name in ((os, "rename"), (shutil, "rmtree"), (pathlib.Path, "unlink"),
-                         (checkpoint.files, "write_text_atomically")):
+    for module, name in (
+        (os, "rename"),
+        (shutil, "rmtree"),
+        (pathlib.Path, "unlink"),
+        (checkpoint.files, "write_text_atomically"),
+    ):
         monkeypatch.setattr(module, name, kill_point(name, getattr(module, name)))
     original_rmtree = async_path.rmtree
 
@@ -80,8 +85,9 @@ def _loaded_step(path) -> int:
     return encoder.meta["step"]
 
 
-def test_a_kill_at_any_moment_of_a_model_export_leaves_one_that_loads(two_models, tmp_path,
-                                                                       monkeypatch):
+def test_a_kill_at_any_moment_of_a_model_export_leaves_one_that_loads(
+    two_models, tmp_path, monkeypatch
+):
     """The export of ``model_best`` replaces the previous best; killed at each file-system
     change of that replacement, the directory (through ``FaceEncoder.load`` and through the
     workdir's ``model``) still loads the previous model or the new one, and the next export
@@ -140,11 +146,18 @@ def test_a_killed_swap_is_finished_at_the_next_start(two_models, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # 6 and 8. The workdir: locked against a second run; one line when it cannot be used.
 
-MAIN_FLAGS = ["--config", "configs/arcface.py:tiny", "--config.model.dtype=float32",
-              "--config.model.embedding_dim=32", "--config.num_devices=1",
-              "--config.global_batch=16", "--config.log_every_steps=1",
-              "--config.eval.every_steps=1000", "--config.eval.heldout_sets=False",
-              "--config.checkpoint.every_steps=1000"]
+MAIN_FLAGS = [
+    "--config",
+    "configs/arcface.py:tiny",
+    "--config.model.dtype=float32",
+    "--config.model.embedding_dim=32",
+    "--config.num_devices=1",
+    "--config.global_batch=16",
+    "--config.log_every_steps=1",
+    "--config.eval.every_steps=1000",
+    "--config.eval.heldout_sets=False",
+    "--config.checkpoint.every_steps=1000",
+]
 
 
 @pytest.fixture(scope="module")
@@ -153,14 +166,19 @@ def dataset(tmp_path_factory):
 
     from magjax import data
 
-    return data.prepare("synthetic", None, tmp_path_factory.mktemp("data") / "tiny",
-                        **SYNTHETIC)
+    return data.prepare("synthetic", None, tmp_path_factory.mktemp("data") / "tiny", **SYNTHETIC)
 
 
 def _main(workdir, *flags, env=None, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "magjax.main", *MAIN_FLAGS,
-                             f"--workdir={workdir}", *flags], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "magjax.main", *MAIN_FLAGS, f"--workdir={workdir}", *flags],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def _lines(text):
@@ -170,21 +188,33 @@ def _lines(text):
 def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_holder(dataset, tmp_path):
     workdir = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from magjax import workdir as w; "
-         "w.prepare(sys.argv[1]); lock = w.lock(sys.argv[1]); print('locked', flush=True); "
-         "time.sleep(120)", str(workdir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from magjax import workdir as w; "
+            "w.prepare(sys.argv[1]); lock = w.lock(sys.argv[1]); print('locked', flush=True); "
+            "time.sleep(120)",
+            str(workdir),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(UserError, match=rf"in use by another run \(pid {holder.pid} on host "
-                                            rf"{socket.gethostname()}, started 20"):
+        with pytest.raises(
+            UserError,
+            match=rf"in use by another run \(pid {holder.pid} on host "
+            rf"{socket.gethostname()}, started 20",
+        ):
             workdirs.lock(workdir)
         # The command: one line, exit 2, and nothing written (no log, no config.json).
         second = _main(workdir, f"--config.data.dir={dataset}", "--config.total_steps=2")
         _, err = second.communicate(timeout=300)
         assert second.returncode == 2, err
-        assert _lines(err) == [err.strip()] and err.startswith(f"error: --workdir {workdir} is "
-                                                                f"in use by another run (pid "
-                                                                f"{holder.pid} on host"), err
+        assert _lines(err) == [err.strip()] and err.startswith(
+            f"error: --workdir {workdir} is in use by another run (pid {holder.pid} on host"
+        ), err
         assert sorted(p.name for p in workdir.iterdir()) == [workdirs.LOCK_FILE]
     finally:
         holder.kill()  # a kill leaves no stale lock: the kernel drops it with the process
@@ -201,10 +231,12 @@ def test_an_unusable_workdir_is_one_line_naming_it(tmp_path, monkeypatch):
     run = _main(a_file, "--config.total_steps=1")
     _, err = run.communicate(timeout=300)
     assert run.returncode == 2 and _lines(err) == [
-        f"error: --workdir {a_file} is a file, not a directory: name a directory"], err
+        f"error: --workdir {a_file} is a file, not a directory: name a directory"
+    ], err
     # under a regular file
-    with pytest.raises(UserError, match=f"--workdir {a_file}/run: {a_file} is a file, not a "
-                                        "directory"):
+    with pytest.raises(
+        UserError, match=f"--workdir {a_file}/run: {a_file} is a file, not a directory"
+    ):
         workdirs.prepare(a_file / "run")
     # read-only (as root, permissions do not stop this process: the file system's answer is
     # simulated)
@@ -217,8 +249,9 @@ def test_an_unusable_workdir_is_one_line_naming_it(tmp_path, monkeypatch):
 
     (tmp_path / "ro").mkdir()
     monkeypatch.setattr(os, "open", read_only)
-    with pytest.raises(UserError, match=f"--workdir {tmp_path}/ro cannot be written: Read-only "
-                                        "file system"):
+    with pytest.raises(
+        UserError, match=f"--workdir {tmp_path}/ro cannot be written: Read-only file system"
+    ):
         workdirs.prepare(tmp_path / "ro")
 
 
@@ -259,10 +292,12 @@ def test_full_disk_at_a_checkpoint_then_resume(dataset, tmp_path, monkeypatch):
         with pytest.raises(UserError) as raised:
             train.train_and_evaluate(_config(dataset), str(workdir))
     message = cli.user_error_message(raised.value)
-    assert message == (f"the disk is full: checkpoint step 4 could not be written in {workdir}/"
-                       "checkpoints (its partial files are removed) and nothing else is lost: "
-                       "the checkpoint of step 2 is kept. Free space and rerun the same command "
-                       "to resume (orbax's error is in train.log)")
+    assert message == (
+        f"the disk is full: checkpoint step 4 could not be written in {workdir}/"
+        "checkpoints (its partial files are removed) and nothing else is lost: "
+        "the checkpoint of step 2 is kept. Free space and rerun the same command "
+        "to resume (orbax's error is in train.log)"
+    )
     saved = checkpoint.TrainCheckpoints(workdir, every_steps=2, keep=3)
     assert saved.latest_step() == 2
     saved.close()
@@ -304,24 +339,31 @@ def _interrupt_when(process, line_start: str) -> list[str]:
     return _lines(rest)
 
 
-def test_ctrl_c_during_training_saves_and_stops_in_one_line_and_the_rerun_resumes(dataset,
-                                                                                   tmp_path):
+def test_ctrl_c_during_training_saves_and_stops_in_one_line_and_the_rerun_resumes(
+    dataset, tmp_path
+):
     """Before: a KeyboardInterrupt traceback, nothing saved."""
     # The persistent compilation cache spares the rerun its compilation (seconds, not 20).
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    env = {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
     workdir = tmp_path / "run"
     flags = (f"--config.data.dir={dataset}", "--config.total_steps=40")
     run = _main(workdir, *flags, env=env)
     after = _interrupt_when(run, "[1/40]")
     assert run.returncode == 130, after
-    assert after[0].startswith("Ctrl-C received: saving a checkpoint after this step and "
-                               "stopping (Ctrl-C again stops at once)"), after
+    assert after[0].startswith(
+        "Ctrl-C received: saving a checkpoint after this step and "
+        "stopping (Ctrl-C again stops at once)"
+    ), after
     stopped = next(line for line in after if line.startswith("stopped at step"))
     step = int(stopped.split()[3])
-    assert stopped == (f"stopped at step {step} after Ctrl-C (checkpoint saved); rerun the same "
-                       "command to resume")
+    assert stopped == (
+        f"stopped at step {step} after Ctrl-C (checkpoint saved); rerun the same command to resume"
+    )
     assert not any("Traceback" in line or "KeyboardInterrupt" in line for line in after), after
     assert 1 <= step < 40
     saved = checkpoint.TrainCheckpoints(workdir, every_steps=1000, keep=3)
@@ -341,8 +383,10 @@ def test_ctrl_c_before_training_stops_at_once_in_one_line(dataset, tmp_path):
     started = time.time()
     after = _interrupt_when(run, "training arcface on tiny")
     assert run.returncode == 130
-    assert after[-1:] == ["stopped by Ctrl-C: the newest checkpoint in the workdir (if any) is "
-                          "kept; rerun the same command to resume"], after
+    assert after[-1:] == [
+        "stopped by Ctrl-C: the newest checkpoint in the workdir (if any) is "
+        "kept; rerun the same command to resume"
+    ], after
     assert not any("Traceback" in line for line in after), after
     assert time.time() - started < 15  # at once, not after compiling and training
     assert not (tmp_path / "run" / "checkpoints" / "1").exists()
@@ -356,17 +400,22 @@ def test_metrics_trimmed_to_the_restored_step_nothing_deleted(tmp_path):
     from magjax import logs
 
     path = tmp_path / "metrics.jsonl"
-    lines = ['{"step": 1, "kind": "train", "loss": 3.0}',
-             '{"step": 2, "kind": "train", "loss": 2.5}',
-             '{"step": 2, "kind": "eval", "acc": 0.5}',
-             '{"step": 3, "kind": "train", "loss": 2.0}',
-             '{"step": 2, "kind": "train", "loss": 2.4}',  # the later of two: kept
-             '{"step": 4, "kind": "tra']
+    lines = [
+        '{"step": 1, "kind": "train", "loss": 3.0}',
+        '{"step": 2, "kind": "train", "loss": 2.5}',
+        '{"step": 2, "kind": "eval", "acc": 0.5}',
+        '{"step": 3, "kind": "train", "loss": 2.0}',
+        '{"step": 2, "kind": "train", "loss": 2.4}',  # the later of two: kept
+        '{"step": 4, "kind": "tra',
+    ]
     path.write_text("\n".join(lines))
     assert logs.trim_metrics(path, restored_step=2) == (3, 3)
     assert path.read_text().splitlines() == [lines[0], lines[2], lines[4]]
     assert (tmp_path / "metrics.dropped.jsonl").read_text().splitlines() == [
-        lines[3], lines[1], lines[5]]
+        lines[3],
+        lines[1],
+        lines[5],
+    ]
     assert logs.trim_metrics(path, restored_step=2) == (3, 0)  # nothing more to do
     assert logs.trim_metrics(path, restored_step=0) == (0, 3)
     assert path.read_text() == ""

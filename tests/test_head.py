@@ -18,11 +18,9 @@ CURRICULARFACE_REFS = json.loads((FIXTURES / "curricularface_refs.json").read_te
 
 LOSSES = {
     "arcface": losses.MarginLoss.create("arcface"),
-    "arcface_paper": losses.MarginLoss.create("arcface", variant="paper",
-                                              probability_floor=None),
+    "arcface_paper": losses.MarginLoss.create("arcface", variant="paper", probability_floor=None),
     "cosface_filtered": losses.MarginLoss.create("cosface", interclass_filtering_threshold=0.1),
-    "combined_paper": losses.MarginLoss.create("combined", m1=1.2, m2=0.3, m3=0.1,
-                                               variant="paper"),
+    "combined_paper": losses.MarginLoss.create("combined", m1=1.2, m2=0.3, m3=0.1, variant="paper"),
     "magface": losses.MarginLoss.create("magface"),
     "magface_hard": losses.MarginLoss.create("magface", easy_margin=False),
     "adaface": losses.MarginLoss.create("adaface", t_alpha=0.5),
@@ -53,12 +51,14 @@ def test_sharded_equals_dense(name, batch, classes, x64):
         scale = max(1.0, np.abs(expected).max())
         np.testing.assert_allclose(sharded[key], expected, rtol=0, atol=1e-9 * scale, err_msg=key)
     for key in state:
-        np.testing.assert_allclose(sharded["state_after"][key], dense["state_after"][key],
-                                   rtol=1e-12)
+        np.testing.assert_allclose(
+            sharded["state_after"][key], dense["state_after"][key], rtol=1e-12
+        )
 
 
-@pytest.mark.parametrize("case", LOSS_REFS["cases"] + CURRICULARFACE_REFS["cases"],
-                         ids=lambda c: c["name"])
+@pytest.mark.parametrize(
+    "case", LOSS_REFS["cases"] + CURRICULARFACE_REFS["cases"], ids=lambda c: c["name"]
+)
 def test_reference_cases_through_sharded_head(case, x64):
     passed, detail = loss_cases.check_case(case, "float64", mesh_devices=8)
     assert passed, detail
@@ -69,16 +69,16 @@ def pfc_step(loss, x, W, y, sample_rate, key, devices=8):
     mesh = make_mesh(devices)
     classes = W.shape[0]
     Wp = jnp.pad(W, ((0, padded_size(classes, devices) - classes), (0, 0)))
-    fn = head.sharded_margin_loss(loss, mesh, classes, sample_rate=sample_rate,
-                                  return_logits=True)
+    fn = head.sharded_margin_loss(loss, mesh, classes, sample_rate=sample_rate, return_logits=True)
     mask = jnp.ones(len(y), bool)
 
     def total(x, w):
         out = fn(x, w, jnp.asarray(y), mask, loss.initial_state(), key)
         return out.loss, {**out.metrics, "sampled": out.sampled}
 
-    (value, metrics), (gx, gw) = jax.jit(jax.value_and_grad(total, argnums=(0, 1),
-                                                            has_aux=True))(x, Wp)
+    (value, metrics), (gx, gw) = jax.jit(jax.value_and_grad(total, argnums=(0, 1), has_aux=True))(
+        x, Wp
+    )
     # The zero rows padding the classes get an exactly zero (not NaN) gradient.
     np.testing.assert_array_equal(gw[classes:], 0.0)
     return value, jax.tree.map(np.asarray, metrics), np.asarray(gx), np.asarray(gw)[:classes]
@@ -122,10 +122,10 @@ def test_partial_fc_rate_one_is_the_full_head(x64):
     x, W, y = random_problem(8, 16, 50)
     value, metrics, gx, gw = pfc_step(loss, x, W, y, 1.0, jax.random.key(0))
     assert metrics["sampled"][:50].all()
-    np.testing.assert_allclose(value, ref.arcface(x, W, y, 64.0, 0.5, "insightface", 1e-30),
-                               rtol=1e-12)
-    dense_gx, dense_gw = ref.insightface_grads(x, W, y, 64.0,
-                                               lambda c: np.cos(np.arccos(c) + 0.5))
+    np.testing.assert_allclose(
+        value, ref.arcface(x, W, y, 64.0, 0.5, "insightface", 1e-30), rtol=1e-12
+    )
+    dense_gx, dense_gw = ref.insightface_grads(x, W, y, 64.0, lambda c: np.cos(np.arccos(c) + 0.5))
     np.testing.assert_allclose(gx, dense_gx, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(gw, dense_gw, rtol=1e-9, atol=1e-12)
 
@@ -134,8 +134,9 @@ def test_margin_head_module_updates_adaface_state(x64):
     """The head object: W padded by rows, EMA state initialised, and updated by its loss."""
     mesh = make_mesh(8)
     loss = LOSSES["adaface"]
-    margin_head = head.ClassShardedHead(loss, mesh, num_classes=30, embedding_dim=16,
-                                        weight_init="unit")
+    margin_head = head.ClassShardedHead(
+        loss, mesh, num_classes=30, embedding_dim=16, weight_init="unit"
+    )
     x, _, y = random_problem(9, 16, 30)
     params, state = margin_head.init(jax.random.key(0))
     weight = params["weight"]
@@ -144,8 +145,7 @@ def test_margin_head_module_updates_adaface_state(x64):
     assert float(state["batch_mean"]) == 20.0
     out = margin_head.loss(params, state, jnp.asarray(x), jnp.asarray(y), jax.random.key(0))
     norms = np.clip(np.linalg.norm(x, axis=1), 1e-3, 100)
-    np.testing.assert_allclose(out.state["batch_mean"], 0.5 * norms.mean() + 0.5 * 20.0,
-                               rtol=1e-6)
+    np.testing.assert_allclose(out.state["batch_mean"], 0.5 * norms.mean() + 0.5 * 20.0, rtol=1e-6)
     dense = losses.dense_loss(x, np.asarray(weight[:30]), y, loss)[0]
     np.testing.assert_allclose(out.loss, dense, rtol=1e-6)
 
@@ -173,19 +173,21 @@ def test_sampled_rows_loss_is_the_dense_partial_fc(name, x64):
         out = rows_fn(x, rows, index, jnp.asarray(y), mask, state)
         return out.loss, out
 
-    (value, out), (gx, gw) = jax.jit(jax.value_and_grad(dense_total, (0, 1), has_aux=True))(
-        x, Wp)
+    (value, out), (gx, gw) = jax.jit(jax.value_and_grad(dense_total, (0, 1), has_aux=True))(x, Wp)
     rows = jax.jit(head.take_rows(mesh))(Wp, index)
     (value_rows, out_rows), (gx_rows, g_rows) = jax.jit(
-        jax.value_and_grad(rows_total, (0, 1), has_aux=True))(x, rows)
+        jax.value_and_grad(rows_total, (0, 1), has_aux=True)
+    )(x, rows)
     np.testing.assert_array_equal(out_rows.sampled, out.sampled)
     np.testing.assert_allclose(value_rows, value, rtol=1e-13)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-13), out_rows.state,
-                 out.state)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-13), out_rows.state, out.state
+    )
     np.testing.assert_allclose(gx_rows, gx, rtol=1e-11, atol=1e-15)
     per_shard = Wp.shape[0] // devices
-    global_rows = (np.asarray(index).reshape(devices, -1)
-                   + per_shard * np.arange(devices)[:, None]).ravel()
+    global_rows = (
+        np.asarray(index).reshape(devices, -1) + per_shard * np.arange(devices)[:, None]
+    ).ravel()
     np.testing.assert_allclose(g_rows, np.asarray(gw)[global_rows], rtol=1e-11, atol=1e-15)
     # put_rows inverts take_rows; the other rows are untouched.
     back = jax.jit(head.put_rows(mesh))(jnp.zeros_like(Wp), index, rows)
@@ -203,8 +205,12 @@ def test_top_indices_is_the_set_top_k_takes(dtype, x64):
     uniform[rng.choice(500, 40, replace=False)] = 2.0
     uniform[-30:] = -1.0
     edge = np.resize([-0.0, 0.0, -1.5, np.inf, -np.inf, 3.0, -2.0, 1e-40], 500)
-    cases = [uniform, rng.integers(-3, 4, 500) * 0.5,  # few distinct values: ties everywhere
-             np.full(500, 0.25), edge]
+    cases = [
+        uniform,
+        rng.integers(-3, 4, 500) * 0.5,  # few distinct values: ties everywhere
+        np.full(500, 0.25),
+        edge,
+    ]
     for k in (1, 7, 250, 499, 500):
         for scores in cases:
             scores = jnp.asarray(scores, dtype)

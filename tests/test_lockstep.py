@@ -33,6 +33,7 @@ STATISTICS_TOLERANCE = 1e-10  # BatchNorm running statistics
 
 # ---------------------------------------------------------------- PyTorch margin heads (spec)
 
+
 def arcface_torch_head(embeddings, weight, labels, loss):
     """PartialFC_V2 (sample rate 1) + CombinedMarginLoss(64, 1, m, 0): the target cosine gets
     cos(theta + m) in the forward pass, with a straight-through gradient; softmax CE."""
@@ -77,6 +78,7 @@ def adaface_head(embeddings, weight, labels, loss, state):
 
 # ------------------------------------------------------------------------- the two sides
 
+
 def _config(loss_name):
     config = recipes.get_config(loss_name, "tiny")
     config.model.dtype = "float64"
@@ -108,7 +110,8 @@ def _schedule_lr(config, update, steps_per_epoch, total_steps):
 
 def _to_float64(tree):
     return jax.tree.map(
-        lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+        lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
 
 
 def _torch_state_dict_of(variables):
@@ -159,11 +162,18 @@ def _parameter_groups(loss_name, net, head_weight, weight_decay):
     if loss_name != "adaface":
         return [{"params": trainable}, {"params": [head_weight]}]
     # AdaFace: weight decay on the backbone's non-BatchNorm parameters and the head kernel only.
-    batchnorm = [p for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                 for p in m.parameters() if p.requires_grad]
+    batchnorm = [
+        p
+        for m in net.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        for p in m.parameters()
+        if p.requires_grad
+    ]
     others = [p for p in trainable if all(p is not q for q in batchnorm)]
-    return [{"params": others + [head_weight], "weight_decay": weight_decay},
-            {"params": batchnorm, "weight_decay": 0.0}]
+    return [
+        {"params": others + [head_weight], "weight_decay": weight_decay},
+        {"params": batchnorm, "weight_decay": 0.0},
+    ]
 
 
 def _relative_difference(actual, expected):
@@ -194,21 +204,25 @@ def test_five_steps_match_pytorch(loss_name, devices, x64):
     backbone = {"params": state["params"]["backbone"], "batch_stats": state["batch_stats"]}
     state_dict = _torch_state_dict_of(backbone)
     np.testing.assert_array_equal(  # the inverse mapping is right: converting back is exact
-        traverse_util.flatten_dict(convert.convert_state_dict(state_dict, config.model.arch,
-                                                              np.float64))[("params", "fc",
-                                                                            "kernel")],
-        state["params"]["backbone"]["fc"]["kernel"])
-    net.load_state_dict({k: torch.from_numpy(np.array(v))
-                         for k, v in state_dict.items()}, strict=False)
-    head_weight = torch.nn.Parameter(torch.from_numpy(
-        np.array(state["params"]["head"]["weight"])))
+        traverse_util.flatten_dict(
+            convert.convert_state_dict(state_dict, config.model.arch, np.float64)
+        )[("params", "fc", "kernel")],
+        state["params"]["backbone"]["fc"]["kernel"],
+    )
+    net.load_state_dict(
+        {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, strict=False
+    )
+    head_weight = torch.nn.Parameter(torch.from_numpy(np.array(state["params"]["head"]["weight"])))
     loss = components.loss
     optimizer = torch.optim.SGD(
         _parameter_groups(loss_name, net, head_weight, config.optim.weight_decay),
-        lr=config.optim.lr, momentum=config.optim.momentum,
-        weight_decay=config.optim.weight_decay)
-    margin_state = {k: torch.tensor(float(v), dtype=torch.float64)
-                    for k, v in state["margin_state"].items()}
+        lr=config.optim.lr,
+        momentum=config.optim.momentum,
+        weight_decay=config.optim.weight_decay,
+    )
+    margin_state = {
+        k: torch.tensor(float(v), dtype=torch.float64) for k, v in state["margin_state"].items()
+    }
 
     rng = np.random.default_rng(0)
     for update in range(STEPS):
@@ -238,30 +252,44 @@ def test_five_steps_match_pytorch(loss_name, devices, x64):
         np.testing.assert_allclose(float(metrics["lr"]), lr, rtol=1e-14)
 
     expected = convert.convert_state_dict(
-        {k: v.detach().numpy() for k, v in net.state_dict().items()
-         if not k.endswith("num_batches_tracked")}, config.model.arch, np.float64)
+        {
+            k: v.detach().numpy()
+            for k, v in net.state_dict().items()
+            if not k.endswith("num_batches_tracked")
+        },
+        config.model.arch,
+        np.float64,
+    )
     actual = traverse_util.flatten_dict(
-        {"params": state["params"]["backbone"], "batch_stats": state["batch_stats"]})
-    differences = {path: _relative_difference(actual[path], value)
-                   for path, value in traverse_util.flatten_dict(expected).items()}
-    differences["head weight"] = _relative_difference(state["params"]["head"]["weight"],
-                                                      head_weight.detach().numpy())
-    for kind, tolerance in (("params", PARAMETER_TOLERANCE),
-                            ("batch_stats", STATISTICS_TOLERANCE)):
-        of_kind = {path: d for path, d in differences.items()
-                   if path[0] == kind or (kind == "params" and path == "head weight")}
+        {"params": state["params"]["backbone"], "batch_stats": state["batch_stats"]}
+    )
+    differences = {
+        path: _relative_difference(actual[path], value)
+        for path, value in traverse_util.flatten_dict(expected).items()
+    }
+    differences["head weight"] = _relative_difference(
+        state["params"]["head"]["weight"], head_weight.detach().numpy()
+    )
+    for kind, tolerance in (("params", PARAMETER_TOLERANCE), ("batch_stats", STATISTICS_TOLERANCE)):
+        of_kind = {
+            path: d
+            for path, d in differences.items()
+            if path[0] == kind or (kind == "params" and path == "head weight")
+        }
         worst = max(of_kind, key=of_kind.get)
         assert of_kind[worst] <= tolerance, (worst, of_kind[worst])
     if loss_name == "adaface":
         for key, value in margin_state.items():
-            np.testing.assert_allclose(float(state["margin_state"][key]), value.item(),
-                                       rtol=PARAMETER_TOLERANCE)
+            np.testing.assert_allclose(
+                float(state["margin_state"][key]), value.item(), rtol=PARAMETER_TOLERANCE
+            )
     # The run moved everything it compares: a frozen comparison would pass trivially.
     moved = np.abs(np.asarray(state["batch_stats"]["features"]["var"]) - 1.0).max()
     assert moved > 1e-3
 
 
 # ----------------------------------------------------------------------- the ViT with AdamW
+
 
 def cosface_head(embeddings, weight, labels, s, m):
     """PartialFC_V2 (sample rate 1) + CombinedMarginLoss(s, 1, 0, m): its CosFace branch, the
@@ -282,7 +310,10 @@ def test_vit_adamw_with_accumulation_matches_pytorch(x64):
     devices, accumulate, micro_batches, steps_per_epoch = 2, 2, 6, 2
     config = recipes.get_config("arcface", "vit_b")
     assert (config.optim.optimizer, config.loss.name, config.optim.grad_clip_norm) == (
-        "adamw", "cosface", 5.0)
+        "adamw",
+        "cosface",
+        5.0,
+    )
     config.model.update(arch="vit_demo", dtype="float64")
     config.head.sample_rate = 1.0
     config.global_batch = BATCH
@@ -293,17 +324,22 @@ def test_vit_adamw_with_accumulation_matches_pytorch(x64):
     step = jax.jit(train_step.make_train_step(components, jax.random.key(1)))
 
     net = models.arch_spec("vit_demo").torch(None).double().train()
-    state_dict = _torch_state_dict_of({"params": state["params"]["backbone"],
-                                       "batch_stats": state["batch_stats"]})
-    loaded = net.load_state_dict({k: torch.from_numpy(np.array(v))
-                                  for k, v in state_dict.items()}, strict=False)
+    state_dict = _torch_state_dict_of(
+        {"params": state["params"]["backbone"], "batch_stats": state["batch_stats"]}
+    )
+    loaded = net.load_state_dict(
+        {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, strict=False
+    )
     assert not loaded.unexpected_keys
     assert all(key.endswith("num_batches_tracked") for key in loaded.missing_keys)
     head_start = np.array(state["params"]["head"]["weight"])
     head_weight = torch.nn.Parameter(torch.from_numpy(head_start.copy()))
     # train_v2.py: both parameter lists, every tensor decayed; betas and eps left at their defaults
-    optimizer = torch.optim.AdamW([{"params": net.parameters()}, {"params": [head_weight]}],
-                                  lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [{"params": net.parameters()}, {"params": [head_weight]}],
+        lr=config.optim.lr,
+        weight_decay=config.optim.weight_decay,
+    )
 
     def lr_at(micro_batch):  # PolynomialLRWarmup after `micro_batch` scheduler steps
         return _schedule_lr(config, micro_batch, steps_per_epoch, micro_batches)
@@ -315,10 +351,14 @@ def test_vit_adamw_with_accumulation_matches_pytorch(x64):
         state, metrics = step(state, {"image": images, "label": labels})
 
         x = np.asarray(models.preprocess(images, components.input_spec, jnp.float64))
-        embeddings = _ddp_forward(net, torch.from_numpy(np.array(x.transpose(0, 3, 1, 2))),
-                                  devices)
-        value = cosface_head(embeddings, head_weight, torch.from_numpy(labels.astype(np.int64)),
-                             config.loss.s, config.loss.m)
+        embeddings = _ddp_forward(net, torch.from_numpy(np.array(x.transpose(0, 3, 1, 2))), devices)
+        value = cosface_head(
+            embeddings,
+            head_weight,
+            torch.from_numpy(labels.astype(np.int64)),
+            config.loss.s,
+            config.loss.m,
+        )
         (value / accumulate).backward()
         update_at = (global_step - 1) // accumulate * accumulate + accumulate - 1
         if global_step % accumulate == 0:
@@ -333,23 +373,35 @@ def test_vit_adamw_with_accumulation_matches_pytorch(x64):
         # the rate of the update this micro-batch's gradient goes into
         np.testing.assert_allclose(float(metrics["lr"]), lr_at(update_at), rtol=1e-14)
     assert [lr_at(k) for k in (1, 3, 5)] == pytest.approx(
-        [config.optim.lr / 2, 3 * config.optim.lr / 4, config.optim.lr / 4], rel=1e-12)
+        [config.optim.lr / 2, 3 * config.optim.lr / 4, config.optim.lr / 4], rel=1e-12
+    )
 
-    expected = traverse_util.flatten_dict(convert.convert_state_dict(
-        {k: v.detach().numpy() for k, v in net.state_dict().items()
-         if not k.endswith("num_batches_tracked")}, "vit_demo", np.float64))
+    expected = traverse_util.flatten_dict(
+        convert.convert_state_dict(
+            {
+                k: v.detach().numpy()
+                for k, v in net.state_dict().items()
+                if not k.endswith("num_batches_tracked")
+            },
+            "vit_demo",
+            np.float64,
+        )
+    )
     actual = traverse_util.flatten_dict(
-        {"params": state["params"]["backbone"], "batch_stats": state["batch_stats"]})
-    start = traverse_util.flatten_dict(convert.convert_state_dict(
-        state_dict, "vit_demo", np.float64))
+        {"params": state["params"]["backbone"], "batch_stats": state["batch_stats"]}
+    )
+    start = traverse_util.flatten_dict(
+        convert.convert_state_dict(state_dict, "vit_demo", np.float64)
+    )
     expected[("params", "head weight")] = head_weight.detach().numpy()
     actual[("params", "head weight")] = state["params"]["head"]["weight"]
     start[("params", "head weight")] = head_start
     # Without masking mask_token takes no part: PyTorch's AdamW skips it (no grad), magjax
     # neither decays nor moves it (models.trainable_mask).
     np.testing.assert_array_equal(actual[("params", "mask_token")], start[("params", "mask_token")])
-    np.testing.assert_array_equal(expected[("params", "mask_token")],
-                                  start[("params", "mask_token")])
+    np.testing.assert_array_equal(
+        expected[("params", "mask_token")], start[("params", "mask_token")]
+    )
     for path, value in expected.items():
         if path[0] == "batch_stats":
             assert _relative_difference(actual[path], value) <= STATISTICS_TOLERANCE, path

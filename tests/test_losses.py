@@ -43,8 +43,9 @@ def jax_loss(loss, x, W, y, state=None):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("case", LOSS_REFS["cases"] + CURRICULARFACE_REFS["cases"],
-                         ids=lambda c: c["name"])
+@pytest.mark.parametrize(
+    "case", LOSS_REFS["cases"] + CURRICULARFACE_REFS["cases"], ids=lambda c: c["name"]
+)
 def test_official_reference_cases(case, dtype, x64):
     passed, detail = loss_cases.check_case(case, dtype, mesh_devices=0)
     assert passed, detail
@@ -60,8 +61,9 @@ def test_arcface_matches_numpy(variant, x64):
     # The insightface variant keeps arcface_torch's 1e-30 floor (several rows here are capped);
     # the exact-autodiff variants are checked uncapped, against finite differences.
     floor = 1e-30 if variant == "insightface" else None
-    loss = losses.MarginLoss.create("arcface", s=64.0, m=0.5, variant=variant,
-                                    probability_floor=floor)
+    loss = losses.MarginLoss.create(
+        "arcface", s=64.0, m=0.5, variant=variant, probability_floor=floor
+    )
     got = jax_loss(loss, x, W, y)
     expected = ref.arcface(x, W, y, 64.0, 0.5, variant, floor=floor)
     np.testing.assert_allclose(got["loss"], expected, rtol=1e-12)
@@ -136,23 +138,32 @@ def test_combined_insightface_semantics(x64):
 def test_combined_paper_matches_numpy_and_finite_differences(margins, x64):
     x, W, y = make_inputs(3, 5, 6, 8, norms=np.ones(5) * 2)
     loss = losses.MarginLoss.create(
-        "combined", m1=margins[0], m2=margins[1], m3=margins[2], s=16.0,
-        variant="paper", probability_floor=None,
+        "combined",
+        m1=margins[0],
+        m2=margins[1],
+        m3=margins[2],
+        s=16.0,
+        variant="paper",
+        probability_floor=None,
     )
     got = jax_loss(loss, x, W, y)
     f = lambda x, W: ref.combined_paper(x, W, y, 16.0, *margins)  # noqa: E731
     np.testing.assert_allclose(got["loss"], f(x, W), rtol=1e-12)
-    np.testing.assert_allclose(got["grad_embeddings"], ref.finite_difference(f, x, W, index=0),
-                               rtol=1e-5, atol=1e-8)
-    np.testing.assert_allclose(got["grad_weight"], ref.finite_difference(f, x, W, index=1),
-                               rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(
+        got["grad_embeddings"], ref.finite_difference(f, x, W, index=0), rtol=1e-5, atol=1e-8
+    )
+    np.testing.assert_allclose(
+        got["grad_weight"], ref.finite_difference(f, x, W, index=1), rtol=1e-5, atol=1e-8
+    )
 
 
 @pytest.mark.parametrize("easy_margin", [True, False])
 @pytest.mark.parametrize(
     "norms",
-    [np.array([4.0, 10.5, 30.0, 60.0, 109.0, 150.0, 20.0, 80.0]),  # below / inside / above
-     np.array([55.0])],  # a batch of one
+    [
+        np.array([4.0, 10.5, 30.0, 60.0, 109.0, 150.0, 20.0, 80.0]),  # below / inside / above
+        np.array([55.0]),
+    ],  # a batch of one
 )
 def test_magface_matches_numpy_and_finite_differences(norms, easy_margin, x64):
     thetas = np.linspace(0.1, np.pi - 0.1, len(norms))
@@ -162,18 +173,22 @@ def test_magface_matches_numpy_and_finite_differences(norms, easy_margin, x64):
     got = jax_loss(loss, x, W, y)
     f = lambda x, W: ref.magface(x, W, y, easy_margin=easy_margin, **hp)  # noqa: E731
     np.testing.assert_allclose(got["loss"], f(x, W), rtol=1e-12)
-    np.testing.assert_allclose(got["grad_embeddings"], ref.finite_difference(f, x, W, index=0),
-                               rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(got["grad_weight"], ref.finite_difference(f, x, W, index=1),
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        got["grad_embeddings"], ref.finite_difference(f, x, W, index=0), rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        got["grad_weight"], ref.finite_difference(f, x, W, index=1), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_magface_regularizer_and_lambda_bound():
     a = np.linspace(10, 110, 101)
     g = np.asarray(magface.magface_regularizer(jnp.asarray(a), 110.0))
     assert np.argmin(g) == len(a) - 1 and np.all(np.diff(g) < 0)  # decreasing up to u_a
-    np.testing.assert_allclose(magface.magface_min_lambda_g(64, 10, 110, 0.45, 0.8),
-                               64 * 0.0035 * 110**2 * 10**2 / (110**2 - 10**2))
+    np.testing.assert_allclose(
+        magface.magface_min_lambda_g(64, 10, 110, 0.45, 0.8),
+        64 * 0.0035 * 110**2 * 10**2 / (110**2 - 10**2),
+    )
     assert 22.5 < magface.magface_min_lambda_g(64, 10, 110, 0.45, 0.8) < 22.7
 
 
@@ -191,13 +206,16 @@ def test_adaface_state_over_steps_matches_numpy(t_alpha, h, x64):
         expected, state_np = ref.adaface(x, W, y, 64.0, 0.4, h, t_alpha, state_np)
         np.testing.assert_allclose(got["loss"], expected, rtol=1e-12)
         np.testing.assert_allclose(
-            [got["state_after"]["batch_mean"], got["state_after"]["batch_std"]], state_np,
-            rtol=1e-13)
+            [got["state_after"]["batch_mean"], got["state_after"]["batch_std"]],
+            state_np,
+            rtol=1e-13,
+        )
         # Norms are detached in the head: finite differences with the margin's norms frozen.
         frozen = np.linalg.norm(x, axis=1)
         before = (state_jax["batch_mean"], state_jax["batch_std"])
         f = lambda x, W, y=y, before=before, frozen=frozen: ref.adaface(  # noqa: E731
-            x, W, y, 64.0, 0.4, h, t_alpha, before, norms_for_margin=frozen)[0]
+            x, W, y, 64.0, 0.4, h, t_alpha, before, norms_for_margin=frozen
+        )[0]
         # Row 0 (norm 5e-4) is too small for finite differences to resolve; with the norms
         # detached the loss depends on x only through x/||x||, so grad · x = 0 on every row.
         fd = ref.finite_difference(f, x, W, index=0)
@@ -205,8 +223,9 @@ def test_adaface_state_over_steps_matches_numpy(t_alpha, h, x64):
         g = got["grad_embeddings"]
         cosine = (g * x).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(g, axis=1))
         np.testing.assert_allclose(cosine, 0.0, atol=1e-12)
-        np.testing.assert_allclose(got["grad_weight"], ref.finite_difference(f, x, W, index=1),
-                                   rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(
+            got["grad_weight"], ref.finite_difference(f, x, W, index=1), rtol=1e-5, atol=1e-8
+        )
         state_jax = got["state_after"]
 
 
@@ -230,11 +249,14 @@ def test_curricularface_over_steps_matches_numpy_and_finite_differences(m, x64):
         assert hard.any() and (~hard).any()  # both kinds of non-targets are exercised
         # t carries no gradient: finite differences with this step's t frozen.
         f = lambda x, W, y=y, t=t_np, t_after=t_after: ref.curricularface(  # noqa: E731
-            x, W, y, 64.0, m, t, t_for_logits=t_after)[0]
-        np.testing.assert_allclose(got["grad_embeddings"], ref.finite_difference(f, x, W, index=0),
-                                   rtol=1e-5, atol=1e-8)
-        np.testing.assert_allclose(got["grad_weight"], ref.finite_difference(f, x, W, index=1),
-                                   rtol=1e-5, atol=1e-8)
+            x, W, y, 64.0, m, t, t_for_logits=t_after
+        )[0]
+        np.testing.assert_allclose(
+            got["grad_embeddings"], ref.finite_difference(f, x, W, index=0), rtol=1e-5, atol=1e-8
+        )
+        np.testing.assert_allclose(
+            got["grad_weight"], ref.finite_difference(f, x, W, index=1), rtol=1e-5, atol=1e-8
+        )
         state, t_np = got["state_after"], t_after
 
 
@@ -257,8 +279,9 @@ def test_masked_rows_change_nothing(x64):
     def total(x, W, y, mask):
         cos, target_cos = losses.cosine_similarity(x, W, y)
         norms = jnp.linalg.norm(x, axis=-1)
-        value, _, state = losses.margin_loss(cos, target_cos, y, norms, loss,
-                                             loss.initial_state(), row_mask=mask)
+        value, _, state = losses.margin_loss(
+            cos, target_cos, y, norms, loss, loss.initial_state(), row_mask=mask
+        )
         return value, state
 
     (v1, s1), g1 = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(x, W, y, None)
@@ -267,8 +290,9 @@ def test_masked_rows_change_nothing(x64):
     np.testing.assert_allclose(g2[0][:5], g1[0], rtol=1e-12, atol=1e-16)
     np.testing.assert_array_equal(g2[0][5:], 0.0)
     np.testing.assert_allclose(g2[1], g1[1], rtol=1e-12, atol=1e-16)
-    np.testing.assert_allclose([s2["batch_mean"], s2["batch_std"]],
-                               [s1["batch_mean"], s1["batch_std"]], rtol=1e-13)
+    np.testing.assert_allclose(
+        [s2["batch_mean"], s2["batch_std"]], [s1["batch_mean"], s1["batch_std"]], rtol=1e-13
+    )
 
 
 def test_interclass_filtering_zeroes_confusing_negatives(x64):
@@ -312,11 +336,15 @@ def test_cosine_vjp_matches_autodiff_of_normalised_product(x64):
         np.testing.assert_allclose(g, e, rtol=1e-11, atol=1e-14)
 
 
-@pytest.mark.parametrize("loss", [
-    losses.MarginLoss.create("arcface"),
-    losses.MarginLoss.create("adaface"),  # bound 1 - eps
-    losses.MarginLoss.create("cosface", interclass_filtering_threshold=0.3),
-], ids=["arcface", "adaface", "cosface_filtered"])
+@pytest.mark.parametrize(
+    "loss",
+    [
+        losses.MarginLoss.create("arcface"),
+        losses.MarginLoss.create("adaface"),  # bound 1 - eps
+        losses.MarginLoss.create("cosface", interclass_filtering_threshold=0.3),
+    ],
+    ids=["arcface", "adaface", "cosface_filtered"],
+)
 def test_sum_exp_vjp_matches_autodiff_at_clamped_and_filtered_cosines(loss, x64):
     """The sum of exponentials' hand-written VJP (one signed residual) equals autodiff of the
     plain formula where the clamp and the filter cut the gradient, at the bound itself
@@ -332,13 +360,11 @@ def test_sum_exp_vjp_matches_autodiff_at_clamped_and_filtered_cosines(loss, x64)
     cotangent = rng.normal(size=5)
 
     def ours(cos):
-        return (base._sum_exp_over_classes(loss, cos, labels, class_mask, shift)
-                * cotangent).sum()
+        return (base._sum_exp_over_classes(loss, cos, labels, class_mask, shift) * cotangent).sum()
 
     def plain(cos):
         logits = loss.non_target_logits(cos, None)
-        return (base._shifted_exp(logits, labels, class_mask, shift).sum(axis=0)
-                * cotangent).sum()
+        return (base._shifted_exp(logits, labels, class_mask, shift).sum(axis=0) * cotangent).sum()
 
     value, grad = jax.value_and_grad(ours)(jnp.asarray(cos))
     expected_value, expected_grad = jax.value_and_grad(plain)(jnp.asarray(cos))
@@ -382,8 +408,9 @@ def test_bf16_embeddings_give_float32_head():
     xb = jnp.asarray(x, jnp.bfloat16)
     value, metrics, _ = losses.dense_loss(xb, jnp.asarray(W, jnp.float32), jnp.asarray(y), loss)
     assert metrics["logits"].dtype == jnp.float32 and value.dtype == jnp.float32
-    grad = jax.grad(lambda x: losses.dense_loss(x, jnp.asarray(W, jnp.float32),
-                                                jnp.asarray(y), loss)[0])(xb)
+    grad = jax.grad(
+        lambda x: losses.dense_loss(x, jnp.asarray(W, jnp.float32), jnp.asarray(y), loss)[0]
+    )(xb)
     assert grad.dtype == jnp.bfloat16
     # bf16 inputs carry ~3 significant digits; the loss from them agrees to that level.
     exact = ref.arcface(np.asarray(xb.astype(jnp.float32)), W, y, 64.0, 0.5, "insightface", 1e-30)

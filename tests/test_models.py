@@ -113,13 +113,17 @@ def test_every_arch_declares_the_official_state_dict_layout():
 
     for arch in models.ARCHS:
         abstract = traverse_util.flatten_dict(models.abstract_variables(arch))
-        ours = {convert._torch_key(collection, tuple(path)):
-                convert._torch_shape(spec.shape, path[-1])
-                for (collection, *path), spec in abstract.items()}
+        ours = {
+            convert._torch_key(collection, tuple(path)): convert._torch_shape(spec.shape, path[-1])
+            for (collection, *path), spec in abstract.items()
+        }
         with torch.device("meta"):
             module = models.arch_spec(arch).torch(models.dropout_rate(arch))
-        theirs = {key: tuple(value.shape) for key, value in module.state_dict().items()
-                  if not key.endswith("num_batches_tracked")}
+        theirs = {
+            key: tuple(value.shape)
+            for key, value in module.state_dict().items()
+            if not key.endswith("num_batches_tracked")
+        }
         assert ours == theirs, arch
 
 

@@ -19,8 +19,15 @@ from magjax.data import builders, verification_bin
 REPO = pathlib.Path(__file__).parent.parent
 # What libtpu and the CUDA plugin print when a command starts JAX on a host without them, and
 # what absl and orbax log at INFO.
-NOISE = ("Failed to find host bounds", "E0000", "INVALID_ARGUMENT", "INFO absl",
-         "Unable to load", "Downloading and preparing", "Traceback")
+NOISE = (
+    "Failed to find host bounds",
+    "E0000",
+    "INVALID_ARGUMENT",
+    "INFO absl",
+    "Unable to load",
+    "Downloading and preparing",
+    "Traceback",
+)
 
 
 def write_face_folder(root: pathlib.Path, identities: int, images: int) -> pathlib.Path:
@@ -45,8 +52,14 @@ def command_env() -> dict:
 
 
 def run(*args, cwd=REPO, env=None):
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env or command_env(),
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=cwd,
+        env=env or command_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def quiet(result) -> bool:
@@ -60,10 +73,26 @@ def own_run(tmp_path_factory):
     one global batch of 128, so the demo's 1.2 epochs are 1 step)."""
     root = tmp_path_factory.mktemp("own")
     faces = write_face_folder(root / "faces", identities=26, images=6)
-    prepared = run("magjax.data", "prepare", "--format", "folder", "--src", str(faces),
-                   "--out", str(root / "data"), "--holdout", "4")
-    trained = run("magjax.main", "--config", "configs/arcface.py:demo", "--workdir",
-                  str(root / "run"), f"--config.data.dir={root / 'data'}")
+    prepared = run(
+        "magjax.data",
+        "prepare",
+        "--format",
+        "folder",
+        "--src",
+        str(faces),
+        "--out",
+        str(root / "data"),
+        "--holdout",
+        "4",
+    )
+    trained = run(
+        "magjax.main",
+        "--config",
+        "configs/arcface.py:demo",
+        "--workdir",
+        str(root / "run"),
+        f"--config.data.dir={root / 'data'}",
+    )
     return root, prepared, trained
 
 
@@ -111,21 +140,40 @@ def test_every_command_keeps_library_lines_off_the_console(own_run, tmp_path):
     assert trained.returncode == 0
     workdir = str(root / "run")
     commands = [
-        ("magjax.extract", "--workdir", workdir, "--images", str(root / "faces" / "person_00"),
-         "--out", str(tmp_path / "feats.npz"), "--no-progress"),
+        (
+            "magjax.extract",
+            "--workdir",
+            workdir,
+            "--images",
+            str(root / "faces" / "person_00"),
+            "--out",
+            str(tmp_path / "feats.npz"),
+            "--no-progress",
+        ),
         ("magjax.export", "--workdir", workdir, "--out", str(tmp_path / "model.onnx")),
         ("magjax.models", "summary", "tiny"),
         ("magjax.data", "inspect", str(root / "data")),
-        ("magjax.bench", "head", "--batch", "8", "--classes", "64", "--dim", "16",
-         "--repeats", "1"),
+        (
+            "magjax.bench",
+            "head",
+            "--batch",
+            "8",
+            "--classes",
+            "64",
+            "--dim",
+            "16",
+            "--repeats",
+            "1",
+        ),
     ]
     for command in commands:
         result = run(*command)
         assert result.returncode == 0, (command, result.stderr[-3000:])
         assert quiet(result), (command, result.stderr)
     # --verbose shows what was kept off (orbax's INFO lines on loading the model).
-    verbose = run("magjax.export", "--workdir", workdir, "--out", str(tmp_path / "v.onnx"),
-                  "--verbose")
+    verbose = run(
+        "magjax.export", "--workdir", workdir, "--out", str(tmp_path / "v.onnx"), "--verbose"
+    )
     assert verbose.returncode == 0 and "INFO absl" in verbose.stderr
 
 
@@ -151,20 +199,33 @@ def _current_umask() -> int:
 
 def test_a_batch_larger_than_the_data_is_one_line(own_run):
     root, _, _ = own_run
-    result = run("magjax.main", "--config", "configs/arcface.py:demo", "--workdir",
-                 str(root / "big"), f"--config.data.dir={root / 'data'}",
-                 "--config.global_batch=1024")
+    result = run(
+        "magjax.main",
+        "--config",
+        "configs/arcface.py:demo",
+        "--workdir",
+        str(root / "big"),
+        f"--config.data.dir={root / 'data'}",
+        "--config.global_batch=1024",
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: config.global_batch 1024 is more than the 132 images in {root / 'data'}: "
-        "pass a smaller --config.global_batch (a multiple of the device count)")
+        "pass a smaller --config.global_batch (a multiple of the device count)"
+    )
 
 
 def test_a_data_dir_without_a_dataset_is_named_before_anything_is_built(tmp_path):
     empty = tmp_path / "not_prepared"
     empty.mkdir()
-    result = run("magjax.main", "--config", "configs/magface.py:demo", "--workdir",
-                 str(tmp_path / "run"), f"--config.data.dir={empty}")
+    result = run(
+        "magjax.main",
+        "--config",
+        "configs/magface.py:demo",
+        "--workdir",
+        str(tmp_path / "run"),
+        f"--config.data.dir={empty}",
+    )
     assert result.returncode == 2
     assert result.stderr.strip().startswith(f"error: {empty}: no prepared dataset")
     assert list(empty.iterdir()) == []  # nothing built into it
@@ -173,24 +234,30 @@ def test_a_data_dir_without_a_dataset_is_named_before_anything_is_built(tmp_path
 def test_prepare_without_src_is_one_line_and_writes_nothing(tmp_path):
     result = run("magjax.data", "prepare", "--format", "folder", "--out", str(tmp_path / "d"))
     assert result.returncode == 2
-    assert result.stderr.strip() == ("error: --src is required for --format folder: the image "
-                                     "folder to read")
+    assert result.stderr.strip() == (
+        "error: --src is required for --format folder: the image folder to read"
+    )
     assert not (tmp_path / "d").exists()
 
 
 def test_help_of_prepare_and_inspect_shows_examples():
-    for command, example in (("prepare", "--format folder --src faces/ --out data/"),
-                             ("inspect", "python -m magjax.data inspect lfw.bin --json")):
+    for command, example in (
+        ("prepare", "--format folder --src faces/ --out data/"),
+        ("inspect", "python -m magjax.data inspect lfw.bin --json"),
+    ):
         result = run("magjax.data", command, "--help")
         assert result.returncode == 0 and example in result.stdout
 
 
-@pytest.mark.parametrize("given, expected", [
-    ({"bins": (None,), "quality_set": "None"}, ([], None)),
-    ({"bins": ("none",), "quality_set": ""}, ([], None)),
-    ({"bins": ("a.bin,b.bin",), "quality_set": "q.npz"}, (["a.bin", "b.bin"], "q.npz")),
-    ({"bins": ("/abs/lfw.bin", "a.bin"), "quality_set": ""}, (["/abs/lfw.bin", "a.bin"], None)),
-])
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ({"bins": (None,), "quality_set": "None"}, ([], None)),
+        ({"bins": ("none",), "quality_set": ""}, ([], None)),
+        ({"bins": ("a.bin,b.bin",), "quality_set": "q.npz"}, (["a.bin", "b.bin"], "q.npz")),
+        ({"bins": ("/abs/lfw.bin", "a.bin"), "quality_set": ""}, (["/abs/lfw.bin", "a.bin"], None)),
+    ],
+)
 def test_eval_sets_switched_off_or_listed_as_a_cli_gives_them(given, expected, tmp_path):
     bins, quality_set = evaluators.configured_sets({**given, "heldout_sets": True}, tmp_path)
     assert bins == [tmp_path / name for name in expected[0]]
@@ -198,9 +265,15 @@ def test_eval_sets_switched_off_or_listed_as_a_cli_gives_them(given, expected, t
 
 
 def test_heldout_sets_come_from_the_manifest_first(tmp_path):
-    (tmp_path / builders.MANIFEST).write_text(json.dumps(
-        {"dataset_dir": "x", "verification_bins": ["verification.bin"],
-         "quality_set": "quality.npz"}))
+    (tmp_path / builders.MANIFEST).write_text(
+        json.dumps(
+            {
+                "dataset_dir": "x",
+                "verification_bins": ["verification.bin"],
+                "quality_set": "quality.npz",
+            }
+        )
+    )
     config = {"bins": ("lfw.bin", "verification.bin"), "quality_set": "", "heldout_sets": True}
     bins, quality_set = evaluators.configured_sets(config, tmp_path)
     assert bins == [tmp_path / "verification.bin", tmp_path / "lfw.bin"]
@@ -213,21 +286,31 @@ def test_the_demo_builds_its_data_only_without_a_data_dir():
     config = recipes.get_config("magface", "demo")
     assert config.data.dir is None and config.data.synthetic
     assert recipes.synthetic_data_dir(dict(config.data.synthetic_options)) == os.path.join(
-        recipes.default_cache_dir(), "synthetic_300x50_nuisance0.25")
+        recipes.default_cache_dir(), "synthetic_300x50_nuisance0.25"
+    )
 
 
 def test_the_evaluation_line_is_short_and_names_each_set_once():
-    line = logs.format_evaluation({
-        "verification/lfw/accuracy": 0.995, "verification/lfw/std": 0.0022,
-        "verification/lfw/xnorm": 20.75, "quality/spearman_norm_vs_quality": 0.5227,
-        "quality/spearman_recognisability_vs_quality": 0.5314,
-        "quality/mean_norm_per_level/0": 14.56, "quality/mean_norm_per_level/1": 17.34})
-    assert line == ("lfw accuracy 0.9950 ± 0.0022 (XNorm 20.75) | quality: Spearman(norm, "
-                    "level) 0.523, recognisability vs level 0.531; mean norm per level 14.6 17.3")
+    line = logs.format_evaluation(
+        {
+            "verification/lfw/accuracy": 0.995,
+            "verification/lfw/std": 0.0022,
+            "verification/lfw/xnorm": 20.75,
+            "quality/spearman_norm_vs_quality": 0.5227,
+            "quality/spearman_recognisability_vs_quality": 0.5314,
+            "quality/mean_norm_per_level/0": 14.56,
+            "quality/mean_norm_per_level/1": 17.34,
+        }
+    )
+    assert line == (
+        "lfw accuracy 0.9950 ± 0.0022 (XNorm 20.75) | quality: Spearman(norm, "
+        "level) 0.523, recognisability vs level 0.531; mean norm per level 14.6 17.3"
+    )
 
 
 def test_export_to_an_official_layout_names_the_demo_net_before_asking_for_torch(
-        own_run, tmp_path, monkeypatch):
+    own_run, tmp_path, monkeypatch
+):
     from magjax import convert, export
     from magjax.errors import UserError
 
@@ -247,12 +330,21 @@ def test_extract_with_every_image_unreadable_is_one_line(own_run, tmp_path):
     assert trained.returncode == 0
     (tmp_path / "faces").mkdir()
     (tmp_path / "faces" / "broken.jpg").write_bytes(b"not a jpeg")
-    result = run("magjax.extract", "--workdir", str(root / "run"), "--images",
-                 str(tmp_path / "faces"), "--out", str(tmp_path / "f.npz"), "--skip-unreadable",
-                 "--no-progress")
+    result = run(
+        "magjax.extract",
+        "--workdir",
+        str(root / "run"),
+        "--images",
+        str(tmp_path / "faces"),
+        "--out",
+        str(tmp_path / "f.npz"),
+        "--skip-unreadable",
+        "--no-progress",
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: none of the 1 images could be read (all skipped as unreadable, named above)")
+        "error: none of the 1 images could be read (all skipped as unreadable, named above)"
+    )
 
 
 def test_a_missing_evaluation_set_is_named_before_training_starts(tmp_path):

@@ -24,8 +24,7 @@ from magjax.errors import UserError
 def dataset(tmp_path_factory):
     from magjax import data
 
-    return data.prepare("synthetic", None, tmp_path_factory.mktemp("data") / "tiny",
-                        **SYNTHETIC)
+    return data.prepare("synthetic", None, tmp_path_factory.mktemp("data") / "tiny", **SYNTHETIC)
 
 
 def own_data_config(dataset, variant="tiny", **overrides):
@@ -113,8 +112,7 @@ def test_named_dataset_that_disagrees_names_both_counts(dataset, tmp_path):
     assert "(dataset 'ms1mv3')" in message and "--config.data.num_classes=12" in message
 
 
-def test_rerunning_a_finished_run_leaves_its_results(finished_run, dataset, tmp_path,
-                                                     magjax_log):
+def test_rerunning_a_finished_run_leaves_its_results(finished_run, dataset, tmp_path, magjax_log):
     # Before: summary.json rewritten with wall_s ~0, final_loss NaN and no results.
     workdir = copy_of(finished_run, tmp_path)
     files = {name: (workdir / name).read_bytes() for name in ("summary.json", "metrics.jsonl")}
@@ -132,22 +130,35 @@ def test_summary_lost_after_the_last_checkpoint_is_recomputed(finished_run, data
     workdir = copy_of(finished_run, tmp_path)
     (workdir / "summary.json").unlink()
     summary = train.train_and_evaluate(own_data_config(dataset), str(workdir))
-    written = json.loads((workdir / "summary.json").read_text(),
-                         parse_constant=lambda name: pytest.fail(f"{name} in summary.json"))
+    written = json.loads(
+        (workdir / "summary.json").read_text(),
+        parse_constant=lambda name: pytest.fail(f"{name} in summary.json"),
+    )
     assert written["steps"] == 4 and summary["steps"] == 4
     assert written["params_sha256"] == finished_run[1]["params_sha256"]
     assert written["final_loss"] == pytest.approx(finished_run[1]["final_loss"])
 
 
 def test_summary_json_writes_non_finite_numbers_as_null():
-    text = train.summary_json({"final_loss": float("nan"), "best": {"accuracy": float("inf")},
-                               "steps": 3, "verification": {}})
+    text = train.summary_json(
+        {
+            "final_loss": float("nan"),
+            "best": {"accuracy": float("inf")},
+            "steps": 3,
+            "verification": {},
+        }
+    )
     assert json.loads(text, parse_constant=lambda name: pytest.fail(name)) == {
-        "final_loss": None, "best": {"accuracy": None}, "steps": 3, "verification": {}}
+        "final_loss": None,
+        "best": {"accuracy": None},
+        "steps": 3,
+        "verification": {},
+    }
 
 
-def test_damaged_latest_checkpoint_falls_back_to_the_previous(finished_run, dataset, tmp_path,
-                                                              magjax_log):
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(
+    finished_run, dataset, tmp_path, magjax_log
+):
     """Training resumes from step 2 when step 4's array data is truncated, and ends with the
     parameters of the undamaged run (exact resume from the older checkpoint)."""
     workdir = copy_of(finished_run, tmp_path)
@@ -162,8 +173,13 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(finished_run, data
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
 
 
-DAMAGES = ("truncated array file", "deleted meta/", "deleted _METADATA", "deleted manifest",
-           "empty step directory")
+DAMAGES = (
+    "truncated array file",
+    "deleted meta/",
+    "deleted _METADATA",
+    "deleted manifest",
+    "empty step directory",
+)
 
 
 def _damage(step_dir: pathlib.Path, kind: str) -> None:
@@ -187,11 +203,16 @@ def _small_state(value: float) -> dict:
     """A train-state-shaped pytree: class rows sharded over 8 devices, an empty margin state
     and an optax state (whose structure orbax can only rebuild from _METADATA)."""
     mesh = parallel.make_mesh(8)
-    rows = jax.device_put(jnp.full((16, 4), value), jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(parallel.DATA_AXIS)))
-    return {"params": {"head": {"weight": rows}, "bias": jnp.full((3,), value)},
-            "margin_state": {}, "opt_state": (optax.EmptyState(), {"mu": jnp.full((3,), value)}),
-            "step": jnp.asarray(int(value), jnp.int32)}
+    rows = jax.device_put(
+        jnp.full((16, 4), value),
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.DATA_AXIS)),
+    )
+    return {
+        "params": {"head": {"weight": rows}, "bias": jnp.full((3,), value)},
+        "margin_state": {},
+        "opt_state": (optax.EmptyState(), {"mu": jnp.full((3,), value)}),
+        "step": jnp.asarray(int(value), jnp.int32),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -206,13 +227,15 @@ def two_checkpoints(tmp_path_factory):
 
 
 def _abstract(state):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                        state)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
 
 
 @pytest.mark.parametrize("kind", DAMAGES)
-def test_each_damage_of_the_newest_checkpoint_is_skipped(kind, two_checkpoints, tmp_path,
-                                                         magjax_log):
+def test_each_damage_of_the_newest_checkpoint_is_skipped(
+    kind, two_checkpoints, tmp_path, magjax_log
+):
     workdir = tmp_path / "w"
     shutil.copytree(two_checkpoints, workdir)
     _damage(workdir / "checkpoints" / "2", kind)
@@ -237,8 +260,11 @@ def test_every_checkpoint_damaged_is_an_error_naming_them(two_checkpoints, tmp_p
     _damage(workdir / "checkpoints" / "1", "truncated array file")
     saver = checkpoint.TrainCheckpoints(workdir, every_steps=1, keep=3)
     try:
-        with pytest.raises(UserError, match=r"no intact checkpoint .*step 2: KeyError.*"
-                                            r"step 1: ValueError: OUT_OF_RANGE"):
+        with pytest.raises(
+            UserError,
+            match=r"no intact checkpoint .*step 2: KeyError.*"
+            r"step 1: ValueError: OUT_OF_RANGE",
+        ):
             saver.restore_newest_intact(_abstract(_small_state(0)))
     finally:
         saver.close()
@@ -310,10 +336,10 @@ BAD_FIELDS = [
 ]
 
 
-@pytest.mark.parametrize("field,value,expected", BAD_FIELDS,
-                         ids=[f"{f}={v}" for f, v, _ in BAD_FIELDS])
-def test_bad_config_field_is_named_before_anything_runs(field, value, expected, dataset,
-                                                        tmp_path):
+@pytest.mark.parametrize(
+    "field,value,expected", BAD_FIELDS, ids=[f"{f}={v}" for f, v, _ in BAD_FIELDS]
+)
+def test_bad_config_field_is_named_before_anything_runs(field, value, expected, dataset, tmp_path):
     config = own_data_config(dataset, **{field: value})
     workdir = tmp_path / "run"
     with pytest.raises(UserError) as info:
@@ -329,10 +355,12 @@ def test_all_problems_reported_at_once_and_device_checks():
     config = recipes.get_config("arcface", "tiny")
     config.num_devices = 16
     assert config_check.problems(config, device_count=8) == [
-        "config.num_devices is 16 but only 8 devices are available"]
+        "config.num_devices is 16 but only 8 devices are available"
+    ]
     config.num_devices, config.global_batch = 8, 1020
     assert config_check.problems(config, device_count=8) == [
-        "config.global_batch 1020 must be a multiple of the 8 devices"]
+        "config.global_batch 1020 must be a multiple of the 8 devices"
+    ]
 
 
 @pytest.mark.parametrize("loss", ["arcface", "cosface", "magface", "adaface", "curricularface"])
@@ -370,7 +398,10 @@ def test_library_chatter_goes_to_the_log_file_only(tmp_path, capsys):
         absl_logger.setLevel(saved[2])
     assert capsys.readouterr().err.splitlines() == ["disk almost full", "training arcface on tiny"]
     logged = (tmp_path / "train.log").read_text()
-    for message in ("Finished saving checkpoint", "backend 'tpu'", "disk almost full",
-                    "training arcface on tiny"):
+    for message in (
+        "Finished saving checkpoint",
+        "backend 'tpu'",
+        "disk almost full",
+        "training arcface on tiny",
+    ):
         assert message in logged
-

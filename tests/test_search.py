@@ -31,13 +31,20 @@ def test_ranking_matches_numpy_float64():
     probes = unit([centres.get(t, rng.normal(size=16)) + rng.normal(size=16) for t in truth])
     names, templates = search.templates(emb, ids)
     index, score, rank = search.search(
-        probes.astype(np.float32), templates, 5,
-        np.array([list(names).index(t) if t in names else -1 for t in truth]))
+        probes.astype(np.float32),
+        templates,
+        5,
+        np.array([list(names).index(t) if t in names else -1 for t in truth]),
+    )
 
     # independent: per identity a Python loop, float64 throughout, a full argsort
     ref_names = sorted(set(ids))
-    ref = np.stack([unit(np.mean([unit(e) for e, i in zip(emb, ids, strict=True) if i == n],
-                                 axis=0)) for n in ref_names])
+    ref = np.stack(
+        [
+            unit(np.mean([unit(e) for e, i in zip(emb, ids, strict=True) if i == n], axis=0))
+            for n in ref_names
+        ]
+    )
     scores = probes @ ref.T
     order = np.argsort(-scores, axis=1, kind="stable")[:, :5]
     assert list(names) == ref_names
@@ -54,7 +61,7 @@ def test_top_k_larger_than_gallery_and_ties():
     probes = unit([[1, 1, 0], [0, 0, 1]]).astype(np.float32)
     index, score = search.search(probes, templates, 10)
     assert index.tolist() == [[0, 1, 2], [2, 0, 1]]  # a tie keeps the gallery order
-    np.testing.assert_allclose(score[0], [2 ** -0.5, 2 ** -0.5, 0], atol=1e-7)
+    np.testing.assert_allclose(score[0], [2**-0.5, 2**-0.5, 0], atol=1e-7)
 
 
 @pytest.mark.parametrize("far", [1e-3, 0.01, 0.1, 0.29])
@@ -101,8 +108,19 @@ def hand_case():
         v = sum(c * e["ABC".index(k)] for k, c in cos.items())
         return v + np.sqrt(1 - np.sum(np.square(list(cos.values())))) * e[3]
 
-    probes = np.stack([probe(A=0.9), probe(B=0.6), probe(A=0.7, C=0.5), probe(C=0.4),
-                       probe(B=0.8), probe(A=0.5), probe(C=0.45), probe(A=0.3), probe(B=0.2)])
+    probes = np.stack(
+        [
+            probe(A=0.9),
+            probe(B=0.6),
+            probe(A=0.7, C=0.5),
+            probe(C=0.4),
+            probe(B=0.8),
+            probe(A=0.5),
+            probe(C=0.45),
+            probe(A=0.3),
+            probe(B=0.2),
+        ]
+    )
     truth = ["A", "B", "C", "C", "Z", "Z", "Z", "Z", "Z"]
     return e[:3].astype(np.float32), np.array(["A", "B", "C"]), probes.astype(np.float32), truth
 
@@ -132,11 +150,18 @@ def _save(path, emb, paths, **extra):
 
 def test_search_cli(tmp_path, capsys):
     gallery, ids, probes, truth = hand_case()
-    _save(tmp_path / "g.npz", 2.5 * gallery,  # not unit length: search normalises
-          [f"people/{i}/{n}.jpg" for n, i in enumerate(ids)])
+    _save(
+        tmp_path / "g.npz",
+        2.5 * gallery,  # not unit length: search normalises
+        [f"people/{i}/{n}.jpg" for n, i in enumerate(ids)],
+    )
     boxes = np.arange(36, dtype=np.float32).reshape(9, 4)
-    _save(tmp_path / "p.npz", probes, [f"photos/{t}/{n}.jpg" for n, t in enumerate(truth)],
-          boxes=boxes)
+    _save(
+        tmp_path / "p.npz",
+        probes,
+        [f"photos/{t}/{n}.jpg" for n, t in enumerate(truth)],
+        boxes=boxes,
+    )
     base = ["--gallery", str(tmp_path / "g.npz"), "--probes", str(tmp_path / "p.npz")]
     assert search.main([*base, "--threshold", "0.55", "--top-k", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -145,14 +170,38 @@ def test_search_cli(tmp_path, capsys):
     assert lines[-1] == "9 probes against 3 identities: 4 identified, 5 unknown (threshold 0.5500)"
 
     out = tmp_path / "res" / "matches.csv"
-    assert search.main([*base, "--threshold", "0.55", "--out", str(out), "--probe-ids",
-                        "folders", "--fpir", "0.2", "--json"]) == 0
+    assert (
+        search.main(
+            [
+                *base,
+                "--threshold",
+                "0.55",
+                "--out",
+                str(out),
+                "--probe-ids",
+                "folders",
+                "--fpir",
+                "0.2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert summary["report"]["rank1"] == 0.75
     assert summary["report"]["tpir_at_fpir"]["0.2"]["tpir"] == 0.5
     rows = list(csv.DictReader(out.open()))
-    assert [r["decision"] for r in rows] == ["A", "B", "A", "unknown", "B", "unknown",
-                                             "unknown", "unknown", "unknown"]
+    assert [r["decision"] for r in rows] == [
+        "A",
+        "B",
+        "A",
+        "unknown",
+        "B",
+        "unknown",
+        "unknown",
+        "unknown",
+        "unknown",
+    ]
     assert rows[2]["identity_2"] == "C" and float(rows[2]["score_2"]) == pytest.approx(0.5)
     assert rows[1]["x1"] == "4.0" and rows[1]["path"] == "photos/B/1.jpg"
 
@@ -160,28 +209,45 @@ def test_search_cli(tmp_path, capsys):
     (tmp_path / "ids.txt").write_text("\n".join(truth) + "\n")
     emb, vids, _ = random_gallery(seed=3, identities=12, dim=4)
     _save(tmp_path / "v.npz", emb, [f"v/{i}/x.jpg" for i in vids])
-    assert search.main([*base, "--probe-ids", str(tmp_path / "ids.txt"), "--verification",
-                        str(tmp_path / "v.npz"), "--far", "0.01", "--json"]) == 0
+    assert (
+        search.main(
+            [
+                *base,
+                "--probe-ids",
+                str(tmp_path / "ids.txt"),
+                "--verification",
+                str(tmp_path / "v.npz"),
+                "--far",
+                "0.01",
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
     want = search.verification_threshold(emb, vids, 0.01)
     assert summary["threshold"] == want["threshold"]
     assert summary["verification"]["impostor_pairs"] == want["impostor_pairs"]
     assert summary["report"]["rank1"] == 0.75
-    assert summary["identified"] == int(np.sum(np.sort(probes @ gallery.T, 1)[:, -1]
-                                               >= want["threshold"]))
+    assert summary["identified"] == int(
+        np.sum(np.sort(probes @ gallery.T, 1)[:, -1] >= want["threshold"])
+    )
 
 
-@pytest.mark.parametrize("case, message", [
-    (["--threshold", "0.3", "--far", "0.1"], "give --threshold, or --verification with --far"),
-    (["--far", "0.1"], "--verification and --far go together"),
-    (["--threshold", "3"], "--threshold is a cosine similarity in [-1, 1], got 3.0"),
-    (["--verification", "v.npz", "--far", "2"], "must be a rate in (0, 1), got 2"),
-    (["--probe-ids", "ids.txt"], "ids.txt: 2 identities for the 9 rows of the probe features"),
-    (["--gallery-ids", "nothere.txt"], "gallery nothere.txt: no such identity list"),
-    (["--probes", "small.npz"], "small.npz: embeddings of dimension 3, the gallery's"),
-    (["--probes", "junk.npz"], "junk.npz: not a feature file"),
-    (["--probes", "none.npz"], "none.npz: no such feature file"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (["--threshold", "0.3", "--far", "0.1"], "give --threshold, or --verification with --far"),
+        (["--far", "0.1"], "--verification and --far go together"),
+        (["--threshold", "3"], "--threshold is a cosine similarity in [-1, 1], got 3.0"),
+        (["--verification", "v.npz", "--far", "2"], "must be a rate in (0, 1), got 2"),
+        (["--probe-ids", "ids.txt"], "ids.txt: 2 identities for the 9 rows of the probe features"),
+        (["--gallery-ids", "nothere.txt"], "gallery nothere.txt: no such identity list"),
+        (["--probes", "small.npz"], "small.npz: embeddings of dimension 3, the gallery's"),
+        (["--probes", "junk.npz"], "junk.npz: not a feature file"),
+        (["--probes", "none.npz"], "none.npz: no such feature file"),
+    ],
+)
 def test_search_errors_are_one_line(tmp_path, capsys, monkeypatch, case, message):
     gallery, ids, probes, _ = hand_case()
     monkeypatch.chdir(tmp_path)
@@ -194,7 +260,7 @@ def test_search_errors_are_one_line(tmp_path, capsys, monkeypatch, case, message
     for flag in ("--probes", "--gallery"):
         if flag in case:  # replaces the default
             i = argv.index(flag)
-            argv[i:i + 2] = []
+            argv[i : i + 2] = []
     try:
         code = search.main([*argv, *case])
     except SystemExit as e:  # argparse's errors (magjax.cli.ArgumentParser: one line too)
@@ -208,8 +274,13 @@ def test_a_failed_csv_write_leaves_the_previous_file(tmp_path):
     """The results CSV is written whole or not at all (magjax.files)."""
     out = tmp_path / "results.csv"
     out.write_text("previous\n")
-    good = {"probe": 0, "path": "a.jpg", "box": None, "decision": "id00",
-            "candidates": [("id00", 0.9)]}
+    good = {
+        "probe": 0,
+        "path": "a.jpg",
+        "box": None,
+        "decision": "id00",
+        "candidates": [("id00", 0.9)],
+    }
     bad = {**good, "probe": 1, "box": "not a box"}  # fails after the header and the first row
     with pytest.raises(ValueError):
         search._write_csv(out, [good, bad], 1)
@@ -218,4 +289,5 @@ def test_a_failed_csv_write_leaves_the_previous_file(tmp_path):
     search._write_csv(out, [good], 1)
     assert list(csv.reader(out.open())) == [
         ["probe", "path", "x1", "y1", "x2", "y2", "decision", "identity_1", "score_1"],
-        ["0", "a.jpg", "", "", "", "", "id00", "id00", "0.900000"]]
+        ["0", "a.jpg", "", "", "", "", "id00", "id00", "0.900000"],
+    ]

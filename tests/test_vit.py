@@ -17,8 +17,16 @@ from magjax.models import vit
 
 torch = pytest.importorskip("torch")
 
-OFFICIAL = ("vit_t", "vit_t_dp005_mask0", "vit_s", "vit_s_dp005_mask_0", "vit_b",
-            "vit_b_dp005_mask_005", "vit_l_dp005_mask_005", "vit_h")
+OFFICIAL = (
+    "vit_t",
+    "vit_t_dp005_mask0",
+    "vit_s",
+    "vit_s_dp005_mask_0",
+    "vit_b",
+    "vit_b_dp005_mask_005",
+    "vit_l_dp005_mask_005",
+    "vit_h",
+)
 
 
 def _images(batch: int, seed: int = 0) -> np.ndarray:
@@ -47,13 +55,17 @@ def _randomised_torch(arch: str, seed: int = 0):
 
 def _flax_variables(module, arch: str) -> dict:
     # num_batches_tracked is dropped on reading a checkpoint (convert.backbone_state_dict)
-    state = {k: v.numpy() for k, v in module.state_dict().items()
-             if not k.endswith("num_batches_tracked")}
+    state = {
+        k: v.numpy()
+        for k, v in module.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
     return jax.tree.map(jnp.asarray, convert.convert_state_dict(state, arch, np.float64))
 
 
-def _formula_params(dim: int, depth: int, tokens: int = 144, patch: int = 9,
-                    embedding: int = 512) -> int:
+def _formula_params(
+    dim: int, depth: int, tokens: int = 144, patch: int = 9, embedding: int = 512
+) -> int:
     """The parameter count from the architecture, in float64 (exact below 2**53)."""
     d = np.float64(dim)
     block = 2 * 2 * d + 3 * d * d + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
@@ -67,8 +79,11 @@ def test_parameter_counts_match_arcface_torch():
     assert models.count_params("vit_t") == 19_137_792
     assert models.count_params("vit_s") == 76_023_296
     # ... and the formula for the others (the variants share their base's shapes).
-    for arch, dim, depth in (("vit_b", 512, 24), ("vit_l_dp005_mask_005", 768, 24),
-                             ("vit_h", 1024, 48)):
+    for arch, dim, depth in (
+        ("vit_b", 512, 24),
+        ("vit_l_dp005_mask_005", 768, 24),
+        ("vit_h", 1024, 48),
+    ):
         assert models.count_params(arch) == _formula_params(dim, depth), arch
     assert _formula_params(256, 12) == 19_137_792
     # The PyTorch definitions have the same sizes (built on the meta device: no memory).
@@ -87,8 +102,9 @@ def test_registry_entries():
     assert models.input_spec("vit_t") == {"channel_order": "RGB", "mean": 0.5, "std": 0.5}
     # Settings of the official table: (dim, depth, drop path, mask ratio, checkpointing).
     built = {arch: models.build(arch) for arch in OFFICIAL}
-    assert {arch: (m.dim, m.depth, m.drop_path_rate, m.mask_ratio, m.remat)
-            for arch, m in built.items()} == {
+    assert {
+        arch: (m.dim, m.depth, m.drop_path_rate, m.mask_ratio, m.remat) for arch, m in built.items()
+    } == {
         "vit_t": (256, 12, 0.1, 0.1, False),
         "vit_t_dp005_mask0": (256, 12, 0.05, 0.0, False),
         "vit_s": (512, 12, 0.1, 0.1, False),
@@ -136,9 +152,15 @@ def test_masked_training_forward_matches_pytorch_in_float64(x64):
     variables = _flax_variables(module, "vit_demo")
     model = models.build("vit_demo", dtype=jnp.float64).clone(mask_ratio=0.05)
     images = _images(6, seed=1)
-    ours, updates = jax.jit(lambda v, x: model.apply(
-        v, x, train=True, mutable=["batch_stats", "intermediates"],
-        rngs={"dropout": jax.random.key(3)}))(variables, jnp.asarray(images))
+    ours, updates = jax.jit(
+        lambda v, x: model.apply(
+            v,
+            x,
+            train=True,
+            mutable=["batch_stats", "intermediates"],
+            rngs={"dropout": jax.random.key(3)},
+        )
+    )(variables, jnp.asarray(images))
     noise = np.asarray(updates["intermediates"]["mask_noise"][0])
     assert noise.shape == (6, 144)
     with torch.no_grad():
@@ -147,8 +169,9 @@ def test_masked_training_forward_matches_pytorch_in_float64(x64):
     for name in ("feature_1", "feature_3"):
         bn = module.feature[int(name[-1])]
         for ours_stat, theirs_stat in (("mean", bn.running_mean), ("var", bn.running_var)):
-            np.testing.assert_allclose(updates["batch_stats"][name][ours_stat],
-                                       theirs_stat.numpy(), rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(
+                updates["batch_stats"][name][ours_stat], theirs_stat.numpy(), rtol=1e-10, atol=1e-12
+            )
     # Masking changed the output: the same call in eval mode differs.
     with torch.no_grad():
         assert not np.allclose(module.eval()(_nchw(images)).numpy(), theirs, rtol=1e-3)
@@ -159,8 +182,11 @@ def demo_variables():
     """vit_demo float32 variables, every tensor random (from the PyTorch module: initialising
     in Flax would compile every initialiser)."""
     module = _randomised_torch("vit_demo", seed=2)
-    state = {k: v.numpy() for k, v in module.state_dict().items()
-             if not k.endswith("num_batches_tracked")}
+    state = {
+        k: v.numpy()
+        for k, v in module.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
     return convert.convert_state_dict(state, "vit_demo", np.float32)
 
 
@@ -181,8 +207,13 @@ def test_masking_fills_the_official_ten_percent_with_the_mask_token(demo_variabl
             return call(*args, **kwargs)
 
         with nn.intercept_methods(record):
-            _, updates = model.apply(variables, images, train=True, rngs={"dropout": key},
-                                     mutable=["batch_stats", "intermediates"])
+            _, updates = model.apply(
+                variables,
+                images,
+                train=True,
+                rngs={"dropout": key},
+                mutable=["batch_stats", "intermediates"],
+            )
         return captured[0].reshape(3, 144, model.dim), updates["intermediates"]["mask_noise"][0]
 
     tokens, noise = head_input(demo_variables, images, jax.random.key(1))
@@ -196,8 +227,12 @@ def test_masking_fills_the_official_ten_percent_with_the_mask_token(demo_variabl
     # No masking in evaluation mode, nor with mask_ratio 0 (vit_t_dp005_mask0) in training:
     # nothing sown, and no RNG needed (eval_shape raises if one is drawn).
     for masking_off, train in ((model, False), (model.clone(mask_ratio=0.0), True)):
-        _, updates = jax.eval_shape(lambda v, m=masking_off, t=train: m.apply(
-            v, images, train=t, mutable=["batch_stats", "intermediates"]), demo_variables)
+        _, updates = jax.eval_shape(
+            lambda v, m=masking_off, t=train: m.apply(
+                v, images, train=t, mutable=["batch_stats", "intermediates"]
+            ),
+            demo_variables,
+        )
         assert "intermediates" not in updates
 
 
@@ -220,8 +255,10 @@ def test_drop_path_rates_are_linear_over_the_blocks_as_in_pytorch():
         return call(*args, **kwargs)
 
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
-                       jax.ShapeDtypeStruct((1, *models.INPUT_SHAPE), jnp.float32))
+        jax.eval_shape(
+            lambda x: model.init(jax.random.key(0), x, train=False),
+            jax.ShapeDtypeStruct((1, *models.INPUT_SHAPE), jnp.float32),
+        )
     np.testing.assert_allclose(rates, [0.0, 0.025, 0.05, 0.075, 0.1], rtol=1e-7)
     with torch.device("meta"):
         module = models.arch_spec("vit_b_dp005_mask_005").torch(None)
@@ -236,7 +273,7 @@ def _primitives(jaxpr) -> list[tuple[str, str]]:
     for eqn in jaxpr.eqns:
         found += [(eqn.primitive.name, str(var.aval.dtype)) for var in eqn.outvars]
         for param in eqn.params.values():
-            for sub in (param if isinstance(param, list | tuple) else [param]):
+            for sub in param if isinstance(param, list | tuple) else [param]:
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
                     found += _primitives(inner)
@@ -251,8 +288,13 @@ def test_remat_gives_the_same_values_and_gradients(demo_variables):
     target = jnp.asarray(np.random.default_rng(2).normal(size=(4, 512)), jnp.float32)
 
     def loss(model, params):
-        out, _ = model.apply({**demo_variables, "params": params}, images, train=True,
-                             mutable=["batch_stats"], rngs={"dropout": jax.random.key(5)})
+        out, _ = model.apply(
+            {**demo_variables, "params": params},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(5)},
+        )
         return jnp.sum((out - target) ** 2), out
 
     results = {}
@@ -269,24 +311,29 @@ def test_remat_gives_the_same_values_and_gradients(demo_variables):
     # feature_1's bias gets a zero gradient up to rounding (the training-mode BatchNorm of
     # feature_3 removes any constant shift), hence an absolute tolerance on the global scale.
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads))
-    for (path, g), g_r in zip(jax.tree_util.tree_leaves_with_path(grads),
-                              jax.tree.leaves(grads_r), strict=True):
-        np.testing.assert_allclose(g_r, g, rtol=1e-4, atol=1e-6 * scale,
-                                   err_msg=jax.tree_util.keystr(path))
+    for (path, g), g_r in zip(
+        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_r), strict=True
+    ):
+        np.testing.assert_allclose(
+            g_r, g, rtol=1e-4, atol=1e-6 * scale, err_msg=jax.tree_util.keystr(path)
+        )
 
 
 def test_bfloat16_compute_keeps_the_float32_islands(demo_variables):
     images = jnp.asarray(_images(4), jnp.float32)
     model16 = models.build("vit_demo", dtype=jnp.bfloat16)
-    out32, out16 = (jax.jit(lambda v, m=m: m.apply(v, images, train=False))(demo_variables)
-                    for m in (models.build("vit_demo"), model16))
+    out32, out16 = (
+        jax.jit(lambda v, m=m: m.apply(v, images, train=False))(demo_variables)
+        for m in (models.build("vit_demo"), model16)
+    )
     assert out16.dtype == jnp.float32
     # bfloat16 (8-bit mantissa, rounding 2**-9 = 2e-3) in the blocks' Linear layers only:
     # measured 1.5e-3 relative to the float32 embedding.
     error = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
     assert 1e-4 < error < 1e-2, error
-    computed = _primitives(jax.make_jaxpr(lambda v: model16.apply(v, images, train=False))(
-        demo_variables).jaxpr)
+    computed = _primitives(
+        jax.make_jaxpr(lambda v: model16.apply(v, images, train=False))(demo_variables).jaxpr
+    )
     products = [dtype for primitive, dtype in computed if primitive == "dot_general"]
     depth = model16.depth
     # qkv, proj, fc1, fc2 per block in bfloat16; scores, weights @ V and the head's two

@@ -31,8 +31,9 @@ def main(argv: list[str]) -> int:
         return 0
     if not argv or argv[0] not in BENCHMARKS:
         given = f"unknown benchmark {argv[0]!r}" if argv else "no benchmark named"
-        return cli.report_user_error(f"{given}; one of {', '.join(BENCHMARKS)} "
-                                     "(see python -m magjax.bench --help)")
+        return cli.report_user_error(
+            f"{given}; one of {', '.join(BENCHMARKS)} (see python -m magjax.bench --help)"
+        )
     if argv[0] in ("compile", "capacity") and not {"-h", "--help"} & set(argv):
         from magjax.bench import compile as compile_bench
 

@@ -125,13 +125,16 @@ def flax_convolutions(arch: str, batch: int, dtype: str) -> dict:
     def record(call, args, kwargs, context):
         if isinstance(context.module, nn.Conv) and context.method_name == "__call__":
             found[convert.torch_module_name(context.module.path)] = (
-                context.module.clone(parent=None), jax.ShapeDtypeStruct(args[0].shape,
-                                                                        args[0].dtype))
+                context.module.clone(parent=None),
+                jax.ShapeDtypeStruct(args[0].shape, args[0].dtype),
+            )
         return call(*args, **kwargs)
 
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
-                       jax.ShapeDtypeStruct((batch, *models.INPUT_SHAPE), jnp.float32))
+        jax.eval_shape(
+            lambda x: model.init(jax.random.key(0), x, train=False),
+            jax.ShapeDtypeStruct((batch, *models.INPUT_SHAPE), jnp.float32),
+        )
     return found
 
 
@@ -150,8 +153,11 @@ def torch_convolutions(arch: str, batch: int) -> dict:
 
         return record
 
-    hooks = [module.register_forward_hook(recorder(name))
-             for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)]
+    hooks = [
+        module.register_forward_hook(recorder(name))
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Conv2d)
+    ]
     with torch.no_grad():
         model(torch.zeros(batch, 3, *models.INPUT_SHAPE[:2]))
     for hook in hooks:
@@ -170,16 +176,25 @@ def _time_jax_convolution(conv: nn.Conv, x_shape, steps: int, warmup: int) -> di
     dy = jnp.ones_like(jax.eval_shape(forward, x, params))
     calls = {
         "forward": functools.partial(jax.jit(forward), x, params),
-        "input_grad": functools.partial(jax.jit(
-            lambda x, params, dy: jax.vjp(lambda x: forward(x, params), x)[1](dy)), x, params, dy),
-        "weight_grad": functools.partial(jax.jit(
-            lambda x, params, dy: jax.vjp(lambda p: forward(x, p), params)[1](dy)), x, params, dy),
+        "input_grad": functools.partial(
+            jax.jit(lambda x, params, dy: jax.vjp(lambda x: forward(x, params), x)[1](dy)),
+            x,
+            params,
+            dy,
+        ),
+        "weight_grad": functools.partial(
+            jax.jit(lambda x, params, dy: jax.vjp(lambda p: forward(x, p), params)[1](dy)),
+            x,
+            params,
+            dy,
+        ),
     }
     if x_shape.shape[1:] == models.INPUT_SHAPE:
         del calls["input_grad"]  # the stem's input is the images: no step takes its gradient
-    return {name: 1e3 * _time_steps(lambda call=call: jax.block_until_ready(call()), steps,
-                                    warmup)[0]
-            for name, call in calls.items()}
+    return {
+        name: 1e3 * _time_steps(lambda call=call: jax.block_until_ready(call()), steps, warmup)[0]
+        for name, call in calls.items()
+    }
 
 
 def _time_torch_convolution(conv, x_shape, passes, steps: int, warmup: int) -> dict:
@@ -187,8 +202,9 @@ def _time_torch_convolution(conv, x_shape, passes, steps: int, warmup: int) -> d
     from torch.nn import grad
 
     x = torch.randn(x_shape)
-    options = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                   groups=conv.groups)
+    options = dict(
+        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups
+    )
     with torch.no_grad():
         dy = torch.ones_like(torch.nn.functional.conv2d(x, conv.weight, **options))
         calls = {
@@ -206,8 +222,10 @@ def paired_convolutions(arch: str, batch: int, dtype: str, with_torch: bool) -> 
     flax_convs = flax_convolutions(arch, batch, dtype)
     torch_convs = torch_convolutions(arch, batch) if with_torch else {}
     if with_torch and set(torch_convs) != set(flax_convs):
-        raise RuntimeError(f"{arch}: the Flax and PyTorch nets have different convolutions "
-                           f"({sorted(set(flax_convs) ^ set(torch_convs))})")
+        raise RuntimeError(
+            f"{arch}: the Flax and PyTorch nets have different convolutions "
+            f"({sorted(set(flax_convs) ^ set(torch_convs))})"
+        )
     pairs = []
     for name, (conv, x_shape) in flax_convs.items():
         n, h, w, channels = x_shape.shape
@@ -215,22 +233,41 @@ def paired_convolutions(arch: str, batch: int, dtype: str, with_torch: bool) -> 
         torch_pair = torch_convs.get(name)
         if torch_pair:
             torch_conv, torch_shape = torch_pair
-            expected = ((n, channels, h, w), conv.features, kernel, stride,
-                        conv.feature_group_count)
-            found = (torch_shape, torch_conv.out_channels, tuple(torch_conv.kernel_size),
-                     tuple(torch_conv.stride), torch_conv.groups)
+            expected = (
+                (n, channels, h, w),
+                conv.features,
+                kernel,
+                stride,
+                conv.feature_group_count,
+            )
+            found = (
+                torch_shape,
+                torch_conv.out_channels,
+                tuple(torch_conv.kernel_size),
+                tuple(torch_conv.stride),
+                torch_conv.groups,
+            )
             if found != expected:
-                raise RuntimeError(f"{arch}: convolution {name} is {expected} (input NCHW, "
-                                   f"out channels, kernel, stride, groups) in Flax, {found} in "
-                                   "PyTorch")
-        row = {"name": name, "input": [h, w, channels], "out_channels": conv.features,
-               "kernel": list(kernel), "stride": list(stride), "groups": conv.feature_group_count}
+                raise RuntimeError(
+                    f"{arch}: convolution {name} is {expected} (input NCHW, "
+                    f"out channels, kernel, stride, groups) in Flax, {found} in "
+                    "PyTorch"
+                )
+        row = {
+            "name": name,
+            "input": [h, w, channels],
+            "out_channels": conv.features,
+            "kernel": list(kernel),
+            "stride": list(stride),
+            "groups": conv.feature_group_count,
+        }
         pairs.append((row, conv, x_shape, torch_pair))
     return pairs
 
 
-def bench_convolutions(arch: str, batch: int, dtype: str, steps: int, warmup: int,
-                       with_torch: bool) -> list[dict]:
+def bench_convolutions(
+    arch: str, batch: int, dtype: str, steps: int, warmup: int, with_torch: bool
+) -> list[dict]:
     """Each convolution's passes timed alone, in JAX and (``with_torch``) PyTorch: the rows of
     :func:`paired_convolutions` with the ``jax_*_ms`` and ``torch_*_ms`` times added."""
     rows = []
@@ -252,9 +289,13 @@ def _print_convolutions(rows: list[dict], result: dict) -> None:
         h, w, c = row["input"]
         shape = f"{h}x{w}x{c} -> {row['out_channels']}, k{row['kernel'][0]}, s{row['stride'][0]}"
         cells = " | ".join(
-            f"{f}: " + " ".join(f"{row[f'{f}_{p}_ms']:11.2f}" if f"{f}_{p}_ms" in row
-                                else f"{'-':>11s}" for p in CONV_PASSES)
-            for f in frameworks)
+            f"{f}: "
+            + " ".join(
+                f"{row[f'{f}_{p}_ms']:11.2f}" if f"{f}_{p}_ms" in row else f"{'-':>11s}"
+                for p in CONV_PASSES
+            )
+            for f in frameworks
+        )
         print(f"{row['name']:24s} {shape:28s} {cells}")
     for framework in frameworks:
         total = sum(row.get(f"{framework}_{p}_ms", 0.0) for row in rows for p in CONV_PASSES)
@@ -285,9 +326,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
-    parser.add_argument("--convs", action="store_true",
-                        help="also time each convolution's forward, input and weight gradients "
-                             "alone (JAX and PyTorch)")
+    parser.add_argument(
+        "--convs",
+        action="store_true",
+        help="also time each convolution's forward, input and weight gradients "
+        "alone (JAX and PyTorch)",
+    )
     args = parser.parse_args(argv)
 
     # The load average shows how much other work shared the cores during the run.
@@ -316,8 +360,12 @@ def main(argv: list[str]) -> int:
         _record(result, "torch", args.batch, wall, cpu, how)
         result["torch_threads"] = threads
     if args.convs:
-        _print_convolutions(bench_convolutions(args.arch, args.batch, args.dtype, args.steps,
-                                               args.warmup, with_torch), result)
+        _print_convolutions(
+            bench_convolutions(
+                args.arch, args.batch, args.dtype, args.steps, args.warmup, with_torch
+            ),
+            result,
+        )
     result["load_average_end"] = os.getloadavg()[0]
     print(json.dumps(result))
     return 0

@@ -36,8 +36,14 @@ from magjax import cli
 from magjax.bench import compile as compile_bench
 
 
-def largest_fitting(bytes_at: Callable[[int], int], budget: int, start: int, multiple: int,
-                    tolerance: float = 0.01, max_probes: int = 12) -> tuple[int, dict[int, int]]:
+def largest_fitting(
+    bytes_at: Callable[[int], int],
+    budget: int,
+    start: int,
+    multiple: int,
+    tolerance: float = 0.01,
+    max_probes: int = 12,
+) -> tuple[int, dict[int, int]]:
     """The largest multiple of ``multiple`` whose ``bytes_at`` is at most ``budget``, to within
     a relative ``tolerance``, and every probe made (``{count: bytes}``).
 
@@ -108,18 +114,34 @@ def line_estimate(probes: dict[int, int], budget: int) -> int | None:
 
 
 def main(argv: list[str]) -> int:
-    parser = cli.ArgumentParser(prog="python -m magjax.bench capacity", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(
+        prog="python -m magjax.bench capacity",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     compile_bench.add_common_options(parser)
-    parser.add_argument("--tolerance", type=float, default=0.01,
-                        help="relative precision of the capacity (default 1%%)")
-    parser.add_argument("--max-probes", type=cli.positive_int, default=8,
-                        help="compiles per sample rate")
-    parser.add_argument("--classes", type=cli.positive_int, default=None,
-                        help="the first count probed (default: the recipe's dataset's); with "
-                        "--of batch, the class count")
-    parser.add_argument("--of", choices=("classes", "batch"), default="classes",
-                        help="what to search: identities (default) or the per-chip batch")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="relative precision of the capacity (default 1%%)",
+    )
+    parser.add_argument(
+        "--max-probes", type=cli.positive_int, default=8, help="compiles per sample rate"
+    )
+    parser.add_argument(
+        "--classes",
+        type=cli.positive_int,
+        default=None,
+        help="the first count probed (default: the recipe's dataset's); with "
+        "--of batch, the class count",
+    )
+    parser.add_argument(
+        "--of",
+        choices=("classes", "batch"),
+        default="classes",
+        help="what to search: identities (default) or the per-chip batch",
+    )
     args, overrides = compile_bench.parse_args(parser, argv)
     return cli.run(lambda: _capacity(args, overrides), verbose=args.verbose)
 
@@ -131,9 +153,14 @@ def _capacity(args: argparse.Namespace, overrides: list[str]) -> None:
     hbm, _ = compile_bench.chip_facts(args.topology)
     budget = compile_bench.memory_budget(args.topology)
     chips = len(compile_bench.topology_devices(args.topology))
-    result = {"topology": args.topology, "chips": chips, "config": args.config,
-              "overrides": overrides, "hbm_bytes_per_chip": hbm,
-              "usable_bytes_per_chip": budget}
+    result = {
+        "topology": args.topology,
+        "chips": chips,
+        "config": args.config,
+        "overrides": overrides,
+        "hbm_bytes_per_chip": hbm,
+        "usable_bytes_per_chip": budget,
+    }
     if args.of == "batch":
         result["largest_batch"] = _largest_batch(args, config, budget)
         print(json.dumps(result))
@@ -145,30 +172,44 @@ def _capacity(args: argparse.Namespace, overrides: list[str]) -> None:
         runs: dict[int, dict] = {}
 
         def bytes_at(classes: int, config=config, runs=runs, rate=rate) -> int:
-            runs[classes] = compile_bench.run(args.topology, config, args.per_chip_batch,
-                                              classes)
+            runs[classes] = compile_bench.run(args.topology, config, args.per_chip_batch, classes)
             r = runs[classes]
-            print(f"r = {rate}: {classes:,} classes -> {r['bytes_per_chip'] / 2**30:.2f} GiB "
-                  f"per chip ({'fits' if r['fits'] else 'does not fit'}, compiled in "
-                  f"{r['compile_s']:.0f} s)", flush=True)
+            print(
+                f"r = {rate}: {classes:,} classes -> {r['bytes_per_chip'] / 2**30:.2f} GiB "
+                f"per chip ({'fits' if r['fits'] else 'does not fit'}, compiled in "
+                f"{r['compile_s']:.0f} s)",
+                flush=True,
+            )
             return r["bytes_per_chip"]
 
         # Counts are multiples of the chips x 8 rows (a TPU tile) so that no probe pays padding.
-        capacity, probes = largest_fitting(bytes_at, budget, config.data.num_classes,
-                                           multiple=8 * chips, tolerance=args.tolerance,
-                                           max_probes=args.max_probes)
+        capacity, probes = largest_fitting(
+            bytes_at,
+            budget,
+            config.data.num_classes,
+            multiple=8 * chips,
+            tolerance=args.tolerance,
+            max_probes=args.max_probes,
+        )
         bound = min((c for c, b in probes.items() if b > budget), default=None)
         predicted = line_estimate(probes, budget)
         result["capacity"][str(rate)] = {
-            "classes": capacity, "first_failing": bound, "line_estimate": predicted,
+            "classes": capacity,
+            "first_failing": bound,
+            "line_estimate": predicted,
             "bytes_per_chip": probes.get(capacity),
             "probes": {str(c): b for c, b in sorted(probes.items())},
             "per_chip_batch": next(iter(runs.values()))["per_chip_batch"],
         }
-        print(f"r = {rate}: {capacity:,} identities fit on {args.topology} ({chips} chips)"
-              + (f"; {bound:,} do not" if bound else "")
-              + (f"; the line through the two largest probes meets the memory at {predicted:,}"
-                 if predicted else ""))
+        print(
+            f"r = {rate}: {capacity:,} identities fit on {args.topology} ({chips} chips)"
+            + (f"; {bound:,} do not" if bound else "")
+            + (
+                f"; the line through the two largest probes meets the memory at {predicted:,}"
+                if predicted
+                else ""
+            )
+        )
         if capacity:  # the next sample rate starts where this one ended
             config.data.num_classes = capacity
     print(json.dumps(result))
@@ -188,19 +229,33 @@ def _largest_batch(args: argparse.Namespace, config, budget: int) -> dict:
 
     def bytes_at(batch: int) -> int:
         r = compile_bench.run(args.topology, config, batch, config.data.num_classes)
-        print(f"{batch} images per chip -> {r['bytes_per_chip'] / 2**30:.2f} GiB per chip "
-              f"({'fits' if r['fits'] else 'does not fit'}, compiled in {r['compile_s']:.0f} s)",
-              flush=True)
+        print(
+            f"{batch} images per chip -> {r['bytes_per_chip'] / 2**30:.2f} GiB per chip "
+            f"({'fits' if r['fits'] else 'does not fit'}, compiled in {r['compile_s']:.0f} s)",
+            flush=True,
+        )
         return r["bytes_per_chip"]
 
-    largest, probes = largest_fitting(bytes_at, budget, start, multiple=BATCH_MULTIPLE,
-                                      tolerance=args.tolerance, max_probes=args.max_probes)
+    largest, probes = largest_fitting(
+        bytes_at,
+        budget,
+        start,
+        multiple=BATCH_MULTIPLE,
+        tolerance=args.tolerance,
+        max_probes=args.max_probes,
+    )
     bound = min((b for b, used in probes.items() if used > budget), default=None)
     predicted = line_estimate(probes, budget)
-    print(f"{largest} images per chip fit on {args.topology} at {config.data.num_classes:,} "
-          f"classes, sample rate {config.head.sample_rate}"
-          + (f"; {bound} do not" if bound else ""))
-    return {"per_chip_batch": largest, "first_failing": bound, "line_estimate": predicted,
-            "bytes_per_chip": probes.get(largest), "classes": config.data.num_classes,
-            "sample_rate": config.head.sample_rate,
-            "probes": {str(b): used for b, used in sorted(probes.items())}}
+    print(
+        f"{largest} images per chip fit on {args.topology} at {config.data.num_classes:,} "
+        f"classes, sample rate {config.head.sample_rate}" + (f"; {bound} do not" if bound else "")
+    )
+    return {
+        "per_chip_batch": largest,
+        "first_failing": bound,
+        "line_estimate": predicted,
+        "bytes_per_chip": probes.get(largest),
+        "classes": config.data.num_classes,
+        "sample_rate": config.head.sample_rate,
+        "probes": {str(b): used for b, used in sorted(probes.items())},
+    }

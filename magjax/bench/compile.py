@@ -109,8 +109,10 @@ def chip_facts(topology: str) -> tuple[int, float]:
         return facts.memory_bytes, facts.peak_dense_flops
     generation = topology.split(":")[0]
     if generation not in TPU_CHIPS:
-        raise UserError(f"unknown TPU generation or GPU {generation!r} in {topology!r}; "
-                        f"TPUs: {', '.join(TPU_CHIPS)}; GPUs: {', '.join(gpu_targets.GPUS)}")
+        raise UserError(
+            f"unknown TPU generation or GPU {generation!r} in {topology!r}; "
+            f"TPUs: {', '.join(TPU_CHIPS)}; GPUs: {', '.join(gpu_targets.GPUS)}"
+        )
     hbm_gib, tflops = TPU_CHIPS[generation]
     return hbm_gib * GIB, tflops * 1e12
 
@@ -124,8 +126,13 @@ def memory_bandwidth(topology: str) -> float:
     return TPU_HBM_BANDWIDTH[topology.split(":")[0]]
 
 
-def roofline(flops: float | None, bytes_accessed: float | None, peak: float, bandwidth: float,
-             per_chip_batch: int) -> dict:
+def roofline(
+    flops: float | None,
+    bytes_accessed: float | None,
+    peak: float,
+    bandwidth: float,
+    per_chip_batch: int,
+) -> dict:
     """The step's time floor per chip: the larger of its FLOPs at the ``peak`` rate and its bytes
     accessed at the memory ``bandwidth`` (a step cannot be faster than either), the bound that
     sets it, and the images per second per chip it allows. None where a count is missing: a
@@ -133,12 +140,19 @@ def roofline(flops: float | None, bytes_accessed: float | None, peak: float, ban
     compute_s = flops / peak if flops else None
     memory_s = bytes_accessed / bandwidth if bytes_accessed else None
     if compute_s is None or memory_s is None:
-        return {"step_s_at_bandwidth": memory_s, "step_s_floor": None, "bound": None,
-                "images_per_s_per_chip_ceiling": None}
+        return {
+            "step_s_at_bandwidth": memory_s,
+            "step_s_floor": None,
+            "bound": None,
+            "images_per_s_per_chip_ceiling": None,
+        }
     floor = max(compute_s, memory_s)
-    return {"step_s_at_bandwidth": memory_s, "step_s_floor": floor,
-            "bound": "memory" if memory_s > compute_s else "compute",
-            "images_per_s_per_chip_ceiling": per_chip_batch / floor}
+    return {
+        "step_s_at_bandwidth": memory_s,
+        "step_s_floor": floor,
+        "bound": "memory" if memory_s > compute_s else "compute",
+        "images_per_s_per_chip_ceiling": per_chip_batch / floor,
+    }
 
 
 def prepare_gpu_environment() -> None:
@@ -152,8 +166,11 @@ def prepare_gpu_environment() -> None:
 def _missing_gpu_packages() -> list[str]:
     import importlib.util
 
-    wanted = {"jax_plugins.xla_cuda12": "jax-cuda12-plugin", "jax_cuda12_plugin":
-              "jax-cuda12-plugin", "nvidia.cuda_nvcc": "nvidia-cuda-nvcc-cu12 (ptxas)"}
+    wanted = {
+        "jax_plugins.xla_cuda12": "jax-cuda12-plugin",
+        "jax_cuda12_plugin": "jax-cuda12-plugin",
+        "nvidia.cuda_nvcc": "nvidia-cuda-nvcc-cu12 (ptxas)",
+    }
     missing = []
     for module, package in wanted.items():
         try:
@@ -169,22 +186,27 @@ def gpu_devices(topology: str, name: str, count: int) -> list:
     """The abstract devices of ``count`` GPUs ``name`` (:mod:`magjax.bench.gpu_targets`)."""
     missing = _missing_gpu_packages()
     if missing:
-        raise UserError(f"compiling for {topology!r} needs jax's CUDA plugin and ptxas "
-                        f"({', '.join(missing)} missing): pip install -r requirements-gpu.txt "
-                        '(or pip install "magjax[gpu]")')
+        raise UserError(
+            f"compiling for {topology!r} needs jax's CUDA plugin and ptxas "
+            f"({', '.join(missing)} missing): pip install -r requirements-gpu.txt "
+            '(or pip install "magjax[gpu]")'
+        )
     prepare_gpu_environment()
     from jax.experimental import topologies
 
     config = gpu_targets.target_config(gpu_targets.GPUS[name])
     try:
         described = topologies.get_topology_desc(
-            platform="cuda", target_config=config, topology=gpu_targets.pjrt_topology(count))
+            platform="cuda", target_config=config, topology=gpu_targets.pjrt_topology(count)
+        )
     except NotImplementedError as error:
         # jax started its backends before the environment above was set, so the plugin
         # refused to load: only a fresh process (the command line) can describe GPUs then.
-        raise UserError(f"cannot describe {topology!r}: jax's CUDA plugin did not load in this "
-                        "process (set JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 before jax starts, as "
-                        "python -m magjax.bench compile does)") from error
+        raise UserError(
+            f"cannot describe {topology!r}: jax's CUDA plugin did not load in this "
+            "process (set JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 before jax starts, as "
+            "python -m magjax.bench compile does)"
+        ) from error
     return list(described.devices)
 
 
@@ -202,9 +224,11 @@ def topology_devices(topology: str) -> list:
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
     except Exception as error:  # libtpu missing, or a name it does not know
-        raise UserError(f"cannot describe TPU topology {topology!r} ({error}); install the "
-                        "TPU compiler with `pip install -r requirements-tpu.txt` and use a "
-                        "name such as v5e:2x4, v5p:4x4x4 or v6e:16x16") from error
+        raise UserError(
+            f"cannot describe TPU topology {topology!r} ({error}); install the "
+            "TPU compiler with `pip install -r requirements-tpu.txt` and use a "
+            "name such as v5e:2x4, v5p:4x4x4 or v6e:16x16"
+        ) from error
 
 
 # XLA's TPU compiler refuses a program larger than the chip's memory with, e.g.,
@@ -242,8 +266,9 @@ def compile_train_step(config, devices: list, per_chip_batch: int) -> dict:
     mesh = parallel.make_mesh(devices=devices)
     steps_per_epoch = max(config.data.num_examples // config.global_batch, 1)
     total_steps = config.total_steps or max(int(config.epochs * steps_per_epoch), 1)
-    components = train_step.build_components(config, mesh, config.data.num_classes, steps_per_epoch,
-                                        total_steps)
+    components = train_step.build_components(
+        config, mesh, config.data.num_classes, steps_per_epoch, total_steps
+    )
     state = train_step.abstract_state(components)
     shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
     step = train_step.jit_train_step(components, jax.random.key(0), shardings)
@@ -256,10 +281,15 @@ def compile_train_step(config, devices: list, per_chip_batch: int) -> dict:
             raise
         # Too large for the chip: what XLA asked for (a lower bound of the step's bytes, which
         # is how capacity's search counts it), not a traceback.
-        return {"fits": False, "temp_bytes_asked": asked, "bytes_per_chip": asked,
-                "error": cli.one_line(str(error).splitlines()[0]), "flops_per_step": None,
-                "bytes_accessed_per_step": None,
-                "compile_s": round(time.perf_counter() - start, 1)}
+        return {
+            "fits": False,
+            "temp_bytes_asked": asked,
+            "bytes_per_chip": asked,
+            "error": cli.one_line(str(error).splitlines()[0]),
+            "flops_per_step": None,
+            "bytes_accessed_per_step": None,
+            "compile_s": round(time.perf_counter() - start, 1),
+        }
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -270,16 +300,23 @@ def compile_train_step(config, devices: list, per_chip_batch: int) -> dict:
         "alias_bytes": int(memory.alias_size_in_bytes),
         "temp_bytes": int(memory.temp_size_in_bytes),
     }
-    figures["bytes_per_chip"] = (figures["argument_bytes"] + figures["output_bytes"]
-                                 - figures["alias_bytes"] + figures["temp_bytes"])
+    figures["bytes_per_chip"] = (
+        figures["argument_bytes"]
+        + figures["output_bytes"]
+        - figures["alias_bytes"]
+        + figures["temp_bytes"]
+    )
     # "bytes accessed": XLA's cost model of the step's memory traffic, the bytes the optimised
     # program's instructions read and write (libtpu 0.0.42 also returns its parts by operand,
     # "bytes accessed0{}", ..., and by output, "bytes accessedout{}"; "optimal_seconds" is
     # negative on this host).
-    figures.update(flops_per_step=float(cost["flops"]) if cost else None,
-                   bytes_accessed_per_step=(float(cost["bytes accessed"])
-                                            if cost and "bytes accessed" in cost else None),
-                   compile_s=round(compile_s, 1))
+    figures.update(
+        flops_per_step=float(cost["flops"]) if cost else None,
+        bytes_accessed_per_step=(
+            float(cost["bytes accessed"]) if cost and "bytes accessed" in cost else None
+        ),
+        compile_s=round(compile_s, 1),
+    )
     return figures
 
 
@@ -298,8 +335,10 @@ def host_cost(config, chips: int, per_chip_batch: int) -> tuple[float, float | N
     with logs.native_stderr_to(pathlib.Path(os.devnull)):
         cpus = jax.devices("cpu")
     if len(cpus) < chips:
-        raise UserError(f"--flops needs {chips} CPU devices to compile the {chips}-device step "
-                        f"on this host, jax has {len(cpus)} (set before jax started)")
+        raise UserError(
+            f"--flops needs {chips} CPU devices to compile the {chips}-device step "
+            f"on this host, jax has {len(cpus)} (set before jax started)"
+        )
     figures = compile_train_step(config, cpus[:chips], per_chip_batch)
     return figures["flops_per_step"], figures["bytes_accessed_per_step"]
 
@@ -310,8 +349,9 @@ def counted(config):
     its ``data.synthetic_options`` build; counts set in the config are kept."""
     from magjax import recipes
 
-    if config.data.synthetic and (config.data.num_classes is None
-                                  or config.data.num_examples is None):
+    if config.data.synthetic and (
+        config.data.num_classes is None or config.data.num_examples is None
+    ):
         from magjax.data import synthetic
 
         config = config.copy_and_resolve_references()
@@ -328,8 +368,9 @@ def counted(config):
     except UserError:
         raise
     except ValueError as error:  # a dataset without published counts
-        raise UserError(f"{error} (with --config.data.num_classes=N "
-                        "--config.data.num_examples=M)") from error
+        raise UserError(
+            f"{error} (with --config.data.num_classes=N --config.data.num_examples=M)"
+        ) from error
 
 
 def memory_budget(topology: str) -> int:
@@ -341,8 +382,13 @@ def memory_budget(topology: str) -> int:
     return gpu_targets.usable_memory(gpu_targets.GPUS[gpu[0]])
 
 
-def run(topology: str, config, per_chip_batch: int | None = None,
-        classes: int | None = None, flops: bool = False) -> dict:
+def run(
+    topology: str,
+    config,
+    per_chip_batch: int | None = None,
+    classes: int | None = None,
+    flops: bool = False,
+) -> dict:
     """Everything ``bench compile`` reports for one topology and recipe, as a dict."""
     from magjax import recipes
 
@@ -356,29 +402,45 @@ def run(topology: str, config, per_chip_batch: int | None = None,
     figures = compile_train_step(config, devices, per_chip_batch)
     if figures["flops_per_step"] is None and flops:
         figures["flops_per_step"], figures["bytes_accessed_per_step"] = host_cost(
-            config, len(devices), per_chip_batch)
+            config, len(devices), per_chip_batch
+        )
     usable = memory_budget(topology)
     peak_s = figures["flops_per_step"] / peak if figures["flops_per_step"] else None
     bandwidth = memory_bandwidth(topology)
     result = {
-        "topology": topology, "chips": len(devices), "device_kind": devices[0].device_kind,
-        "arch": config.model.arch, "loss": config.loss.name, "dtype": config.model.dtype,
-        "classes": config.data.num_classes, "sample_rate": config.head.sample_rate,
-        "per_chip_batch": per_chip_batch, **figures, "hbm_bytes_per_chip": hbm,
+        "topology": topology,
+        "chips": len(devices),
+        "device_kind": devices[0].device_kind,
+        "arch": config.model.arch,
+        "loss": config.loss.name,
+        "dtype": config.model.dtype,
+        "classes": config.data.num_classes,
+        "sample_rate": config.head.sample_rate,
+        "per_chip_batch": per_chip_batch,
+        **figures,
+        "hbm_bytes_per_chip": hbm,
         "usable_bytes_per_chip": usable,
         "fits": figures.get("fits", figures["bytes_per_chip"] <= usable),
-        "peak_bf16_flops_per_s": peak, "step_s_at_peak": peak_s,
+        "peak_bf16_flops_per_s": peak,
+        "step_s_at_peak": peak_s,
         # The FLOPs alone: kept for comparison; the ceiling is images_per_s_per_chip_ceiling.
         "images_per_s_per_chip_at_peak": per_chip_batch / peak_s if peak_s else None,
         "memory_bandwidth_bytes_per_s": bandwidth,
-        **roofline(figures["flops_per_step"], figures.get("bytes_accessed_per_step"), peak,
-                   bandwidth, per_chip_batch),
+        **roofline(
+            figures["flops_per_step"],
+            figures.get("bytes_accessed_per_step"),
+            peak,
+            bandwidth,
+            per_chip_batch,
+        ),
     }
     if gpu:
         facts = gpu_targets.GPUS[gpu[0]]
-        result.update(memory_fraction=gpu_targets.memory_fraction(),
-                      peak_dtype=facts.peak_dtype,
-                      flops_source="host CPU compile" if flops else None)
+        result.update(
+            memory_fraction=gpu_targets.memory_fraction(),
+            peak_dtype=facts.peak_dtype,
+            flops_source="host CPU compile" if flops else None,
+        )
     return result
 
 
@@ -387,16 +449,20 @@ def describe(result: dict) -> str:
     r = result
     gpu = "memory_fraction" in r
     if gpu:
-        budget = (f"{r['usable_bytes_per_chip'] / GIB:.2f} GiB jax may use "
-                  f"({r['memory_fraction']:.0%} of {r['hbm_bytes_per_chip'] / GIB:.2f} GiB; "
-                  f"{gpu_targets.MEMORY_FRACTION_VARIABLE})")
+        budget = (
+            f"{r['usable_bytes_per_chip'] / GIB:.2f} GiB jax may use "
+            f"({r['memory_fraction']:.0%} of {r['hbm_bytes_per_chip'] / GIB:.2f} GiB; "
+            f"{gpu_targets.MEMORY_FRACTION_VARIABLE})"
+        )
     else:
         budget = f"{r['hbm_bytes_per_chip'] / GIB:.0f} GiB HBM"
     if "temp_bytes_asked" in r:
-        return (f"{r['loss']} {r['arch']} ({r['dtype']}), {r['classes']:,} classes, "
-                f"{r['per_chip_batch']} images per chip on {r['topology']}: DOES NOT FIT: XLA "
-                f"asked for {r['temp_bytes_asked'] / GIB:.2f} GiB of temporaries per chip, "
-                f"{budget} ({r['error']})")
+        return (
+            f"{r['loss']} {r['arch']} ({r['dtype']}), {r['classes']:,} classes, "
+            f"{r['per_chip_batch']} images per chip on {r['topology']}: DOES NOT FIT: XLA "
+            f"asked for {r['temp_bytes_asked'] / GIB:.2f} GiB of temporaries per chip, "
+            f"{budget} ({r['error']})"
+        )
     lines = [
         f"{r['loss']} {r['arch']} ({r['dtype']}), {r['classes']:,} classes, sample rate "
         f"{r['sample_rate']}, {r['per_chip_batch']} images per chip on {r['topology']} "
@@ -411,7 +477,8 @@ def describe(result: dict) -> str:
         lines.append(
             f"{r['flops_per_step']:.3e} FLOPs per chip and step"
             + (" (counted on this host's CPU compile)" if gpu else "")
-            + f": {1e3 * r['step_s_at_peak']:.1f} ms at the peak {rate} rate")
+            + f": {1e3 * r['step_s_at_peak']:.1f} ms at the peak {rate} rate"
+        )
         if r.get("step_s_floor") is not None:
             lines.append(
                 f"{r['bytes_accessed_per_step']:.3e} bytes accessed per chip and step"
@@ -419,46 +486,72 @@ def describe(result: dict) -> str:
                 + f": {1e3 * r['step_s_at_bandwidth']:.1f} ms at "
                 f"{r['memory_bandwidth_bytes_per_s'] / 1e9:,.0f} GB/s; {r['bound']}-bound, "
                 f"at most {r['images_per_s_per_chip_ceiling']:.0f} images/s per chip "
-                "(XLA's cost model)")
+                "(XLA's cost model)"
+            )
         else:
-            lines.append(f"no bytes accessed counted: at most "
-                         f"{r['images_per_s_per_chip_at_peak']:.0f} images/s per chip from "
-                         "the FLOPs alone")
+            lines.append(
+                f"no bytes accessed counted: at most "
+                f"{r['images_per_s_per_chip_at_peak']:.0f} images/s per chip from "
+                "the FLOPs alone"
+            )
     else:
-        lines.append("FLOPs: XLA's GPU compiler counts none; --flops counts them on this "
-                     "host's CPU compile of the same step (as long again)")
+        lines.append(
+            "FLOPs: XLA's GPU compiler counts none; --flops counts them on this "
+            "host's CPU compile of the same step (as long again)"
+        )
     return "\n".join(lines)
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--topology", required=True,
-                        help="Cloud TPU topology (v5e:2x4, v5p:4x4x4, v6e:16x16) or NVIDIA GPUs "
-                        f"NAME:COUNT, NAME one of {', '.join(gpu_targets.GPUS)} (h100:8)")
-    parser.add_argument("--config", required=True,
-                        help="recipe as for magjax.main, e.g. configs/arcface.py:r100,pfc0.2; "
-                        "--config.FIELD=VALUE overrides a field as there")
-    parser.add_argument("--per-chip-batch", type=cli.positive_int, default=None,
-                        help="images per chip (default: the official run's per-GPU batch)")
-    parser.add_argument("--json", action="store_true",
-                        help="print only the JSON line (otherwise it comes last)")
+    parser.add_argument(
+        "--topology",
+        required=True,
+        help="Cloud TPU topology (v5e:2x4, v5p:4x4x4, v6e:16x16) or NVIDIA GPUs "
+        f"NAME:COUNT, NAME one of {', '.join(gpu_targets.GPUS)} (h100:8)",
+    )
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="recipe as for magjax.main, e.g. configs/arcface.py:r100,pfc0.2; "
+        "--config.FIELD=VALUE overrides a field as there",
+    )
+    parser.add_argument(
+        "--per-chip-batch",
+        type=cli.positive_int,
+        default=None,
+        help="images per chip (default: the official run's per-GPU batch)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print only the JSON line (otherwise it comes last)"
+    )
     cli.add_verbose_flag(parser)
 
 
 def main(argv: list[str]) -> int:
-    parser = cli.ArgumentParser(prog="python -m magjax.bench compile", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(
+        prog="python -m magjax.bench compile",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_common_options(parser)
-    parser.add_argument("--classes", type=cli.positive_int, default=None,
-                        help="number of identities (default: the recipe's dataset)")
-    parser.add_argument("--flops", action="store_true",
-                        help="GPUs: count the FLOPs and bytes accessed on this host's CPU compile "
-                        "of the step")
+    parser.add_argument(
+        "--classes",
+        type=cli.positive_int,
+        default=None,
+        help="number of identities (default: the recipe's dataset)",
+    )
+    parser.add_argument(
+        "--flops",
+        action="store_true",
+        help="GPUs: count the FLOPs and bytes accessed on this host's CPU compile of the step",
+    )
     args, overrides = parse_args(parser, argv)
     return cli.run(lambda: _compile(args, overrides), verbose=args.verbose)
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str]
-               ) -> tuple[argparse.Namespace, list[str]]:
+def parse_args(
+    parser: argparse.ArgumentParser, argv: list[str]
+) -> tuple[argparse.Namespace, list[str]]:
     """The options, and the ``--config.FIELD[=VALUE]`` overrides (with a value given as the next
     argument) apart; anything else unknown is one line, as any bad flag. For GPU topologies,
     sets the plugin's environment (:func:`prepare_gpu_environment`) and, with ``--flops``,
@@ -511,8 +604,9 @@ def load_config(spec: str, overrides: list[str]):
     try:
         values = flags.FlagValues()
         # sys_argv: the flag reads the overrides from these, not from the process's own argv.
-        holder = config_flags.DEFINE_config_file("config", None, "recipe", flag_values=values,
-                                                 lock_config=True, sys_argv=argv)
+        holder = config_flags.DEFINE_config_file(
+            "config", None, "recipe", flag_values=values, lock_config=True, sys_argv=argv
+        )
         values(argv)
         return holder.value.copy_and_resolve_references()
     except UserError:
@@ -522,8 +616,13 @@ def load_config(spec: str, overrides: list[str]):
 
 
 def _compile(args: argparse.Namespace, overrides: list[str]) -> None:
-    result = run(args.topology, load_config(args.config, overrides), args.per_chip_batch,
-                 args.classes, flops=args.flops)
+    result = run(
+        args.topology,
+        load_config(args.config, overrides),
+        args.per_chip_batch,
+        args.classes,
+        flops=args.flops,
+    )
     result["overrides"] = overrides
     if not args.json:
         print(describe(result))

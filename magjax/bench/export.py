@@ -30,22 +30,31 @@ def random_variables(arch: str) -> dict:
     module = models.build(arch)
     shapes = jax.eval_shape(
         lambda k: module.init(k, jnp.zeros((1, *models.INPUT_SHAPE)), train=False),
-        jax.random.key(0))
+        jax.random.key(0),
+    )
     rng = np.random.default_rng(0)
 
     def fill(path, leaf):
         if leaf.ndim >= 2:
             return rng.normal(0, np.sqrt(1 / np.prod(leaf.shape[:-1])), leaf.shape)
-        return np.ones(leaf.shape) if "var" in jax.tree_util.keystr(path) else \
-            0.1 * rng.normal(size=leaf.shape)
+        return (
+            np.ones(leaf.shape)
+            if "var" in jax.tree_util.keystr(path)
+            else 0.1 * rng.normal(size=leaf.shape)
+        )
 
     return jax.tree_util.tree_map_with_path(lambda p, x: fill(p, x).astype(np.float32), shapes)
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m magjax.bench export", description=__doc__)
-    parser.add_argument("--arch", default="iresnet50", choices=models.ARCHS, metavar="ARCH",
-                        help=f"one of {', '.join(models.ARCHS)}")
+    parser.add_argument(
+        "--arch",
+        default="iresnet50",
+        choices=models.ARCHS,
+        metavar="ARCH",
+        help=f"one of {', '.join(models.ARCHS)}",
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--steps", type=int, default=5, help="timed calls per batch (median)")
     args = parser.parse_args(argv)
@@ -71,11 +80,14 @@ def main(argv: list[str]) -> int:
         device_images = jnp.asarray(images)
         ort_s = bench.median_seconds(lambda x=nchw: session.run(None, {"input": x}), args.steps)
         jax_s = bench.median_seconds(
-            lambda x=device_images: jax.block_until_ready(forward(device_variables, x)), args.steps)
+            lambda x=device_images: jax.block_until_ready(forward(device_variables, x)), args.steps
+        )
         result[f"ort_ms_per_image_b{batch}"] = 1e3 * ort_s / batch
         result[f"jax_ms_per_image_b{batch}"] = 1e3 * jax_s / batch
-        print(f"{args.arch} batch {batch}: onnxruntime {1e3 * ort_s / batch:.2f} ms/image, "
-              f"jax (jit) {1e3 * jax_s / batch:.2f} ms/image")
+        print(
+            f"{args.arch} batch {batch}: onnxruntime {1e3 * ort_s / batch:.2f} ms/image, "
+            f"jax (jit) {1e3 * jax_s / batch:.2f} ms/image"
+        )
     result["load_average_end"] = os.getloadavg()[0]
     print(f"ONNX file: {result['onnx_bytes'] / 2**20:.1f} MiB")
     print(json.dumps(result))

@@ -69,16 +69,76 @@ class Gpu:
 # nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf), H100 SXM 3.35 TB/s, H200 SXM 4.8 TB/s
 # (H100 and H200 Tensor Core GPU datasheets), V100 SXM2 900 GB/s (Tesla V100 datasheet).
 GPUS = {
-    "a100-40gb": Gpu("NVIDIA A100-SXM4-40GB", (8, 0), 108, 64, 40_960, 1_555e9, 40 * MIB,
-                     164 * 1024, 163 * 1024, 1.41, 312e12, "bfloat16"),
-    "a100-80gb": Gpu("NVIDIA A100-SXM4-80GB", (8, 0), 108, 64, 81_920, 2_039e9, 40 * MIB,
-                     164 * 1024, 163 * 1024, 1.41, 312e12, "bfloat16"),
-    "h100": Gpu("NVIDIA H100 80GB HBM3", (9, 0), 132, 128, 81_559, 3_350e9, 50 * MIB,
-                228 * 1024, 227 * 1024, 1.98, 989.5e12, "bfloat16"),
-    "h200": Gpu("NVIDIA H200", (9, 0), 132, 128, 143_771, 4_800e9, 50 * MIB,
-                228 * 1024, 227 * 1024, 1.98, 989.5e12, "bfloat16"),
-    "v100-32gb": Gpu("Tesla V100-SXM2-32GB", (7, 0), 80, 64, 32_510, 900e9, 6 * MIB,
-                     96 * 1024, 96 * 1024, 1.53, 125e12, "float16"),
+    "a100-40gb": Gpu(
+        "NVIDIA A100-SXM4-40GB",
+        (8, 0),
+        108,
+        64,
+        40_960,
+        1_555e9,
+        40 * MIB,
+        164 * 1024,
+        163 * 1024,
+        1.41,
+        312e12,
+        "bfloat16",
+    ),
+    "a100-80gb": Gpu(
+        "NVIDIA A100-SXM4-80GB",
+        (8, 0),
+        108,
+        64,
+        81_920,
+        2_039e9,
+        40 * MIB,
+        164 * 1024,
+        163 * 1024,
+        1.41,
+        312e12,
+        "bfloat16",
+    ),
+    "h100": Gpu(
+        "NVIDIA H100 80GB HBM3",
+        (9, 0),
+        132,
+        128,
+        81_559,
+        3_350e9,
+        50 * MIB,
+        228 * 1024,
+        227 * 1024,
+        1.98,
+        989.5e12,
+        "bfloat16",
+    ),
+    "h200": Gpu(
+        "NVIDIA H200",
+        (9, 0),
+        132,
+        128,
+        143_771,
+        4_800e9,
+        50 * MIB,
+        228 * 1024,
+        227 * 1024,
+        1.98,
+        989.5e12,
+        "bfloat16",
+    ),
+    "v100-32gb": Gpu(
+        "Tesla V100-SXM2-32GB",
+        (7, 0),
+        80,
+        64,
+        32_510,
+        900e9,
+        6 * MIB,
+        96 * 1024,
+        96 * 1024,
+        1.53,
+        125e12,
+        "float16",
+    ),
 }
 # A server's usual GPU count, for a name given without one (``h100`` is ``h100:8``).
 DEFAULT_GPUS_PER_SERVER = 8
@@ -93,8 +153,9 @@ def parse_topology(topology: str) -> tuple[str, int] | None:
     if not count:
         return name, DEFAULT_GPUS_PER_SERVER
     if not count.isdigit() or int(count) < 1:
-        raise UserError(f"GPU count {count!r} in {topology!r} is not a positive integer "
-                         f"(e.g. {name}:8)")
+        raise UserError(
+            f"GPU count {count!r} in {topology!r} is not a positive integer (e.g. {name}:8)"
+        )
     return name, int(count)
 
 
@@ -104,8 +165,9 @@ def pjrt_topology(count: int) -> str:
     if count <= DEFAULT_GPUS_PER_SERVER:
         return f"1x1x{count}"
     if count % DEFAULT_GPUS_PER_SERVER:
-        raise UserError(f"{count} GPUs: more than one server's must be a multiple of "
-                         f"{DEFAULT_GPUS_PER_SERVER}")
+        raise UserError(
+            f"{count} GPUs: more than one server's must be a multiple of {DEFAULT_GPUS_PER_SERVER}"
+        )
     return f"1x{count // DEFAULT_GPUS_PER_SERVER}x{DEFAULT_GPUS_PER_SERVER}"
 
 
@@ -115,24 +177,34 @@ def target_config(gpu: Gpu) -> str:
     dnn, runtime = DNN_VERSION, CUDA_RUNTIME_VERSION
     fields = {
         # Limits common to every CUDA GPU since Volta (CUDA C++ Programming Guide).
-        "threads_per_block_limit": 1024, "threads_per_warp": 32,
-        "shared_memory_per_block": 48 * 1024, "threads_per_core_limit": 2048,
-        "registers_per_core_limit": 65536, "registers_per_block_limit": 65536,
-        "block_dim_limit_x": 2**31 - 1, "block_dim_limit_y": 65535, "block_dim_limit_z": 65535,
+        "threads_per_block_limit": 1024,
+        "threads_per_warp": 32,
+        "shared_memory_per_block": 48 * 1024,
+        "threads_per_core_limit": 2048,
+        "registers_per_core_limit": 65536,
+        "registers_per_block_limit": 65536,
+        "block_dim_limit_x": 2**31 - 1,
+        "block_dim_limit_y": 65535,
+        "block_dim_limit_z": 65535,
         "shared_memory_per_core": gpu.shared_memory_per_sm,
         "shared_memory_per_block_optin": gpu.shared_memory_per_block_optin,
-        "core_count": gpu.sms, "fpus_per_core": gpu.fp32_units_per_sm,
-        "memory_bandwidth": int(gpu.memory_bandwidth), "l2_cache_size": gpu.l2_bytes,
-        "clock_rate_ghz": gpu.boost_clock_ghz, "device_memory_size": gpu.memory_bytes,
+        "core_count": gpu.sms,
+        "fpus_per_core": gpu.fp32_units_per_sm,
+        "memory_bandwidth": int(gpu.memory_bandwidth),
+        "l2_cache_size": gpu.l2_bytes,
+        "clock_rate_ghz": gpu.boost_clock_ghz,
+        "device_memory_size": gpu.memory_bytes,
     }
     info = "\n".join(f"  {key}: {value}" for key, value in fields.items())
-    return (f"gpu_device_info {{\n{info}\n"
-            f"  cuda_compute_capability {{ major: {major} minor: {minor} }}\n}}\n"
-            'platform_name: "CUDA"\n'
-            f"dnn_version_info {{ major: {dnn[0]} minor: {dnn[1]} patch: {dnn[2]} }}\n"
-            f"runtime_version {{ major: {runtime[0]} minor: {runtime[1]} "
-            f"patch: {runtime[2]} }}\n"
-            f'device_description_str: "{gpu.name}"\n')
+    return (
+        f"gpu_device_info {{\n{info}\n"
+        f"  cuda_compute_capability {{ major: {major} minor: {minor} }}\n}}\n"
+        'platform_name: "CUDA"\n'
+        f"dnn_version_info {{ major: {dnn[0]} minor: {dnn[1]} patch: {dnn[2]} }}\n"
+        f"runtime_version {{ major: {runtime[0]} minor: {runtime[1]} "
+        f"patch: {runtime[2]} }}\n"
+        f'device_description_str: "{gpu.name}"\n'
+    )
 
 
 def memory_fraction() -> float:

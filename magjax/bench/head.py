@@ -56,29 +56,46 @@ import time
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser(prog="python -m magjax.bench head", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m magjax.bench head",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--batch", type=int, default=256, help="global batch")
     parser.add_argument("--classes", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--sample-rate", type=float, default=1.0)
-    parser.add_argument("--freeze-unsampled", action="store_true",
-                        help="Partial FC as trained with head.freeze_unsampled: the gradient of "
-                             "the sampled rows alone (default: a dense [C, d] gradient)")
-    parser.add_argument("--update", action="store_true",
-                        help="the step also applies the recipe optimizer's update to the centres "
-                             "and their momentum, as training does; the floor adds that update "
-                             "with a zero gradient")
+    parser.add_argument(
+        "--freeze-unsampled",
+        action="store_true",
+        help="Partial FC as trained with head.freeze_unsampled: the gradient of "
+        "the sampled rows alone (default: a dense [C, d] gradient)",
+    )
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="the step also applies the recipe optimizer's update to the centres "
+        "and their momentum, as training does; the floor adds that update "
+        "with a zero gradient",
+    )
     # Any registered loss (magjax.losses): checked once jax is imported (after --devices).
     parser.add_argument("--loss", default="arcface", help="a loss of magjax.losses")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--abstract", action="store_true", help="compile on shapes only")
-    parser.add_argument("--block", type=int, default=0, metavar="N",
-                        help="head.block_size: each shard's classes N at a time (0: dense)")
-    parser.add_argument("--topology", default=None,
-                        help="compile on shapes for a Cloud TPU topology (e.g. v5p:2x2x1), "
-                             "its chips as the devices; implies --abstract")
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=0,
+        metavar="N",
+        help="head.block_size: each shard's classes N at a time (0: dense)",
+    )
+    parser.add_argument(
+        "--topology",
+        default=None,
+        help="compile on shapes for a Cloud TPU topology (e.g. v5p:2x2x1), "
+        "its chips as the devices; implies --abstract",
+    )
     parser.add_argument("--json", action="store_true", help="(the last line is always JSON)")
     args = parser.parse_args(argv)
     if args.block < 0:
@@ -118,15 +135,21 @@ def _carrying(fn, state: list, *args):
 
 def _memory(compiled) -> int:
     stats = compiled.memory_analysis()
-    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
-               + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+    return int(
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        + stats.temp_size_in_bytes
+        - stats.alias_size_in_bytes
+    )
 
 
 def main(argv: list[str]) -> int:
     args = _parse(argv)
     if args.devices > 1 and "jax" not in sys.modules and args.topology is None:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + f" --xla_force_host_platform_device_count={args.devices}")
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + f" --xla_force_host_platform_device_count={args.devices}"
+        )
     import jax
     import jax.numpy as jnp
     import optax
@@ -150,18 +173,26 @@ def main(argv: list[str]) -> int:
     else:
         mesh = make_mesh(args.devices)
     if args.loss not in losses.registered():
-        return cli.report_user_error(f"--loss {args.loss!r}: one of "
-                                     f"{', '.join(sorted(losses.registered()))}")
+        return cli.report_user_error(
+            f"--loss {args.loss!r}: one of {', '.join(sorted(losses.registered()))}"
+        )
     loss = losses.MarginLoss.create(args.loss)
     batch = padded_size(args.batch, args.devices)
     # The head training builds (head.ClassShardedHead) and, for --block, the dense head it is
     # timed against: the step below is its value_and_grad (with --update, its update), the
     # code the train step runs, on an identity backbone (the embeddings are its parameters).
-    heads = {size: head.ClassShardedHead(loss, mesh, args.classes, args.dim,
-                                         sample_rate=args.sample_rate,
-                                         freeze_unsampled=args.freeze_unsampled,
-                                         block_size=size)
-             for size in {args.block or None, None}}
+    heads = {
+        size: head.ClassShardedHead(
+            loss,
+            mesh,
+            args.classes,
+            args.dim,
+            sample_rate=args.sample_rate,
+            freeze_unsampled=args.freeze_unsampled,
+            block_size=size,
+        )
+        for size in {args.block or None, None}
+    }
     block_size = args.block or None
     margin_head = heads[block_size]
     padded, per_shard = margin_head.padded_classes, margin_head.classes_per_shard
@@ -171,9 +202,14 @@ def main(argv: list[str]) -> int:
     # The recipe's optimizer, as build_components makes it: weight decay on the centres (not on
     # the embeddings standing in for the backbone), SGD with momentum.
     optim_config = recipes.base_config().optim
-    tx = optim.make_optimizer(optim_config, optim_config.lr, lambda params: {
-        "backbone": jax.tree.map(lambda _: False, params["backbone"]),
-        "head": jax.tree.map(lambda _: True, params["head"])})
+    tx = optim.make_optimizer(
+        optim_config,
+        optim_config.lr,
+        lambda params: {
+            "backbone": jax.tree.map(lambda _: False, params["backbone"]),
+            "head": jax.tree.map(lambda _: True, params["head"]),
+        },
+    )
 
     def parameters(x, w):
         return {"backbone": {"embeddings": x}, "head": {"weight": w}}
@@ -182,20 +218,23 @@ def main(argv: list[str]) -> int:
         state = margin_head.initial_state()
 
         def embeddings_then_head(params, rows):
-            out = margin_head.loss(params["head"], state, params["backbone"]["embeddings"], y,
-                                   key, rows)
+            out = margin_head.loss(
+                params["head"], state, params["backbone"]["embeddings"], y, key, rows
+            )
             return out, None
 
         return embeddings_then_head
 
     def gradient_step(x, w, y, key, block=block_size):
-        step = heads[block].value_and_grad(objective(heads[block], y, key), parameters(x, w),
-                                           y, key)
+        step = heads[block].value_and_grad(
+            objective(heads[block], y, key), parameters(x, w), y, key
+        )
         return step.output.loss, step.grads
 
     def update_step(params, opt_state, y, key, block=block_size):
-        params, opt_state, step = heads[block].update(tx, objective(heads[block], y, key),
-                                                      params, opt_state, y, key)
+        params, opt_state, step = heads[block].update(
+            tx, objective(heads[block], y, key), params, opt_state, y, key
+        )
         return params, opt_state, step.output.loss
 
     def centres(w):
@@ -208,10 +247,13 @@ def main(argv: list[str]) -> int:
 
     def sampled_rows_update(params, opt_state, index):
         # The same, for the sampled rows where they lie, as the train step moves them.
-        params_out, opt_state_out = update_alone(margin_head.take(params, index),
-                                                 margin_head.take(opt_state, index))
-        return (margin_head.keep(params_out, params, index, None),
-                margin_head.keep(opt_state_out, opt_state, index, None))
+        params_out, opt_state_out = update_alone(
+            margin_head.take(params, index), margin_head.take(opt_state, index)
+        )
+        return (
+            margin_head.keep(params_out, params, index, None),
+            margin_head.keep(opt_state_out, opt_state, index, None),
+        )
 
     rows = NamedSharding(mesh, P(DATA_AXIS))
     class_rows = NamedSharding(mesh, P(DATA_AXIS, None))
@@ -226,9 +268,11 @@ def main(argv: list[str]) -> int:
     if args.update:
         # The momentum of the centres and of the embeddings split by rows, as they are.
         opt_state_shape = jax.tree.map(
-            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=class_rows
-                                              if leaf.ndim == 2 else replicated),
-            jax.eval_shape(tx.init, parameters(x_shape, weight_shape)))
+            lambda leaf: jax.ShapeDtypeStruct(
+                leaf.shape, leaf.dtype, sharding=class_rows if leaf.ndim == 2 else replicated
+            ),
+            jax.eval_shape(tx.init, parameters(x_shape, weight_shape)),
+        )
         shapes = (parameters(x_shape, weight_shape), opt_state_shape, *batch_shapes)
         step_fn, donate = update_step, (0, 1)
     else:
@@ -241,21 +285,44 @@ def main(argv: list[str]) -> int:
             raise
         # Too large for the chip: say so, with what XLA asked for, rather than a traceback.
         print(f"does not fit: {str(error).splitlines()[0]}")
-        print(json.dumps({"loss": args.loss, "batch": batch, "classes": args.classes,
-                          "dim": args.dim, "devices": args.devices, "block": block_size,
-                          "topology": args.topology, "fits": False,
-                          "temp_bytes_asked": asked}))
+        print(
+            json.dumps(
+                {
+                    "loss": args.loss,
+                    "batch": batch,
+                    "classes": args.classes,
+                    "dim": args.dim,
+                    "devices": args.devices,
+                    "block": block_size,
+                    "topology": args.topology,
+                    "fits": False,
+                    "temp_bytes_asked": asked,
+                }
+            )
+        )
         return 0
     # --block: the dense head's step, timed in turn with the blocked one.
-    twin = (jax.jit(functools.partial(step_fn, block=None), donate_argnums=donate)
-            .lower(*shapes).compile() if block_size and not args.abstract else None)
+    twin = (
+        jax.jit(functools.partial(step_fn, block=None), donate_argnums=donate)
+        .lower(*shapes)
+        .compile()
+        if block_size and not args.abstract
+        else None
+    )
     result = {
-        "loss": args.loss, "batch": batch, "classes": args.classes, "dim": args.dim,
-        "devices": args.devices, "sample_rate": args.sample_rate,
-        "freeze_unsampled": args.freeze_unsampled, "update": args.update,
-        "block": block_size, "topology": args.topology,
+        "loss": args.loss,
+        "batch": batch,
+        "classes": args.classes,
+        "dim": args.dim,
+        "devices": args.devices,
+        "sample_rate": args.sample_rate,
+        "freeze_unsampled": args.freeze_unsampled,
+        "update": args.update,
+        "block": block_size,
+        "topology": args.topology,
         **({"fits": True} if args.topology else {}),
-        "centres_per_device": active, "bytes_per_device": _memory(compiled),
+        "centres_per_device": active,
+        "bytes_per_device": _memory(compiled),
         "temp_bytes_per_device": int(compiled.memory_analysis().temp_size_in_bytes),
         "weight_bytes_per_device": per_shard * args.dim * 4,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -270,8 +337,11 @@ def main(argv: list[str]) -> int:
             state = [parameters(x, w), jax.jit(tx.init)(parameters(x, w))]
             step_call = _carrying(compiled, state, y, jax.random.key(1))
             twin_call = twin and _carrying(
-                twin, [parameters(jnp.copy(x), jnp.copy(w)),
-                       jax.jit(tx.init)(parameters(x, w))], y, jax.random.key(1))
+                twin,
+                [parameters(jnp.copy(x), jnp.copy(w)), jax.jit(tx.init)(parameters(x, w))],
+                y,
+                jax.random.key(1),
+            )
         else:
             step_call = functools.partial(compiled, x, w, y, jax.random.key(1))
             twin_call = twin and functools.partial(twin, x, w, y, jax.random.key(1))
@@ -290,25 +360,37 @@ def main(argv: list[str]) -> int:
         sampled = args.devices * active
         xf = jax.device_put(jnp.ones((batch, args.dim)), replicated)
         wf = jax.device_put(jnp.ones((sampled, args.dim)), class_rows)
-        calls = [step_call,
-                 functools.partial(floor_class_major, xf, wf, jax.device_put(
-                     jnp.ones((sampled, batch)), class_rows)),
-                 functools.partial(floor_batch_major, xf, wf, jax.device_put(
-                     jnp.ones((batch, sampled)), NamedSharding(mesh, P(None, DATA_AXIS))))]
+        calls = [
+            step_call,
+            functools.partial(
+                floor_class_major, xf, wf, jax.device_put(jnp.ones((sampled, batch)), class_rows)
+            ),
+            functools.partial(
+                floor_batch_major,
+                xf,
+                wf,
+                jax.device_put(jnp.ones((batch, sampled)), NamedSharding(mesh, P(None, DATA_AXIS))),
+            ),
+        ]
         dense_write = not args.update and not sampled_rows and active < per_shard
         if dense_write:
-            calls.append(jax.jit(lambda: jnp.zeros((padded, args.dim)),
-                                 out_shardings=class_rows))
+            calls.append(jax.jit(lambda: jnp.zeros((padded, args.dim)), out_shardings=class_rows))
         if args.update:  # the rows the update moves: all of them, or the sampled ones
-            moved = jax.device_put(jnp.ones((sampled if sampled_rows else padded, args.dim)),
-                                   class_rows)
-            calls.append(_carrying(jax.jit(update_alone, donate_argnums=(0, 1)),
-                                   [centres(moved), jax.jit(tx.init)(centres(moved))]))
+            moved = jax.device_put(
+                jnp.ones((sampled if sampled_rows else padded, args.dim)), class_rows
+            )
+            calls.append(
+                _carrying(
+                    jax.jit(update_alone, donate_argnums=(0, 1)),
+                    [centres(moved), jax.jit(tx.init)(centres(moved))],
+                )
+            )
         rows_update = args.update and sampled_rows
         if rows_update:  # the step's own rows, in the step's own state
             index = jax.jit(margin_head.sample)(y, jax.random.key(1))
-            calls.append(_carrying(jax.jit(sampled_rows_update, donate_argnums=(0, 1)), state,
-                                   index))
+            calls.append(
+                _carrying(jax.jit(sampled_rows_update, donate_argnums=(0, 1)), state, index)
+            )
         if twin:
             calls.insert(1, twin_call)
         step_ms, *floors_ms = _time_alternating(calls, args.repeats)
@@ -320,39 +402,58 @@ def main(argv: list[str]) -> int:
         products_ms = min(floors_ms)
         floor_ms = products_ms + update_ms
         flops = 3 * 2 * batch * sampled * args.dim
-        result.update(step_ms=round(step_ms, 2), floor_ms=round(floor_ms, 2),
-                      floor_class_major_ms=round(floors_ms[0], 2),
-                      floor_batch_major_ms=round(floors_ms[1], 2),
-                      ratio=round(step_ms / floor_ms, 3),
-                      floor_gflops_per_s=round(flops / products_ms / 1e6, 1))
+        result.update(
+            step_ms=round(step_ms, 2),
+            floor_ms=round(floor_ms, 2),
+            floor_class_major_ms=round(floors_ms[0], 2),
+            floor_batch_major_ms=round(floors_ms[1], 2),
+            ratio=round(step_ms / floor_ms, 3),
+            floor_gflops_per_s=round(flops / products_ms / 1e6, 1),
+        )
         if args.update:
             result.update(update_floor_ms=round(update_ms, 2))
-            print(f"head step with the centres' update {step_ms:.1f} ms, floor "
-                  f"{floor_ms:.1f} ms (products {products_ms:.1f} + update {update_ms:.1f}), "
-                  f"ratio {step_ms / floor_ms:.2f}")
+            print(
+                f"head step with the centres' update {step_ms:.1f} ms, floor "
+                f"{floor_ms:.1f} ms (products {products_ms:.1f} + update {update_ms:.1f}), "
+                f"ratio {step_ms / floor_ms:.2f}"
+            )
             if rows_update_ms is not None:
                 result.update(sampled_rows_update_ms=round(rows_update_ms, 2))
-                print(f"of which the update of the sampled rows where they lie (gather, "
-                      f"update, scatter) alone: {rows_update_ms:.1f} ms, against "
-                      f"{update_ms:.1f} ms for as many contiguous rows")
+                print(
+                    f"of which the update of the sampled rows where they lie (gather, "
+                    f"update, scatter) alone: {rows_update_ms:.1f} ms, against "
+                    f"{update_ms:.1f} ms for as many contiguous rows"
+                )
         else:
-            print(f"head step {step_ms:.1f} ms, floor {floor_ms:.1f} ms, "
-                  f"ratio {step_ms / floor_ms:.2f}")
+            print(
+                f"head step {step_ms:.1f} ms, floor {floor_ms:.1f} ms, "
+                f"ratio {step_ms / floor_ms:.2f}"
+            )
         if dense_write:
-            result.update(dense_write_ms=round(write_ms, 2),
-                          ratio_with_dense_write=round(step_ms / (floor_ms + write_ms), 3))
-            print(f"writing the dense [C_local, d] gradient alone {write_ms:.1f} ms, ratio "
-                  f"with it {step_ms / (floor_ms + write_ms):.2f}")
+            result.update(
+                dense_write_ms=round(write_ms, 2),
+                ratio_with_dense_write=round(step_ms / (floor_ms + write_ms), 3),
+            )
+            print(
+                f"writing the dense [C_local, d] gradient alone {write_ms:.1f} ms, ratio "
+                f"with it {step_ms / (floor_ms + write_ms):.2f}"
+            )
         if twin:
-            result.update(dense_head_ms=round(dense_head_ms, 2),
-                          ratio_to_dense_head=round(step_ms / dense_head_ms, 3))
-            print(f"the dense head (no --block) in the same run {dense_head_ms:.1f} ms: "
-                  f"blocked/dense {step_ms / dense_head_ms:.2f}")
+            result.update(
+                dense_head_ms=round(dense_head_ms, 2),
+                ratio_to_dense_head=round(step_ms / dense_head_ms, 3),
+            )
+            print(
+                f"the dense head (no --block) in the same run {dense_head_ms:.1f} ms: "
+                f"blocked/dense {step_ms / dense_head_ms:.2f}"
+            )
     if args.topology is not None:
         cost = compiled.cost_analysis()
         result["flops_per_device"] = float(cost["flops"]) if cost else None
-    print(f"bytes per device {result['bytes_per_device'] / 2**20:.1f} MiB "
-          f"(class centres {result['weight_bytes_per_device'] / 2**20:.1f} MiB, temporaries "
-          f"{result['temp_bytes_per_device'] / 2**20:.1f} MiB)")
+    print(
+        f"bytes per device {result['bytes_per_device'] / 2**20:.1f} MiB "
+        f"(class centres {result['weight_bytes_per_device'] / 2**20:.1f} MiB, temporaries "
+        f"{result['temp_bytes_per_device'] / 2**20:.1f} MiB)"
+    )
     print(json.dumps(result))
     return 0

@@ -44,8 +44,15 @@ def _pipeline(batches: int, batch: int) -> dict:
     from magjax.data.pipeline import TrainPipeline
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = builders.prepare("synthetic", None, os.path.join(tmp, "syn"), num_identities=64,
-                                images_per_identity=16, num_heldout=2, num_pairs=2)
+        root = builders.prepare(
+            "synthetic",
+            None,
+            os.path.join(tmp, "syn"),
+            num_identities=64,
+            images_per_identity=16,
+            num_heldout=2,
+            num_pairs=2,
+        )
         pipe = TrainPipeline(root, global_batch=batch, seed=0, augment="flip")
         next(pipe)  # start-up (threads, first reads) is not throughput
         c0, w0 = time.process_time(), time.perf_counter()
@@ -57,8 +64,11 @@ def _pipeline(batches: int, batch: int) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m magjax.bench input", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m magjax.bench input",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=3, help="best of this many passes")
     p.add_argument("--pipeline-batches", type=int, default=40)
@@ -83,12 +93,16 @@ def main(argv: list[str]) -> int:
     for kind in ("none", "flip", "adaface"):
         r = _per_example(jpegs, kind, args.rounds)
         result[f"decode_{kind}"] = r
-        print(f"decode + {kind:8s}: {r['images_per_cpu_s']:6d} images/s per core "
-              f"({r['images_per_wall_s']} images/s wall, 1 thread)")
+        print(
+            f"decode + {kind:8s}: {r['images_per_cpu_s']:6d} images/s per core "
+            f"({r['images_per_wall_s']} images/s wall, 1 thread)"
+        )
     r = _pipeline(args.pipeline_batches, args.batch)
     result["pipeline_flip"] = r
-    print(f"TrainPipeline flip: {r['images_per_cpu_s']:6d} images/s per core "
-          f"({r['images_per_wall_s']} images/s wall, batch {args.batch})")
+    print(
+        f"TrainPipeline flip: {r['images_per_cpu_s']:6d} images/s per core "
+        f"({r['images_per_wall_s']} images/s wall, batch {args.batch})"
+    )
     result["goal_flip_images_per_core_s"] = 1500
     result["meets_goal"] = result["decode_flip"]["images_per_cpu_s"] >= 1500
     print(json.dumps(result))

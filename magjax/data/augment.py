@@ -57,8 +57,13 @@ def decode(data: bytes, image_size: int = 112) -> Image.Image:
     return im
 
 
-def random_resized_crop(im: Image.Image, rng: np.random.Generator, scale=(0.2, 1.0),
-                        ratio=(3 / 4, 4 / 3), resize: bool = True) -> Image.Image:
+def random_resized_crop(
+    im: Image.Image,
+    rng: np.random.Generator,
+    scale=(0.2, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    resize: bool = True,
+) -> Image.Image:
     """torchvision RandomResizedCrop's box sampling (10 tries, then a centre crop).
 
     ``resize=True`` resizes the box to the full size (bilinear); ``resize=False`` keeps it in
@@ -109,8 +114,9 @@ def photometric(im: Image.Image, rng: np.random.Generator, strength: float = 0.5
     return im
 
 
-def augment_image(data: bytes, kind: str, rng: np.random.Generator | None,
-                  image_size: int = 112) -> np.ndarray:
+def augment_image(
+    data: bytes, kind: str, rng: np.random.Generator | None, image_size: int = 112
+) -> np.ndarray:
     """Decodes and augments one image: uint8 RGB [image_size, image_size, 3] (maybe a view)."""
     im = decode(data, image_size)
     if kind == "none":

@@ -94,9 +94,7 @@ class _FaceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _info(self) -> tfds.core.DatasetInfo:
         features = {
-            "image": tfds.features.Image(
-                shape=(FACE_SIZE, FACE_SIZE, 3), encoding_format="jpeg"
-            ),
+            "image": tfds.features.Image(shape=(FACE_SIZE, FACE_SIZE, 3), encoding_format="jpeg"),
             "label": tfds.features.ClassLabel(num_classes=self.num_classes),
             "source_id": tfds.features.Scalar(dtype=np.int64),
             **self._extra_features(),
@@ -107,8 +105,9 @@ class _FaceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             features=tfds.features.FeaturesDict(features),
             supervised_keys=("image", "label"),
             metadata=tfds.core.MetadataDict(
-                image_size=FACE_SIZE, on_size_mismatch=self.on_size_mismatch,
-                **self._extra_metadata()
+                image_size=FACE_SIZE,
+                on_size_mismatch=self.on_size_mismatch,
+                **self._extra_metadata(),
             ),
         )
 
@@ -137,7 +136,9 @@ class _FaceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if self.resized == 0:
             log.warning(
                 "%s is %dx%d: resizing to %d (warned once; counted as 'resized')",
-                self._source_name(source_id), *size, FACE_SIZE,
+                self._source_name(source_id),
+                *size,
+                FACE_SIZE,
             )
         self.resized += 1
         im = im.resize((FACE_SIZE, FACE_SIZE), Image.BILINEAR)
@@ -167,15 +168,19 @@ class _FaceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         # classifier, which no image then trains: said here, for every source alike.
         empty = [c for c in range(self.num_classes) if c not in labels]
         if empty and key:
-            log.warning("%d of %d classes have no readable image (kept, with no image to train "
-                        "them): %s%s", len(empty), self.num_classes,
-                        ", ".join(self._class_name(c) for c in empty[:10]),
-                        " ..." if len(empty) > 10 else "")
+            log.warning(
+                "%d of %d classes have no readable image (kept, with no image to train them): %s%s",
+                len(empty),
+                self.num_classes,
+                ", ".join(self._class_name(c) for c in empty[:10]),
+                " ..." if len(empty) > 10 else "",
+            )
         self.info.metadata["classes_without_images"] = len(empty)
         if key == 0:
             source = self._extra_metadata().get("source", type(self).__name__)
-            raise UserError(f"{source}: no readable image ({len(self.skipped)} skipped, see the "
-                            "log)")
+            raise UserError(
+                f"{source}: no readable image ({len(self.skipped)} skipped, see the log)"
+            )
         # Written into metadata.json when the split is finalised.
         self.info.metadata["skipped"] = len(self.skipped)
         self.info.metadata["skipped_source_ids"] = self.skipped[:_MAX_LOGGED_SKIPS]
@@ -246,6 +251,7 @@ def list_image_folder(root: str | os.PathLike, layout: str = "auto") -> tuple[li
     if not top:
         raise UserError(f"{root}: expected one sub-directory per identity, found none")
     if layout == "auto":
+
         def only_dirs(d):
             entries = _visible(d.path)
             return bool(entries) and all(_is(e, "dir") for e in entries)
@@ -272,13 +278,18 @@ def list_image_folder(root: str | os.PathLike, layout: str = "auto") -> tuple[li
     images_of = {}
     for name, path in identity_dirs.items():
         images_of[name] = sorted(
-            f.path for f in _visible(path)
+            f.path
+            for f in _visible(path)
             if f.name.lower().endswith(images.IMAGE_SUFFIXES) and _is(f, "file")
         )
     empty = sorted(identity_dirs[n] for n, found in images_of.items() if not found)
     if empty:
-        log.warning("skipping %d identity folders without image files (not classes): %s%s",
-                    len(empty), ", ".join(empty[:10]), " ..." if len(empty) > 10 else "")
+        log.warning(
+            "skipping %d identity folders without image files (not classes): %s%s",
+            len(empty),
+            ", ".join(empty[:10]),
+            " ..." if len(empty) > 10 else "",
+        )
     names = sorted(n for n, found in images_of.items() if found)
     files = [(path, label) for label, name in enumerate(names) for path in images_of[name]]
     if not files:
@@ -302,12 +313,14 @@ def _is(entry: os.DirEntry, kind: str) -> bool:
     try:
         return entry.is_dir() if kind == "dir" else entry.is_file()
     except OSError as error:
-        raise UserError(f"{entry.path}: cannot be followed: {error.strerror or error}; "
-                        "remove or fix it") from None
+        raise UserError(
+            f"{entry.path}: cannot be followed: {error.strerror or error}; remove or fix it"
+        ) from None
 
 
-def split_identities(names: list[str], files: list, holdout: int
-                     ) -> tuple[list[str], list, list[str], list]:
+def split_identities(
+    names: list[str], files: list, holdout: int
+) -> tuple[list[str], list, list[str], list]:
     """``holdout`` identities of ``names`` (among those with two images or more, drawn with a
     fixed seed) set apart from the training ones: ``(train names, train files, held-out names,
     held-out files)``, each file list ``[(path, label)]`` with labels numbering its own names in
@@ -319,14 +332,17 @@ def split_identities(names: list[str], files: list, holdout: int
     if holdout < 2 or holdout > len(eligible) or holdout >= len(names):
         raise UserError(
             f"--holdout {holdout}: must be at least 2 and at most the {len(eligible)} of "
-            f"{len(names)} identities with two images or more, leaving one to train on")
+            f"{len(names)} identities with two images or more, leaving one to train on"
+        )
     held = set(np.random.default_rng(0).choice(eligible, holdout, replace=False).tolist())
 
     def part(keep) -> tuple[list[str], list]:
         kept = [label for label in range(len(names)) if keep(label)]
         relabel = {old: new for new, old in enumerate(kept)}
-        return ([names[label] for label in kept],
-                [(path, relabel[label]) for path, label in files if label in relabel])
+        return (
+            [names[label] for label in kept],
+            [(path, relabel[label]) for path, label in files if label in relabel],
+        )
 
     return (*part(lambda label: label not in held), *part(lambda label: label in held))
 
@@ -337,8 +353,12 @@ def heldout_pairs(labels: np.ndarray, max_pairs: int, seed: int = 0) -> np.ndarr
     random) and as many different-identity pairs, in random order, so the 10-fold protocol's
     folds each hold both kinds."""
     rng = np.random.default_rng(seed)
-    same = [(a, b) for members in (np.flatnonzero(labels == label) for label in np.unique(labels))
-            for i, a in enumerate(members) for b in members[i + 1:]]
+    same = [
+        (a, b)
+        for members in (np.flatnonzero(labels == label) for label in np.unique(labels))
+        for i, a in enumerate(members)
+        for b in members[i + 1 :]
+    ]
     if len(same) > max_pairs // 2:
         same = [same[i] for i in rng.choice(len(same), max_pairs // 2, replace=False)]
     different = set()
@@ -350,8 +370,9 @@ def heldout_pairs(labels: np.ndarray, max_pairs: int, seed: int = 0) -> np.ndarr
     return pairs[rng.permutation(len(pairs))]
 
 
-def write_heldout_set(out: pathlib.Path, files: list, max_pairs: int = 3000,
-                      read=images.read_face) -> int:
+def write_heldout_set(
+    out: pathlib.Path, files: list, max_pairs: int = 3000, read=images.read_face
+) -> int:
     """Writes ``out`` (a verification ``.bin``) from the held-out identities' images ``files``
     (``[(path, label)]``; unreadable ones skipped and logged, others resized to 112x112 as in
     training); returns the number of pairs. ``read(path)`` gives a file's 112x112 face, or None
@@ -370,8 +391,10 @@ def write_heldout_set(out: pathlib.Path, files: list, max_pairs: int = 3000,
         labels.append(label)
     pairs = heldout_pairs(np.asarray(labels), max_pairs)
     if len(pairs) < 10:
-        raise UserError(f"--holdout: the held-out identities give {len(pairs)} verification "
-                        "pairs, the 10-fold protocol needs at least 10; hold out more identities")
+        raise UserError(
+            f"--holdout: the held-out identities give {len(pairs)} verification "
+            "pairs, the 10-fold protocol needs at least 10; hold out more identities"
+        )
     faces_array = np.stack(faces)
     verification_bin.write_bin(out, faces_array[pairs[:, :2].reshape(-1)], pairs[:, 2] == 1)
     return len(pairs)
@@ -386,12 +409,20 @@ class FaceFolder(_FaceBuilder, skip_registration=True):
     counted (``no_face`` in the metadata and the manifest).
     """
 
-    def __init__(self, *, src: str | os.PathLike, layout: str = "auto", holdout: int = 0,
-                 detect: dict | None = None, **kwargs):
+    def __init__(
+        self,
+        *,
+        src: str | os.PathLike,
+        layout: str = "auto",
+        holdout: int = 0,
+        detect: dict | None = None,
+        **kwargs,
+    ):
         self.src = pathlib.Path(src)
         names, files = list_image_folder(self.src, layout)
         self.class_names, self.files, self.heldout_names, self.heldout_files = split_identities(
-            names, files, holdout)
+            names, files, holdout
+        )
         self.num_classes = len(self.class_names)
         self.detector = None
         self.no_face: list[int] = []
@@ -442,9 +473,11 @@ class FaceFolder(_FaceBuilder, skip_registration=True):
             yield from super()._generate_examples()
         except UserError:
             if self.no_face:
-                raise UserError(f"{self.src}: no face found in any readable photo "
-                                f"({len(self.no_face)} without a face, {len(self.skipped)} "
-                                "unreadable; see the log)") from None
+                raise UserError(
+                    f"{self.src}: no face found in any readable photo "
+                    f"({len(self.no_face)} without a face, {len(self.skipped)} "
+                    "unreadable; see the log)"
+                ) from None
             raise
         if self.detector is not None:
             self.info.metadata["no_face"] = len(self.no_face)
@@ -488,8 +521,14 @@ def _normalise(options: dict) -> dict:
     return json.loads(json.dumps(options, sort_keys=True, default=str))
 
 
-def prepare(format: str, src: str | os.PathLike | None, out: str | os.PathLike, *,
-            progress: bool = True, **options) -> pathlib.Path:
+def prepare(
+    format: str,
+    src: str | os.PathLike | None,
+    out: str | os.PathLike,
+    *,
+    progress: bool = True,
+    **options,
+) -> pathlib.Path:
     """Builds a TFDS dataset from ``src`` into ``out`` and returns ``out`` (the dataset root).
 
     format: ``rec`` (insightface RecordIO dir), ``folder`` (identity sub-folders; option
@@ -516,8 +555,7 @@ def prepare(format: str, src: str | os.PathLike | None, out: str | os.PathLike, 
         return _prepare(format, src, out, progress=progress, **options)
 
 
-def _prepare(format: str, src, out: pathlib.Path, *, progress: bool, **options
-             ) -> pathlib.Path:
+def _prepare(format: str, src, out: pathlib.Path, *, progress: bool, **options) -> pathlib.Path:
     src = pathlib.Path(src).resolve() if src else None
     request = _normalise({"format": format, "src": str(src) if src else None, "options": options})
     manifest_path = out / MANIFEST
@@ -538,8 +576,14 @@ def _prepare(format: str, src, out: pathlib.Path, *, progress: bool, **options
         layout = options.pop("layout", "auto")
         holdout = options.pop("holdout", 0)
         detect = options.pop("detect", None)
-        builder = FaceFolder(src=_need_src(src, format), layout=layout, holdout=holdout,
-                             detect=detect, data_dir=str(out), **size_opt)
+        builder = FaceFolder(
+            src=_need_src(src, format),
+            layout=layout,
+            holdout=holdout,
+            detect=detect,
+            data_dir=str(out),
+            **size_opt,
+        )
     elif format == "synthetic":
         cfg = synthetic.SyntheticConfig(**options)
         builder = SyntheticFaces(config=cfg, data_dir=str(out), **size_opt)
@@ -557,8 +601,13 @@ def _prepare(format: str, src, out: pathlib.Path, *, progress: bool, **options
             read = builder.aligned_face if builder.detector is not None else images.read_face
             pairs = write_heldout_set(out / "verification.bin", builder.heldout_files, read=read)
             write_class_names(out / "heldout.txt", builder.heldout_names)
-            log.info("held out %d identities (%s) as %s: %d pairs", len(builder.heldout_names),
-                     out / "heldout.txt", out / "verification.bin", pairs)
+            log.info(
+                "held out %d identities (%s) as %s: %d pairs",
+                len(builder.heldout_names),
+                out / "heldout.txt",
+                out / "verification.bin",
+                pairs,
+            )
             extras.update(verification_bins=["verification.bin"], heldout="heldout.txt")
 
     # A half-written earlier attempt (no manifest) is rebuilt from scratch.
@@ -605,9 +654,12 @@ def write_class_names(path: pathlib.Path, names: list[str]) -> None:
     a warning."""
     odd = [n for n in names if not _is_utf8(n)]
     if odd:
-        log.warning("%d identity folder names are not valid UTF-8; classes.txt keeps their bytes"
-                    ": %s%s", len(odd), ", ".join(map(ascii, odd[:5])),
-                    " ..." if len(odd) > 5 else "")
+        log.warning(
+            "%d identity folder names are not valid UTF-8; classes.txt keeps their bytes: %s%s",
+            len(odd),
+            ", ".join(map(ascii, odd[:5])),
+            " ..." if len(odd) > 5 else "",
+        )
     path.write_bytes(b"".join(os.fsencode(n) + b"\n" for n in names))
 
 
@@ -628,7 +680,8 @@ def _build_quietly(builder: _FaceBuilder, progress: bool) -> None:
     try:
         with contextlib.redirect_stdout(stdout):
             builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(verify_ssl=False))
+                download_config=tfds.download.DownloadConfig(verify_ssl=False)
+            )
     finally:
         tfds.display_progress_bar(True)  # TFDS's default
         for line in stdout.getvalue().splitlines():
@@ -638,8 +691,10 @@ def _build_quietly(builder: _FaceBuilder, progress: bool) -> None:
 
 def _need_src(src, format: str) -> pathlib.Path:
     if not src:
-        raise UserError(f"--src is required for --format {format}: the "
-                        f"{'RecordIO directory' if format == 'rec' else 'image folder'} to read")
+        raise UserError(
+            f"--src is required for --format {format}: the "
+            f"{'RecordIO directory' if format == 'rec' else 'image folder'} to read"
+        )
     return pathlib.Path(src)
 
 
@@ -662,6 +717,19 @@ def inspect_dataset(path: str | os.PathLike) -> dict:
     manifest = pathlib.Path(path) / MANIFEST
     if manifest.is_file():
         m = read_manifest(manifest)
-        summary.update({k: m[k] for k in ("format", "src", "options", "verification_bins",
-                                          "quality_set", "classes", "no_face") if k in m})
+        summary.update(
+            {
+                k: m[k]
+                for k in (
+                    "format",
+                    "src",
+                    "options",
+                    "verification_bins",
+                    "quality_set",
+                    "classes",
+                    "no_face",
+                )
+                if k in m
+            }
+        )
     return summary

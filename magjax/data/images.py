@@ -71,8 +71,10 @@ def _keep_truncated_images_off() -> None:
     # tensorflow_datasets' thumbnail code, for one, switches this global on.
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         ImageFile.LOAD_TRUNCATED_IMAGES = False
-        log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was on; magjax switched it off so that "
-                    "truncated images are reported instead of decoded to grey pixels")
+        log.warning(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was on; magjax switched it off so that "
+            "truncated images are reported instead of decoded to grey pixels"
+        )
 
 
 def open_image(data: bytes, what: str) -> Image.Image:
@@ -108,7 +110,8 @@ _ORIENTATION_INFO = ("exif", "xmp", "XML:com.adobe.xmp")
 
 def _orientation(im: Image.Image) -> int | None:
     if im.format in ("JPEG", "MPO", "PNG", "WEBP") and not any(
-            key in im.info for key in _ORIENTATION_INFO):
+        key in im.info for key in _ORIENTATION_INFO
+    ):
         return 1
     return im.getexif().get(ExifTags.Base.Orientation, 1)
 
@@ -198,8 +201,9 @@ def crop_face_box(path: pathlib.Path, columns: dict, row: int) -> np.ndarray:
     try:
         img = to_rgb(read_image(path))
         if all(c in columns for c in ("FACE_X", "FACE_Y", "FACE_WIDTH", "FACE_HEIGHT")):
-            x, y, w, h = (float(columns[c][row]) for c in
-                          ("FACE_X", "FACE_Y", "FACE_WIDTH", "FACE_HEIGHT"))
+            x, y, w, h = (
+                float(columns[c][row]) for c in ("FACE_X", "FACE_Y", "FACE_WIDTH", "FACE_HEIGHT")
+            )
             img = img.crop((round(x), round(y), round(x + w), round(y + h)))
         return np.asarray(img.resize((FACE_SIZE, FACE_SIZE), Image.Resampling.BILINEAR), np.uint8)
     except UnreadableImageError as e:  # names the path

@@ -40,8 +40,18 @@ _MAX_REPLACEMENTS = 64
 class _BatchLoader(grain.transforms.Map):
     """Maps a host-batch index to the decoded, augmented batch (picklable for grain workers)."""
 
-    def __init__(self, source, *, num_examples: int, global_batch: int, local_batch: int,
-                 process_index: int, seed: int, augment: str, image_size: int):
+    def __init__(
+        self,
+        source,
+        *,
+        num_examples: int,
+        global_batch: int,
+        local_batch: int,
+        process_index: int,
+        seed: int,
+        augment: str,
+        image_size: int,
+    ):
         self.source = source
         self.num_examples, self.global_batch = num_examples, global_batch
         self.local_batch = local_batch
@@ -65,8 +75,10 @@ class _BatchLoader(grain.transforms.Map):
             perm = self._perm_cache.get(epoch)
             if perm is None:
                 perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-                self._perm_cache = {epoch: perm, **{k: v for k, v in self._perm_cache.items()
-                                                   if k == epoch - 1}}
+                self._perm_cache = {
+                    epoch: perm,
+                    **{k: v for k, v in self._perm_cache.items() if k == epoch - 1},
+                }
             return perm
 
     def map(self, step: int) -> dict[str, np.ndarray]:
@@ -88,8 +100,9 @@ class _BatchLoader(grain.transforms.Map):
                     labels[i] = ex["label"]
                     break
                 except augment_lib.DECODE_ERRORS as e:
-                    log.warning("skipping record %d (epoch %d): cannot decode image: %s",
-                                record, epoch, e)
+                    log.warning(
+                        "skipping record %d (epoch %d): cannot decode image: %s", record, epoch, e
+                    )
             else:
                 raise RuntimeError(
                     f"{_MAX_REPLACEMENTS} consecutive records from position {pos} of epoch "
@@ -106,9 +119,18 @@ class TrainPipeline:
     continues at exactly the next example.
     """
 
-    def __init__(self, data_dir: str | os.PathLike, *, global_batch: int, seed: int,
-                 augment: str = "flip", process_index: int = 0, process_count: int = 1,
-                 image_size: int = 112, num_workers: int = 0):
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        *,
+        global_batch: int,
+        seed: int,
+        augment: str = "flip",
+        process_index: int = 0,
+        process_count: int = 1,
+        image_size: int = 112,
+        num_workers: int = 0,
+    ):
         if augment not in augment_lib.AUGMENTATIONS:
             raise ValueError(f"augment must be one of {augment_lib.AUGMENTATIONS}, not {augment!r}")
         if process_count < 1 or not 0 <= process_index < process_count:
@@ -126,7 +148,8 @@ class TrainPipeline:
             raise UserError(
                 f"config.global_batch {global_batch} is more than the {self.num_examples} "
                 f"images in {data_dir}: pass a smaller --config.global_batch (a multiple of "
-                "the device count)")
+                "the device count)"
+            )
         self.global_batch, self.seed, self.augment = global_batch, seed, augment
         self.local_batch = global_batch // process_count
         self.process_index, self.process_count = process_index, process_count
@@ -136,9 +159,14 @@ class TrainPipeline:
             split="train", decoders={"image": tfds.decode.SkipDecoding()}
         )
         self._loader = _BatchLoader(
-            source, num_examples=self.num_examples, global_batch=global_batch,
-            local_batch=self.local_batch, process_index=process_index, seed=seed,
-            augment=augment, image_size=image_size,
+            source,
+            num_examples=self.num_examples,
+            global_batch=global_batch,
+            local_batch=self.local_batch,
+            process_index=process_index,
+            seed=seed,
+            augment=augment,
+            image_size=image_size,
         )
         self._step = 0
         self._iterator = None

@@ -22,11 +22,15 @@ def read_manifest(path: pathlib.Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: damaged dataset manifest, not JSON ({e}); prepare the dataset "
-                        "again into a new --out") from None
+        raise UserError(
+            f"{path}: damaged dataset manifest, not JSON ({e}); prepare the dataset "
+            "again into a new --out"
+        ) from None
     if not isinstance(manifest, dict) or "dataset_dir" not in manifest:
-        raise UserError(f"{path}: damaged dataset manifest (expected an object with "
-                        "'dataset_dir'); prepare the dataset again into a new --out")
+        raise UserError(
+            f"{path}: damaged dataset manifest (expected an object with "
+            "'dataset_dir'); prepare the dataset again into a new --out"
+        )
     return manifest
 
 

@@ -336,16 +336,22 @@ class FaceRecord:
         than the index holds; ``label[1]`` (end of the identity records), where present, a
         whole number not below ``label[0]``. Errors name the field and the files."""
         labels = np.atleast_1d(np.asarray(header.label, np.float64))
-        names = ("label[0] (first identity record, images are keys 1 .. label[0]-1)",
-                 "label[1] (end of the identity records)")
+        names = (
+            "label[0] (first identity record, images are keys 1 .. label[0]-1)",
+            "label[1] (end of the identity records)",
+        )
         for field, value in zip(names, labels[:2], strict=False):
             if not (math.isfinite(value) and value == int(value) and value >= 1):
-                raise RecordIOError(f"{rec}: header record 0 {field} is {value:g}, expected a "
-                                    "whole number >= 1 (a corrupt header)")
+                raise RecordIOError(
+                    f"{rec}: header record 0 {field} is {value:g}, expected a "
+                    "whole number >= 1 (a corrupt header)"
+                )
         end = int(labels[0])
         if len(labels) > 1 and labels[1] < end:
-            raise RecordIOError(f"{rec}: header record 0 label[1] ends the identity records "
-                                f"[{end}, {int(labels[1])}) before label[0] starts them")
+            raise RecordIOError(
+                f"{rec}: header record 0 label[1] ends the identity records "
+                f"[{end}, {int(labels[1])}) before label[0] starts them"
+            )
         if end - 1 > len(self.reader.index) - 1:
             raise RecordIOError(
                 f"{rec}: header record 0 label[0] announces {end - 1} image records (keys 1.."

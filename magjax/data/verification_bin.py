@@ -63,7 +63,8 @@ def _uint8_dtype(name, *args):
     if key not in _DTYPES:
         raise UnsafePickleError(
             f"numpy.dtype({name!r}) refused: a verification .bin holds uint8 images ('u1') and "
-            "bool issame flags ('b1') only")
+            "bool issame flags ('b1') only"
+        )
     return _DTYPES[key]
 
 
@@ -129,8 +130,10 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def _frombuffer(self, buf, dtype, shape, order):
         if np.dtype(dtype) not in _DTYPES.values():
-            raise UnsafePickleError(f"array of dtype {dtype} refused: a verification .bin holds "
-                                    "uint8 images and bool issame flags only")
+            raise UnsafePickleError(
+                f"array of dtype {dtype} refused: a verification .bin holds "
+                "uint8 images and bool issame flags only"
+            )
         return np.frombuffer(buf, dtype).reshape(self._check_size(shape), order=order)
 
 
@@ -173,11 +176,15 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
     if isinstance(issame, np.ndarray) and issame.dtype == np.bool_ and issame.ndim == 1:
         issame = issame.tolist()  # a bool array: what insightface's loader reads alike
     elif isinstance(issame, np.ndarray):
-        raise UserError(f"{path}: issame_list is a {issame.dtype} array of shape {issame.shape},"
-                        " expected a list (or 1-D array) of bools")
+        raise UserError(
+            f"{path}: issame_list is a {issame.dtype} array of shape {issame.shape},"
+            " expected a list (or 1-D array) of bools"
+        )
     if not (isinstance(bins, list | tuple) and isinstance(issame, list | tuple)):
-        raise UserError(f"{path}: expected lists of images and of bools, got "
-                        f"{type(bins).__name__} and {type(issame).__name__}")
+        raise UserError(
+            f"{path}: expected lists of images and of bools, got "
+            f"{type(bins).__name__} and {type(issame).__name__}"
+        )
     total = 0
     for i, b in enumerate(bins):
         if isinstance(b, bytes | bytearray) or (isinstance(b, np.ndarray) and b.dtype == np.uint8):
@@ -266,6 +273,7 @@ def write_bin(
     flags = [bool(s) for s in np.asarray(issame).reshape(-1)]
     if len(bins) != 2 * len(flags):
         raise ValueError(f"{len(bins)} images for {len(flags)} pairs: need exactly 2 per pair")
+
     def dump(tmp: str) -> None:
         with open(tmp, "wb") as f:
             pickle.dump((bins, flags), f, protocol=4)
@@ -284,17 +292,23 @@ def protocol_problem(path, issame: np.ndarray, nrof_folds: int = 10) -> str | No
 
     n, same = len(issame), int(np.count_nonzero(issame))
     if n < nrof_folds:
-        return (f"{path}: holds {n} pairs; the {nrof_folds}-fold verification protocol needs at "
-                f"least {nrof_folds}")
+        return (
+            f"{path}: holds {n} pairs; the {nrof_folds}-fold verification protocol needs at "
+            f"least {nrof_folds}"
+        )
     if same in (0, n):
         kind = "same-identity" if same == 0 else "different-identity"
-        return (f"{path}: holds no {kind} pair (issame is {bool(same)} for all {n} pairs); the "
-                "verification protocol needs both kinds")
+        return (
+            f"{path}: holds no {kind} pair (issame is {bool(same)} for all {n} pairs); the "
+            "verification protocol needs both kinds"
+        )
     folds = [start for start, stop in fold_bounds(n, nrof_folds) if not issame[start:stop].all()]
     if len(folds) == 1:
-        return (f"{path}: all its different-identity pairs lie in one of the {nrof_folds} "
-                "folds (contiguous blocks of pairs); the other folds then hold none and the "
-                "false-accept rate is undefined: interleave the pairs, as insightface's sets do")
+        return (
+            f"{path}: all its different-identity pairs lie in one of the {nrof_folds} "
+            "folds (contiguous blocks of pairs); the other folds then hold none and the "
+            "false-accept rate is undefined: interleave the pairs, as insightface's sets do"
+        )
     return None
 
 

@@ -103,9 +103,7 @@ def cluster(
     if method == "kmeans":
         return KMeans(n_clusters=num_clusters, n_init=10, random_state=seed).fit_predict(x)
     if method == "agglomerative":
-        model = AgglomerativeClustering(
-            n_clusters=num_clusters, metric="cosine", linkage="average"
-        )
+        model = AgglomerativeClustering(n_clusters=num_clusters, metric="cosine", linkage="average")
         return model.fit_predict(x)
     if method == "dbscan":
         return DBSCAN(eps=eps, min_samples=min_samples, metric="cosine").fit_predict(x)
@@ -126,9 +124,7 @@ def evaluate(
     if num_clusters is None:
         num_clusters = int(np.unique(labels).size)
     return {
-        m: score_partition(
-            labels, cluster(embeddings, m, num_clusters, eps, min_samples, seed)
-        )
+        m: score_partition(labels, cluster(embeddings, m, num_clusters, eps, min_samples, seed))
         for m in methods
     }
 

@@ -125,8 +125,10 @@ def _check_three_columns(path: pathlib.Path, numbers: int) -> None:
     for number, line in enumerate(data.splitlines(), 1):
         fields = line.split()
         if fields and len(fields) != 3:
-            raise UserError(f"{path}:{number}: expected 't1 t2 label', got {len(fields)} "
-                            f"fields: {line[:80].decode('ascii', 'replace')!r}")
+            raise UserError(
+                f"{path}:{number}: expected 't1 t2 label', got {len(fields)} "
+                f"fields: {line[:80].decode('ascii', 'replace')!r}"
+            )
     raise UserError(f"{path}: expected lines 't1 t2 label' of integers ({numbers} numbers)")
 
 
@@ -201,9 +203,11 @@ def load_meta(root: str | pathlib.Path, target: str = "IJBC") -> IJBMeta:
     pairs_path = meta_dir / f"{prefix}_template_pair_label.txt"
     t1, t2, labels = read_template_pair_label(pairs_path)
     if labels.size == 0 or labels.min() == labels.max():
-        raise UserError(f"{pairs_path}: TAR@FAR needs genuine (label 1) and impostor (label 0) "
-                        f"pairs; its {labels.size} pairs hold "
-                        f"{'no' if labels.size == 0 else 'only label ' + str(labels.min())}")
+        raise UserError(
+            f"{pairs_path}: TAR@FAR needs genuine (label 1) and impostor (label 0) "
+            f"pairs; its {labels.size} pairs hold "
+            f"{'no' if labels.size == 0 else 'only label ' + str(labels.min())}"
+        )
     unknown = np.setdiff1d(np.union1d(t1, t2), templates)
     if unknown.size:
         raise UserError(
@@ -248,8 +252,9 @@ def iter_aligned(meta: IJBMeta, batch_size: int = 64, workers: int = 4) -> Itera
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, len(paths), batch_size):
             stop = start + batch_size
-            yield np.stack(list(pool.map(load_aligned, paths[start:stop],
-                                         meta.landmarks[start:stop])))
+            yield np.stack(
+                list(pool.map(load_aligned, paths[start:stop], meta.landmarks[start:stop]))
+            )
 
 
 def extract_features(
@@ -263,8 +268,13 @@ def extract_features(
 
     plain, flipped = [], []
     total = -(-meta.names.size // batch_size)
-    for batch in tqdm(iter_aligned(meta, batch_size), total=total, disable=not progress,
-                      desc="IJB images", unit="batch"):
+    for batch in tqdm(
+        iter_aligned(meta, batch_size),
+        total=total,
+        disable=not progress,
+        desc="IJB images",
+        unit="batch",
+    ):
         p, f = embed_with_flip(embed_fn, batch, batch_size)
         plain.append(p)
         flipped.append(f)
@@ -299,8 +309,9 @@ def image_features(
             return l2_normalize(plain)
         norms = np.stack([np.linalg.norm(plain, axis=1), np.linalg.norm(flipped, axis=1)])
         weights = norms / norms.sum(0, keepdims=True)
-        return l2_normalize(weights[0][:, None] * l2_normalize(plain)
-                            + weights[1][:, None] * l2_normalize(flipped))
+        return l2_normalize(
+            weights[0][:, None] * l2_normalize(plain) + weights[1][:, None] * l2_normalize(flipped)
+        )
     feats = plain + flipped if use_flip_test else plain
     if method != "insightface":
         return feats
@@ -426,12 +437,15 @@ def evaluate_features(
 def default_modes() -> dict[str, dict]:
     """The aggregation modes reported by ``python -m magjax.evaluate --ijb``."""
     return {
-        "insightface_N1D1F1": dict(method="insightface", use_norm_score=True,
-                                   use_detector_score=True, use_flip_test=True),
-        "insightface_N0D1F1": dict(method="insightface", use_norm_score=False,
-                                   use_detector_score=True, use_flip_test=True),
-        "insightface_N1D0F1": dict(method="insightface", use_norm_score=True,
-                                   use_detector_score=False, use_flip_test=True),
+        "insightface_N1D1F1": dict(
+            method="insightface", use_norm_score=True, use_detector_score=True, use_flip_test=True
+        ),
+        "insightface_N0D1F1": dict(
+            method="insightface", use_norm_score=False, use_detector_score=True, use_flip_test=True
+        ),
+        "insightface_N1D0F1": dict(
+            method="insightface", use_norm_score=True, use_detector_score=False, use_flip_test=True
+        ),
         "magface_F1": dict(method="magface", use_flip_test=True),
         "magface_plus_F1": dict(method="magface_plus", use_flip_test=True),
         "adaface_F1": dict(method="adaface", use_flip_test=True),

@@ -60,10 +60,13 @@ def recognisability_vs_quality(
     clean = levels == clean_level
     missing = np.setdiff1d(identities, identities[clean])
     if missing.size:
-        raise ValueError(f"identities {missing[:5].tolist()} have no image at quality level "
-                         f"{clean_level}, the reference")
-    reference, _, ids = cluster.template_embeddings(unit[clean], identities[clean],
-                                                    identities[clean])
+        raise ValueError(
+            f"identities {missing[:5].tolist()} have no image at quality level "
+            f"{clean_level}, the reference"
+        )
+    reference, _, ids = cluster.template_embeddings(
+        unit[clean], identities[clean], identities[clean]
+    )
     rows = np.searchsorted(ids, identities[~clean])
     cosine = np.einsum("nd,nd->n", unit[~clean], reference[rows])
     return float(scipy.stats.spearmanr(cosine, levels[~clean]).statistic)
@@ -122,8 +125,13 @@ def error_versus_reject(
         else:
             t = threshold_at_fmr(impostor, fmr) if impostor.size else np.nan
         fnmr = np.mean(genuine <= t) if genuine.size and np.isfinite(t) else np.nan
-        for key, value in (("reject_fraction", fraction), ("fnmr", fnmr), ("threshold", t),
-                           ("kept_genuine", genuine.size), ("kept_impostor", impostor.size)):
+        for key, value in (
+            ("reject_fraction", fraction),
+            ("fnmr", fnmr),
+            ("threshold", t),
+            ("kept_genuine", genuine.size),
+            ("kept_impostor", impostor.size),
+        ):
             out[key].append(value)
     return {k: np.asarray(v) for k, v in out.items()}
 
@@ -136,8 +144,9 @@ def write_erc_csv(curve: dict[str, np.ndarray], path: str | pathlib.Path) -> Non
         writer = csv.writer(f)
         writer.writerow(keys)
         for row in zip(*(curve[k] for k in keys), strict=True):
-            writer.writerow([repr(float(v)) if isinstance(v, float | np.floating) else int(v)
-                             for v in row])
+            writer.writerow(
+                [repr(float(v)) if isinstance(v, float | np.floating) else int(v) for v in row]
+            )
 
     files.write_stream_atomically(path, write, newline="")
 
@@ -162,8 +171,7 @@ def plot_erc(
     plt, fig = _figure(ERC_FIGSIZE)
     ax = fig.add_subplot(1, 1, 1)
     for name, curve in curves.items():
-        ax.plot(100 * curve["reject_fraction"], curve["fnmr"], marker="o", markersize=3,
-                label=name)
+        ax.plot(100 * curve["reject_fraction"], curve["fnmr"], marker="o", markersize=3, label=name)
     ax.set_xlabel("lowest-quality images rejected [%]")
     ax.set_ylabel(f"FNMR at FMR={fmr:g}")
     ax.set_title("Error versus reject (quality = feature magnitude)")
@@ -186,8 +194,14 @@ def plot_magnitude_histograms(
         hi = max(float(v.max()) for v in finite)
         edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
         for name, v in values.items():
-            ax.hist(np.asarray(v, np.float64), bins=edges, density=True, alpha=0.5,
-                    histtype="stepfilled", label=f"{name} (mean {np.mean(v):.2f})")
+            ax.hist(
+                np.asarray(v, np.float64),
+                bins=edges,
+                density=True,
+                alpha=0.5,
+                histtype="stepfilled",
+                label=f"{name} (mean {np.mean(v):.2f})",
+            )
         ax.legend(loc="upper right")
     ax.set_xlabel("feature magnitude ||x||")
     ax.set_ylabel("density")

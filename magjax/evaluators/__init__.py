@@ -45,7 +45,25 @@ from magjax.evaluators.quality import QualitySet  # noqa: E402
 from magjax.evaluators.verification import Verification, bin_name  # noqa: E402
 
 __all__ = [
-    "DEFAULT_BEST_METRIC", "IJB", "KINDS", "OFF", "Clustering", "Evaluator", "QualitySet",
-    "Suite", "Verification", "bin_name", "chosen_metric", "configured_sets", "create", "flatten",
-    "from_config", "from_specs", "merge", "register", "saved_best", "set_specs", "spec_problem",
+    "DEFAULT_BEST_METRIC",
+    "IJB",
+    "KINDS",
+    "OFF",
+    "Clustering",
+    "Evaluator",
+    "QualitySet",
+    "Suite",
+    "Verification",
+    "bin_name",
+    "chosen_metric",
+    "configured_sets",
+    "create",
+    "flatten",
+    "from_config",
+    "from_specs",
+    "merge",
+    "register",
+    "saved_best",
+    "set_specs",
+    "spec_problem",
 ]

@@ -61,13 +61,19 @@ class Evaluator:
     @classmethod
     def options(cls) -> tuple[str, ...]:
         """The options an evaluation set of this kind may set."""
-        return tuple(f.name for f in dataclasses.fields(cls)
-                     if f.init and not f.name.startswith("_") and f.name not in RUNTIME_OPTIONS)
+        return tuple(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.init and not f.name.startswith("_") and f.name not in RUNTIME_OPTIONS
+        )
 
     def files(self) -> list[pathlib.Path]:
         """The files the evaluation reads, checked before training starts."""
-        return [pathlib.Path(getattr(self, name)) for name in self.path_options
-                if getattr(self, name) is not None]
+        return [
+            pathlib.Path(getattr(self, name))
+            for name in self.path_options
+            if getattr(self, name) is not None
+        ]
 
     def prepare(self) -> None:
         """Reads what can be read once, before training (a corrupt file fails then)."""
@@ -86,8 +92,14 @@ def register(kind_class: type[Evaluator]) -> type[Evaluator]:
     return kind_class
 
 
-def create(name: str, spec: Mapping[str, Any], *, data_dir: pathlib.Path | None = None,
-           where: str = "config.eval.sets", **runtime: Any) -> Evaluator:
+def create(
+    name: str,
+    spec: Mapping[str, Any],
+    *,
+    data_dir: pathlib.Path | None = None,
+    where: str = "config.eval.sets",
+    **runtime: Any,
+) -> Evaluator:
     """The evaluator of the evaluation set ``name``: ``spec`` is ``{"kind": ..., **options}``;
     relative paths among the options are resolved against ``data_dir``; ``runtime``
     (:data:`RUNTIME_OPTIONS`, or an option's default for this runner) is given to the kinds
@@ -116,10 +128,17 @@ def spec_problem(name: str, spec: Any, where: str = "config.eval.sets") -> str |
     kind_class = KINDS[spec["kind"]]
     unknown = sorted(set(spec) - {"kind", *kind_class.options()})
     if unknown:
-        return (f"{where}: the {spec['kind']} evaluator has no option {', '.join(unknown)} "
-                f"(its options: {', '.join(kind_class.options())})")
-    required = [f.name for f in dataclasses.fields(kind_class) if f.name in kind_class.options()
-                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        return (
+            f"{where}: the {spec['kind']} evaluator has no option {', '.join(unknown)} "
+            f"(its options: {', '.join(kind_class.options())})"
+        )
+    required = [
+        f.name
+        for f in dataclasses.fields(kind_class)
+        if f.name in kind_class.options()
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
     missing = [key for key in required if key not in spec]
     if missing:
         return f"{where}: the {spec['kind']} evaluator needs {', '.join(missing)}"
@@ -136,8 +155,9 @@ def _resolve(value: Any, data_dir: pathlib.Path | None) -> pathlib.Path | list[p
     return (data_dir or pathlib.Path()) / value  # an absolute value stays itself
 
 
-def configured_sets(eval_config, data_dir: pathlib.Path) -> tuple[list[pathlib.Path],
-                                                                  pathlib.Path | None]:
+def configured_sets(
+    eval_config, data_dir: pathlib.Path
+) -> tuple[list[pathlib.Path], pathlib.Path | None]:
     """``(verification .bin paths, quality set or None)`` that ``eval_config``'s shorthand
     fields name (``config.eval``, or its saved JSON): the held-out sets the prepared data in
     ``data_dir`` holds (its manifest's, with ``heldout_sets``) and those of ``bins`` and
@@ -145,8 +165,13 @@ def configured_sets(eval_config, data_dir: pathlib.Path) -> tuple[list[pathlib.P
     b.bin`` arrives as one string and is split; empty and "none" entries are no set."""
     from magjax.data import prepared
 
-    bins = [name.strip() for entry in eval_config["bins"] if entry is not None
-            for name in str(entry).split(",") if name.strip() not in OFF]
+    bins = [
+        name.strip()
+        for entry in eval_config["bins"]
+        if entry is not None
+        for name in str(entry).split(",")
+        if name.strip() not in OFF
+    ]
     quality_set = eval_config["quality_set"] if eval_config["quality_set"] not in OFF else None
     manifest_path = data_dir / prepared.MANIFEST
     if eval_config.get("heldout_sets", True) and manifest_path.is_file():
@@ -170,23 +195,34 @@ def set_specs(eval_config, data_dir: pathlib.Path) -> dict[str, dict]:
         specs["quality"] = {"kind": "quality", "path": str(quality_set)}
     for name, spec in dict(eval_config.get("sets") or {}).items():
         if name in specs:
-            raise UserError(f"config.eval.sets.{name}: the name of a set config.eval.bins / "
-                            "quality_set / heldout_sets already gives; choose another")
+            raise UserError(
+                f"config.eval.sets.{name}: the name of a set config.eval.bins / "
+                "quality_set / heldout_sets already gives; choose another"
+            )
         specs[name] = dict(spec)
     return specs
 
 
-def from_specs(specs: Mapping[str, Mapping], *, data_dir: pathlib.Path | None = None,
-               where: str = "config.eval.sets", **runtime: Any) -> dict[str, Evaluator]:
+def from_specs(
+    specs: Mapping[str, Mapping],
+    *,
+    data_dir: pathlib.Path | None = None,
+    where: str = "config.eval.sets",
+    **runtime: Any,
+) -> dict[str, Evaluator]:
     """The evaluators of ``specs`` by set name (:func:`create`); a kind whose results are not
     keyed by set appears once."""
-    built = {name: create(name, spec, data_dir=data_dir, where=where, **runtime)
-             for name, spec in specs.items()}
+    built = {
+        name: create(name, spec, data_dir=data_dir, where=where, **runtime)
+        for name, spec in specs.items()
+    }
     seen: dict[str, str] = {}
     for name, evaluator in built.items():
         if not evaluator.results_by_set and evaluator.kind in seen:
-            raise UserError(f"{where}: {seen[evaluator.kind]} and {name} are both "
-                            f"{evaluator.kind} sets, whose results one run holds once; keep one")
+            raise UserError(
+                f"{where}: {seen[evaluator.kind]} and {name} are both "
+                f"{evaluator.kind} sets, whose results one run holds once; keep one"
+            )
         seen.setdefault(evaluator.kind, name)
     return built
 
@@ -195,20 +231,32 @@ def from_config(config, data_dir: pathlib.Path) -> dict[str, Evaluator]:
     """The evaluators ``config.eval`` names (:func:`set_specs`), by set name. Fails now, not at
     the first evaluation, when a file one reads is missing, and says in one line what will be
     evaluated (or that nothing will)."""
-    built = from_specs(set_specs(config.eval, data_dir), data_dir=data_dir,
-                       batch_size=config.eval.batch_size, fields=TRAINING_FIELDS)
+    built = from_specs(
+        set_specs(config.eval, data_dir),
+        data_dir=data_dir,
+        batch_size=config.eval.batch_size,
+        fields=TRAINING_FIELDS,
+    )
     paths = [path for evaluator in built.values() for path in evaluator.files()]
     missing = [str(path) for path in paths if not path.exists()]
     if missing:
-        raise UserError(f"config.eval: {', '.join(missing)} not found; name existing files in "
-                        "--config.eval.bins / --config.eval.quality_set / config.eval.sets, or "
-                        "switch them off with =none")
+        raise UserError(
+            f"config.eval: {', '.join(missing)} not found; name existing files in "
+            "--config.eval.bins / --config.eval.quality_set / config.eval.sets, or "
+            "switch them off with =none"
+        )
     if built:
-        log.info("evaluating every %d steps on %s", config.eval.every_steps,
-                 ", ".join(map(str, paths)) or ", ".join(built))
+        log.info(
+            "evaluating every %d steps on %s",
+            config.eval.every_steps,
+            ", ".join(map(str, paths)) or ", ".join(built),
+        )
     else:
-        log.info("no evaluation: %s holds no held-out set and config.eval names none (prepare "
-                 "with --holdout N, or pass --config.eval.bins=/path/to/lfw.bin)", data_dir)
+        log.info(
+            "no evaluation: %s holds no held-out set and config.eval names none (prepare "
+            "with --holdout N, or pass --config.eval.bins=/path/to/lfw.bin)",
+            data_dir,
+        )
     return built
 
 
@@ -254,8 +302,7 @@ class Suite:
     encoder built once (its variables are replaced before each evaluation, no recompilation),
     and the rule that picks model_best (``eval.best_metric``, higher is better)."""
 
-    def __init__(self, evaluators: Mapping[str, Evaluator], config, input_spec: dict,
-                 dtype: Any):
+    def __init__(self, evaluators: Mapping[str, Evaluator], config, input_spec: dict, dtype: Any):
         from magjax.encoder import FaceEncoder
 
         self.evaluators = dict(evaluators)
@@ -265,9 +312,14 @@ class Suite:
             evaluator.prepare()
         if self.evaluators:
             abstract = {"params": None, "batch_stats": None}
-            self.encoder = FaceEncoder(config.model.arch, abstract, input_spec,
-                                       embedding_dim=config.model.embedding_dim,
-                                       batch_size=config.eval.batch_size, dtype=dtype)
+            self.encoder = FaceEncoder(
+                config.model.arch,
+                abstract,
+                input_spec,
+                embedding_dim=config.model.embedding_dim,
+                batch_size=config.eval.batch_size,
+                dtype=dtype,
+            )
 
     def __call__(self, variables: Any) -> dict:
         """The results of every set on the backbone ``variables`` (``{"params",
@@ -287,4 +339,3 @@ class Suite:
         if chosen is None or (best is not None and not chosen[1] > best["value"]):
             return None
         return {"metric": chosen[0], "value": chosen[1], "step": step}
-

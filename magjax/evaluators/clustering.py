@@ -39,25 +39,36 @@ class Clustering(Evaluator):
         batch = self.batch_size
         if spec_path.is_dir():
             paths = list_images(spec_path)
-            labels = np.unique([p.relative_to(spec_path).parts[0] for p in paths],
-                               return_inverse=True)[1]
-            embs = [encoder.encode(np.stack([read_face(p) for p in paths[i:i + batch]]))[0]
-                    for i in range(0, len(paths), batch)]
+            labels = np.unique(
+                [p.relative_to(spec_path).parts[0] for p in paths], return_inverse=True
+            )[1]
+            embs = [
+                encoder.encode(np.stack([read_face(p) for p in paths[i : i + batch]]))[0]
+                for i in range(0, len(paths), batch)
+            ]
             return np.concatenate(embs), labels
         columns = cluster.read_protocol(spec_path)
         base = pathlib.Path(self.root) if self.root else spec_path.parent
         files = columns["FILENAME"]
         embs = []
         for i in range(0, len(files), batch):
-            images = np.stack([crop_face_box(base / files[j], columns, j)
-                               for j in range(i, min(i + batch, len(files)))])
+            images = np.stack(
+                [
+                    crop_face_box(base / files[j], columns, j)
+                    for j in range(i, min(i + batch, len(files)))
+                ]
+            )
             embs.append(encoder.encode(images)[0])
         feats, subjects, _ = cluster.template_embeddings(
-            np.concatenate(embs), columns["TEMPLATE_ID"], columns["SUBJECT_ID"])
+            np.concatenate(embs), columns["TEMPLATE_ID"], columns["SUBJECT_ID"]
+        )
         return feats, subjects
 
     def run(self, encoder) -> dict:
         feats, labels = self.inputs(encoder)
-        return {"cluster": cluster.evaluate(feats, labels, self.methods, eps=self.eps,
-                                            min_samples=self.min_samples),
-                "cluster_items": int(len(labels))}
+        return {
+            "cluster": cluster.evaluate(
+                feats, labels, self.methods, eps=self.eps, min_samples=self.min_samples
+            ),
+            "cluster_items": int(len(labels)),
+        }

@@ -31,14 +31,21 @@ class IJB(Evaluator):
 
     def run(self, encoder) -> dict:
         meta = ijb.load_meta(self.root, self.target)
-        log.info("%s: %d images, %d templates, %d pairs", self.target, meta.names.size,
-                 np.unique(meta.templates).size, meta.labels.size)
-        plain, flipped = ijb.extract_features(meta, encoder.embed_raw, self.batch_size,
-                                              self.progress)
+        log.info(
+            "%s: %d images, %d templates, %d pairs",
+            self.target,
+            meta.names.size,
+            np.unique(meta.templates).size,
+            meta.labels.size,
+        )
+        plain, flipped = ijb.extract_features(
+            meta, encoder.embed_raw, self.batch_size, self.progress
+        )
         results = ijb.evaluate_features(meta, plain, flipped)
         if self.out is not None:
-            ijb.plot_roc(results, self.out / f"roc_{self.target.upper()}.png",
-                         self.target.upper())
+            ijb.plot_roc(results, self.out / f"roc_{self.target.upper()}.png", self.target.upper())
         self.magnitudes[self.target] = quality.magnitudes(plain)
-        return {"ijb_target": self.target,
-                "ijb": {name: {"tar_at_far": r["tar_at_far"]} for name, r in results.items()}}
+        return {
+            "ijb_target": self.target,
+            "ijb": {name: {"tar_at_far": r["tar_at_far"]} for name, r in results.items()},
+        }

@@ -39,10 +39,15 @@ class QualitySet(Evaluator):
         self.prepare()
         images, levels, identities = self._arrays
         embeddings, norms = encoder.encode(images)
-        return {"quality": {
-            "spearman_norm_vs_quality": float(scipy.stats.spearmanr(norms, levels).statistic),
-            # What the norm's correlation can be compared with (magjax.eval.quality).
-            "spearman_recognisability_vs_quality": quality.recognisability_vs_quality(
-                embeddings, identities, levels, clean_level=synthetic.CLEAN),
-            "mean_norm_per_level": {int(q): float(norms[levels == q].mean())
-                                    for q in np.unique(levels)}}}
+        return {
+            "quality": {
+                "spearman_norm_vs_quality": float(scipy.stats.spearmanr(norms, levels).statistic),
+                # What the norm's correlation can be compared with (magjax.eval.quality).
+                "spearman_recognisability_vs_quality": quality.recognisability_vs_quality(
+                    embeddings, identities, levels, clean_level=synthetic.CLEAN
+                ),
+                "mean_norm_per_level": {
+                    int(q): float(norms[levels == q].mean()) for q in np.unique(levels)
+                },
+            }
+        }

@@ -66,8 +66,8 @@ class Verification(Evaluator):
         name = bin_name(path)
         images, issame = self.load(path)
         plain, flipped = verification.embed_with_flip(
-            encoder.embed_raw, images, self.batch_size,
-            progress=name if self.progress else None)
+            encoder.embed_raw, images, self.batch_size, progress=name if self.progress else None
+        )
         result = verification.evaluate_embedded(plain, flipped, issame)
         mags = quality.magnitudes(plain)
         fused = verification.l2_normalize(plain.astype(np.float64) + flipped)
@@ -92,8 +92,10 @@ class Verification(Evaluator):
                 "num_pairs": int(len(issame)),
                 "magnitude_mean": float(mags.mean()),
                 "magnitude_std": float(mags.std()),
-                "erc_fnmr": {f"{r:.2f}": float(f) for r, f in
-                             zip(curve["reject_fraction"], curve["fnmr"], strict=True)},
+                "erc_fnmr": {
+                    f"{r:.2f}": float(f)
+                    for r, f in zip(curve["reject_fraction"], curve["fnmr"], strict=True)
+                },
             },
             "curve": curve,
             "magnitudes": mags,
@@ -103,6 +105,9 @@ class Verification(Evaluator):
         results = {}
         for path in self.paths:
             summary = self.run_set(encoder, path)
-            results[summary["name"]] = {k: v for k, v in summary["summary"].items()
-                                        if self.fields is None or k in self.fields}
+            results[summary["name"]] = {
+                k: v
+                for k, v in summary["summary"].items()
+                if self.fields is None or k in self.fields
+            }
         return {"verification": results}

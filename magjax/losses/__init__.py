@@ -29,7 +29,16 @@ for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "Margin", "MarginLoss", "clamp", "cosine_similarity", "dense_loss", "head_dtype",
-    "l2_normalize", "margin_cross_entropy", "margin_loss", "masked_mean", "registered",
+    "Margin",
+    "MarginLoss",
+    "clamp",
+    "cosine_similarity",
+    "dense_loss",
+    "head_dtype",
+    "l2_normalize",
+    "margin_cross_entropy",
+    "margin_loss",
+    "masked_mean",
+    "registered",
     "safe_norm",
 ]

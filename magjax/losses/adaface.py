@@ -81,5 +81,8 @@ class AdaFace(MarginLoss):
         safe_norms = clamp(lax.stop_gradient(norms.astype(c_target.dtype)), 0.001, 100.0)
         new_state = adaface_update_state(safe_norms, state, self.t_alpha, row_mask)
         scaler = adaface_margin_scaler(safe_norms, new_state, self.h, self.eps)
-        return Margin(adaface_target(c_target, scaler, self.m, self.eps), state=new_state,
-                      metrics={f"adaface_{k}": v for k, v in new_state.items()})
+        return Margin(
+            adaface_target(c_target, scaler, self.m, self.eps),
+            state=new_state,
+            metrics={f"adaface_{k}": v for k, v in new_state.items()},
+        )

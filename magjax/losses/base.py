@@ -53,8 +53,9 @@ def clamp(x: jax.Array, low: Any, high: Any) -> jax.Array:
     return jnp.where(x < low, low, jnp.where(x > high, high, x))
 
 
-def safe_norm(x: jax.Array, axis: int = -1, keepdims: bool = False, eps: float = _NORM_EPS
-              ) -> jax.Array:
+def safe_norm(
+    x: jax.Array, axis: int = -1, keepdims: bool = False, eps: float = _NORM_EPS
+) -> jax.Array:
     """``max(||x||, eps)`` with a finite gradient at ``x = 0`` (``jnp.linalg.norm``'s is NaN,
     which would poison the zero rows that pad the class centres and the batch)."""
     return jnp.sqrt(jnp.maximum((x * x).sum(axis=axis, keepdims=keepdims), eps * eps))
@@ -114,8 +115,11 @@ def _cosines_backward(residuals, cotangents):
     grad_cos, grad_target = cotangents
     inv_norm = 1.0 / norm
     rows, owned = _target_index(labels, weight.shape[0])
-    grad_raw = (grad_cos * inv_norm[:, None]).at[rows, jnp.arange(labels.shape[0])].add(
-        jnp.where(owned, grad_target * inv_norm[rows], 0.0))
+    grad_raw = (
+        (grad_cos * inv_norm[:, None])
+        .at[rows, jnp.arange(labels.shape[0])]
+        .add(jnp.where(owned, grad_target * inv_norm[rows], 0.0))
+    )
     grad_product = jnp.einsum("cb,bd->cd", grad_raw, x_unit)
     # ∂(1/||W_j||)/∂W_j = -W_j/||W_j||³, and Σ_i grad_cos_ji raw_ji = ||W_j|| Σ_i grad_raw_ji
     # raw_ji = ||W_j|| W_j · grad_product_j: a row reduction over [C, d], so that the [C, B]
@@ -203,8 +207,10 @@ class MarginLoss:
             raise ValueError(f"unknown loss {name!r}; expected one of {sorted(registered())}")
         unknown = set(hparams) - set(loss_class.field_names())
         if unknown:
-            raise ValueError(f"unknown hyper-parameters {sorted(unknown)} for loss {name!r} "
-                             f"(its fields: {', '.join(loss_class.field_names())})")
+            raise ValueError(
+                f"unknown hyper-parameters {sorted(unknown)} for loss {name!r} "
+                f"(its fields: {', '.join(loss_class.field_names())})"
+            )
         return loss_class(**hparams)
 
     @classmethod
@@ -225,8 +231,9 @@ class MarginLoss:
         """The loss's carried state (e.g. AdaFace's EMA statistics; ``{}`` for most)."""
         return {}
 
-    def margin(self, c_target: jax.Array, norms: jax.Array, state: dict,
-               row_mask: jax.Array | None) -> Margin:
+    def margin(
+        self, c_target: jax.Array, norms: jax.Array, state: dict, row_mask: jax.Array | None
+    ) -> Margin:
         """The margin on the clamped target cosines ``[B]`` of the whole (global) batch, from
         the raw embedding norms ``[B]`` (with gradient), the state and the valid rows."""
         raise NotImplementedError
@@ -285,12 +292,14 @@ def _shifted_exp(logits, labels, class_mask, shift):
 
 
 def _sum_exp_forward(loss, cos, labels, class_mask, shift):
-    logits, slope = jax.jvp(lambda c: loss.non_target_logits(c, None), (cos,),
-                            (jnp.ones_like(cos),))
+    logits, slope = jax.jvp(
+        lambda c: loss.non_target_logits(c, None), (cos,), (jnp.ones_like(cos),)
+    )
     # The barrier stores the signed array itself; without it XLA stores the exponentials and
     # recomputes the sign from the cosines in the backward pass, keeping them alive.
     signed_exp = lax.optimization_barrier(
-        jnp.where(slope != 0, 1.0, -1.0) * _shifted_exp(logits, labels, class_mask, shift))
+        jnp.where(slope != 0, 1.0, -1.0) * _shifted_exp(logits, labels, class_mask, shift)
+    )
     return jnp.abs(signed_exp).sum(axis=0), (signed_exp, shift)
 
 
@@ -374,9 +383,15 @@ def margin_cross_entropy(
     return joined_cross_entropy(sum_exp, target_logit, owned, shift, loss, mask, axis_name)
 
 
-def joined_cross_entropy(sum_exp: jax.Array, target_logit: jax.Array, owned: jax.Array,
-                         shift: jax.Array, loss: MarginLoss, mask: jax.Array | None,
-                         axis_name: str | None) -> jax.Array:
+def joined_cross_entropy(
+    sum_exp: jax.Array,
+    target_logit: jax.Array,
+    owned: jax.Array,
+    shift: jax.Array,
+    loss: MarginLoss,
+    mask: jax.Array | None,
+    axis_name: str | None,
+) -> jax.Array:
     """The mean cross entropy from each sample's sum of shifted non-target exponentials (over
     this shard's classes), its target logit (where this shard owns the label) and the shift:
     shards joined with ``psum`` over ``axis_name``, arcface_torch's probability floor applied
@@ -429,12 +444,20 @@ def margin_loss(
     """
     c_target = clamp(target_cos, -loss.cosine_bound, loss.cosine_bound)
     margin = loss.margin(c_target, norms, state, row_mask)
-    loss_ce = margin_cross_entropy(cos, labels, loss.s * margin.target, loss,
-                                   context=margin.context, mask=row_mask,
-                                   class_mask=class_mask, axis_name=axis_name)
+    loss_ce = margin_cross_entropy(
+        cos,
+        labels,
+        loss.s * margin.target,
+        loss,
+        context=margin.context,
+        mask=row_mask,
+        class_mask=class_mask,
+        axis_name=axis_name,
+    )
     non_target = _non_target(labels, None, cos.shape[0])
-    logits = jnp.where(non_target, loss.non_target_logits(cos, margin.context),
-                       loss.s * margin.target)
+    logits = jnp.where(
+        non_target, loss.non_target_logits(cos, margin.context), loss.s * margin.target
+    )
     metrics = {"loss_ce": loss_ce, **(margin.metrics or {}), "logits": logits}
     new_state = state if margin.state is None else margin.state
     return loss_ce + margin.penalty, metrics, new_state

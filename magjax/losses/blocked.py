@@ -54,8 +54,9 @@ from magjax.losses.base import (
 )
 
 
-def target_cosines(embeddings: jax.Array, weight: jax.Array, labels: jax.Array
-                   ) -> tuple[jax.Array, jax.Array]:
+def target_cosines(
+    embeddings: jax.Array, weight: jax.Array, labels: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """``(x_unit, target_cos)``: the unit embeddings ``[B, d]`` in the head dtype and each
     sample's target cosine ``[B]`` from the gathered centre rows ``weight[y_i]`` (0 where the
     label is outside ``[0, C)``), as :func:`magjax.losses.cosine_similarity` returns it without
@@ -117,12 +118,14 @@ def _blocked_sum_exp(loss, block, online, x_unit, weight, labels, class_mask, co
     logits, starting at ``shift``. ``m`` passes no gradient (a log-sum-exp's shift); the sum's
     gradient is formed by recomputing each block (no ``[C, B]`` residual).
     """
-    return _blocked_sum_exp_forward(loss, block, online, x_unit, weight, labels, class_mask,
-                                    context, shift)[0]
+    return _blocked_sum_exp_forward(
+        loss, block, online, x_unit, weight, labels, class_mask, context, shift
+    )[0]
 
 
-def _blocked_sum_exp_forward(loss, block, online, x_unit, weight, labels, class_mask, context,
-                             shift):
+def _blocked_sum_exp_forward(
+    loss, block, online, x_unit, weight, labels, class_mask, context, shift
+):
     def body(start, size, carry):
         m, total = carry
         w_block = lax.dynamic_slice_in_dim(weight, start, size)
@@ -200,8 +203,9 @@ def blocked_cross_entropy(
     if online:
         # Every non-target logit is at least -max_logit: a finite start for the running max.
         start = jnp.full(target_logit.shape, -loss.max_logit, x_unit.dtype)
-        m, sum_exp = _blocked_sum_exp(loss, block, True, x_unit, weight, labels, class_mask,
-                                      context, start)
+        m, sum_exp = _blocked_sum_exp(
+            loss, block, True, x_unit, weight, labels, class_mask, context, start
+        )
         m = lax.stop_gradient(m)
         shift = jnp.maximum(stopped_target, m)
         if axis_name is not None:
@@ -211,8 +215,9 @@ def blocked_cross_entropy(
         shift = jnp.maximum(stopped_target, -math.inf if lowest_shift is None else lowest_shift)
         if axis_name is not None:
             shift = lax.pmax(shift, axis_name)
-        _, sum_exp = _blocked_sum_exp(loss, block, False, x_unit, weight, labels, class_mask,
-                                      context, shift)
+        _, sum_exp = _blocked_sum_exp(
+            loss, block, False, x_unit, weight, labels, class_mask, context, shift
+        )
     return joined_cross_entropy(sum_exp, target_logit, owned, shift, loss, mask, axis_name)
 
 
@@ -239,15 +244,28 @@ def blocked_margin_loss(
     B]`` only with ``return_logits`` (the reference checks; they cost the dense memory)."""
     c_target = clamp(target_cos, -loss.cosine_bound, loss.cosine_bound)
     margin = loss.margin(c_target, norms, state, row_mask)
-    loss_ce = blocked_cross_entropy(x_unit, weight, labels, loss.s * margin.target, loss,
-                                    block=block, context=margin.context, mask=row_mask,
-                                    class_mask=class_mask, axis_name=axis_name, online=online)
+    loss_ce = blocked_cross_entropy(
+        x_unit,
+        weight,
+        labels,
+        loss.s * margin.target,
+        loss,
+        block=block,
+        context=margin.context,
+        mask=row_mask,
+        class_mask=class_mask,
+        axis_name=axis_name,
+        online=online,
+    )
     metrics = {"loss_ce": loss_ce, **(margin.metrics or {})}
     if return_logits:
         cos = _block_cosines(lax.stop_gradient(x_unit), lax.stop_gradient(weight))[0]
         non_target = _non_target(labels, None, cos.shape[0])
-        metrics["logits"] = lax.stop_gradient(jnp.where(
-            non_target, loss.non_target_logits(cos, margin.context), loss.s * margin.target))
+        metrics["logits"] = lax.stop_gradient(
+            jnp.where(
+                non_target, loss.non_target_logits(cos, margin.context), loss.s * margin.target
+            )
+        )
     new_state = state if margin.state is None else margin.state
     return loss_ce + margin.penalty, metrics, new_state
 
@@ -266,5 +284,14 @@ def blocked_dense_loss(
     state = loss.initial_state() if state is None else state
     x_unit, target_cos = target_cosines(embeddings, weight, labels)
     norms = safe_norm(embeddings.astype(x_unit.dtype))
-    return blocked_margin_loss(x_unit, weight.astype(x_unit.dtype), target_cos, labels, norms,
-                               loss, state, block=block, online=online)
+    return blocked_margin_loss(
+        x_unit,
+        weight.astype(x_unit.dtype),
+        target_cos,
+        labels,
+        norms,
+        loss,
+        state,
+        block=block,
+        online=online,
+    )

@@ -53,14 +53,15 @@ class CurricularFace(MarginLoss):
         return {"t": 0.0}
 
     def margin(self, c_target, norms, state, row_mask) -> Margin:
-        t = lax.stop_gradient(self.t_alpha * masked_mean(c_target, row_mask)
-                              + (1.0 - self.t_alpha) * state["t"])
+        t = lax.stop_gradient(
+            self.t_alpha * masked_mean(c_target, row_mask) + (1.0 - self.t_alpha) * state["t"]
+        )
         cos_theta_m = cos_add(c_target, self.m)
-        target = jnp.where(c_target > math.cos(math.pi - self.m), cos_theta_m,
-                           c_target - self.m * math.sin(self.m))
+        target = jnp.where(
+            c_target > math.cos(math.pi - self.m), cos_theta_m, c_target - self.m * math.sin(self.m)
+        )
         context = {"threshold": lax.stop_gradient(cos_theta_m), "t": t}
-        return Margin(target, context=context, state={"t": t},
-                      metrics={"curricularface_t": t})
+        return Margin(target, context=context, state={"t": t}, metrics={"curricularface_t": t})
 
     def non_target_logits(self, cos: jax.Array, context: dict) -> jax.Array:
         """``s · c (t + c)`` where ``c > cos(θ_y + m)`` of the sample (column), else ``s · c``."""

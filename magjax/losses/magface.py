@@ -75,5 +75,8 @@ class MagFace(MarginLoss):
         margin = magface_margin(a, self.l_a, self.u_a, self.l_m, self.u_m)
         loss_g = masked_mean(magface_regularizer(a, self.u_a), row_mask)
         penalty = self.lambda_g * loss_g
-        return Margin(magface_target(c_target, margin, self.easy_margin), penalty=penalty,
-                      metrics={"loss_g": loss_g, "lambda_g_loss_g": penalty})
+        return Margin(
+            magface_target(c_target, margin, self.easy_margin),
+            penalty=penalty,
+            metrics={"loss_g": loss_g, "lambda_g_loss_g": penalty},
+        )

@@ -124,8 +124,9 @@ def build(
 
     ``dropout=None`` takes the official family's default (:func:`dropout_rate`).
     """
-    return arch_spec(arch).build(dtype=dtype, dropout=dropout_rate(arch, dropout),
-                                 embedding_dim=embedding_dim)
+    return arch_spec(arch).build(
+        dtype=dtype, dropout=dropout_rate(arch, dropout), embedding_dim=embedding_dim
+    )
 
 
 BATCHNORM_STATS = ("per_device", "global")
@@ -151,26 +152,33 @@ def apply_train(
     trainer, likewise keeps only device 0's replica updates).
     """
     if groups == 1:
-        return backbone.apply(variables, images, train=True, mutable=["batch_stats"],
-                              rngs={"dropout": dropout_key})
+        return backbone.apply(
+            variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key}
+        )
     if images.shape[0] % groups:
         raise ValueError(f"batch of {images.shape[0]} does not split into {groups} groups")
 
     def one_group(group_images, key):
-        embeddings, updates = backbone.apply(variables, group_images, train=True,
-                                             mutable=["batch_stats"], rngs={"dropout": key})
+        embeddings, updates = backbone.apply(
+            variables, group_images, train=True, mutable=["batch_stats"], rngs={"dropout": key}
+        )
         return embeddings, updates.get("batch_stats", {})
 
     grouped = images.reshape(groups, images.shape[0] // groups, *images.shape[1:])
-    embeddings, batch_stats = jax.vmap(one_group)(grouped,
-                                                  jax.random.split(dropout_key, groups))
+    embeddings, batch_stats = jax.vmap(one_group)(grouped, jax.random.split(dropout_key, groups))
     embeddings = embeddings.reshape(images.shape[0], *embeddings.shape[2:])
     return embeddings, {"batch_stats": jax.tree.map(lambda stat: stat[0], batch_stats)}
 
 
-def per_device_forward(backbone: nn.Module, mesh: jax.sharding.Mesh, variables: dict,
-                       images: jax.Array, *, dropout_key: jax.Array, gradient_dtype: Any
-                       ) -> tuple[jax.Array, dict]:
+def per_device_forward(
+    backbone: nn.Module,
+    mesh: jax.sharding.Mesh,
+    variables: dict,
+    images: jax.Array,
+    *,
+    dropout_key: jax.Array,
+    gradient_dtype: Any,
+) -> tuple[jax.Array, dict]:
     """:func:`apply_train` with per-device statistics (``groups`` = the devices of ``data``,
     the same values), run under ``jax.shard_map`` so that the backbone gradient is reduced
     explicitly: each device's gradient rounded to ``gradient_dtype`` and all-reduced in it
@@ -182,13 +190,16 @@ def per_device_forward(backbone: nn.Module, mesh: jax.sharding.Mesh, variables: 
     def on_device(params, batch_stats, device_images, key):
         params = parallel.reduce_gradient_in(params, jnp.dtype(gradient_dtype))
         embeddings, updates = apply_train(
-            backbone, {"params": params, "batch_stats": batch_stats}, device_images,
-            dropout_key=key[0])
+            backbone,
+            {"params": params, "batch_stats": batch_stats},
+            device_images,
+            dropout_key=key[0],
+        )
         return embeddings, jax.tree.map(lambda stat: stat[None], updates.get("batch_stats", {}))
 
     embeddings, batch_stats = jax.shard_map(
-        on_device, mesh=mesh, in_specs=(P(), P(), P(data), P(data)),
-        out_specs=(P(data), P(data)))(variables["params"], variables["batch_stats"], images, keys)
+        on_device, mesh=mesh, in_specs=(P(), P(), P(data), P(data)), out_specs=(P(data), P(data))
+    )(variables["params"], variables["batch_stats"], images, keys)
     # Device 0's running statistics, as apply_train's (DDP rank 0's buffers).
     return embeddings, {"batch_stats": jax.tree.map(lambda stat: stat[0], batch_stats)}
 
@@ -197,8 +208,13 @@ def inference_meta(arch: str, embedding_dim: int, **provenance: Any) -> dict:
     """What an exported inference model's ``model.json`` says of it (``magjax.checkpoint``):
     the architecture, its family and input convention, the embedding size, and where the
     weights come from (``trained_with`` and ``step``, or ``converted_from``)."""
-    return {"arch": arch, "family": family(arch), "input_spec": input_spec(arch),
-            "embedding_dim": embedding_dim, **provenance}
+    return {
+        "arch": arch,
+        "family": family(arch),
+        "input_spec": input_spec(arch),
+        "embedding_dim": embedding_dim,
+        **provenance,
+    }
 
 
 def abstract_variables(arch: str, **build_kwargs: Any) -> dict:

@@ -138,20 +138,23 @@ def onnx_graph(g, x: str) -> str:
         if g.has(f"{p}.shortcut_layer.0"):
             shortcut = g.conv_bn(x, f"{p}.shortcut_layer.0", f"{p}.shortcut_layer.1")
         elif (stride := g.settings[f"{p}.res_layer.4"]["strides"]) != [1, 1]:
-            shortcut = g.node("MaxPool", [x], f"{p}.shortcut_layer", kernel_shape=[1, 1],
-                              strides=stride)
+            shortcut = g.node(
+                "MaxPool", [x], f"{p}.shortcut_layer", kernel_shape=[1, 1], strides=stride
+            )
         else:
             shortcut = x
-        res = g.conv_bn(g.batch_norm(x, f"{p}.res_layer.0"), f"{p}.res_layer.1",
-                        f"{p}.res_layer.2")
+        res = g.conv_bn(g.batch_norm(x, f"{p}.res_layer.0"), f"{p}.res_layer.1", f"{p}.res_layer.2")
         res = g.conv_bn(g.prelu(res, f"{p}.res_layer.3"), f"{p}.res_layer.4", f"{p}.res_layer.5")
         x = g.add(res, shortcut, f"{p}.add")
         unit += 1
     return g.linear_bn(g.batch_norm(x, "output_layer.0"), "output_layer.3", "output_layer.4")
 
 
-LAYOUT = Layout(embedding_norm=("output_layer_4",), onnx=onnx_graph,
-                flattened_linear={"output_layer.3": "output_layer.0"})
+LAYOUT = Layout(
+    embedding_norm=("output_layer_4",),
+    onnx=onnx_graph,
+    flattened_linear={"output_layer.3": "output_layer.0"},
+)
 
 
 def _arch(depth: int) -> Arch:

@@ -241,24 +241,40 @@ def _arch(name: str, family: str, stage_blocks, *, demo: bool = False) -> Arch:
     widths = dict(widths=TINY_WIDTHS, stem_width=TINY_WIDTHS[0], stem_stride=2) if demo else {}
 
     def build(*, dtype, dropout, embedding_dim):
-        return IResNet(stage_blocks, family=family, dropout=dropout,
-                       embedding_dim=embedding_dim, dtype=dtype, **widths)
+        return IResNet(
+            stage_blocks,
+            family=family,
+            dropout=dropout,
+            embedding_dim=embedding_dim,
+            dtype=dtype,
+            **widths,
+        )
 
     def torch_module(dropout):
         from magjax.models import torch_reference
 
-        return torch_reference.IResNet(stage_blocks, family, dropout=dropout,
-                                       spatial=4 if demo else 7, **widths)
+        return torch_reference.IResNet(
+            stage_blocks, family, dropout=dropout, spatial=4 if demo else 7, **widths
+        )
 
-    return Arch(name, family, build, LAYOUT, torch_module,
-                default_dropout=0.0 if family == "arcface_torch" else 0.4, official=not demo,
-                frozen=(("features", "scale"),) if family == "arcface_torch" else ())
+    return Arch(
+        name,
+        family,
+        build,
+        LAYOUT,
+        torch_module,
+        default_dropout=0.0 if family == "arcface_torch" else 0.4,
+        official=not demo,
+        frozen=(("features", "scale"),) if family == "arcface_torch" else (),
+    )
 
 
 ARCHS = (
     *(_arch(f"iresnet{depth}", "arcface_torch", STAGE_BLOCKS[depth]) for depth in STAGE_BLOCKS),
-    *(_arch(f"magface_iresnet{depth}", "magface", STAGE_BLOCKS[depth])
-      for depth in (18, 34, 50, 100)),
+    *(
+        _arch(f"magface_iresnet{depth}", "magface", STAGE_BLOCKS[depth])
+        for depth in (18, 34, 50, 100)
+    ),
     _arch("tiny", "arcface_torch", TINY_STAGE_BLOCKS, demo=True),
     _arch("magface_tiny", "magface", TINY_STAGE_BLOCKS, demo=True),
 )

@@ -130,19 +130,37 @@ class BatchNorm(nn.BatchNorm):
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
         use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average)
+            "use_running_average", self.use_running_average, use_running_average
+        )
         features = x.shape[-1]
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
         if use_running_average:
             return normalization._normalize(
-                self, x, ra_mean.value, ra_var.value, tuple(range(x.ndim - 1)), (x.ndim - 1,),
-                self.dtype, self.param_dtype, self.epsilon, self.use_bias, self.use_scale,
-                self.bias_init, self.scale_init)
-        scale = (self.param("scale", self.scale_init, (features,), self.param_dtype)
-                 if self.use_scale else None)
-        bias = (self.param("bias", self.bias_init, (features,), self.param_dtype)
-                if self.use_bias else None)
+                self,
+                x,
+                ra_mean.value,
+                ra_var.value,
+                tuple(range(x.ndim - 1)),
+                (x.ndim - 1,),
+                self.dtype,
+                self.param_dtype,
+                self.epsilon,
+                self.use_bias,
+                self.use_scale,
+                self.bias_init,
+                self.scale_init,
+            )
+        scale = (
+            self.param("scale", self.scale_init, (features,), self.param_dtype)
+            if self.use_scale
+            else None
+        )
+        bias = (
+            self.param("bias", self.bias_init, (features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
         stats_dtype = jnp.promote_types(self.dtype or x.dtype, jnp.float32)  # as flax
         y, mean, var = normalize_with_batch_statistics(
             x,

@@ -194,6 +194,13 @@ def _torch_module(dropout):
     return torch_reference.MobileFaceNet()
 
 
-ARCHS = (Arch("mbf", "arcface_torch", _build,
-              Layout(embedding_norm=("features", "layers_3"), onnx=onnx_graph), _torch_module,
-              default_dropout=None),)
+ARCHS = (
+    Arch(
+        "mbf",
+        "arcface_torch",
+        _build,
+        Layout(embedding_norm=("features", "layers_3"), onnx=onnx_graph),
+        _torch_module,
+        default_dropout=None,
+    ),
+)

@@ -97,15 +97,26 @@ def island_dtype(dtype: Dtype) -> Dtype:
 
 
 def _dense(features: int, dtype: Dtype, name: str, use_bias: bool = True) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, kernel_init=LINEAR_KERNEL,
-                    bias_init=nn.initializers.zeros, dtype=dtype, param_dtype=jnp.float32,
-                    name=name)
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        kernel_init=LINEAR_KERNEL,
+        bias_init=nn.initializers.zeros,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
 
 
 def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
     # Two-pass variance as PyTorch (E[x^2] - E[x]^2 loses digits on the residual stream).
-    return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=island_dtype(dtype),
-                        param_dtype=jnp.float32, use_fast_variance=False, name=name)
+    return nn.LayerNorm(
+        epsilon=LAYER_NORM_EPS,
+        dtype=island_dtype(dtype),
+        param_dtype=jnp.float32,
+        use_fast_variance=False,
+        name=name,
+    )
 
 
 class PatchEmbed(nn.Module):
@@ -118,10 +129,17 @@ class PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         fan_in = self.patch * self.patch * images.shape[-1]
-        x = nn.Conv(self.dim, (self.patch, self.patch), strides=(self.patch, self.patch),
-                    padding="VALID", kernel_init=TORCH_DEFAULT_KERNEL,
-                    bias_init=torch_default_bias(fan_in), dtype=self.dtype,
-                    param_dtype=jnp.float32, name="proj")(images)
+        x = nn.Conv(
+            self.dim,
+            (self.patch, self.patch),
+            strides=(self.patch, self.patch),
+            padding="VALID",
+            kernel_init=TORCH_DEFAULT_KERNEL,
+            bias_init=torch_default_bias(fan_in),
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="proj",
+        )(images)
         return x.reshape(x.shape[0], -1, self.dim)  # NHWC: token = h * W + w
 
 
@@ -216,10 +234,10 @@ class VisionTransformer(nn.Module):
         island = island_dtype(self.dtype)
         x = PatchEmbed(self.dim, self.patch, island, name="patch_embed")(images.astype(island))
         batch, tokens, _ = x.shape
-        pos_embed = self.param("pos_embed", trunc_normal(0.02), (1, tokens, self.dim),
-                               jnp.float32)
-        mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.dim),
-                                jnp.float32)
+        pos_embed = self.param("pos_embed", trunc_normal(0.02), (1, tokens, self.dim), jnp.float32)
+        mask_token = self.param(
+            "mask_token", nn.initializers.normal(0.02), (1, 1, self.dim), jnp.float32
+        )
         x = x + pos_embed.astype(island)
 
         masking = train and self.mask_ratio > 0
@@ -234,19 +252,22 @@ class VisionTransformer(nn.Module):
         # train is static under remat (argument 2, counting self).
         block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         for index, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
-            x = block(self.dim, self.heads, self.mlp_ratio, rate, self.dtype,
-                      name=f"blocks_{index}")(x, train)
+            x = block(
+                self.dim, self.heads, self.mlp_ratio, rate, self.dtype, name=f"blocks_{index}"
+            )(x, train)
         x = _layer_norm(self.dtype, "norm")(x.astype(island))
 
         if masking:
             filler = jnp.broadcast_to(mask_token.astype(island), (batch, tokens - keep, self.dim))
-            x = jnp.take_along_axis(jnp.concatenate([x, filler], axis=1), ids_restore[..., None],
-                                    axis=1)
+            x = jnp.take_along_axis(
+                jnp.concatenate([x, filler], axis=1), ids_restore[..., None], axis=1
+            )
         x = x.reshape(batch, tokens * self.dim)
 
         def bn(name):
-            return batch_norm(train, eps=HEAD_BN_EPS, torch_momentum=HEAD_BN_MOMENTUM,
-                              dtype=island, name=name)
+            return batch_norm(
+                train, eps=HEAD_BN_EPS, torch_momentum=HEAD_BN_MOMENTUM, dtype=island, name=name
+            )
 
         x = bn("feature_1")(_dense(self.dim, island, "feature_0", use_bias=False)(x))
         x = _dense(self.embedding_dim, island, "feature_2", use_bias=False)(x)
@@ -270,8 +291,9 @@ DEMO = {"vit_demo": (64, 2, 0.0, 0.0, False)}
 
 def _settings(name: str) -> dict:
     dim, depth, drop_path_rate, mask_ratio, remat = {**OFFICIAL, **DEMO}[name]
-    return dict(dim=dim, depth=depth, drop_path_rate=drop_path_rate, mask_ratio=mask_ratio,
-                remat=remat)
+    return dict(
+        dim=dim, depth=depth, drop_path_rate=drop_path_rate, mask_ratio=mask_ratio, remat=remat
+    )
 
 
 def _no_dropout(name: str, dropout: float | None) -> None:
@@ -280,8 +302,9 @@ def _no_dropout(name: str, dropout: float | None) -> None:
 
 
 def _builder(name: str):
-    def build(*, dtype: Dtype = jnp.float32, dropout: float | None = None,
-              embedding_dim: int = 512) -> VisionTransformer:
+    def build(
+        *, dtype: Dtype = jnp.float32, dropout: float | None = None, embedding_dim: int = 512
+    ) -> VisionTransformer:
         _no_dropout(name, dropout)
         return VisionTransformer(**_settings(name), embedding_dim=embedding_dim, dtype=dtype)
 
@@ -329,8 +352,8 @@ def onnx_graph(g: Any, x: str) -> str:
             return g.transpose(y, perm, f"{name}.transpose")
 
         q = split_heads(qkv[:dim] * head_dim**-0.5, f"{p}.attn.q", [0, 2, 1, 3])  # [N,h,T,c]
-        k = split_heads(qkv[dim:2 * dim], f"{p}.attn.k", [0, 2, 3, 1])  # [N, h, c, T]
-        v = split_heads(qkv[2 * dim:], f"{p}.attn.v", [0, 2, 1, 3])  # [N, h, T, c]
+        k = split_heads(qkv[dim : 2 * dim], f"{p}.attn.k", [0, 2, 3, 1])  # [N, h, c, T]
+        v = split_heads(qkv[2 * dim :], f"{p}.attn.v", [0, 2, 1, 3])  # [N, h, T, c]
         scores = g.node("MatMul", [q, k], f"{p}.attn.scores")
         out = g.node("MatMul", [g.softmax(scores, f"{p}.attn.softmax"), v], f"{p}.attn.values")
         out = g.transpose(out, [0, 2, 1, 3], f"{p}.attn.merge")  # [N, T, h, c]

@@ -100,9 +100,18 @@ class PatchEmbed(nn.Module):
 class VisionTransformer(nn.Module):
     """NCHW images [B, 3, 112, 112] -> the raw embedding [B, embedding_dim]."""
 
-    def __init__(self, dim: int, depth: int, heads: int = 8, patch: int = 9, mlp_ratio: int = 4,
-                 drop_path_rate: float = 0.0, mask_ratio: float = 0.0,
-                 using_checkpoint: bool = False, embedding_dim: int = 512):
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        heads: int = 8,
+        patch: int = 9,
+        mlp_ratio: int = 4,
+        drop_path_rate: float = 0.0,
+        mask_ratio: float = 0.0,
+        using_checkpoint: bool = False,
+        embedding_dim: int = 512,
+    ):
         super().__init__()
         self.patch_embed = PatchEmbed(dim, patch)
         self.num_patches = self.patch_embed.num_patches

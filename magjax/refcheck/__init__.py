@@ -35,15 +35,27 @@ TOLERANCE = {"float64": 1e-8, "float32": 1e-4}
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m magjax.refcheck", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m magjax.refcheck",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("files", nargs="+", help="reference JSON files")
     parser.add_argument("--dtype", choices=sorted(TOLERANCE), default="float64")
-    parser.add_argument("--mesh", type=int, default=0,
-                        help="run loss cases through the class-sharded head on N devices")
-    parser.add_argument("--block", type=int, default=0, metavar="N",
-                        help="run loss cases through the head N classes at a time "
-                             "(head.block_size; on the --mesh devices, or on one)")
+    parser.add_argument(
+        "--mesh",
+        type=int,
+        default=0,
+        help="run loss cases through the class-sharded head on N devices",
+    )
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run loss cases through the head N classes at a time "
+        "(head.block_size; on the --mesh devices, or on one)",
+    )
     args = parser.parse_args(argv)
     if args.block < 0:
         parser.error(f"--block must be >= 1 (or 0: the dense head), got {args.block}")
@@ -90,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     logs.route_logging(None)
     logs.start_jax()
     if args.mesh and jax.device_count() < args.mesh:
-        print(f"--mesh {args.mesh} needs {args.mesh} devices, have {jax.device_count()} "
-              "(jax was imported before the fake devices could be set up)", file=sys.stderr)
+        print(
+            f"--mesh {args.mesh} needs {args.mesh} devices, have {jax.device_count()} "
+            "(jax was imported before the fake devices could be set up)",
+            file=sys.stderr,
+        )
         return 2
 
     total = matched = 0
@@ -103,15 +118,17 @@ def main(argv: list[str] | None = None) -> int:
             if fmt == "magjax-loss-refs/1":
                 from magjax.refcheck import loss_cases
 
-                ok, detail = loss_cases.check_case(case, args.dtype, args.mesh,
-                                                   args.block or None)
+                ok, detail = loss_cases.check_case(case, args.dtype, args.mesh, args.block or None)
             elif fmt == "magjax-eval-refs/1":
                 from magjax.refcheck import eval_cases
 
                 ok, detail = eval_cases.check_case(case, args.dtype)
             else:
-                print(f"{path}: unknown format {fmt!r}; expected magjax-loss-refs/1 or "
-                      "magjax-eval-refs/1", file=sys.stderr)
+                print(
+                    f"{path}: unknown format {fmt!r}; expected magjax-loss-refs/1 or "
+                    "magjax-eval-refs/1",
+                    file=sys.stderr,
+                )
                 return 2
             total += 1
             matched += ok

@@ -52,8 +52,9 @@ def value_and_grads(
     }
 
 
-def reference_step(loss: losses.MarginLoss, devices: int, sample_rate: float = 1.0,
-                   block_size: int | None = None):
+def reference_step(
+    loss: losses.MarginLoss, devices: int, sample_rate: float = 1.0, block_size: int | None = None
+):
     """A jitted ``fn(embeddings, weight, labels, state) -> dict`` that runs the sharded head on
     ``devices`` devices (``block_size`` classes at a time if given) and returns the fields of
     the reference files (as :func:`value_and_grads`). Batch and classes are padded here, so any
@@ -68,15 +69,17 @@ def reference_step(loss: losses.MarginLoss, devices: int, sample_rate: float = 1
         y = jnp.pad(labels, (0, rows - batch))
         mask = jnp.arange(rows) < batch
         w = jnp.pad(weight, ((0, padded_size(classes, devices) - classes), (0, 0)))
-        fn = head.sharded_margin_loss(loss, mesh, classes, sample_rate=sample_rate,
-                                      return_logits=True, block_size=block_size)
+        fn = head.sharded_margin_loss(
+            loss, mesh, classes, sample_rate=sample_rate, return_logits=True, block_size=block_size
+        )
 
         def total(x, w):
             out = fn(x, w, y, mask, state, jax.random.key(0))
             return out.loss, (out.metrics, out.state, out.logits)
 
         (value, (metrics, new_state, logits)), (gx, gw) = jax.value_and_grad(
-            total, argnums=(0, 1), has_aux=True)(x, w)
+            total, argnums=(0, 1), has_aux=True
+        )(x, w)
         return {
             **metrics,
             "logits": logits[:batch, :classes],
@@ -89,8 +92,9 @@ def reference_step(loss: losses.MarginLoss, devices: int, sample_rate: float = 1
     return jax.jit(step)
 
 
-def run_case(case: dict, dtype: str, mesh_devices: int, block_size: int | None = None
-             ) -> dict[str, list]:
+def run_case(
+    case: dict, dtype: str, mesh_devices: int, block_size: int | None = None
+) -> dict[str, list]:
     """Runs every step of a loss case; returns ``{field: [got, expected]}`` per step, flattened.
     With ``block_size`` the head visits the classes that many at a time (through the sharded
     head on ``mesh_devices`` devices, or on one)."""
@@ -121,8 +125,9 @@ def run_case(case: dict, dtype: str, mesh_devices: int, block_size: int | None =
     return pairs
 
 
-def check_case(case: dict, dtype: str, mesh_devices: int, block_size: int | None = None
-               ) -> tuple[bool, str]:
+def check_case(
+    case: dict, dtype: str, mesh_devices: int, block_size: int | None = None
+) -> tuple[bool, str]:
     """Checks one case (dense, or through the head on ``mesh_devices`` devices, ``block_size``
     classes at a time if given); returns ``(passed, the worst relative error of each field)``."""
     passed = True
