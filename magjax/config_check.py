@@ -108,7 +108,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     (
         "head.block_size",
         _optional(lambda v: v == 0 or _at_least_one(v)),
-        "an integer >= 1 (or 0 / unset: the dense head)",
+        "an integer >= 1, 0 (the dense head) or unset (chosen from the memory)",
     ),
     ("optim.lr", _positive, "> 0"),
     ("optim.optimizer", _one_of(*optim.OPTIMIZERS), f"one of {optim.OPTIMIZERS}"),

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import os
 import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -66,6 +67,57 @@ def partial_fc_budget(sample_rate: float, classes_per_shard: int, global_batch: 
     if sample_rate >= 1.0:
         return classes_per_shard
     return max(int(sample_rate * classes_per_shard), min(global_batch, classes_per_shard))
+
+
+# head.block_size unset: the dense head while its two [C_local, B] arrays (the exponentials kept
+# for the backward pass and the logits' gradient) take at most this share of a device's memory,
+# which leaves the other half to the centres, their optimizer state and the backbone (at r = 1.0
+# on v5p-64 the dense head still fit with them at 80%: BENCHMARKS.md, "Capacity"). Past it, class
+# blocks whose one [block, B] array takes at most BLOCK_SHARE of the memory, a power of two in
+# BLOCK_ROWS: no smaller (the loop's per-block work), no larger (what one more doubling saves).
+DENSE_SHARE = 0.5
+BLOCK_SHARE = 1 / 64
+BLOCK_ROWS = (256, 8192)
+
+
+def class_block_size(
+    block_size: int | None, classes: int, batch: int, itemsize: int, memory_bytes: int | None
+) -> int | None:
+    """The classes a shard visits at a time (:mod:`magjax.losses.blocked`), None for the dense
+    head, for ``classes`` rows against a global ``batch`` of ``itemsize``-byte cosines.
+
+    ``block_size`` (``head.block_size``): 0, the dense head; ``N >= 1``, ``N``; None, the memory
+    rule: the dense head (the fastest: blocks cost one more logits product, BENCHMARKS.md) when
+    its ``2 · classes · batch`` values take at most :data:`DENSE_SHARE` of ``memory_bytes`` (a
+    device's memory; unknown: dense), else the largest power of two in :data:`BLOCK_ROWS`
+    whose ``[block, batch]`` values take at most :data:`BLOCK_SHARE` of it.
+    """
+    if block_size is not None:
+        return block_size or None
+    if memory_bytes is None or 2 * classes * batch * itemsize <= DENSE_SHARE * memory_bytes:
+        return None
+    block = BLOCK_ROWS[0]
+    while 2 * block <= BLOCK_ROWS[1] and 2 * block * batch * itemsize <= BLOCK_SHARE * memory_bytes:
+        block *= 2
+    return min(block, classes)
+
+
+def device_memory_bytes(mesh: Mesh) -> int | None:
+    """The memory of one device of ``mesh``: an accelerator's allocator limit; for CPU devices
+    the host's physical memory over the process's CPU devices (they share it); None where a
+    device cannot say (a topology's chips compiled for on another host, where ``bench
+    compile`` passes the chip's HBM instead)."""
+    device = mesh.devices.flat[0]
+    try:
+        stats = device.memory_stats()
+    except jax.errors.JaxRuntimeError:  # not addressable: a compile-only topology
+        return None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return host // jax.local_device_count("cpu")
+    return None
 
 
 class HeadOutput(NamedTuple):
@@ -229,13 +281,15 @@ def sharded_margin_loss(
     sample_rate: float = 1.0,
     return_logits: bool = False,
     block_size: int | None = None,
+    memory_bytes: int | None = None,
 ):
     """Builds ``fn(embeddings, weight, labels, row_mask, state, key) -> HeadOutput``.
 
-    ``block_size`` (``head.block_size``): None or 0 computes each shard's ``[C_local, B]``
-    cosines at once; ``n >= 1`` visits the shard's classes (with Partial FC, its sampled rows)
-    ``n`` at a time, so that no ``[C_local, B]`` array exists (:mod:`magjax.losses.blocked`;
-    the same loss and gradients).
+    ``block_size`` (``head.block_size``): 0 computes each shard's ``[C_local, B]`` cosines at
+    once; ``n >= 1`` visits the shard's classes (with Partial FC, its sampled rows) ``n`` at a
+    time, so that no ``[C_local, B]`` array exists (:mod:`magjax.losses.blocked`; the same loss
+    and gradients); None picks one of the two from a device's ``memory_bytes``
+    (:func:`class_block_size`).
 
     ``embeddings [B, d]``, ``labels [B]`` and ``row_mask [B]`` are split over ``data`` (``B``
     divisible by the device count; pad with masked rows); ``weight [C_pad, d]`` by rows. With
@@ -259,6 +313,9 @@ def sharded_margin_loss(
         else:
             index = None
             sampled = jnp.ones(classes_per_shard, bool)
+        block = class_block_size(
+            block_size, weight.shape[0], x.shape[0], x.dtype.itemsize, memory_bytes
+        )
         total, metrics, new_state, logits = _loss_on_rows(
             loss,
             x,
@@ -269,7 +326,7 @@ def sharded_margin_loss(
             row_mask,
             state,
             num_classes,
-            block_size,
+            block,
             return_logits,
         )
         outputs = (total, metrics, new_state, sampled)
@@ -334,30 +391,28 @@ def put_rows(mesh: Mesh):
 
 
 def sampled_rows_loss(
-    loss: losses.MarginLoss, mesh: Mesh, num_classes: int, block_size: int | None = None
+    loss: losses.MarginLoss,
+    mesh: Mesh,
+    num_classes: int,
+    block_size: int | None = None,
+    memory_bytes: int | None = None,
 ):
     """Builds ``fn(embeddings, rows, index, labels, row_mask, state) -> HeadOutput``: the
     margin loss against the sampled rows alone (``rows = take_rows(weight, index)``), so that
     its gradient is ``[D·K, d]``, not a dense ``[C_pad, d]`` of mostly zeros. The same loss and
-    gradients as :func:`sharded_margin_loss` for the rows it samples (``block_size`` as
-    there)."""
+    gradients as :func:`sharded_margin_loss` for the rows it samples (``block_size`` and
+    ``memory_bytes`` as there)."""
     classes_per_shard = class_rows_per_shard(mesh, num_classes)
 
     def local(embeddings, rows, index, labels, row_mask, state):
         x, labels, row_mask = _gather_batch(embeddings, labels, row_mask)
         start, local_label, owned = _local_labels(labels, row_mask, classes_per_shard)
         local_label = jnp.searchsorted(index, local_label)
+        block = class_block_size(
+            block_size, rows.shape[0], x.shape[0], x.dtype.itemsize, memory_bytes
+        )
         total, metrics, new_state, _ = _loss_on_rows(
-            loss,
-            x,
-            rows,
-            start + index,
-            local_label,
-            owned,
-            row_mask,
-            state,
-            num_classes,
-            block_size,
+            loss, x, rows, start + index, local_label, owned, row_mask, state, num_classes, block
         )
         sampled = jnp.zeros(classes_per_shard, bool).at[index].set(True)
         return total, metrics, new_state, sampled
@@ -461,7 +516,9 @@ class ClassShardedHead:
     dense gradient and restores the unsampled rows after the update (the same result). Under
     gradient accumulation each micro-batch samples other rows, so ``freeze_unsampled`` with
     ``optim.accumulate_steps > 1`` is refused by ``magjax.config_check``.
-    ``block_size`` (``head.block_size``): see :func:`sharded_margin_loss`.
+    ``block_size`` (``head.block_size``): see :func:`sharded_margin_loss`; unset, the rule of
+    :func:`class_block_size` against ``memory_bytes``, a device's memory (by default
+    :func:`device_memory_bytes`), which :meth:`block_for` tells.
     """
 
     margin_loss: losses.MarginLoss
@@ -473,6 +530,7 @@ class ClassShardedHead:
     rows_gradient: bool = True
     weight_init: str = "normal"
     block_size: int | None = None
+    memory_bytes: int | None = None
     classes_per_shard: int = dataclasses.field(init=False)
     # The shard_map'ed pieces, built once per head (for its settings).
     _dense_loss: Callable = dataclasses.field(init=False, repr=False, compare=False)
@@ -482,10 +540,16 @@ class ClassShardedHead:
 
     @classmethod
     def from_config(
-        cls, config, mesh: Mesh, loss: losses.MarginLoss, num_classes: int
+        cls,
+        config,
+        mesh: Mesh,
+        loss: losses.MarginLoss,
+        num_classes: int,
+        memory_bytes: int | None = None,
     ) -> ClassShardedHead:
         """The head a training config describes (``head.*``, ``model.embedding_dim``; the
-        sampled rows' own gradient unless ``optim.accumulate_steps > 1``)."""
+        sampled rows' own gradient unless ``optim.accumulate_steps > 1``); ``memory_bytes`` a
+        device's memory where :func:`device_memory_bytes` cannot read it."""
         return cls(
             loss,
             mesh,
@@ -496,22 +560,26 @@ class ClassShardedHead:
             rows_gradient=config.optim.accumulate_steps == 1,
             weight_init=config.head.weight_init,
             block_size=config.head.block_size,
+            memory_bytes=memory_bytes,
         )
 
     def __post_init__(self):
         self.classes_per_shard = class_rows_per_shard(self.mesh, self.num_classes)
+        if self.memory_bytes is None:
+            self.memory_bytes = device_memory_bytes(self.mesh)
         self._dense_loss = sharded_margin_loss(
             self.margin_loss,
             self.mesh,
             self.num_classes,
             sample_rate=self.sample_rate,
             block_size=self.block_size,
+            memory_bytes=self.memory_bytes,
         )
         self._rows_loss = self._sampler = self._on_rows = None
         if self.sampled_rows:
             self._sampler = partial_fc_sampler(self.mesh, self.num_classes, self.sample_rate)
             self._rows_loss = sampled_rows_loss(
-                self.margin_loss, self.mesh, self.num_classes, self.block_size
+                self.margin_loss, self.mesh, self.num_classes, self.block_size, self.memory_bytes
             )
             self._on_rows = on_class_rows(self.mesh)
 
@@ -533,6 +601,33 @@ class ClassShardedHead:
     def budget(self, global_batch: int) -> int:
         """Centres each shard uses per step (:func:`partial_fc_budget`)."""
         return partial_fc_budget(self.sample_rate, self.classes_per_shard, global_batch)
+
+    def block_for(self, global_batch: int) -> int | None:
+        """The classes a shard visits at a time for ``global_batch`` float32 embeddings (None:
+        the dense head), as the loss picks them (:func:`class_block_size`)."""
+        return class_block_size(
+            self.block_size, self.budget(global_batch), global_batch, 4, self.memory_bytes
+        )
+
+    def describe(self, global_batch: int) -> str:
+        """One line for the training log: how a shard forms its logits for ``global_batch``."""
+        classes = self.budget(global_batch)
+        dense_mib = 2 * classes * global_batch * 4 / 2**20
+        memory = (
+            ""
+            if self.memory_bytes is None
+            else f" of a device's {self.memory_bytes / 2**30:.1f} GiB"
+        )
+        block = self.block_for(global_batch)
+        if block is None:
+            return (
+                f"margin head: dense, {classes:,} classes per shard x {global_batch} samples "
+                f"({dense_mib:,.0f} MiB of logits and their gradient{memory})"
+            )
+        return (
+            f"margin head: {block:,} classes at a time of {classes:,} per shard (head.block_size; "
+            f"dense, the logits and their gradient would take {dense_mib:,.0f} MiB{memory})"
+        )
 
     def initial_state(self) -> dict:
         """The loss's state before the first step, float32 as the train state holds it."""

@@ -430,11 +430,14 @@ def base_config() -> ml_collections.ConfigDict:
         # (and differentiates the sampled rows alone: no dense [C, d] gradient);
         # False (arcface_torch) lets one SGD move every centre each step.
         freeze_unsampled=False,
-        # None or 0: each shard's [C_local, B] cosines at once. n >= 1: the head
-        # visits each shard's classes n at a time and recomputes them in the backward
-        # pass (one matrix product more), so that no [C_local, B] array exists:
-        # the same loss and gradients, memory no longer growing with batch x classes
+        # 0: each shard's [C_local, B] cosines at once. n >= 1: the head visits each
+        # shard's classes n at a time and recomputes them in the backward pass (one
+        # matrix product more), so that no [C_local, B] array exists: the same loss
+        # and gradients, memory no longer growing with batch x classes
         # (magjax.losses.blocked; BENCHMARKS.md "The head class block by block").
+        # Unset: the dense head while its two [C_local, B] float32 arrays take at
+        # most half a device's memory, else blocks sized from it (head.class_block_size;
+        # the training log says when it blocks).
         block_size=ml_collections.config_dict.placeholder(int),
     )
     c.optim = dict(

@@ -250,6 +250,8 @@ def train_and_evaluate(
     # Model, head, optimizer and the train state, created in its shardings, then restored from
     # the newest intact checkpoint of this same run (on any device count).
     components = build_components(config, mesh, pipeline.num_classes, steps_per_epoch, total_steps)
+    if components.head.block_for(config.global_batch):  # the dense head goes unsaid
+        log.info("%s", components.head.describe(config.global_batch))
     init_key, base_key = jax.random.split(jax.random.key(config.seed))
     state = init_state(components, init_key)
     shardings = jax.tree.map(lambda x: x.sharding, state)

@@ -53,7 +53,12 @@ def margin_loss_from_config(loss_config: ml_collections.ConfigDict) -> losses.Ma
 
 
 def build_components(
-    config, mesh, num_classes: int, steps_per_epoch: int, total_steps: int
+    config,
+    mesh,
+    num_classes: int,
+    steps_per_epoch: int,
+    total_steps: int,
+    memory_bytes: int | None = None,
 ) -> Components:
     """Everything static a train step needs, from the config: the backbone (``model.*``), the
     class-sharded margin head over ``mesh`` (``loss.*``, ``head.*``), the learning-rate schedule
@@ -62,7 +67,9 @@ def build_components(
     rounded to ``optim.grad_allreduce_dtype`` and clipped). ``steps_per_epoch`` and
     ``total_steps`` are in micro-batches, as arcface_torch counts warm-up and decay with
     ``gradient_acc``; ``Components.schedule`` gives each optimizer update the rate of the last
-    micro-batch of its window (``optim.per_update_schedule``)."""
+    micro-batch of its window (``optim.per_update_schedule``). ``memory_bytes``: a device's
+    memory, for the head's rule when ``head.block_size`` is unset, where the devices cannot say
+    (a topology compiled for on another host: ``bench compile``)."""
     if config.model.batchnorm_stats not in models.BATCHNORM_STATS:
         raise UserError(
             f"config.model.batchnorm_stats must be one of "
@@ -77,7 +84,7 @@ def build_components(
         embedding_dim=config.model.embedding_dim,
     )
     loss = margin_loss_from_config(config.loss)
-    margin_head = head.ClassShardedHead.from_config(config, mesh, loss, num_classes)
+    margin_head = head.ClassShardedHead.from_config(config, mesh, loss, num_classes, memory_bytes)
     schedule = optim.per_update_schedule(
         optim.learning_rate_schedule(config.optim, steps_per_epoch, total_steps),
         config.optim.accumulate_steps,

@@ -110,7 +110,7 @@ def test_demo_recipe_on_a_tpu_topology_with_overrides(monkeypatch, capsys):
     XLA compile itself is the tiny recipe's test above; here it is replaced to stay fast."""
     seen = {}
 
-    def fake_compile(config, devices, per_chip_batch):
+    def fake_compile(config, devices, per_chip_batch, memory_bytes=None):
         seen.update(config=config, devices=devices, per_chip_batch=per_chip_batch)
         return {
             "argument_bytes": 1,
@@ -164,7 +164,7 @@ def test_the_ceiling_is_the_slower_of_compute_and_memory(
     accessed at the chip's HBM bandwidth; the ceiling is the per-chip batch over it. The
     compile is replaced by its figures (the tiny recipe's test compiles for real)."""
 
-    def fake_compile(config, devices, per_chip_batch):
+    def fake_compile(config, devices, per_chip_batch, memory_bytes=None):
         return {
             "argument_bytes": 1,
             "output_bytes": 1,

@@ -259,12 +259,14 @@ def test_bench_reads_the_bytes_a_refused_compile_asked_for():
 
 
 def test_margin_head_module_with_block_size(x64):
-    """The head object with ``block_size`` (blocks of 3 of a shard's 4 rows on 8 devices): the
-    loss, the updated AdaFace state and the gradients of the dense head."""
+    """The head object with ``block_size`` (blocks of 3 of a shard's 4 rows on 8 devices), and
+    unset on a device too small for the dense logits (the rule then blocks): the loss, the
+    updated AdaFace state and the gradients of the dense head (``block_size`` 0)."""
     mesh = make_mesh(8)
     x, _, y = problem(5, batch=16, classes=30)
     results = []
-    for block_size in (None, 3):
+    # The dense head's two [4, 16] float64 arrays take 1,024 bytes: more than half of 1,000.
+    for block_size, memory_bytes in ((0, None), (3, None), (None, 1000)):
         margin_head = head.ClassShardedHead(
             LOSSES["adaface"],
             mesh,
@@ -272,6 +274,7 @@ def test_margin_head_module_with_block_size(x64):
             embedding_dim=16,
             weight_init="unit",
             block_size=block_size,
+            memory_bytes=memory_bytes,
         )
         params, margin_state = jax.jit(margin_head.init)(jax.random.key(0))
 
@@ -280,9 +283,12 @@ def test_margin_head_module_with_block_size(x64):
             return out.loss, out.state
 
         params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
-        (value, state), grads = jax.jit(jax.value_and_grad(total, (0, 1), has_aux=True))(
-            params, jnp.asarray(x)
-        )
+        value_and_grad = jax.value_and_grad(total, (0, 1), has_aux=True)
+        # Only the blocked head loops over the classes.
+        jaxpr = str(jax.make_jaxpr(value_and_grad)(params, jnp.asarray(x)))
+        looped = "while[" in jaxpr or "scan[" in jaxpr
+        assert looped == (block_size != 0)
+        (value, state), grads = jax.jit(value_and_grad)(params, jnp.asarray(x))
         results.append(
             {
                 "loss": value,
@@ -292,6 +298,53 @@ def test_margin_head_module_with_block_size(x64):
             }
         )
     assert_same(results[1], results[0])
+    assert_same(results[2], results[0])
+
+
+GIB = 2**30
+
+
+def test_block_rule_is_dense_until_the_logits_take_half_the_memory():
+    """``head.block_size`` unset: the dense head while its two [C_local, B] arrays take at most
+    half a device's memory, else the largest power of two in [256, 8192] whose [block, B]
+    array takes at most 1/64 of it (at most the shard's rows); a set value is taken as it is."""
+    rule = head.class_block_size
+    assert rule(4096, 10**6, 4096, 4, GIB) == 4096 and rule(0, 10**9, 4096, 4, GIB) is None
+    assert rule(None, 10**9, 4096, 4, None) is None  # memory unknown: dense
+    # 2 x 65,536 x 4,096 x 4 bytes = 2 GiB: dense on a 4 GiB device, blocked on a 4 GiB - 1.
+    assert rule(None, 65_536, 4096, 4, 4 * GIB) is None
+    block = rule(None, 65_536, 4096, 4, 4 * GIB - 1)
+    assert block == 2048  # 2,048 x 4,096 x 4 = 32 MiB <= 64 MiB; 4,096 would be 64 MiB
+    # BENCHMARKS.md's capacity rows: v5p-64 (95 GiB, 8,192 images) and v5e-256 (16 GiB,
+    # 32,768 images) at 800 M and 60 M classes.
+    assert rule(None, 800_000_000 // 64, 8192, 4, 95 * GIB) == 8192
+    assert rule(None, 60_000_000 // 256, 32_768, 4, 16 * GIB) == 2048
+    assert rule(None, 300, 10**6, 4, GIB) == 256 and rule(None, 200, 10**6, 4, GIB) == 200
+
+
+def test_head_reports_what_it_picked():
+    """``block_for`` and the training log's line for a head left to its rule; a CPU device's
+    memory is the host's over the process's CPU devices."""
+    import os
+
+    mesh = make_mesh(8)
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert head.device_memory_bytes(mesh) == host // jax.local_device_count("cpu")
+    kwargs = dict(num_classes=8 * 65_536, embedding_dim=16)
+    roomy = head.ClassShardedHead(LOSSES["arcface"], mesh, memory_bytes=4 * GIB, **kwargs)
+    assert roomy.block_for(4096) is None
+    assert roomy.describe(4096) == (
+        "margin head: dense, 65,536 classes per shard x 4096 samples (2,048 MiB of logits and "
+        "their gradient of a device's 4.0 GiB)"
+    )
+    tight = head.ClassShardedHead(LOSSES["arcface"], mesh, memory_bytes=2 * GIB, **kwargs)
+    assert tight.block_for(4096) == 2048  # 2,048 x 4,096 x 4 bytes: 1/64 of 2 GiB
+    assert tight.describe(4096).startswith("margin head: 2,048 classes at a time of 65,536 ")
+    # Partial FC: the rule counts the sampled rows.
+    sampled = head.ClassShardedHead(
+        LOSSES["arcface"], mesh, memory_bytes=2 * GIB, sample_rate=0.25, **kwargs
+    )
+    assert sampled.block_for(4096) is None
 
 
 def test_train_components_pass_head_block_size(monkeypatch):
@@ -305,7 +358,7 @@ def test_train_components_pass_head_block_size(monkeypatch):
     monkeypatch.setattr(
         head,
         "sampled_rows_loss",
-        lambda *args, **kwargs: built.append(args[3:]) or original(*args, **kwargs),
+        lambda *args, **kwargs: built.append(args[3]) or original(*args, **kwargs),
     )
     config = recipes.get_config("arcface", "tiny,pfc0.25")
     config.head.update(freeze_unsampled=True, block_size=5)
@@ -314,4 +367,12 @@ def test_train_components_pass_head_block_size(monkeypatch):
     )
     assert components.head.block_size == 5
     train_step.make_train_step(components, jax.random.key(0))
-    assert built == [(5,)]
+    assert built == [5]
+    # Unset, the rule reads the memory build_components is given (bench compile: a chip's).
+    config.head.block_size = None
+    components = train_step.build_components(
+        config, parallel.make_mesh(8), 512, 10, 40, memory_bytes=1000
+    )
+    assert components.head.memory_bytes == 1000
+    # Partial FC's budget (every positive of 1,024 samples) is the shard's 64 rows.
+    assert components.head.block_for(config.global_batch) == 64

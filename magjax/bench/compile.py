@@ -252,10 +252,13 @@ def exhausted_bytes(error: Exception) -> int | None:
     return int(match[1]) if match else None
 
 
-def compile_train_step(config, devices: list, per_chip_batch: int) -> dict:
+def compile_train_step(
+    config, devices: list, per_chip_batch: int, memory_bytes: int | None = None
+) -> dict:
     """Compiles ``config``'s train step over ``devices`` at ``per_chip_batch`` images per chip
     and returns XLA's memory and FLOP figures per chip (FLOPs None where XLA's compiler for
-    these devices counts none: GPUs)."""
+    these devices counts none: GPUs). ``memory_bytes``: a chip's, for the head's class-block
+    rule (``head.class_block_size``), which the step's ``head_block`` reports."""
     import jax
 
     from magjax import parallel, train_step
@@ -267,11 +270,13 @@ def compile_train_step(config, devices: list, per_chip_batch: int) -> dict:
     steps_per_epoch = max(config.data.num_examples // config.global_batch, 1)
     total_steps = config.total_steps or max(int(config.epochs * steps_per_epoch), 1)
     components = train_step.build_components(
-        config, mesh, config.data.num_classes, steps_per_epoch, total_steps
+        config, mesh, config.data.num_classes, steps_per_epoch, total_steps, memory_bytes
     )
     state = train_step.abstract_state(components)
     shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
     step = train_step.jit_train_step(components, jax.random.key(0), shardings)
+    # The classes a shard's head visits at a time (None: dense), as training would pick them.
+    head_block = components.head.block_for(config.global_batch)
     start = time.perf_counter()
     try:
         compiled = step.lower(state, train_step.abstract_batch(mesh, config.global_batch)).compile()
@@ -283,6 +288,7 @@ def compile_train_step(config, devices: list, per_chip_batch: int) -> dict:
         # is how capacity's search counts it), not a traceback.
         return {
             "fits": False,
+            "head_block": head_block,
             "temp_bytes_asked": asked,
             "bytes_per_chip": asked,
             "error": cli.one_line(str(error).splitlines()[0]),
@@ -295,6 +301,7 @@ def compile_train_step(config, devices: list, per_chip_batch: int) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     figures = {
+        "head_block": head_block,
         "argument_bytes": int(memory.argument_size_in_bytes),
         "output_bytes": int(memory.output_size_in_bytes),
         "alias_bytes": int(memory.alias_size_in_bytes),
@@ -320,12 +327,15 @@ def compile_train_step(config, devices: list, per_chip_batch: int) -> dict:
     return figures
 
 
-def host_cost(config, chips: int, per_chip_batch: int) -> tuple[float, float | None]:
+def host_cost(
+    config, chips: int, per_chip_batch: int, memory_bytes: int
+) -> tuple[float, float | None]:
     """FLOPs and bytes accessed per device of ``config``'s step compiled for this host's CPU over
     ``chips`` devices: the program each GPU runs, partitioned the same way (XLA's GPU compiler
-    counts neither). The FLOPs are the GPU program's; the bytes are XLA:CPU's fusion of it, an
-    estimate of the GPU's (XLA:GPU fuses more, so it moves fewer). The command line splits the
-    CPU into that many devices before jax starts."""
+    counts neither), its head blocked as on a GPU of ``memory_bytes``. The FLOPs are the GPU
+    program's; the bytes are XLA:CPU's fusion of it, an estimate of the GPU's (XLA:GPU fuses
+    more, so it moves fewer). The command line splits the CPU into that many devices before jax
+    starts."""
     import jax
 
     from magjax import logs
@@ -339,7 +349,7 @@ def host_cost(config, chips: int, per_chip_batch: int) -> tuple[float, float | N
             f"--flops needs {chips} CPU devices to compile the {chips}-device step "
             f"on this host, jax has {len(cpus)} (set before jax started)"
         )
-    figures = compile_train_step(config, cpus[:chips], per_chip_batch)
+    figures = compile_train_step(config, cpus[:chips], per_chip_batch, memory_bytes)
     return figures["flops_per_step"], figures["bytes_accessed_per_step"]
 
 
@@ -399,12 +409,12 @@ def run(
     config = counted(config)
     if classes is not None:
         config.data.num_classes = classes
-    figures = compile_train_step(config, devices, per_chip_batch)
+    usable = memory_budget(topology)
+    figures = compile_train_step(config, devices, per_chip_batch, usable)
     if figures["flops_per_step"] is None and flops:
         figures["flops_per_step"], figures["bytes_accessed_per_step"] = host_cost(
-            config, len(devices), per_chip_batch
+            config, len(devices), per_chip_batch, usable
         )
-    usable = memory_budget(topology)
     peak_s = figures["flops_per_step"] / peak if figures["flops_per_step"] else None
     bandwidth = memory_bandwidth(topology)
     result = {
@@ -466,7 +476,8 @@ def describe(result: dict) -> str:
     lines = [
         f"{r['loss']} {r['arch']} ({r['dtype']}), {r['classes']:,} classes, sample rate "
         f"{r['sample_rate']}, {r['per_chip_batch']} images per chip on {r['topology']} "
-        f"({r['chips']} x {r['device_kind']}), compiled in {r['compile_s']:.0f} s",
+        f"({r['chips']} x {r['device_kind']}), compiled in {r['compile_s']:.0f} s; head "
+        + (f"{r['head_block']:,} classes at a time" if r.get("head_block") else "dense"),
         f"per chip: arguments {r['argument_bytes'] / GIB:.2f} GiB, outputs "
         f"{r['output_bytes'] / GIB:.2f}, aliased {r['alias_bytes'] / GIB:.2f}, temporaries "
         f"{r['temp_bytes'] / GIB:.2f}: {r['bytes_per_chip'] / GIB:.2f} of {budget}, "

@@ -42,7 +42,10 @@ over 8-512 devices can be sized on one machine; ``temp_bytes_per_device`` is the
 share (what the dense head's ``[C_local, B]`` arrays fill). ``--topology`` compiles on shapes
 for the chips of a Cloud TPU topology (``v5p:2x2x1``; libtpu's compiler, no chip needed) and
 adds XLA's FLOP count per chip. ``--block N`` runs the head that visits each shard's classes N
-at a time (``head.block_size``; :mod:`magjax.losses.blocked`).
+at a time (``head.block_size``; :mod:`magjax.losses.blocked`), ``--block 0`` the dense head;
+without it, the head's own rule picks (``head.class_block_size``: dense while its logits take
+at most half a device's memory; with ``--topology``, the chip's HBM), and the JSON's ``block``
+says what it picked. A blocked head is timed in turn with the dense one (``dense_head_ms``).
 """
 
 from __future__ import annotations
@@ -86,9 +89,11 @@ def _parse(argv):
     parser.add_argument(
         "--block",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
-        help="head.block_size: each shard's classes N at a time (0: dense)",
+        help="head.block_size: each shard's classes N at a time; 0: the dense head; unset: "
+        "the head's rule (dense while its logits take at most half a device's memory; with "
+        "--topology, the chip's HBM)",
     )
     parser.add_argument(
         "--topology",
@@ -98,7 +103,7 @@ def _parse(argv):
     )
     parser.add_argument("--json", action="store_true", help="(the last line is always JSON)")
     args = parser.parse_args(argv)
-    if args.block < 0:
+    if args.block is not None and args.block < 0:
         parser.error(f"--block must be >= 1 (or 0: the dense head), got {args.block}")
     args.abstract = args.abstract or args.topology is not None
     return args
@@ -178,9 +183,11 @@ def main(argv: list[str]) -> int:
         )
     loss = losses.MarginLoss.create(args.loss)
     batch = padded_size(args.batch, args.devices)
-    # The head training builds (head.ClassShardedHead) and, for --block, the dense head it is
-    # timed against: the step below is its value_and_grad (with --update, its update), the
-    # code the train step runs, on an identity backbone (the embeddings are its parameters).
+    # The head training builds (head.ClassShardedHead) and, when it visits the classes in
+    # blocks, the dense head it is timed against: the step below is its value_and_grad (with
+    # --update, its update), the code the train step runs, on an identity backbone (the
+    # embeddings are its parameters).
+    memory = compile_bench.memory_budget(args.topology) if args.topology else None
     heads = {
         size: head.ClassShardedHead(
             loss,
@@ -190,11 +197,12 @@ def main(argv: list[str]) -> int:
             sample_rate=args.sample_rate,
             freeze_unsampled=args.freeze_unsampled,
             block_size=size,
+            memory_bytes=memory,
         )
-        for size in {args.block or None, None}
+        for size in {args.block, 0}
     }
-    block_size = args.block or None
-    margin_head = heads[block_size]
+    margin_head = heads[args.block]
+    block_size = margin_head.block_for(batch)
     padded, per_shard = margin_head.padded_classes, margin_head.classes_per_shard
     active = margin_head.budget(batch)
     sampled_rows = margin_head.sampled_rows
@@ -225,13 +233,13 @@ def main(argv: list[str]) -> int:
 
         return embeddings_then_head
 
-    def gradient_step(x, w, y, key, block=block_size):
+    def gradient_step(x, w, y, key, block=args.block):
         step = heads[block].value_and_grad(
             objective(heads[block], y, key), parameters(x, w), y, key
         )
         return step.output.loss, step.grads
 
-    def update_step(params, opt_state, y, key, block=block_size):
+    def update_step(params, opt_state, y, key, block=args.block):
         params, opt_state, step = heads[block].update(
             tx, objective(heads[block], y, key), params, opt_state, y, key
         )
@@ -301,11 +309,9 @@ def main(argv: list[str]) -> int:
             )
         )
         return 0
-    # --block: the dense head's step, timed in turn with the blocked one.
+    # Class blocks: the dense head's step, timed in turn with the blocked one.
     twin = (
-        jax.jit(functools.partial(step_fn, block=None), donate_argnums=donate)
-        .lower(*shapes)
-        .compile()
+        jax.jit(functools.partial(step_fn, block=0), donate_argnums=donate).lower(*shapes).compile()
         if block_size and not args.abstract
         else None
     )
@@ -444,7 +450,7 @@ def main(argv: list[str]) -> int:
                 ratio_to_dense_head=round(step_ms / dense_head_ms, 3),
             )
             print(
-                f"the dense head (no --block) in the same run {dense_head_ms:.1f} ms: "
+                f"the dense head (--block 0) in the same run {dense_head_ms:.1f} ms: "
                 f"blocked/dense {step_ms / dense_head_ms:.2f}"
             )
     if args.topology is not None:
