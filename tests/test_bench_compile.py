@@ -37,6 +37,7 @@ def test_tiny_recipe_on_v5e_memory_and_flops_follow_the_shapes(capsys):
     small, large = results
     assert small["chips"] == CHIPS and small["device_kind"] == "TPU v5 lite"
     assert small["hbm_bytes_per_chip"] == 16 * 2**30 and small["fits"]
+    assert small["head_block"] is None  # the dense head: its logits take 0.1% of the chip
     assert small["bytes_per_chip"] == (
         small["argument_bytes"] + small["output_bytes"] - small["alias_bytes"] + small["temp_bytes"]
     )
@@ -300,3 +301,28 @@ def test_capacity_command_searches_each_sample_rate(monkeypatch, capsys):
         assert 0.99 * exact <= found["classes"] <= exact < found["first_failing"]
         assert abs(found["line_estimate"] - exact) <= 32
     assert min(map(int, result["capacity"]["0.1"]["probes"])) == 100_000 - 100_000 % 32
+
+
+def test_a_head_whose_logits_would_take_half_the_chip_is_blocked(capsys):
+    """The head's memory rule through the command line: on v5e:2x2 (16 GiB a chip, 64 images),
+    70 M classes of 8-dimensional centres give each chip 17.5 M rows, whose dense [C/D, B]
+    float32 logits and their gradient would take 8.96 GB, over half the chip: the step compiles
+    with the classes 8,192 at a time, its temporaries far below one [C/D, B] array."""
+    argv = [
+        "--topology",
+        "v5e:2x2",
+        "--config",
+        f"{REPO}/configs/arcface.py:tiny",
+        "--per-chip-batch",
+        str(PER_CHIP_BATCH),
+        "--classes",
+        "70000000",
+        "--config.model.embedding_dim=8",
+        "--json",
+    ]
+    assert compile_bench.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["head_block"] == 8192 and result["fits"]
+    rows, batch = 70_000_000 // CHIPS, PER_CHIP_BATCH * CHIPS
+    assert result["temp_bytes"] < rows * batch * 4 / 4
+    assert "head 8,192 classes at a time" in compile_bench.describe(result)
