@@ -14,26 +14,30 @@ REPO = pathlib.Path(__file__).parent.parent
 PER_CHIP_BATCH, DIM, CHIPS = 16, 512, 4
 
 
+def compile_tiny_on_v5e(capsys, classes: int, *overrides: str) -> dict:
+    """``bench compile --json`` of the tiny recipe on v5e:2x2, as a user runs it (libtpu from
+    requirements-tpu.txt), at ``classes`` classes: its one JSON line."""
+    argv = [
+        "--topology",
+        "v5e:2x2",
+        "--config",
+        f"{REPO}/configs/arcface.py:tiny",
+        "--per-chip-batch",
+        str(PER_CHIP_BATCH),
+        "--classes",
+        str(classes),
+        *overrides,
+        "--json",
+    ]
+    assert compile_bench.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1  # --json: the JSON line alone
+    return json.loads(lines[0])
+
+
 def test_tiny_recipe_on_v5e_memory_and_flops_follow_the_shapes(capsys):
-    # The command line, as a user runs it (libtpu from requirements-tpu.txt), at two class
-    # counts: what changes between them is the head alone.
-    results = []
-    for classes in (40_000, 80_000):
-        argv = [
-            "--topology",
-            "v5e:2x2",
-            "--config",
-            f"{REPO}/configs/arcface.py:tiny",
-            "--per-chip-batch",
-            str(PER_CHIP_BATCH),
-            "--classes",
-            str(classes),
-            "--json",
-        ]
-        assert compile_bench.main(argv) == 0
-        lines = capsys.readouterr().out.strip().splitlines()
-        assert len(lines) == 1  # --json: the JSON line alone
-        results.append(json.loads(lines[0]))
+    # At two class counts: what changes between them is the head alone.
+    results = [compile_tiny_on_v5e(capsys, classes) for classes in (40_000, 80_000)]
     small, large = results
     assert small["chips"] == CHIPS and small["device_kind"] == "TPU v5 lite"
     assert small["hbm_bytes_per_chip"] == 16 * 2**30 and small["fits"]
@@ -308,20 +312,7 @@ def test_a_head_whose_logits_would_take_half_the_chip_is_blocked(capsys):
     70 M classes of 8-dimensional centres give each chip 17.5 M rows, whose dense [C/D, B]
     float32 logits and their gradient would take 8.96 GB, over half the chip: the step compiles
     with the classes 8,192 at a time, its temporaries far below one [C/D, B] array."""
-    argv = [
-        "--topology",
-        "v5e:2x2",
-        "--config",
-        f"{REPO}/configs/arcface.py:tiny",
-        "--per-chip-batch",
-        str(PER_CHIP_BATCH),
-        "--classes",
-        "70000000",
-        "--config.model.embedding_dim=8",
-        "--json",
-    ]
-    assert compile_bench.main(argv) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = compile_tiny_on_v5e(capsys, 70_000_000, "--config.model.embedding_dim=8")
     assert result["head_block"] == 8192 and result["fits"]
     rows, batch = 70_000_000 // CHIPS, PER_CHIP_BATCH * CHIPS
     assert result["temp_bytes"] < rows * batch * 4 / 4
