@@ -93,6 +93,28 @@ def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_arch_argument(
+    parser: argparse.ArgumentParser, archs: tuple[str, ...], *names: str, **options
+) -> None:
+    """An architecture argument (``names``, e.g. ``"--arch"``) among ``archs`` (``models.ARCHS``,
+    passed in: this module must not import jax before the entry points configure it)."""
+    parser.add_argument(
+        *names, choices=archs, metavar="ARCH", help=f"one of {', '.join(archs)}", **options
+    )
+
+
+def add_image_batch_argument(parser: argparse.ArgumentParser) -> None:
+    """``--batch`` / ``--batch-size``: images per forward pass (evaluate, extract)."""
+    parser.add_argument(
+        "--batch",
+        "--batch-size",
+        type=positive_int,
+        default=64,
+        dest="batch",
+        help="images per forward pass (default 64)",
+    )
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse`` whose errors (unknown flag, bad value, missing argument) are one line."""
 

@@ -405,13 +405,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--from", dest="source", choices=SOURCES, required=True)
     parser.add_argument("ckpt", help="official checkpoint (.pth / .pt / .ckpt)")
-    parser.add_argument(
-        "--arch",
-        required=True,
-        choices=models.ARCHS,
-        metavar="ARCH",
-        help=f"one of {', '.join(models.ARCHS)}",
-    )
+    cli.add_arch_argument(parser, models.ARCHS, "--arch", required=True)
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace the model in an existing --out directory"

@@ -260,14 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         '\'{"NAME": {"kind": "KIND", OPTION: VALUE, ...}}\'',
     )
     parser.add_argument("--out", default=None, help="output directory (default WORKDIR/eval)")
-    parser.add_argument(
-        "--batch",
-        "--batch-size",
-        type=cli.positive_int,
-        default=64,
-        dest="batch",
-        help="images per forward pass (default 64)",
-    )
+    cli.add_image_batch_argument(parser)
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (.bin sets, IJB images)"
     )

@@ -199,14 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--images", required=True, help="image directory or list file")
     parser.add_argument("--out", required=True, help="output .npz")
-    parser.add_argument(
-        "--batch",
-        "--batch-size",
-        type=cli.positive_int,
-        default=64,
-        dest="batch",
-        help="images per forward pass (default 64)",
-    )
+    cli.add_image_batch_argument(parser)
     parser.add_argument(
         "--skip-unreadable",
         action="store_true",

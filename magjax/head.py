@@ -216,12 +216,15 @@ def _loss_on_rows(
     row_mask,
     state,
     num_classes,
-    block=None,
+    block_size,
+    memory_bytes,
     return_logits=False,
 ):
     """The margin loss of the global batch against this shard's ``rows`` (classes
-    ``class_ids``; ``local_label`` indexes ``rows`` where ``owned``), dense or, with
-    ``block``, ``block`` classes at a time (:mod:`magjax.losses.blocked`)."""
+    ``class_ids``; ``local_label`` indexes ``rows`` where ``owned``), dense or a block of
+    classes at a time (:mod:`magjax.losses.blocked`), as :func:`class_block_size` picks from
+    ``block_size`` and ``memory_bytes``."""
+    block = class_block_size(block_size, rows.shape[0], x.shape[0], x.dtype.itemsize, memory_bytes)
     local_label = jnp.where(owned, local_label, -1)
     if block:
         # The same casts and sums as the dense path below; the cosines are formed block by
@@ -313,9 +316,6 @@ def sharded_margin_loss(
         else:
             index = None
             sampled = jnp.ones(classes_per_shard, bool)
-        block = class_block_size(
-            block_size, weight.shape[0], x.shape[0], x.dtype.itemsize, memory_bytes
-        )
         total, metrics, new_state, logits = _loss_on_rows(
             loss,
             x,
@@ -326,7 +326,8 @@ def sharded_margin_loss(
             row_mask,
             state,
             num_classes,
-            block,
+            block_size,
+            memory_bytes,
             return_logits,
         )
         outputs = (total, metrics, new_state, sampled)
@@ -408,11 +409,18 @@ def sampled_rows_loss(
         x, labels, row_mask = _gather_batch(embeddings, labels, row_mask)
         start, local_label, owned = _local_labels(labels, row_mask, classes_per_shard)
         local_label = jnp.searchsorted(index, local_label)
-        block = class_block_size(
-            block_size, rows.shape[0], x.shape[0], x.dtype.itemsize, memory_bytes
-        )
         total, metrics, new_state, _ = _loss_on_rows(
-            loss, x, rows, start + index, local_label, owned, row_mask, state, num_classes, block
+            loss,
+            x,
+            rows,
+            start + index,
+            local_label,
+            owned,
+            row_mask,
+            state,
+            num_classes,
+            block_size,
+            memory_bytes,
         )
         sampled = jnp.zeros(classes_per_shard, bool).at[index].set(True)
         return total, metrics, new_state, sampled

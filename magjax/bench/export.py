@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magjax import bench, export, models
+from magjax import bench, cli, export, models
 
 
 def random_variables(arch: str) -> dict:
@@ -48,13 +48,7 @@ def random_variables(arch: str) -> dict:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m magjax.bench export", description=__doc__)
-    parser.add_argument(
-        "--arch",
-        default="iresnet50",
-        choices=models.ARCHS,
-        metavar="ARCH",
-        help=f"one of {', '.join(models.ARCHS)}",
-    )
+    cli.add_arch_argument(parser, models.ARCHS, "--arch", default="iresnet50")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--steps", type=int, default=5, help="timed calls per batch (median)")
     args = parser.parse_args(argv)

@@ -129,20 +129,14 @@ def bench_torch(arch: str, batch: int, classes: int, dtype: str, steps: int, war
 
 
 def main(argv: list[str]) -> int:
-    from magjax import losses, models
+    from magjax import cli, losses, models
 
     parser = argparse.ArgumentParser(
         prog="python -m magjax.bench train",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--arch",
-        default="iresnet50",
-        choices=models.ARCHS,
-        metavar="ARCH",
-        help=f"one of {', '.join(models.ARCHS)}",
-    )
+    cli.add_arch_argument(parser, models.ARCHS, "--arch", default="iresnet50")
     parser.add_argument("--loss", default="arcface", choices=sorted(losses.registered()))
     parser.add_argument("--batch", type=int, default=256, help="global batch over all devices")
     parser.add_argument("--classes", type=int, default=100_000)

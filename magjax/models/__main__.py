@@ -38,9 +38,7 @@ def main(argv: list[str]) -> int:
     parser = cli.ArgumentParser(prog="python -m magjax.models", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     summary = sub.add_parser("summary", help="parameter count of an architecture")
-    summary.add_argument(
-        "arch", choices=models.ARCHS, metavar="ARCH", help=f"one of {', '.join(models.ARCHS)}"
-    )
+    cli.add_arch_argument(summary, models.ARCHS, "arch")
     summary.add_argument("--json", action="store_true", help="last line is JSON")
     args = parser.parse_args(argv)
     logs.route_logging(None)
